@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is capped at what this machine's disk holds; the code itself needs only torch >= 2.4.
+TORCH := "torch>=2.4,<=2.14.1" "torchvision>=0.19,<=0.29.1"
+
+.PHONY: install install-dev demo test bench clean
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(PY) -m attnlab train --config configs/quick.yaml
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf runs .cache

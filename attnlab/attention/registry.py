@@ -1,0 +1,68 @@
+"""String -> class registry for attention modules.
+
+Protocol every registered module follows:
+  * constructor ``Module(channels, **kwargs)``; the same keyword names mean the same thing everywhere
+    (``reduction``: hidden width is channels // reduction; ``bias``; ``kernel_size``);
+  * ``forward(x)`` takes the residual branch (B, C, H, W) after its last BN and returns a tensor of the same shape;
+  * optional class attributes read by the backbones:
+      ``default_stages``: stage indices (0-based) that get the module when ``blocks`` is not given
+                          (None = every stage);
+      ``shared_by_default``: one instance per stage, shared by every connected block (DIA);
+      ``wraps_block``: the module re-runs part of the block itself and provides
+                       ``forward_block(block, x)`` (TDAM);
+      ``reset_state()``: called by the stage before its first block (stateful shared modules such as DIA).
+"""
+import inspect
+
+import torch.nn as nn
+
+from ..errors import AttnlabError, unknown
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str):
+    """Class decorator: make ``name`` resolvable by :func:`get` and :func:`create`."""
+    def wrap(cls):
+        if name in _REGISTRY:
+            raise RuntimeError(f"attention '{name}' registered twice")
+        _REGISTRY[name] = cls
+        cls.registry_name = name
+        return cls
+    return wrap
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type:
+    """The class registered under ``name`` (usable as timm's ``attn_layer``)."""
+    key = str(name).lower()
+    if key not in _REGISTRY:
+        raise unknown("attention", name, _REGISTRY)
+    return _REGISTRY[key]
+
+
+def check_kwargs(name: str, kwargs: dict) -> None:
+    """Raise a one-line error when ``kwargs`` holds a keyword the module's constructor does not take."""
+    cls = get(name)
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [p for p in params if p not in ("self", "channels")]
+    for key in kwargs:
+        if key not in valid:
+            raise AttnlabError(
+                f"attention '{name}' has no option '{key}'; valid options: {', '.join(valid) or '(none)'}")
+
+
+def create(name: str, channels: int, **kwargs) -> nn.Module:
+    """Instantiate attention ``name`` for a ``channels``-wide feature map."""
+    check_kwargs(name, kwargs)
+    try:
+        return get(name)(channels, **kwargs)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, AttnlabError):
+            raise
+        raise AttnlabError(f"attention '{name}' rejected its options {kwargs}: {err}") from None

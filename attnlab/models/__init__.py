@@ -1,0 +1,58 @@
+"""Model registry: ``create_model(name, num_classes=..., attention=..., attention_kwargs=..., blocks=...)``."""
+from functools import partial
+
+from ..errors import unknown
+from .blocks import BasicBlock, Bottleneck
+from .resnet import ResNet
+
+_MODELS: dict[str, tuple] = {}  # name -> (builder, default num_classes, input size)
+
+
+def register_model(name, builder, num_classes, input_size):
+    _MODELS[name] = (builder, num_classes, input_size)
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def default_input_size(name: str) -> int:
+    if name not in _MODELS:
+        raise unknown("model", name, _MODELS)
+    return _MODELS[name][2]
+
+
+def create_model(name: str, num_classes: int | None = None, attention: str = "none",
+                 attention_kwargs: dict | None = None, blocks=None, share: bool | None = None, **kwargs):
+    """Build a registered backbone with ``attention`` in the residual blocks chosen by ``blocks``.
+
+    ``share=True`` gives each stage one attention instance used by all its connected blocks.
+    """
+    if name not in _MODELS:
+        raise unknown("model", name, _MODELS)
+    builder, default_classes, _ = _MODELS[name]
+    return builder(num_classes=default_classes if num_classes is None else num_classes, attention=attention,
+                   attention_kwargs=attention_kwargs, blocks=blocks, share=share, **kwargs)
+
+
+# He et al. 2016, CIFAR: depth 6n+2 (basic) or 9n+2 (bottleneck), 16-32-64 planes.
+_cifar = dict(planes=(16, 32, 64), stem="cifar", stem_width=16)
+for _depth in (20, 32, 56, 110):
+    _n = (_depth - 2) // 6
+    register_model(f"resnet{_depth}", partial(ResNet, BasicBlock, (_n, _n, _n), **_cifar), 10, 32)
+register_model("resnet164", partial(ResNet, Bottleneck, (18, 18, 18), **_cifar), 10, 32)
+
+# ImageNet stages on a 3x3 stride-1 stem without max-pool, for 32x32 inputs.
+_cifar_stem = dict(stem="cifar", stem_width=64)
+register_model("cifar_resnet18", partial(ResNet, BasicBlock, (2, 2, 2, 2), **_cifar_stem), 10, 32)
+register_model("cifar_resnet34", partial(ResNet, BasicBlock, (3, 4, 6, 3), **_cifar_stem), 10, 32)
+register_model("cifar_resnet50", partial(ResNet, Bottleneck, (3, 4, 6, 3), **_cifar_stem), 10, 32)
+
+# torchvision's ImageNet ResNets (same keys, same outputs with attention 'none').
+register_model("resnet18", partial(ResNet, BasicBlock, (2, 2, 2, 2)), 1000, 224)
+register_model("resnet34", partial(ResNet, BasicBlock, (3, 4, 6, 3)), 1000, 224)
+register_model("resnet50", partial(ResNet, Bottleneck, (3, 4, 6, 3)), 1000, 224)
+register_model("resnet101", partial(ResNet, Bottleneck, (3, 4, 23, 3)), 1000, 224)
+
+__all__ = ["create_model", "list_models", "register_model", "default_input_size", "ResNet", "BasicBlock",
+           "Bottleneck"]

@@ -1,0 +1,89 @@
+"""Residual blocks with one attention slot.
+
+The slot (``self.attn``) sits on the residual branch after its last BatchNorm and before the addition, the
+SE/CBAM/ECA/SPEM/DIA position. An empty slot is ``nn.Identity`` and adds no parameters or state_dict keys, so
+the blocks' keys equal torchvision's. A module that must re-run part of the block itself (TDAM) sets
+``wraps_block = True`` and provides ``forward_block(block, x)``; the block then hands its whole forward to it.
+"""
+import torch.nn as nn
+
+
+def conv3x3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+def projection(cin, cout, stride):
+    """1x1 conv + BN shortcut where shape changes (He et al.'s option B; torchvision's `downsample`)."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+
+
+class Block(nn.Module):
+    """What both block types share: the slot, the shortcut and the final ReLU."""
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride, attn):
+        super().__init__()
+        self.downsample = projection(inplanes, planes * self.expansion, stride)
+        self.attn = attn if attn is not None else nn.Identity()
+        self.relu = nn.ReLU(inplace=True)
+
+    @property
+    def out_channels(self):
+        return self.last_bn.num_features
+
+    def shortcut(self, x):
+        return x if self.downsample is None else self.downsample(x)
+
+    def forward(self, x):
+        if getattr(self.attn, "wraps_block", False):
+            return self.attn.forward_block(self, x)
+        return self.relu(self.attn(self.branch(x)) + self.shortcut(x))
+
+
+class BasicBlock(Block):
+    """3x3 -> 3x3 (ResNet-18/34, CIFAR ResNet-20..110)."""
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, attn=None):
+        super().__init__(inplanes, planes, stride, attn)
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+
+    @property
+    def last_bn(self):
+        return self.bn2
+
+    def branch(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.bn2(self.conv2(out))
+
+
+class Bottleneck(Block):
+    """1x1 -> 3x3 (stride here, torchvision's v1.5) -> 1x1 expanding by 4 (ResNet-50/101, ResNet-164)."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, attn=None):
+        super().__init__(inplanes, planes, stride, attn)
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, planes * 4)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+
+    @property
+    def last_bn(self):
+        return self.bn3
+
+    def branch(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.bn3(self.conv3(out))

@@ -1,0 +1,144 @@
+"""ResNets with an attention slot in every residual block.
+
+Three families share one definition:
+  * ImageNet ResNets (resnet18/34/50/101): torchvision's layout and state_dict keys;
+  * CIFAR ResNets of He et al. 2016 (resnet20/32/56/110 basic, resnet164 bottleneck): 3x3 stem of 16 channels,
+    three stages; shortcuts use 1x1 projections where the shape changes (option B);
+  * CIFAR-stem ResNets (cifar_resnet18/34/50): ImageNet stages with a 3x3 stride-1 stem and no max-pool.
+
+``forward(x)`` returns logits. ``forward(x, features="stages")`` also returns the hierarchical features
+{"stem", "stages", "blocks"} (and ``features="blocks"`` each block's (input, output) pair); CAM and the SSIA
+objective read them without any change to the model.
+"""
+import torch
+import torch.nn as nn
+
+from .. import attention as registry
+from ..errors import AttnlabError
+from .blocks import BasicBlock, Bottleneck
+from .placement import resolve_blocks
+
+
+class Stage(nn.Sequential):
+    """The blocks of one resolution. Holds the stage-wide shared attention module, if any."""
+
+    def forward(self, x, block_io=None):
+        shared = getattr(self, "shared_attn", None)
+        if shared is not None and hasattr(shared, "reset_state"):
+            shared.reset_state()  # e.g. DIA's LSTM state starts afresh in every stage
+        for block in self:
+            y = block(x)
+            if block_io is not None:
+                block_io.append((x, y))
+            x = y
+        return x
+
+
+def share_into(block, module):
+    """Point ``block.attn`` at a module owned by its stage, without registering it in the block.
+
+    The shared weights then appear once in state_dict (``layerN.shared_attn.*``) however many blocks use them.
+    """
+    del block._modules["attn"]
+    object.__setattr__(block, "attn", module)
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, depths, planes=(64, 128, 256, 512), num_classes=1000, stem="imagenet",
+                 stem_width=64, attention="none", attention_kwargs=None, blocks=None, share=None,
+                 zero_init_residual=False):
+        super().__init__()
+        if int(num_classes) < 1:
+            raise AttnlabError(f"num_classes must be >= 1, got {num_classes}")
+        attention_kwargs = dict(attention_kwargs or {})
+        attn_cls = registry.get(attention)
+        registry.check_kwargs(attention, attention_kwargs)
+        masks = resolve_blocks(blocks, depths, getattr(attn_cls, "default_stages", None))
+        share = getattr(attn_cls, "shared_by_default", False) if share is None else bool(share)
+        if share and getattr(attn_cls, "wraps_block", False):
+            raise AttnlabError(f"attention '{attention}' re-runs its block and cannot be shared across blocks")
+        self.attention = attention
+        self.depths = list(depths)
+
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, stem_width, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        elif stem == "cifar":
+            self.conv1 = nn.Conv2d(3, stem_width, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            raise AttnlabError(f"unknown stem '{stem}'; valid choices: cifar, imagenet")
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.relu = nn.ReLU(inplace=True)
+
+        inplanes = stem_width
+        self.stage_names = []
+        for i, (depth, width) in enumerate(zip(depths, planes)):
+            out = width * block.expansion
+            shared = registry.create(attention, out, **attention_kwargs) if share and any(masks[i]) else None
+            stage = Stage()
+            for j in range(depth):
+                stride = 2 if (i > 0 and j == 0) else 1
+                use = masks[i][j]
+                attn = registry.create(attention, out, **attention_kwargs) if use and not share else None
+                stage.append(block(inplanes, width, stride, attn))
+                if use and share:
+                    share_into(stage[j], shared)
+                inplanes = out
+            if shared is not None:
+                stage.shared_attn = shared
+            name = f"layer{i + 1}"
+            self.add_module(name, stage)
+            self.stage_names.append(name)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+        self.num_features = inplanes
+        self._init_weights(zero_init_residual)
+
+    def _init_weights(self, zero_init_residual):
+        # torchvision's init for the backbone (and the attention convs, as SE/CBAM-ResNets do) ...
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.constant_(m.last_bn.weight, 0)
+        # ... then each attention module's own initialisation where its paper prescribes one (e.g. SPEM).
+        for m in self.modules():
+            if m is not self and hasattr(m, "init_weights"):
+                m.init_weights()
+
+    def stages(self):
+        return [getattr(self, n) for n in self.stage_names]
+
+    def attention_modules(self):
+        """Each distinct attention module once (shared modules count once)."""
+        seen, mods = set(), []
+        for stage in self.stages():
+            for block in stage:
+                if not isinstance(block.attn, nn.Identity) and id(block.attn) not in seen:
+                    seen.add(id(block.attn))
+                    mods.append(block.attn)
+        return mods
+
+    def forward(self, x, features: str | None = None):
+        if features not in (None, "stages", "blocks"):
+            raise AttnlabError(f"features must be None, 'stages' or 'blocks', got '{features}'")
+        block_io = [] if features == "blocks" else None
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        stem, stage_outs = x, []
+        for stage in self.stages():
+            x = stage(x, block_io)
+            stage_outs.append(x)
+        logits = self.fc(torch.flatten(self.avgpool(x), 1))
+        if features is None:
+            return logits
+        return logits, {"stem": stem, "stages": stage_outs, "blocks": block_io or []}
+
+    def forward_features(self, x, blocks: bool = False):
+        """The hierarchical features alone: {"stem", "stages", "blocks"}."""
+        return self(x, features="blocks" if blocks else "stages")[1]

@@ -1,0 +1,90 @@
+"""Training-only objectives: extra loss terms the engine adds to the cross-entropy and logs.
+
+An objective never edits model code and adds nothing to the model's state_dict. Protocol:
+
+    @register_objective("ssia", defaults={"enabled": False, "weight": 1.0, ...})
+    class SSIA(Objective):
+        features = "stages"          # what it reads from model(x, features=...): None, "stages" or "blocks"
+        @classmethod
+        def from_config(cls, section, model): ... return an instance, or None when it is off
+        def __call__(self, *, model, logits, targets, features, epoch, step) -> dict[str, Tensor]
+
+Each registered objective owns one config section (its name) whose defaults are merged into the engine's
+config schema, so ``ssia.weight=0.5`` on the command line is checked like any other key. The returned terms
+are already weighted; the engine sums them into the loss and logs each one by name in metrics.csv.
+"""
+from ..errors import unknown
+
+_OBJECTIVES: dict[str, tuple[type, dict]] = {}
+
+
+class Objective:
+    features: str | None = None
+
+    @classmethod
+    def from_config(cls, section, model):
+        return cls(**{k: v for k, v in dict(section).items() if k != "enabled"}) if section.get("enabled") else None
+
+    def __call__(self, *, model, logits, targets, features, epoch, step):
+        raise NotImplementedError
+
+
+def register_objective(name: str, defaults: dict):
+    def wrap(cls):
+        _OBJECTIVES[name] = (cls, dict(defaults))
+        cls.config_name = name
+        return cls
+    return wrap
+
+
+def objective_names() -> list[str]:
+    return sorted(_OBJECTIVES)
+
+
+def objective_defaults() -> dict:
+    """{section name: default options} for every registered objective (merged into the config schema)."""
+    _import_all()
+    return {name: dict(defaults) for name, (_, defaults) in _OBJECTIVES.items()}
+
+
+def build_objectives(cfg, model) -> list:
+    """Instantiate every objective whose config section turns it on, in name order."""
+    _import_all()
+    out = []
+    for name in sorted(_OBJECTIVES):
+        cls, _ = _OBJECTIVES[name]
+        section = cfg.get(name) if hasattr(cfg, "get") else None
+        if section is None:
+            continue
+        obj = cls.from_config(section, model)
+        if obj is not None:
+            out.append(obj)
+    return out
+
+
+def features_needed(objectives) -> str | None:
+    """The widest feature request among ``objectives`` ("blocks" > "stages" > None)."""
+    order = {None: 0, "stages": 1, "blocks": 2}
+    need = None
+    for obj in objectives:
+        if order[obj.features] > order[need]:
+            need = obj.features
+    return need
+
+
+def get_objective(name: str) -> type:
+    _import_all()
+    if name not in _OBJECTIVES:
+        raise unknown("objective", name, _OBJECTIVES)
+    return _OBJECTIVES[name][0]
+
+
+def _import_all():
+    # Objectives live one per file; importing registers them. Missing files are skipped while they are written.
+    import importlib
+    for mod in ("ssia", "spe_reg"):
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{mod}":
+                raise
