@@ -1,5 +1,6 @@
 """One exception type for bad input: the CLI prints its message as one line and exits with code 2."""
 import difflib
+import operator
 
 
 class AttnlabError(ValueError):
@@ -12,3 +13,23 @@ def unknown(kind: str, name, choices) -> AttnlabError:
     close = difflib.get_close_matches(str(name), choices, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return AttnlabError(f"unknown {kind} '{name}'{hint}; valid choices: {', '.join(choices)}")
+
+
+def check_int(name: str, value, minimum: int = 1, odd: bool = False) -> int:
+    """Validate an integer option of a module (``reduction``, ``kernel_size``); raise ValueError naming it.
+
+    Plain ValueError on purpose: ``attention.create`` turns it into a one-line AttnlabError naming the module.
+    """
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) >= minimum and not (odd and value % 2 == 0)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be {'an odd' if odd else 'an'} integer >= {minimum}, got {value!r}")
+    return operator.index(value)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value

@@ -16,6 +16,7 @@ Paper vs implementations:
 import torch
 import torch.nn as nn
 
+from ..errors import check_bool, check_int
 from .registry import register
 
 
@@ -50,6 +51,9 @@ class SpatialGate(nn.Module):
 class CBAM(nn.Module):
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, bias: bool = True):
         super().__init__()
+        check_int("reduction", reduction)
+        check_int("kernel_size", kernel_size, odd=True)  # odd keeps the map's size with padding k // 2
+        check_bool("bias", bias)
         self.channel = ChannelGate(channels, reduction, bias)
         self.spatial = SpatialGate(kernel_size)
 

@@ -11,6 +11,7 @@ import math
 
 import torch.nn as nn
 
+from ..errors import check_int
 from .registry import register
 
 
@@ -23,7 +24,12 @@ def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
 class ECA(nn.Module):
     def __init__(self, channels: int, kernel_size: int | None = None, gamma: float = 2, beta: float = 1):
         super().__init__()
-        k = kernel_size or eca_kernel_size(channels, gamma, beta)
+        if kernel_size is not None:
+            check_int("kernel_size", kernel_size, odd=True)  # odd keeps C outputs with padding (k - 1) // 2
+        elif isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0 or \
+                isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            raise ValueError(f"gamma must be a number > 0 and beta a number, got gamma={gamma!r}, beta={beta!r}")
+        k = kernel_size if kernel_size is not None else eca_kernel_size(channels, gamma, beta)
         self.kernel_size = k
         self.conv = nn.Conv1d(1, 1, k, padding=(k - 1) // 2, bias=False)
 

@@ -10,6 +10,7 @@ Paper vs implementations:
 """
 import torch.nn as nn
 
+from ..errors import check_bool, check_int
 from .registry import register
 
 
@@ -17,6 +18,8 @@ from .registry import register
 class SE(nn.Module):
     def __init__(self, channels: int, reduction: int = 16, bias: bool = True):
         super().__init__()
+        check_int("reduction", reduction)
+        check_bool("bias", bias)
         hidden = max(1, channels // reduction)
         # 1x1 convs on a (B, C, 1, 1) tensor: the same maths as Linear, no reshapes, channels_last friendly.
         self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias)

@@ -1,8 +1,9 @@
 """Model registry: ``create_model(name, num_classes=..., attention=..., attention_kwargs=..., blocks=...)``."""
+import operator
 from functools import partial
 
-from ..errors import unknown
-from .blocks import BasicBlock, Bottleneck
+from ..errors import AttnlabError, unknown
+from .blocks import BasicBlock, Bottleneck, CifarBasicBlock
 from .resnet import ResNet
 
 _MODELS: dict[str, tuple] = {}  # name -> (builder, default num_classes, input size)
@@ -31,15 +32,24 @@ def create_model(name: str, num_classes: int | None = None, attention: str = "no
     if name not in _MODELS:
         raise unknown("model", name, _MODELS)
     builder, default_classes, _ = _MODELS[name]
+    if num_classes is not None:
+        try:
+            valid = operator.index(num_classes) >= 1 and not isinstance(num_classes, bool)
+        except TypeError:
+            valid = False
+        if not valid:
+            raise AttnlabError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        num_classes = operator.index(num_classes)
     return builder(num_classes=default_classes if num_classes is None else num_classes, attention=attention,
                    attention_kwargs=attention_kwargs, blocks=blocks, share=share, **kwargs)
 
 
-# He et al. 2016, CIFAR: depth 6n+2 (basic) or 9n+2 (bottleneck), 16-32-64 planes.
+# He et al. 2016, CIFAR: depth 6n+2 (basic) or 9n+2 (bottleneck), 16-32-64 planes. The basic ones use the
+# paper's option-A shortcuts (Table 6: 0.27M/0.85M/1.7M params); ResNet-164's bottlenecks project (1.7M).
 _cifar = dict(planes=(16, 32, 64), stem="cifar", stem_width=16)
 for _depth in (20, 32, 56, 110):
     _n = (_depth - 2) // 6
-    register_model(f"resnet{_depth}", partial(ResNet, BasicBlock, (_n, _n, _n), **_cifar), 10, 32)
+    register_model(f"resnet{_depth}", partial(ResNet, CifarBasicBlock, (_n, _n, _n), **_cifar), 10, 32)
 register_model("resnet164", partial(ResNet, Bottleneck, (18, 18, 18), **_cifar), 10, 32)
 
 # ImageNet stages on a 3x3 stride-1 stem without max-pool, for 32x32 inputs.
@@ -55,4 +65,4 @@ register_model("resnet50", partial(ResNet, Bottleneck, (3, 4, 6, 3)), 1000, 224)
 register_model("resnet101", partial(ResNet, Bottleneck, (3, 4, 23, 3)), 1000, 224)
 
 __all__ = ["create_model", "list_models", "register_model", "default_input_size", "ResNet", "BasicBlock",
-           "Bottleneck"]
+           "CifarBasicBlock", "Bottleneck"]

@@ -6,6 +6,7 @@ the blocks' keys equal torchvision's. A module that must re-run part of the bloc
 ``wraps_block = True`` and provides ``forward_block(block, x)``; the block then hands its whole forward to it.
 """
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def conv3x3(cin, cout, stride=1):
@@ -16,20 +17,39 @@ def conv1x1(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
-def projection(cin, cout, stride):
-    """1x1 conv + BN shortcut where shape changes (He et al.'s option B; torchvision's `downsample`)."""
+class PadShortcut(nn.Module):
+    """He et al.'s option A: the identity, subsampled by the stride, with zero channels appended. No parameters.
+
+    Their CIFAR ResNets use it ("identity shortcuts in all cases"), which gives Table 6's 0.27M/0.85M/1.7M.
+    """
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.stride, self.extra = stride, cout - cin
+
+    def forward(self, x):
+        if self.stride > 1:
+            x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra))
+
+
+def projection(cin, cout, stride, kind="B"):
+    """The shortcut where the shape changes: 1x1 conv + BN (option B, torchvision's `downsample`) or option A."""
     if stride == 1 and cin == cout:
         return None
+    if kind == "A":
+        return PadShortcut(cin, cout, stride)
     return nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
 
 
 class Block(nn.Module):
     """What both block types share: the slot, the shortcut and the final ReLU."""
     expansion = 1
+    shortcut_kind = "B"  # see projection(); CifarBasicBlock uses "A"
 
     def __init__(self, inplanes, planes, stride, attn):
         super().__init__()
-        self.downsample = projection(inplanes, planes * self.expansion, stride)
+        self.downsample = projection(inplanes, planes * self.expansion, stride, self.shortcut_kind)
         self.attn = attn if attn is not None else nn.Identity()
         self.relu = nn.ReLU(inplace=True)
 
@@ -64,6 +84,11 @@ class BasicBlock(Block):
     def branch(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
         return self.bn2(self.conv2(out))
+
+
+class CifarBasicBlock(BasicBlock):
+    """BasicBlock with the parameter-free option-A shortcut of He et al.'s CIFAR ResNet-20..110."""
+    shortcut_kind = "A"
 
 
 class Bottleneck(Block):

@@ -9,36 +9,49 @@ Accepted forms (stages are 0-based: ImageNet ``layer3`` is stage 2):
   * a dict ``{stage: "all" | [block indices]}``.
 Result: one list of booleans per stage.
 """
+import operator
+from collections.abc import Iterable, Mapping
+
 from ..errors import AttnlabError
+
+_FORMS = "use 'all', stage indices like '2,3', per-stage bit strings like '100-1011-010011-011', or a dict"
 
 
 def resolve_blocks(spec, depths, default_stages=None):
     n = len(depths)
     if spec is None:
         spec = "all" if default_stages is None else [s if s >= 0 else n + s for s in default_stages]
+    if not isinstance(spec, str) and _is_int(spec):
+        spec = [spec]
     if isinstance(spec, str):
         text = spec.strip()
         if text == "all":
             return [[True] * d for d in depths]
-        if text and set(text) <= set("01-"):
+        # A lone "0"/"1" is a stage index; any longer 0/1 string (or one with '-') is per-stage bits.
+        if text and set(text) <= set("01-") and ("-" in text or len(text) > 1 or n == 1):
             spec = text.split("-")
         else:
             try:
                 spec = [int(s) for s in text.split(",") if s.strip()]
             except ValueError:
-                raise AttnlabError(
-                    f"blocks='{spec}' is not understood; use 'all', stage indices like '2,3', "
-                    "or per-stage bit strings like '100-1011-010011-011'") from None
-    if isinstance(spec, dict):
+                raise AttnlabError(f"blocks='{spec}' is not understood; {_FORMS}") from None
+    if isinstance(spec, Mapping):  # also omegaconf's DictConfig
         masks = [[False] * d for d in depths]
         for stage, which in spec.items():
             stage = _stage_index(stage, n)
+            if not isinstance(which, str) and _is_int(which):
+                which = [which]
             idx = range(depths[stage]) if which == "all" else which
+            if isinstance(idx, str) or not isinstance(idx, Iterable):
+                raise AttnlabError(f"blocks: stage {stage} wants 'all' or a list of block indices, got {which!r}")
             for b in idx:
-                if not 0 <= int(b) < depths[stage]:
-                    raise AttnlabError(f"blocks: stage {stage} has {depths[stage]} blocks, no block {b}")
+                if not _is_int(b) or not 0 <= int(b) < depths[stage]:
+                    raise AttnlabError(
+                        f"blocks: stage {stage} has blocks 0..{depths[stage] - 1}, got block {b!r}")
                 masks[stage][int(b)] = True
         return masks
+    if not isinstance(spec, Iterable):
+        raise AttnlabError(f"blocks={spec!r} is not understood; {_FORMS}")
     spec = list(spec)
     if spec and all(isinstance(s, str) for s in spec):
         if len(spec) != n or any(len(s) != d or set(s) - set("01") for s, d in zip(spec, depths)):
@@ -49,11 +62,20 @@ def resolve_blocks(spec, depths, default_stages=None):
     return [[i in stages] * d for i, d in enumerate(depths)]
 
 
-def _stage_index(stage, n):
+def _is_int(v):
+    if isinstance(v, str):
+        return v.strip().lstrip("-").isdigit()
     try:
-        s = int(stage)
-    except (TypeError, ValueError):
-        raise AttnlabError(f"blocks: stage '{stage}' is not an integer") from None
+        operator.index(v)
+    except TypeError:
+        return False
+    return not isinstance(v, bool)
+
+
+def _stage_index(stage, n):
+    if not _is_int(stage):
+        raise AttnlabError(f"blocks: stage {stage!r} is not an integer")
+    s = int(stage)
     if not -n <= s < n:
         raise AttnlabError(f"blocks: stage {s} out of range; this model has stages 0..{n - 1}")
     return s % n
