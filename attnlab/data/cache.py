@@ -1,0 +1,158 @@
+"""Decoded uint8 image cache: decode every image once with PIL, keep N x C x H x W uint8 arrays as ``.npy``.
+
+The cache key hashes the source files (relative path, size, mtime) and the decode options, so editing, adding or
+removing an image rebuilds the cache while moving the dataset folder does not. Files are written to a temp name and
+``os.replace``-d into place, so a killed build never leaves a half-written cache, and loads are memory-mapped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import AttnlabError
+
+CACHE_VERSION = 1
+POOL_THRESHOLD = 4096  # below this many images a process pool costs more than it saves
+WORKERS = 2
+
+# Counters read by the tests (a second load must not decode anything).
+STATS = {"decoded": 0, "builds": 0}
+
+
+def source_key(root: Path, files: list[str], options: dict) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": CACHE_VERSION, **options}, sort_keys=True).encode())
+    base = str(root)
+    for rel in files:
+        try:
+            st = os.stat(os.path.join(base, rel))
+        except OSError as e:
+            raise AttnlabError(f"cannot read image {os.path.join(base, rel)}: {e.strerror}") from None
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _decode(path: str, size):
+    """One image as H x W x 3 uint8 (and its original (h, w)); errors come back as strings to name the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")  # greyscale / palette / RGBA -> 3 channels
+            orig = (im.height, im.width)
+            if size is not None and orig != tuple(size):
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8), orig
+    except Exception as e:  # PIL raises many types for bad files
+        return f"{type(e).__name__}: {e}".replace("\n", " "), None
+
+
+def _decode_chunk(args):
+    paths, size = args
+    return [_decode(p, size) for p in paths]
+
+
+def _pool_context():
+    # fork starts instantly and the children only run PIL; spawn elsewhere (and where fork is unavailable).
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") and "fork" in methods else "spawn")
+
+
+def decode_images(root: Path, files: list[str], image_size, out: np.ndarray | None = None, desc: str = "decode"):
+    """Decode ``files`` into a new (or given) N x 3 x H x W uint8 array; returns (images, original sizes N x 2)."""
+    from tqdm import tqdm
+
+    n = len(files)
+    base = str(root)
+    paths = [os.path.join(base, f) for f in files]
+    first, orig = _decode(paths[0], image_size)
+    if orig is None:
+        raise AttnlabError(f"cannot decode image {paths[0]}: {first}")
+    h, w = first.shape[:2]
+    if out is None:
+        out = np.empty((n, 3, h, w), dtype=np.uint8)
+    sizes = np.empty((n, 2), dtype=np.int32)
+    chunk = 512
+    jobs = [(paths[i:i + chunk], image_size) for i in range(0, n, chunk)]
+    use_pool = n >= POOL_THRESHOLD and WORKERS > 1 and (os.cpu_count() or 1) > 1
+    bar = tqdm(total=n, desc=f"{desc} ({n} images)", unit="img", disable=n < 1000, leave=False)
+    pool = _pool_context().Pool(WORKERS) if use_pool else None
+    try:
+        results = pool.imap(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs)
+        i = 0
+        for batch in results:
+            for arr, size in batch:
+                if size is None:
+                    raise AttnlabError(f"cannot decode image {paths[i]}: {arr}")
+                if arr.shape[:2] != (h, w):
+                    raise AttnlabError(
+                        f"images differ in size: {paths[0]} is {w}x{h} but {paths[i]} is {arr.shape[1]}x"
+                        f"{arr.shape[0]}; pass image_size (data.image_size=N) to resize them all")
+                out[i] = arr.transpose(2, 0, 1)
+                sizes[i] = size
+                i += 1
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    STATS["decoded"] += n
+    return out, sizes
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def cached_images(root: Path, files: list[str], image_size, cache_dir, tag: str):
+    """Memory-mapped uint8 images for ``files`` (decoding them first if no valid cache entry exists).
+
+    Returns (images N x 3 x H x W, original sizes N x 2, cache stem path). ``cache_dir=None`` disables the cache.
+    """
+    if not files:
+        raise AttnlabError(f"no images to load for {tag}")
+    options = {"image_size": list(image_size) if image_size is not None else None}
+    if cache_dir is None:
+        images, sizes = decode_images(root, files, image_size, desc=tag)
+        return images, sizes, None
+    key = source_key(root, files, options)
+    cache_dir = Path(cache_dir).expanduser()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AttnlabError(f"cannot create cache_dir {cache_dir}: {e.strerror}") from None
+    stem = cache_dir / f"{tag}-{len(files)}-{key}"
+    img_path, size_path = stem.with_suffix(".images.npy"), stem.with_suffix(".sizes.npy")
+    if img_path.is_file() and size_path.is_file():
+        try:
+            # mode "c": copy-on-write, so torch gets a writable array while the file is never modified.
+            images = np.load(img_path, mmap_mode="c")
+            sizes = np.load(size_path)
+            if images.shape[0] == len(files) and sizes.shape == (len(files), 2):
+                return images, sizes, stem
+        except (OSError, ValueError):
+            pass  # unreadable entry: rebuild it below
+    images, sizes = decode_images(root, files, image_size, desc=tag)
+    _atomic_save(img_path, images)
+    _atomic_save(size_path, sizes)
+    STATS["builds"] += 1
+    return np.load(img_path, mmap_mode="c"), sizes, stem

@@ -1,0 +1,198 @@
+"""``load_dataset``: find a dataset, pick its subsets and splits, decode it through the cache, compute statistics.
+
+Splits: ``train`` and ``val`` both come from the dataset's training pool (val is a stratified, seeded hold-out for
+model selection); ``test`` is the dataset's own test set (Tiny-ImageNet's labelled ``val/`` folder).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import AttnlabError, unknown
+from . import cache as _cache
+from .sources import Pool, Source, open_source
+from .splits import _TEST_SUBSET, per_class_subset, stratified_split, val_count
+
+DATASETS = ("cifar10", "cifar100", "imagefolder", "tiny-imagenet")
+_ALIASES = {"tiny-imagenet-50": "tiny-imagenet", "tiny_imagenet": "tiny-imagenet", "cifar-10": "cifar10",
+            "cifar-100": "cifar100", "image_folder": "imagefolder"}
+CIFAR10_VAL = 5000  # the customary CIFAR-10 hold-out (45k/5k)
+
+
+@dataclass
+class Split:
+    """One split: ``images`` N x 3 x H x W uint8, ``labels`` N int64, ``boxes`` N x 4 float32 (x0, y0, x1, y1,
+    pixels, inclusive) or None, ``files`` the source files relative to the dataset root (empty for pickled CIFAR)."""
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    boxes: torch.Tensor | None = None
+    files: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        return torch.bincount(self.labels, minlength=num_classes).tolist()
+
+
+@dataclass
+class DatasetBundle:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    classes: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: int | tuple[int, int]
+    root: Path | None = None
+    class_names: list[str] = field(default_factory=list)  # human-readable (Tiny-ImageNet's words.txt)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def summary(self) -> str:
+        return (f"{self.name}: {self.num_classes} classes, {self.image_size} px, train {len(self.train)}, "
+                f"val {len(self.val)}, test {len(self.test)}")
+
+
+def list_datasets() -> list[str]:
+    return list(DATASETS)
+
+
+def _size_arg(image_size):
+    if image_size is None:
+        return None
+    if isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool):
+        size = (int(image_size), int(image_size))
+    else:
+        try:
+            size = tuple(int(s) for s in image_size)
+        except (TypeError, ValueError):
+            size = ()
+    if len(size) != 2 or min(size) <= 0:
+        raise AttnlabError(f"image_size must be a positive int or (height, width), got {image_size!r}")
+    return size
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean and (population) std in 0..1, in float64, from per-channel value histograms."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    mean, std = [], []
+    for c in range(images.shape[1]):
+        counts = np.bincount(np.ascontiguousarray(images[:, c]).reshape(-1), minlength=256).astype(np.float64)
+        n = counts.sum()
+        m = (counts * values).sum() / n
+        mean.append(float(m))
+        std.append(float(np.sqrt((counts * (values - m) ** 2).sum() / n)))
+    return tuple(mean), tuple(std)
+
+
+def _stats(images: np.ndarray, stem: Path | None, index: np.ndarray):
+    """Channel stats of the train split, remembered next to the cache entry (keyed by the chosen indices)."""
+    if stem is None:
+        return channel_stats(images)
+    key = hashlib.sha256(np.ascontiguousarray(index, dtype=np.int64).tobytes()).hexdigest()[:20]
+    path = stem.with_suffix(".stats.json")
+    table = {}
+    if path.is_file():
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+    if key in table:
+        return tuple(table[key]["mean"]), tuple(table[key]["std"])
+    mean, std = channel_stats(images)
+    table[key] = {"mean": mean, "std": std}
+    try:
+        _cache.write_json_atomic(path, table)
+    except OSError:
+        pass  # statistics are cheap to recompute; a read-only cache is fine
+    return mean, std
+
+
+def _decode_pool(source: Source, pool: Pool, split: str, size, cache_dir):
+    """(images uint8 N x 3 x H x W numpy, boxes float32 N x 4 or None, cache stem)."""
+    if pool.arrays is not None:  # pickled CIFAR: already raw pixels
+        images = pool.arrays
+        if size is not None and tuple(images.shape[2:]) != size:
+            t = torch.nn.functional.interpolate(torch.from_numpy(images).float(), size=size, mode="bilinear",
+                                                align_corners=False, antialias=True)
+            images = t.round_().clamp_(0, 255).to(torch.uint8).numpy()
+        return images, pool.boxes, None
+    tag = f"{source.name}-{split}"
+    images, sizes, stem = _cache.cached_images(pool.root, pool.files, size, cache_dir, tag)
+    boxes = pool.boxes
+    if boxes is not None and size is not None:
+        # Inclusive pixel boxes cover [x0, x1 + 1) in continuous coordinates; scale that interval.
+        sy = size[0] / sizes[:, 0].astype(np.float32)
+        sx = size[1] / sizes[:, 1].astype(np.float32)
+        boxes = np.stack([boxes[:, 0] * sx, boxes[:, 1] * sy, (boxes[:, 2] + 1) * sx - 1,
+                          (boxes[:, 3] + 1) * sy - 1], axis=1).astype(np.float32)
+    return images, boxes, stem
+
+
+def _split(name: str, images: np.ndarray, pool: Pool, boxes, index=None) -> Split:
+    if index is not None:
+        images = images[index]  # a copy into memory (fancy indexing reads the memory map once)
+        labels = pool.labels[index]
+        boxes = None if boxes is None else boxes[index]
+        files = [pool.files[i] for i in index] if pool.files else []
+    else:
+        labels, files = pool.labels, list(pool.files)
+    return Split(name, torch.from_numpy(images), torch.from_numpy(np.ascontiguousarray(labels)),
+                 None if boxes is None else torch.from_numpy(np.ascontiguousarray(boxes)), files)
+
+
+def load_dataset(name: str, data_dir=None, val_size=None, subset=None, seed: int = 0,
+                 cache_dir=".cache/attnlab", image_size=None, test_subset=None, download: bool = False
+                 ) -> DatasetBundle:
+    """Load ``name`` as uint8 tensors split into train / val / test.
+
+    - ``data_dir``: the dataset's own folder. Without it: ``$ATTNLAB_DATA/<folder>`` if that variable is set, else
+      ``../shared/data/<folder>`` relative to the repository root and to the cwd (folders: ``cifar10-jpeg`` or
+      ``cifar-10-batches-py``, ``cifar-100-python``, ``tiny-imagenet-50``).
+    - ``val_size``: images held out of train for model selection (int count or float fraction); default 5,000 for
+      CIFAR-10, else 10% (10% of the subset pool when ``subset`` is given). Stratified per class, fixed by ``seed``.
+    - ``subset``: images per class kept from the train pool (seeded) before the hold-out; ``test_subset``: images
+      per class of the test split (fixed choice, independent of ``seed``).
+    - ``image_size``: int or (h, w) to resize (bilinear) every image; required when a folder's images differ in size.
+    - ``cache_dir``: where decoded uint8 arrays are kept (None: decode every time); ``download``: fetch CIFAR through
+      torchvision when it is not found (never needed for the offline copies).
+    """
+    key = _ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in DATASETS:
+        raise unknown("dataset", name, DATASETS)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise AttnlabError(f"seed must be an int, got {seed!r}")
+    size = _size_arg(image_size)
+    source = open_source(key, data_dir, download=download)
+
+    train_pool, test_pool = source.train, source.test
+    if subset is not None:
+        train_pool = train_pool.select(per_class_subset(train_pool.labels, subset, seed))
+    if test_subset is not None:
+        test_pool = test_pool.select(per_class_subset(test_pool.labels, test_subset, 0, stream=_TEST_SUBSET))
+    if val_size is None:
+        val_size = CIFAR10_VAL if key == "cifar10" and subset is None else 0.1
+    train_idx, val_idx = stratified_split(train_pool.labels, val_count(val_size, len(train_pool)), seed)
+
+    pool_images, pool_boxes, stem = _decode_pool(source, train_pool, "train", size, cache_dir)
+    test_images, test_boxes, _ = _decode_pool(source, test_pool, "test", size, cache_dir)
+    train = _split("train", pool_images, train_pool, pool_boxes, train_idx)
+    val = _split("val", pool_images, train_pool, pool_boxes, val_idx)
+    test = _split("test", test_images, test_pool, test_boxes)
+    if len(train) == 0:
+        raise AttnlabError(f"dataset '{key}': the train split is empty (val_size={val_size} took every image)")
+    mean, std = _stats(train.images.numpy(), stem, train_idx)
+    h, w = train.images.shape[2:]
+    return DatasetBundle(key, train, val, test, list(source.classes), mean, std, h if h == w else (h, w),
+                         source.root, list(source.class_names) or list(source.classes))
