@@ -1,0 +1,524 @@
+"""``attnlab report results/<matrix>``: report.md and plots from a benchmark matrix's runs.jsonl.
+
+Per method: mean +- sample std of val and test top-1 over seeds, the difference to the baseline with a 95% Welch t
+interval, params, FLOPs, latency and training throughput; accuracy-vs-latency, accuracy-vs-params and per-epoch
+validation curves as PNGs. ``--readme README.md`` replaces the block between ``<!-- results:begin -->`` and
+``<!-- results:end -->`` with a compact table generated from the same summary.
+"""
+import json
+import math
+import re
+from pathlib import Path
+
+from .errors import AttnlabError
+
+PLOTS = ("acc_vs_latency.png", "acc_vs_params.png", "val_curves.png")
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def _betacf(a, b, x):
+    # Continued fraction of the regularized incomplete beta function (modified Lentz's method).
+    tiny, eps = 1e-300, 3e-16
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def betainc(a, b, x):
+    """Regularized incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t, df):
+    """CDF of Student's t with ``df`` (real, > 0) degrees of freedom."""
+    t2 = t * t
+    if t2 < df:  # near 0 the other form of the same integral keeps its precision
+        half = 0.5 * betainc(0.5, df / 2.0, t2 / (df + t2))
+        return 0.5 + half if t > 0 else 0.5 - half
+    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t2))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_ppf(q, df):
+    """Quantile of Student's t (bisection on the CDF; plenty fast for a report)."""
+    if not 0.0 < q < 1.0:
+        raise ValueError("q must be in (0, 1)")
+    lo, hi = -1e4, 1e4
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < q:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def mean_std(values):
+    """(mean, sample std with ddof=1 or nan for one value, n)."""
+    vals = [float(v) for v in values if v is not None and not _isnan(v)]
+    n = len(vals)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    mean = sum(vals) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else float("nan")
+    return mean, std, n
+
+
+def welch_interval(a, b, level=0.95):
+    """Difference mean(a) - mean(b) with its Welch t interval (unequal variances, Welch-Satterthwaite df).
+
+    Returns dict(diff, low, high, df); low/high are nan when either side has fewer than 2 values.
+    """
+    ma, sa, na = mean_std(a)
+    mb, sb, nb = mean_std(b)
+    diff = ma - mb
+    if na < 2 or nb < 2:
+        return {"diff": diff, "low": float("nan"), "high": float("nan"), "df": float("nan")}
+    va, vb = sa * sa / na, sb * sb / nb
+    se = math.sqrt(va + vb)
+    if se == 0.0:  # every seed identical on both sides: no spread to build an interval from
+        return {"diff": diff, "low": diff, "high": diff, "df": float("inf")}
+    df = (va + vb) ** 2 / ((va * va / (na - 1) if va else 0.0) + (vb * vb / (nb - 1) if vb else 0.0))
+    half = t_ppf(0.5 + level / 2.0, df) * se
+    return {"diff": diff, "low": diff - half, "high": diff + half, "df": df}
+
+
+def _isnan(v):
+    try:
+        return math.isnan(float(v))
+    except (TypeError, ValueError):
+        return True
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_results(results_dir):
+    """(records: last line per (method, seed), all lines, latency dict) of a results/<matrix>/ folder."""
+    from .bench import latest_by_cell, read_runs
+
+    results_dir = Path(results_dir)
+    runs_path = results_dir / "runs.jsonl"
+    if not runs_path.is_file():
+        raise AttnlabError(f"no runs.jsonl in {results_dir}: run `attnlab bench --matrix ...` first")
+    lines = read_runs(runs_path)
+    if not lines:
+        raise AttnlabError(f"{runs_path} holds no runs yet")
+    latency_path = results_dir / "latency.json"
+    latency = json.loads(latency_path.read_text()) if latency_path.is_file() else {}
+    return list(latest_by_cell(lines).values()), lines, latency
+
+
+def read_curve(record):
+    """val top-1 per epoch: the run dir's metrics.csv when it is still there, else the copy kept in runs.jsonl."""
+    from .bench import read_curve as read_metrics_curve
+
+    curve = read_metrics_curve(record["run_dir"]) if record.get("run_dir") else None
+    if curve:
+        return curve
+    curve = record.get("val_curve")
+    return [float("nan") if v is None else float(v) for v in curve] if curve else None
+
+
+def summarize(results_dir, baseline="none"):
+    """Everything report.md and the README block show, as one dict."""
+    from .bench import load_matrix
+
+    results_dir = Path(results_dir)
+    records, lines, latency = load_results(results_dir)
+    ok = [r for r in records if r.get("status") == "ok"]
+    failed = [r for r in records if r.get("status") != "ok"]
+    matrix_name = next((r["matrix"] for r in records if r.get("matrix")), results_dir.name)
+    matrix_file = next((r["matrix_file"] for r in records if r.get("matrix_file")), None)
+    matrix = None
+    if matrix_file and Path(matrix_file).is_file():
+        try:
+            matrix = load_matrix(matrix_file)
+        except AttnlabError:
+            matrix = None
+
+    # Method order: the matrix file's, then any others in the order they were first recorded.
+    order = [m["name"] for m in matrix["methods"]] if matrix else []
+    for r in lines:
+        if r.get("method") not in order:
+            order.append(r.get("method"))
+
+    lat_methods = latency.get("methods", {})
+    methods = []
+    for name in order:
+        runs = sorted((r for r in ok if r["method"] == name), key=lambda r: r["seed"])
+        fails = [r for r in failed if r["method"] == name]
+        if not runs and not fails:
+            continue
+        val = mean_std([r.get("val_top1") for r in runs])
+        test = mean_std([r.get("test_top1") for r in runs])
+        test5 = mean_std([r.get("test_top5") for r in runs])
+        curves = [c for c in (read_curve(r) for r in runs) if c]
+        methods.append({
+            "name": name, "n": len(runs), "seeds": [r["seed"] for r in runs], "failed": len(fails),
+            "val": val, "test": test, "test5": test5,
+            "val_values": [r.get("val_top1") for r in runs], "test_values": [r.get("test_top1") for r in runs],
+            "params": _first(runs, "params"), "flops": _first(runs, "flops"),
+            "train_ips": mean_std([r.get("train_images_per_s") for r in runs])[0],
+            "wall_time_s": mean_std([r.get("wall_time_s") for r in runs])[0],
+            "latency": lat_methods.get(name, {}),
+            "curve": _mean_curve(curves),
+        })
+
+    base = next((m for m in methods if m["name"] == baseline), None)
+    for m in methods:
+        if base is None or m is base or m["n"] == 0:
+            m["delta_val"] = m["delta_test"] = None
+            continue
+        m["delta_val"] = welch_interval(m["val_values"], base["val_values"])
+        m["delta_test"] = welch_interval(m["test_values"], base["test_values"])
+        m["verdict"] = _verdict(m["delta_test"], baseline)
+
+    devices = sorted({str(r.get("device")) for r in ok if r.get("device")})
+    hosts = [r["host"] for r in ok if r.get("host")] or [r["host"] for r in records if r.get("host")]
+    return {
+        "matrix": matrix_name, "matrix_file": matrix_file, "matrix_spec": matrix, "results_dir": str(results_dir),
+        "baseline": baseline if base is not None else None, "methods": methods, "failed": failed,
+        "n_ok": len(ok), "n_failed": len(failed), "devices": devices, "host": hosts[-1] if hosts else {},
+        "latency_host": latency.get("host", {}), "latency_note": latency.get("note"),
+        "epochs": _first(ok, "epochs"), "git_commits": sorted({r.get("git_commit") for r in ok if r.get("git_commit")}),
+    }
+
+
+def _first(runs, key):
+    for r in runs:
+        if r.get(key) is not None:
+            return r[key]
+    return None
+
+
+def _mean_curve(curves):
+    if not curves:
+        return None
+    out = []
+    for i in range(max(len(c) for c in curves)):
+        vals = [c[i] for c in curves if i < len(c) and not _isnan(c[i])]
+        out.append(sum(vals) / len(vals) if vals else float("nan"))
+    return out
+
+
+def _verdict(d, baseline):
+    if _isnan(d["low"]):
+        return f"no interval (needs at least 2 seeds of it and of {baseline})"
+    if d["low"] > 0:
+        return f"beats {baseline}: the whole 95% interval is above 0"
+    if d["high"] < 0:
+        return f"worse than {baseline}: the whole 95% interval is below 0"
+    return f"does not beat {baseline}: the 95% interval includes 0, so the difference is within seed-to-seed noise"
+
+
+# ----------------------------------------------------------------------------------------------- formatting
+def _f(v, digits=2):
+    return "n/a" if v is None or _isnan(v) else f"{float(v):.{digits}f}"
+
+
+def _pm(ms):
+    mean, std, n = ms
+    if n == 0:
+        return "n/a"
+    return f"{mean:.2f}" if n < 2 else f"{mean:.2f} ± {std:.2f}"
+
+
+def _signed(v):
+    return "n/a" if v is None or _isnan(v) else f"{float(v):+.2f}"
+
+
+def _delta(d):
+    if d is None:
+        return "—"
+    if _isnan(d["low"]):
+        return f"{_signed(d['diff'])} (no interval)"
+    return f"{_signed(d['diff'])} [{_signed(d['low'])}, {_signed(d['high'])}]"
+
+
+def _count(v, unit=""):
+    if v is None:
+        return "n/a"
+    v = float(v)
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.2f}{suffix}{unit}"
+    return f"{v:.0f}{unit}"
+
+
+def _lat(m, device, bs=None):
+    entry = m["latency"].get(device)
+    if not entry:
+        return None
+    batches = entry.get("batch", {})
+    if bs is None:
+        return batches
+    return batches.get(str(bs), {}).get("median_ms")
+
+
+def _batch_sizes(summary, device):
+    sizes = []
+    for m in summary["methods"]:
+        for bs in (_lat(m, device) or {}):
+            if int(bs) not in sizes:
+                sizes.append(int(bs))
+    return sorted(sizes)
+
+
+def _lat_cell(m, device, sizes):
+    if not sizes or not m["latency"].get(device):
+        return "n/a"
+    return " / ".join(_f(_lat(m, device, bs)) for bs in sizes)
+
+
+def hardware_line(summary) -> str:
+    h = summary["host"]
+    devices = ", ".join(summary["devices"]) or "unknown device"
+    parts = [f"trained on {devices}"]
+    if h:
+        parts.append(f"{h.get('processor', '?')}, {h.get('cpu_count', '?')} logical CPUs "
+                     f"({h.get('torch_threads', '?')} torch threads)")
+        if h.get("gpu"):
+            parts.append(f"GPU {h['gpu']}")
+        parts.append(f"{h.get('platform', '?')}, Python {h.get('python', '?')}, torch {h.get('torch', '?')}")
+    return "; ".join(parts)
+
+
+def reproduce_command(summary) -> str:
+    mf = summary["matrix_file"] or f"benchmarks/matrices/{summary['matrix']}.yaml"
+    return f"attnlab bench --matrix {mf} && attnlab report {summary['results_dir']}"
+
+
+def _gpu_used(summary):
+    return any(d.startswith("cuda") for d in summary["devices"])
+
+
+def render_markdown(summary) -> str:
+    s, base = summary, summary["baseline"]
+    cpu_sizes, gpu_sizes = _batch_sizes(s, "cpu"), _batch_sizes(s, "cuda")
+    spec = s["matrix_spec"] or {}
+    out = [f"# Benchmark `{s['matrix']}`", ""]
+    if spec.get("description"):
+        out += [" ".join(str(spec["description"]).split()), ""]
+    out += [f"Generated by `attnlab report {s['results_dir']}` from `{s['results_dir']}/runs.jsonl`: "
+            f"{s['n_ok']} finished runs, {s['n_failed']} failed.", "",
+            "Reproduce (resumes if interrupted):", "", "```", reproduce_command(s), "```", ""]
+
+    out += ["## Hardware", "", f"- Training: {hardware_line(s)}."]
+    lh = s["latency_host"]
+    if cpu_sizes:
+        out.append(f"- CPU latency: {lh.get('processor', '?')}, {lh.get('torch_threads', '?')} torch threads, "
+                   f"batch sizes {', '.join(map(str, cpu_sizes))}.")
+    if gpu_sizes:
+        out.append(f"- GPU latency: {lh.get('gpu', '?')}, batch sizes {', '.join(map(str, gpu_sizes))}.")
+    else:
+        out.append("- GPU: not measured yet (no GPU latency in latency.json).")
+    if not _gpu_used(s):
+        out.append("- GPU training numbers: not measured yet (every run of this matrix trained on CPU).")
+    out.append("")
+
+    if spec:
+        out += ["## Setup", "", f"- Recipe: `{spec.get('recipe')}`; shared overrides: "
+                + (", ".join(f"`{k}={v}`" for k, v in spec["overrides"].items()) or "none") + ".",
+                f"- Seeds: {', '.join(map(str, spec['seeds']))}; epochs: {s['epochs']}.",
+                "- Methods: " + "; ".join(
+                    f"`{m['name']}` (" + (", ".join(f"{k}={v}" for k, v in m["overrides"].items()) or "defaults") + ")"
+                    for m in spec["methods"]) + ".", ""]
+
+    cpu_head = f"CPU latency ms (bs {' / '.join(map(str, cpu_sizes))})" if cpu_sizes else "CPU latency ms"
+    gpu_head = f"GPU latency ms (bs {' / '.join(map(str, gpu_sizes))})" if gpu_sizes else "GPU latency ms"
+    out += ["## Results", "",
+            f"| method | n | val top-1 (best) | test top-1 | Δ val vs {base} [95% CI] | Δ test vs {base} [95% CI] "
+            f"| params | FLOPs | {cpu_head} | {gpu_head} | train img/s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in s["methods"]:
+        out.append(
+            f"| {m['name']} | {m['n']}{' (+' + str(m['failed']) + ' failed)' if m['failed'] else ''} "
+            f"| {_pm(m['val'])} | {_pm(m['test'])} | {_delta(m['delta_val'])} | {_delta(m['delta_test'])} "
+            f"| {_count(m['params'])} | {_count(m['flops'])} | {_lat_cell(m, 'cpu', cpu_sizes)} "
+            f"| {_lat_cell(m, 'cuda', gpu_sizes) if gpu_sizes else 'not measured yet'} | {_f(m['train_ips'], 0)} |")
+    out += ["",
+            "Top-1 in percent: mean ± sample standard deviation (ddof 1) over the n seeds; val top-1 is the best "
+            "epoch's, test top-1 as the engine reports it. "
+            f"Δ: difference of the method's mean to `{base}`'s mean, with a 95% Welch t interval (unequal variances, "
+            "Welch–Satterthwaite degrees of freedom) computed from the per-seed accuracies. FLOPs are 2 × MACs of "
+            "one image's forward pass. Latency: median of repeated eval-mode forward passes" +
+            (f" ({s['latency_note']})" if s["latency_note"] else "") + ". Train img/s: training throughput "
+            "as the engine measured it (mean over seeds); noisy when the machine is shared with other work.", ""]
+
+    if base is not None:
+        out += [f"## Against the baseline (`{base}`, test top-1)", ""]
+        for m in s["methods"]:
+            if m.get("delta_test") is None:
+                continue
+            out.append(f"- `{m['name']}`: {_delta(m['delta_test'])} points: {m['verdict']}.")
+        winners = [m["name"] for m in s["methods"] if m.get("delta_test") and not _isnan(m["delta_test"]["low"])
+                   and m["delta_test"]["low"] > 0]
+        out += ["", (f"Methods whose interval is entirely above the baseline: {', '.join(winners)}." if winners else
+                     f"No method beats `{base}` with a 95% interval entirely above 0 in this matrix."), ""]
+    else:
+        out += ["## Against the baseline", "", "No baseline (`none`) runs finished, so no differences are shown.", ""]
+
+    if s["failed"]:
+        out += ["## Failed cells", ""]
+        for r in sorted(s["failed"], key=lambda r: (str(r.get("method")), r.get("seed", 0))):
+            out.append(f"- `{r.get('method')}` seed {r.get('seed')}: {r.get('error', 'unknown error')}")
+        out.append("")
+
+    out += ["## Plots", "",
+            "![test top-1 vs CPU latency](acc_vs_latency.png)", "",
+            "![test top-1 vs parameters](acc_vs_params.png)", "",
+            "![validation top-1 per epoch](val_curves.png)", ""]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------- plots
+def write_plots(summary, out_dir) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    out_dir = Path(out_dir)
+    methods = [m for m in summary["methods"] if m["n"] > 0]
+    colors = {m["name"]: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    cpu_sizes = _batch_sizes(summary, "cpu")
+    bs = cpu_sizes[0] if cpu_sizes else None
+    paths = []
+
+    def scatter(path, xkey, xlabel, title):
+        fig, ax = plt.subplots(figsize=(6.4, 4.6))
+        drawn = 0
+        for m in methods:
+            x = xkey(m)
+            if x is None or _isnan(x) or _isnan(m["test"][0]):
+                continue
+            yerr = 0.0 if _isnan(m["test"][1]) else m["test"][1]
+            ax.errorbar([x], [m["test"][0]], yerr=[yerr], fmt="o", capsize=3, color=colors[m["name"]],
+                        label=m["name"])
+            ax.annotate(m["name"], (x, m["test"][0]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            drawn += 1
+        if not drawn:
+            ax.text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test top-1 (%), mean ± std over seeds")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    scatter(out_dir / PLOTS[0], lambda m: _lat(m, "cpu", bs) if bs else None,
+            f"CPU latency, batch {bs} (ms, median)" if bs else "CPU latency (not measured)",
+            f"{summary['matrix']}: accuracy vs CPU latency")
+    scatter(out_dir / PLOTS[1], lambda m: m["params"] / 1e6 if m["params"] else None, "parameters (millions)",
+            f"{summary['matrix']}: accuracy vs parameters")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    drawn = 0
+    for m in methods:
+        if m["curve"]:
+            ax.plot(range(1, len(m["curve"]) + 1), m["curve"], marker=".", color=colors[m["name"]],
+                    label=f"{m['name']} (n={m['n']})")
+            drawn += 1
+    if drawn:
+        ax.legend(fontsize=8, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no metrics.csv found", ha="center", va="center", transform=ax.transAxes)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val top-1 (%), mean over seeds")
+    ax.set_title(f"{summary['matrix']}: validation accuracy per epoch")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / PLOTS[2], dpi=110)
+    plt.close(fig)
+    paths.append(out_dir / PLOTS[2])
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------- README block
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def readme_block(summary) -> str:
+    s, base = summary, summary["baseline"]
+    cpu_sizes = _batch_sizes(s, "cpu")
+    bs = cpu_sizes[0] if cpu_sizes else None
+    seeds = sorted({n for m in s["methods"] for n in [m["n"]]})
+    lines = [f"Benchmark `{s['matrix']}` ({', '.join(map(str, seeds))} seeds per method"
+             + (f", {s['epochs']} epochs" if s["epochs"] else "") + f"), {hardware_line(s)}. "
+             f"Generated by `attnlab report {s['results_dir']} --readme README.md` from "
+             f"[{s['results_dir']}/report.md]({s['results_dir']}/report.md), which has the setup, plots and "
+             f"intervals; GPU numbers: {'see the report' if _gpu_used(s) else 'not measured yet'}.", "",
+             f"| method | test top-1 | Δ vs {base} [95% CI] | params | FLOPs | CPU ms (bs {bs}) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for m in s["methods"]:
+        if m["n"] == 0:
+            continue
+        lines.append(f"| {m['name']} | {_pm(m['test'])} | {_delta(m['delta_test'])} | {_count(m['params'])} "
+                     f"| {_count(m['flops'])} | {_f(_lat(m, 'cpu', bs)) if bs else 'n/a'} |")
+    if base is not None:
+        losers = [m["name"] for m in s["methods"] if m.get("delta_test") and not
+                  (not _isnan(m["delta_test"]["low"]) and m["delta_test"]["low"] > 0)]
+        if losers:
+            lines += ["", f"Not better than `{base}` at 95% (interval includes or is below 0): "
+                      f"{', '.join(losers)}."]
+    return "\n".join(lines)
+
+
+def update_readme(readme_path, block: str) -> None:
+    path = Path(readme_path)
+    if not path.is_file():
+        raise AttnlabError(f"README not found: {path}")
+    text = path.read_text()
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise AttnlabError(f"{path} has no '{BEGIN}' ... '{END}' block to replace")
+    text = pattern.sub(lambda _: f"{BEGIN}\n{block}\n{END}", text, count=1)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def write_report(results_dir, baseline="none", readme=None) -> dict:
+    summary = summarize(results_dir, baseline=baseline)
+    out_dir = Path(results_dir)
+    (out_dir / "report.md").write_text(render_markdown(summary))
+    write_plots(summary, out_dir)
+    if readme:
+        update_readme(readme, readme_block(summary))
+    return summary
+
+
+def add_arguments(p):
+    p.add_argument("results_dir", help="a results/<matrix>/ folder holding runs.jsonl (and latency.json)")
+    p.add_argument("--baseline", default="none", help="method the others are compared with (default: none)")
+    p.add_argument("--readme", default=None,
+                   help=f"also replace the {BEGIN} ... {END} block of this README with a results table")
+
+
+def run(args):
+    summary = write_report(args.results_dir, baseline=args.baseline, readme=args.readme)
+    print(f"wrote {Path(args.results_dir) / 'report.md'} and {', '.join(PLOTS)} "
+          f"({summary['n_ok']} runs, {len(summary['methods'])} methods)")
+    return 0

@@ -1,0 +1,144 @@
+"""attnlab report: statistics, report.md, plots and the README block, from fake runs.jsonl / metrics.csv fixtures."""
+import json
+import math
+import statistics
+
+import pytest
+
+from attnlab import cli
+from attnlab.errors import AttnlabError
+from attnlab.report import (PLOTS, readme_block, summarize, t_ppf, update_readme, welch_interval,
+                            write_report)
+
+# Per-seed accuracies. `none` and `se` have equal spread and n, so Welch's df is exactly 2n - 2 = 4.
+VAL = {"none": [70.0, 71.0, 72.0], "se": [74.0, 75.0, 76.0], "ssia": [70.5, 72.5, 70.0]}
+TEST = {"none": [69.0, 70.0, 71.0], "se": [73.0, 74.0, 75.0], "ssia": [69.5, 71.5, 69.0]}
+
+
+def _write_run(root, method, seed, val, test, with_dir=True):
+    run_dir = root / "runs" / f"{method}-s{seed}"
+    curve = [val - 20 + 5 * e for e in range(4)] + [val]
+    if with_dir:
+        run_dir.mkdir(parents=True)
+        rows = ["epoch,lr,train_loss,train_top1,val_loss,val_top1,val_top5,epoch_time_s,images_per_s"]
+        rows += [f"{e},0.1,1.0,50.0,1.0,{v},90.0,1.0,100.0" for e, v in enumerate(curve)]
+        (run_dir / "metrics.csv").write_text("\n".join(rows) + "\n")
+    return {"matrix": "fake", "method": method, "seed": seed, "status": "ok", "val_top1": val, "test_top1": test,
+            "test_top5": 95.0, "params": 270_000 + (5_000 if method == "se" else 0), "flops": 81_000_000,
+            "train_images_per_s": 500.0, "wall_time_s": 60.0, "device": "cpu", "run_dir": str(run_dir),
+            "epochs": 5, "val_curve": curve,
+            "host": {"processor": "Fake CPU", "cpu_count": 2, "torch_threads": 2, "platform": "Linux-test",
+                     "python": "3.11", "torch": "2.x"}}
+
+
+@pytest.fixture
+def results(tmp_path):
+    res = tmp_path / "results" / "fake"
+    res.mkdir(parents=True)
+    lines = []
+    for method in VAL:
+        for seed in range(3):
+            # ssia seed 2 has no run dir left: its curve must come from runs.jsonl's val_curve.
+            lines.append(_write_run(tmp_path, method, seed, VAL[method][seed], TEST[method][seed],
+                                    with_dir=not (method == "ssia" and seed == 2)))
+    # A method whose only cell failed.
+    lines.append({"matrix": "fake", "method": "tdam", "seed": 0, "status": "failed",
+                  "error": "AttnlabError: unknown attention 'tdamx'", "run_dir": "nowhere"})
+    (res / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    lat = {"methods": {m: {"cpu": {"batch": {"1": {"median_ms": 2.0 + i, "images_per_s": 1.0},
+                                             "32": {"median_ms": 20.0 + i, "images_per_s": 1.0}}}}
+                       for i, m in enumerate(VAL)},
+           "host": {"processor": "Fake CPU", "torch_threads": 2}}
+    (res / "latency.json").write_text(json.dumps(lat))
+    return res
+
+
+def test_t_quantiles_match_tables():
+    # Two-sided 95% critical values of Student's t.
+    for df, ref in [(1, 12.7062047), (2, 4.3026527), (4, 2.7764451), (10, 2.2281389), (30, 2.0422725)]:
+        assert t_ppf(0.975, df) == pytest.approx(ref, abs=1e-6)
+    assert t_ppf(0.5, 7) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_welch_interval_by_hand():
+    d = welch_interval([1, 2, 3], [2, 4, 6, 8])
+    va, vb = 1 / 3, (20 / 3) / 4
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3)
+    assert d["diff"] == pytest.approx(-3.0)
+    assert d["df"] == pytest.approx(df)
+    assert d["high"] - d["diff"] == pytest.approx(t_ppf(0.975, df) * math.sqrt(va + vb))
+    assert d["low"] < 0 < d["high"]
+    # One value on a side: no interval, but still the difference.
+    one = welch_interval([5.0], [1.0, 2.0])
+    assert one["diff"] == pytest.approx(3.5) and math.isnan(one["low"])
+
+
+def test_summary_means_stds_and_intervals(results):
+    s = summarize(results)
+    by = {m["name"]: m for m in s["methods"]}
+    assert list(by) == ["none", "se", "ssia", "tdam"]  # order of first appearance; tdam only failed
+    for name in VAL:
+        assert by[name]["n"] == 3
+        assert by[name]["val"][0] == pytest.approx(statistics.mean(VAL[name]))
+        assert by[name]["val"][1] == pytest.approx(statistics.stdev(VAL[name]))
+        assert by[name]["test"][0] == pytest.approx(statistics.mean(TEST[name]))
+        assert by[name]["test"][1] == pytest.approx(statistics.stdev(TEST[name]))
+    # se - none: diff 4, both std 1, n 3 -> se = sqrt(2/3), df = 4.
+    d = by["se"]["delta_test"]
+    half = 2.7764451 * math.sqrt(2 / 3)
+    assert d["diff"] == pytest.approx(4.0)
+    assert d["df"] == pytest.approx(4.0)
+    assert (d["low"], d["high"]) == (pytest.approx(4 - half, abs=1e-5), pytest.approx(4 + half, abs=1e-5))
+    assert by["none"]["delta_test"] is None
+    assert by["tdam"]["n"] == 0 and by["tdam"]["failed"] == 1
+    # Mean curve over seeds, including the one read back from runs.jsonl (ssia seed 2 has no metrics.csv).
+    assert by["ssia"]["curve"][-1] == pytest.approx(statistics.mean(VAL["ssia"]))
+    assert len(by["none"]["curve"]) == 5
+    assert s["n_ok"] == 9 and s["n_failed"] == 1
+
+
+def test_report_markdown_and_plots(results):
+    write_report(results)
+    md = (results / "report.md").read_text()
+    # se's improvement is well outside noise; ssia's is not, and the report says so plainly.
+    assert "`se`: +4.00 [" in md and "beats none" in md
+    assert "`ssia`:" in md and "does not beat none" in md
+    assert "Welch" in md
+    assert "74.00 ± 1.00" in md and "70.00 ± 1.00" in md  # se / none test top-1
+    assert "Fake CPU" in md and "2 logical CPUs" in md
+    assert "not measured yet" in md  # no GPU anywhere
+    assert "attnlab bench --matrix" in md
+    assert "unknown attention 'tdamx'" in md
+    for name in PLOTS:
+        data = (results / name).read_bytes()
+        assert len(data) > 5000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({name})" in md
+
+
+def test_readme_block_is_replaced(results, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nintro\n\n<!-- results:begin -->\nold table\n<!-- results:end -->\n\nfooter\n")
+    update_readme(readme, readme_block(summarize(results)))
+    text = readme.read_text()
+    assert "old table" not in text
+    assert text.startswith("# Title\n\nintro\n\n<!-- results:begin -->\n") and text.endswith("<!-- results:end -->\n\nfooter\n")
+    assert "| se | 74.00 ± 1.00 | +4.00 [" in text
+    assert "Fake CPU" in text and f"({results}/report.md)" in text
+    assert "Not better than `none`" in text and "ssia" in text.split("Not better than")[1]
+
+    bare = tmp_path / "BARE.md"
+    bare.write_text("# no markers\n")
+    with pytest.raises(AttnlabError, match="results:begin"):
+        update_readme(bare, "x")
+
+
+def test_cli_report_and_errors(results, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["report", str(results)])
+    assert exit_.value.code == 0
+    assert (results / "report.md").is_file()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["report", str(tmp_path / "missing")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("attnlab: error: no runs.jsonl") and "\n" not in err
