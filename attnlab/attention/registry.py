@@ -10,7 +10,12 @@ Protocol every registered module follows:
       ``shared_by_default``: one instance per stage, shared by every connected block (DIA);
       ``wraps_block``: the module re-runs part of the block itself and provides
                        ``forward_block(block, x)`` (TDAM);
-      ``reset_state()``: called by the stage before its first block (stateful shared modules such as DIA).
+      ``reset_state()``: called by the stage before its first block and after its last one (stateful
+                         modules such as DIA);
+  * optional hooks called by the backbones:
+      ``attach(block)``: called once, right after the block holding the module is built, so a module that
+                         needs the block's inner widths (TDAM) creates its parameters before any optimizer exists;
+      ``init_weights()``: called after the model's own (kaiming) initialisation, for a paper-prescribed init (SPEM).
 """
 import inspect
 

@@ -22,16 +22,33 @@ from .placement import resolve_blocks
 class Stage(nn.Sequential):
     """The blocks of one resolution. Holds the stage-wide shared attention module, if any."""
 
+    # The shared module is registered here (so its weights are saved once, as layerN.shared_attn.*) but it
+    # is not a block: iteration and len() cover the blocks only.
+    def __iter__(self):
+        return (m for k, m in self._modules.items() if k != "shared_attn")
+
+    def __len__(self):
+        return sum(1 for k in self._modules if k != "shared_attn")
+
     def forward(self, x, block_io=None):
-        shared = getattr(self, "shared_attn", None)
-        if shared is not None and hasattr(shared, "reset_state"):
-            shared.reset_state()  # e.g. DIA's LSTM state starts afresh in every stage
+        # Stateful modules (DIA's LSTM) start afresh in every stage, shared or not, and drop their state
+        # afterwards so no graph is kept alive between calls (and deepcopy, e.g. for EMA, keeps working).
+        self._reset_states()
         for block in self:
             y = block(x)
             if block_io is not None:
                 block_io.append((x, y))
             x = y
+        self._reset_states()
         return x
+
+    def _reset_states(self):
+        seen = set()
+        for block in self:
+            attn = block.attn
+            if hasattr(attn, "reset_state") and id(attn) not in seen:
+                seen.add(id(attn))
+                attn.reset_state()
 
 
 def share_into(block, module):
@@ -82,6 +99,8 @@ class ResNet(nn.Module):
                 use = masks[i][j]
                 attn = registry.create(attention, out, **attention_kwargs) if use and not share else None
                 stage.append(block(inplanes, width, stride, attn))
+                if attn is not None and hasattr(attn, "attach"):
+                    attn.attach(stage[j])  # modules that re-run block layers (TDAM) size themselves here
                 if use and share:
                     share_into(stage[j], shared)
                 inplanes = out
