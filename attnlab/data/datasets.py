@@ -22,7 +22,6 @@ from .splits import _TEST_SUBSET, per_class_subset, stratified_split, val_count
 DATASETS = ("cifar10", "cifar100", "imagefolder", "tiny-imagenet")
 _ALIASES = {"tiny-imagenet-50": "tiny-imagenet", "tiny_imagenet": "tiny-imagenet", "cifar-10": "cifar10",
             "cifar-100": "cifar100", "image_folder": "imagefolder"}
-CIFAR10_VAL = 5000  # the customary CIFAR-10 hold-out (45k/5k)
 
 
 @dataclass
@@ -160,8 +159,8 @@ def load_dataset(name: str, data_dir=None, val_size=None, subset=None, seed: int
     - ``data_dir``: the dataset's own folder. Without it: ``$ATTNLAB_DATA/<folder>`` if that variable is set, else
       ``../shared/data/<folder>`` relative to the repository root and to the cwd (folders: ``cifar10-jpeg`` or
       ``cifar-10-batches-py``, ``cifar-100-python``, ``tiny-imagenet-50``).
-    - ``val_size``: images held out of train for model selection (int count or float fraction); default 5,000 for
-      CIFAR-10, else 10% (10% of the subset pool when ``subset`` is given). Stratified per class, fixed by ``seed``.
+    - ``val_size``: images held out of train for model selection (int count or float fraction); default 10% of the
+      train pool (5,000 for CIFAR-10; 10% of the subset pool when ``subset`` is given). Stratified per class, fixed by ``seed``.
     - ``subset``: images per class kept from the train pool (seeded) before the hold-out; ``test_subset``: images
       per class of the test split (fixed choice, independent of ``seed``).
     - ``image_size``: int or (h, w) to resize (bilinear) every image; required when a folder's images differ in size.
@@ -182,7 +181,7 @@ def load_dataset(name: str, data_dir=None, val_size=None, subset=None, seed: int
     if test_subset is not None:
         test_pool = test_pool.select(per_class_subset(test_pool.labels, test_subset, 0, stream=_TEST_SUBSET))
     if val_size is None:
-        val_size = CIFAR10_VAL if key == "cifar10" and subset is None else 0.1
+        val_size = 0.1  # CIFAR-10: 5,000 of 50,000, the customary 45k/5k split
     train_idx, val_idx = stratified_split(train_pool.labels, val_count(val_size, len(train_pool)), seed)
 
     pool_images, pool_boxes, stem = _decode_pool(source, train_pool, "train", size, cache_dir)

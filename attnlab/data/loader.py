@@ -118,15 +118,17 @@ class BatchLoader:
         """This rank's (indices, offsets, flips) for ``epoch`` on the CPU; offsets/flips are None without augment."""
         g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch if epoch is None else epoch))
         order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
-        if self.total > self.n:  # pad (drop_last=False) so every rank gets the same count
-            order = torch.cat([order, order.repeat(math.ceil(self.total / self.n))[: self.total - self.n]])
-        order = order[: self.total]
         offsets = flips = None
-        if self.augment:
-            offsets = torch.randint(0, 2 * self.padding + 1, (self.total, 2), generator=g)
-            flips = torch.rand(self.total, generator=g) < 0.5
+        if self.augment:  # drawn for the n global positions, so the plan does not depend on world_size
+            offsets = torch.randint(0, 2 * self.padding + 1, (self.n, 2), generator=g)
+            flips = torch.rand(self.n, generator=g) < 0.5
             if not self.flip:
                 flips.zero_()
+        # Cut (drop_last) or pad by wrapping around (so every rank gets the same count).
+        pos = torch.arange(self.total) % self.n
+        order = order[pos]
+        if offsets is not None:
+            offsets, flips = offsets[pos], flips[pos]
         mine = slice(self.rank, None, self.world_size)
         return order[mine], None if offsets is None else offsets[mine], None if flips is None else flips[mine]
 
