@@ -1,0 +1,152 @@
+"""``attnlab export``: a checkpoint's model as an ONNX inference graph.
+
+The model is rebuilt from the checkpoint's ``config["model"]`` section, its weights are loaded with strict=True and
+it is exported in eval mode through ``model(x)``, the plain logits path. Training-only objectives (SSIA, the SPE
+regulariser) live outside the model, so the graph is the same whether or not they were used in training.
+
+Exporter: the TorchScript-based one (``dynamo=False``) by default. It exists on every torch >= 2.4, is fast and
+gives dynamic batch and spatial axes; torch >= 2.9 marks it deprecated and defaults to the torch.export-based
+exporter (``--exporter dynamo``, needs onnxscript), which we also support. ``--exporter auto`` picks the legacy one
+while torch still ships it.
+"""
+import inspect
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import AttnlabError
+
+MODEL_KEYS = ("name", "num_classes", "attention", "attention_kwargs", "blocks", "share")
+
+
+def add_arguments(p):
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint written by attnlab train")
+    p.add_argument("--onnx", required=True, metavar="OUT", help="where to write the .onnx file")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="H = W of the example input (default: data.image_size, else the model's default)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17 legacy, 18 dynamo)")
+    p.add_argument("--exporter", choices=("auto", "legacy", "dynamo"), default="auto",
+                   help="torch.onnx exporter: legacy = TorchScript-based (dynamo=False); auto = legacy if available")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip comparing onnxruntime's output with torch's on a random input")
+
+
+def run(args):
+    model, cfg = load_checkpoint_model(args.checkpoint)
+    size = args.input_size or input_size_for(cfg)
+    out = export_onnx(model, args.onnx, size, opset=args.opset, exporter=args.exporter)
+    line = f"exported {cfg['model']['name']} (attention={cfg['model'].get('attention', 'none')}) to {out}"
+    if not args.no_check:
+        diff = check_onnx(model, out, size)
+        line += ("; onnxruntime not installed, output not checked" if diff is None
+                 else f"; max |onnxruntime - torch| = {diff:.2e}")
+    print(line)
+    return 0
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise AttnlabError(f"checkpoint '{path}' does not exist")
+    try:
+        # Our checkpoints also hold RNG states and the config as plain Python objects: only load files you trust.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise AttnlabError(f"cannot read checkpoint '{path}': {str(err).splitlines()[0] if str(err) else err!r}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("config"), dict) \
+            or not isinstance(ckpt["config"].get("model"), dict):
+        raise AttnlabError(f"'{path}' is not an attnlab checkpoint (needs 'model' weights and a 'config' with a "
+                           "'model' section)")
+    return ckpt
+
+
+def build_model(model_cfg: dict, state_dict=None):
+    """``create_model`` from a config's model section; ``state_dict`` is loaded with strict=True."""
+    from .models import create_model
+    kwargs = {k: model_cfg[k] for k in MODEL_KEYS if k in model_cfg}
+    model = create_model(kwargs.pop("name"), **kwargs)
+    if state_dict is not None:
+        missing, unexpected = _key_mismatch(model, state_dict)
+        if missing or unexpected:
+            raise AttnlabError(f"checkpoint weights do not match model '{model_cfg['name']}': "
+                               f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def load_checkpoint_model(path):
+    """(model in eval mode with the checkpoint's weights, the checkpoint's config dict)."""
+    ckpt = load_checkpoint(path)
+    return build_model(ckpt["config"]["model"], ckpt["model"]), ckpt["config"]
+
+
+def input_size_for(cfg: dict) -> int:
+    from .models import default_input_size
+    size = (cfg.get("data") or {}).get("image_size")
+    return int(size) if size else default_input_size(cfg["model"]["name"])
+
+
+def export_onnx(model, path, input_size: int, opset: int | None = None, exporter: str = "auto", batch_size: int = 1):
+    """Export ``model(x)`` (eval mode) to ``path``, written atomically. Batch, height and width are dynamic."""
+    if exporter not in ("auto", "legacy", "dynamo"):
+        raise AttnlabError(f"unknown exporter '{exporter}'; valid choices: auto, dynamo, legacy")
+    has_flag = "dynamo" in inspect.signature(torch.onnx.export).parameters  # torch 2.4 has no flag: legacy only
+    if exporter == "auto":
+        exporter = "legacy"
+    if exporter == "dynamo" and not has_flag:
+        raise AttnlabError(f"--exporter dynamo needs torch >= 2.5 (this is {torch.__version__})")
+    if opset is None:
+        opset = 17 if exporter == "legacy" else 18  # 18: the dynamo exporter's lowest native opset
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    device = next(model.parameters()).device
+    x = torch.randn(batch_size, 3, input_size, input_size, device=device)
+    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=opset)
+        if exporter == "legacy":
+            if has_flag:
+                kwargs["dynamo"] = False
+            kwargs["dynamic_axes"] = {"input": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}}
+        else:
+            batch = torch.export.Dim("batch", min=1)
+            kwargs.update(dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
+            torch.onnx.export(model, (x,), tmp, **kwargs)
+        os.replace(tmp, path)
+    except AttnlabError:
+        raise
+    except Exception as err:
+        raise AttnlabError(f"ONNX export with the {exporter} exporter failed: "
+                           f"{str(err).splitlines()[0] if str(err) else err!r}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def check_onnx(model, path, input_size: int, batch_size: int = 2, seed: int = 0):
+    """Max |onnxruntime - torch| on a random input, or None when onnxruntime is not installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, 3, input_size, input_size, generator=g)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        ref = model.eval()(x.to(device)).float().cpu()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    return float((torch.from_numpy(out) - ref).abs().max())
+
+
+def _key_mismatch(model, state_dict):
+    want, have = set(model.state_dict()), set(state_dict)
+    return sorted(want - have), sorted(have - want)
