@@ -1,0 +1,223 @@
+"""Run configuration: a typed schema <- YAML recipe <- dotted ``key=value`` overrides, merged by OmegaConf.
+
+The schema is the engine's dataclasses plus one section per registered objective, built from
+``attnlab.objectives.objective_defaults()``, so an objective's options are checked like the engine's own.
+The merged config is in struct mode: a key that is not in the schema (in the YAML or an override) is an
+AttnlabError naming the key and the closest valid keys; a value of the wrong type names the key too.
+"""
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from ..errors import AttnlabError, unknown
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet20"
+    num_classes: Optional[int] = None  # None: the dataset's number of classes
+    attention: str = "none"
+    attention_kwargs: Dict[str, Any] = field(default_factory=dict)
+    blocks: Any = None  # see attnlab.models.placement
+    share: Optional[bool] = None
+    zero_init_residual: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"
+    data_dir: Optional[str] = None  # None: the data layer's default (../shared/data)
+    val_size: Any = None  # held out of train for validation: a count (int) or a fraction (float); None: default
+    subset: Optional[int] = None  # keep this many training images per class (None: all)
+    test_subset: Optional[int] = None  # evaluate on this many test images per class (None: all)
+    cache_dir: str = ".cache/attnlab"
+    image_size: Optional[int] = None
+    augment: bool = True  # random crop + horizontal flip on the training split
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.999
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128  # GLOBAL batch: each of N DDP ranks gets batch_size / N
+    eval_batch_size: int = 512
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    wd_on_bn_bias: bool = True  # False: no weight decay on BatchNorm weights and biases (1-d parameters)
+    schedule: str = "cosine"  # cosine | multistep
+    milestones: List[int] = field(default_factory=list)  # multistep: epochs at which lr *= gamma
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0  # linear warm-up from ~0, per step
+    label_smoothing: float = 0.0
+    amp: str = "bf16"  # GPU autocast dtype: bf16 | fp16 | off (CPU always runs fp32)
+    channels_last: Optional[bool] = None  # None: on for CUDA, off on CPU (measured slower there)
+    compile: bool = False
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    deterministic: bool = False
+
+
+@dataclass
+class DebugConfig:
+    kill_at_step: Optional[int] = None  # SIGKILL the process at this global step (resume tests); cleared on resume
+    max_steps_per_epoch: Optional[int] = None  # stop each training epoch early (smoke runs, benchmarks)
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = None  # None: the recipe's file name
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    out_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+def _section_type(name: str, defaults: dict) -> type:
+    """A dataclass for one objective's section, typed by its default values (None means any type)."""
+    fields = []
+    for key, value in defaults.items():
+        if isinstance(value, bool | int | float | str):
+            fields.append((key, type(value), field(default=value)))
+        elif isinstance(value, list | tuple):
+            fields.append((key, List[Any], field(default_factory=lambda v=list(value): list(v))))
+        elif isinstance(value, dict):
+            fields.append((key, Dict[str, Any], field(default_factory=lambda v=dict(value): dict(v))))
+        else:
+            fields.append((key, Any, field(default=value)))
+    return dataclasses.make_dataclass(f"{name.title().replace('_', '')}Config", fields)
+
+
+def schema() -> DictConfig:
+    """The default config: engine sections plus every registered objective's defaults."""
+    from ..objectives import objective_defaults
+    sections = []
+    for name, defaults in objective_defaults().items():
+        section = _section_type(name, defaults)
+        sections.append((name, section, field(default_factory=section)))
+    cfg = OmegaConf.structured(dataclasses.make_dataclass("RunConfig", sections, bases=(RunConfig,)))
+    OmegaConf.set_struct(cfg, True)
+    _open_free_dicts(cfg)
+    return cfg
+
+
+def _open_free_dicts(cfg: DictConfig) -> None:
+    """Struct mode for the typed sections only: free-form dicts (attention_kwargs, a dict ``blocks``) take any key."""
+    for key in cfg.keys():
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig):
+            if OmegaConf.get_type(node) in (dict, None):
+                OmegaConf.set_struct(node, False)
+            else:
+                _open_free_dicts(node)
+
+
+def valid_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of ``cfg`` (sections and leaves)."""
+    keys = []
+    for key in cfg.keys():
+        dotted = f"{prefix}{key}"
+        keys.append(dotted)
+        node = cfg._get_node(key)
+        # Typed sections are walked; free-form dicts (attention_kwargs) accept any key below them.
+        if isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None):
+            keys.extend(valid_keys(node, dotted + "."))
+    return keys
+
+
+def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        merged = OmegaConf.merge(cfg, other)
+        _open_free_dicts(merged)
+        return merged
+    except ConfigKeyError as err:
+        key = err.full_key or str(err.key)
+        close = difflib.get_close_matches(key, valid_keys(cfg), n=3, cutoff=0.5)
+        hint = f"; closest valid keys: {', '.join(close)}" if close else ""
+        raise AttnlabError(f"unknown config key '{key}' in {source}{hint}") from None
+    except OmegaConfBaseException as err:
+        first = str(err).splitlines()[0]
+        key = getattr(err, "full_key", None)
+        raise AttnlabError(f"bad value for config key '{key}' in {source}: {first}") from None
+
+
+def parse_overrides(overrides) -> DictConfig:
+    items = list(overrides or ())
+    for item in items:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise AttnlabError(f"override '{item}' must look like key=value (e.g. train.lr=0.05)")
+    try:
+        return OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as err:
+        raise AttnlabError(f"cannot parse overrides {items}: {str(err).splitlines()[0]}") from None
+
+
+def load_config(path=None, overrides=(), base: DictConfig | dict | None = None) -> DictConfig:
+    """Schema <- ``base`` (a saved run's config, for resume) <- YAML at ``path`` <- ``key=value`` overrides."""
+    cfg = schema()
+    if base is not None:
+        cfg = _merge(cfg, OmegaConf.create(OmegaConf.to_container(OmegaConf.create(base))), "the saved config")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise AttnlabError(f"config file '{path}' does not exist")
+        try:
+            recipe = OmegaConf.load(path)
+        except Exception as err:  # YAML syntax errors come in several types
+            raise AttnlabError(f"cannot read config '{path}': {str(err).splitlines()[0]}") from None
+        if not isinstance(recipe, DictConfig):
+            raise AttnlabError(f"config '{path}' must be a mapping of keys to values")
+        cfg = _merge(cfg, recipe, f"'{path}'")
+    if overrides:
+        cfg = _merge(cfg, parse_overrides(overrides), "the overrides")
+    if cfg.name is None:
+        cfg.name = Path(path).stem if path is not None else "run"
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise AttnlabError(f"cannot resolve config: {str(err).splitlines()[0]}") from None
+    # `amp: true/false` in a recipe reads naturally; map it onto the dtype choices.
+    cfg.train.amp = {"true": "bf16", "false": "off", "none": "off"}.get(str(cfg.train.amp).lower(), cfg.train.amp)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks OmegaConf's types cannot express (choices and ranges)."""
+    choices = {"device": ("auto", "cpu", "cuda"), "train.schedule": ("cosine", "multistep"),
+               "train.amp": ("bf16", "fp16", "off")}
+    for key, allowed in choices.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise unknown(f"value for {key}", value, allowed)
+    t = cfg.train
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if t[key] < 1:
+            raise AttnlabError(f"train.{key} must be >= 1, got {t[key]}")
+    if t.lr <= 0:
+        raise AttnlabError(f"train.lr must be > 0, got {t.lr}")
+    if not 0 <= t.label_smoothing < 1:
+        raise AttnlabError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    if not 0 <= t.ema.decay < 1:
+        raise AttnlabError(f"train.ema.decay must be in [0, 1), got {t.ema.decay}")
+    if t.warmup_epochs < 0 or t.warmup_epochs > t.epochs:
+        raise AttnlabError(f"train.warmup_epochs must be in [0, train.epochs], got {t.warmup_epochs}")
+    if list(t.milestones) != sorted(t.milestones):
+        raise AttnlabError(f"train.milestones must be increasing, got {list(t.milestones)}")
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

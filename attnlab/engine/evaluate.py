@@ -1,0 +1,112 @@
+"""Evaluation: ``evaluate(model, loader)`` for the training loop, and ``attnlab eval --checkpoint PATH``.
+
+Accuracies are percentages (0-100). The command rebuilds the model from the checkpoint's own config, evaluates the
+EMA weights when the run kept them, prints top-1/top-5 and writes ``eval_<split>.json`` next to the checkpoint.
+"""
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import AttnlabError
+from .distributed import Dist
+from .metrics import Meter, topk_hits
+
+
+def autocast_for(device: torch.device, amp: str):
+    """bf16/fp16 autocast on CUDA; CPU always runs fp32 (CPU autocast is slower on most CPUs)."""
+    if device.type != "cuda" or amp == "off":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp: str = "off", channels_last: bool = False, d: Dist = Dist()) -> dict:
+    """Mean cross-entropy and top-1/top-5 (%) over the split, summed on the device, reduced over ranks.
+
+    Under DDP each rank evaluates its strided shard; the loader pads the last positions by wrapping around
+    (rank r holds global positions r, r + W, ...), and those duplicates are masked out so every image counts once.
+    """
+    was_training = model.training
+    model.eval()
+    meter = Meter(device)
+    w, n, b = loader.world_size, loader.n, loader.batch_size
+    for i, (x, y) in enumerate(loader):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_for(device, amp):
+            logits = model(x).float()
+        loss = F.cross_entropy(logits, y, reduction="none")
+        hit1, hit5 = topk_hits(logits, y)
+        if w > 1:
+            valid = (loader.rank + (i * b + torch.arange(len(y), device=y.device)) * w) < n
+            loss, hit1, hit5 = loss * valid, hit1 & valid, hit5 & valid
+            meter.add("n", valid.sum(), 1)
+        else:
+            meter.count("n", len(y))
+        meter.add("loss", loss.sum(), 1)
+        meter.add("top1", hit1.sum(), 100.0)
+        meter.add("top5", hit5.sum(), 100.0)
+    model.train(was_training)
+    return meter.result(d)
+
+
+def model_from_checkpoint(ckpt: dict, device, use_ema: bool = True) -> torch.nn.Module:
+    """The checkpoint's model (its EMA weights when present and ``use_ema``), on ``device``, in eval mode."""
+    from ..models import create_model
+    m = ckpt["config"]["model"]
+    model = create_model(m["name"], num_classes=m["num_classes"], attention=m["attention"],
+                         attention_kwargs=dict(m["attention_kwargs"] or {}), blocks=m["blocks"], share=m["share"])
+    state = ckpt["ema"]["module"] if use_ema and ckpt.get("ema") else ckpt["model"]
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def add_arguments(p):
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (its checkpoint_best.pt)")
+    p.add_argument("--split", choices=("val", "test"), default="test")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch (default: the run's)")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: the run's)")
+    p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if the run kept an EMA")
+
+
+def run(args):
+    from ..data import load_dataset
+    from ..data.loader import BatchLoader
+    from .checkpoint import load_checkpoint
+    from .distributed import resolve_device
+
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        path = path / "checkpoint_best.pt"
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt or "model" not in ckpt:
+        raise AttnlabError(f"'{path}' is not an attnlab training checkpoint (no 'config' or 'model' entry)")
+    cfg = ckpt["config"]
+    device = resolve_device(args.device)
+    data = cfg["data"]
+    bundle = load_dataset(data["name"], data_dir=args.data_dir or data["data_dir"], val_size=data["val_size"],
+                          subset=data["subset"], seed=cfg["seed"], cache_dir=data["cache_dir"],
+                          image_size=data["image_size"], test_subset=data.get("test_subset"))
+    model = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema)
+    t = cfg["train"]
+    channels_last = device.type == "cuda" if t["channels_last"] is None else bool(t["channels_last"])
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = BatchLoader(getattr(bundle, args.split), batch_size=args.batch_size or t["eval_batch_size"],
+                         shuffle=False, augment=False, mean=bundle.mean, std=bundle.std, device=device, seed=0,
+                         drop_last=False)
+    start = time.perf_counter()
+    res = evaluate(model, loader, device, amp=t["amp"], channels_last=channels_last)
+    out = {"checkpoint": str(path), "split": args.split, "epoch": ckpt.get("epoch"),
+           "ema": bool(ckpt.get("ema")) and not args.no_ema, "top1": res["top1"], "top5": res["top5"],
+           "loss": res["loss"], "images": int(res["n"]), "seconds": round(time.perf_counter() - start, 3)}
+    dest = path.parent / f"eval_{args.split}.json"
+    dest.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"{args.split}: top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%  loss {out['loss']:.4f}  "
+          f"({out['images']} images, epoch {out['epoch']})  -> {dest}")
+    return 0

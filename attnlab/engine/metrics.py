@@ -1,0 +1,84 @@
+"""Per-epoch metrics: sums kept as device tensors during the epoch, one CSV row and TensorBoard scalars at its end."""
+import csv
+from pathlib import Path
+
+import torch
+
+from .distributed import Dist, all_reduce_sum
+
+BASE_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5"]
+TAIL_COLUMNS = ["epoch_time_s", "images_per_s"]
+
+
+class Meter:
+    """Weighted sums on the training device; nothing here synchronises with the host until :meth:`result`."""
+
+    def __init__(self, device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, value: torch.Tensor, weight) -> None:
+        value = value.detach().float() * weight
+        if name in self.sums:
+            self.sums[name] += value
+        else:
+            self.sums[name] = value.clone()
+
+    def count(self, name: str, n) -> None:
+        self.add(name, torch.as_tensor(n, dtype=torch.float32, device=self.device), 1)
+
+    def result(self, d: Dist, total: str = "n") -> dict[str, float]:
+        """Means over every rank's samples: each sum divided by the summed ``total`` count (one host sync)."""
+        sums = all_reduce_sum(self.sums, d)
+        values = {k: float(v) for k, v in sums.items()}  # the epoch's only device->host transfer
+        n = max(values.pop(total, 0.0), 1.0)
+        return {k: v / n for k, v in values.items()} | {total: n}
+
+
+def topk_hits(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
+    """Per sample: is the target among the top-k logits, for each k (bool device tensors)."""
+    kmax = min(max(ks), logits.shape[1])
+    hit = logits.topk(kmax, dim=1).indices.eq(targets[:, None])
+    return [hit[:, :min(k, kmax)].any(dim=1) for k in ks]
+
+
+class RunLog:
+    """metrics.csv and TensorBoard events, written by rank 0 only.
+
+    The objective-term columns are the term names of the first epoch (an objective returns the same names every
+    step). Epochs are numbered from 1. On resume after ``done`` completed epochs, later rows are dropped: a run
+    killed after writing its CSV row but before its checkpoint replays that epoch.
+    """
+
+    def __init__(self, run_dir: Path, done: int):
+        self.path = Path(run_dir) / "metrics.csv"
+        self.columns, self.rows = None, []
+        if done > 0 and self.path.is_file():
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.columns = reader.fieldnames
+                self.rows = [r for r in reader if int(r["epoch"]) <= done]
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(str(run_dir), purge_step=done + 1 if done > 0 else None)
+
+    def write(self, row: dict, term_names) -> None:
+        if self.columns is None:
+            self.columns = BASE_COLUMNS + list(term_names) + TAIL_COLUMNS
+        if self.rows is not None:  # first write of this process: header plus the rows kept from before
+            with open(self.path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(self.rows)
+            self.rows = None
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, int | float):
+                group = "val" if key.startswith("val_") else "train" if key.startswith("train_") or key in \
+                    term_names else "misc"
+                self.tb.add_scalar(f"{group}/{key}", value, row["epoch"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()

@@ -1,0 +1,424 @@
+"""``attnlab train``: one training run from a resolved config, and ``--resume`` of an interrupted one.
+
+A run writes ``<out_dir>/<name>/``: config.yaml (resolved), metrics.csv (one row per epoch, numbered from 1),
+TensorBoard events, checkpoint_last.pt, checkpoint_best.pt (best val top-1) and results.json (test accuracy of the
+best checkpoint, evaluated once at the end). Accuracies are percentages.
+
+Speed: the step never synchronises with the host. Losses and accuracies are summed as device tensors and read once
+per epoch; a non-finite loss is recorded on the device and raised at the end of the epoch (on a single CPU process,
+where a sync is free, it is raised at once, before the bad step touches the weights). The data stay on the device as
+uint8 and are augmented there (``attnlab.data.BatchLoader``). CUDA runs use autocast (bf16 by default) and
+channels_last; ``train.compile`` wraps the model in ``torch.compile``.
+
+Resume: checkpoint_last.pt holds the model, optimizer, scheduler, grad scaler, EMA and RNG states after each epoch.
+The data order and augmentation are a pure function of (seed, epoch), so a resumed run replays the interrupted
+epoch from its start and, with ``train.deterministic`` on CPU, ends with the same weights as an uninterrupted one.
+"""
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from ..errors import AttnlabError
+from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from .config import load_config, to_dict
+from .distributed import Dist, barrier, cleanup, setup
+from .ema import EMA
+from .evaluate import autocast_for, evaluate, model_from_checkpoint
+from .metrics import Meter, RunLog, topk_hits
+from .optim import build_optimizer, build_scheduler
+
+NO_BAD_STEP = 2 ** 62  # "no non-finite loss yet" (min-reduced across ranks)
+
+
+def add_arguments(p):
+    p.add_argument("--config", help="YAML recipe (e.g. configs/quick.yaml)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint_last.pt")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=0.05")
+
+
+def run(args):
+    if args.resume:
+        if args.config:
+            raise AttnlabError("--resume takes the run's own config.yaml; give changes as key=value overrides")
+        cfg = resume_config(args.resume, args.overrides)
+        train(cfg, resume=args.resume)
+    else:
+        if not args.config and not args.overrides:
+            raise AttnlabError("give --config configs/<recipe>.yaml (and/or key=value overrides), or --resume RUN_DIR")
+        train(load_config(args.config, args.overrides))
+    return 0
+
+
+def resume_config(run_dir, overrides=()) -> DictConfig:
+    """The saved run's config (+ overrides, e.g. more epochs), pointed at ``run_dir`` itself."""
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise AttnlabError(f"cannot resume: '{saved}' does not exist")
+    cfg = load_config(None, overrides, base=OmegaConf.load(saved))
+    cfg.out_dir, cfg.name = str(run_dir.parent), run_dir.name
+    cfg.debug.kill_at_step = None  # a debugging kill applies to the first attempt only
+    return cfg
+
+
+@contextmanager
+def _determinism(enabled: bool, device: torch.device):
+    """torch.use_deterministic_algorithms and cuDNN flags for the run; the process's previous settings come back."""
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark)
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not enabled
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[1:]
+
+
+def seed_everything(seed: int) -> None:
+    import random
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def train(cfg, resume=None) -> dict:
+    """Train as ``cfg`` says (a DictConfig from load_config, or a plain dict merged onto the defaults).
+
+    Returns the content of results.json. Under torchrun each rank calls this; rank 0 writes the files.
+    """
+    if not isinstance(cfg, DictConfig):
+        cfg = load_config(base=cfg)
+    d, device = setup(cfg.device)
+    try:
+        with _determinism(bool(cfg.train.deterministic), device):
+            return Trainer(cfg, d, device, resume).fit()
+    finally:
+        cleanup()
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, d: Dist, device: torch.device, resume=None):
+        from ..data import load_dataset
+        from ..data.loader import BatchLoader
+        from ..models import create_model
+        from ..objectives import build_objectives, features_needed
+
+        self.cfg, self.d, self.device = cfg, d, device
+        t = cfg.train
+        self.run_dir = Path(cfg.out_dir) / cfg.name
+        self.log = print if d.is_main else (lambda *a, **k: None)
+        if t.batch_size % d.world_size:
+            raise AttnlabError(f"train.batch_size={t.batch_size} (the global batch) must divide by the "
+                               f"{d.world_size} DDP processes")
+        seed_everything(cfg.seed)
+
+        # Data: rank 0 builds the decode cache first, the others then read it.
+        dc = cfg.data
+        kwargs = dict(data_dir=dc.data_dir, val_size=dc.val_size, subset=dc.subset, seed=cfg.seed,
+                      cache_dir=dc.cache_dir, image_size=dc.image_size, test_subset=dc.test_subset)
+        if d.is_main:
+            self.bundle = load_dataset(dc.name, **kwargs)
+        barrier(d)
+        if not d.is_main:
+            self.bundle = load_dataset(dc.name, **kwargs)
+        b = self.bundle
+        if cfg.model.num_classes is None:
+            cfg.model.num_classes = b.num_classes
+        elif cfg.model.num_classes < b.num_classes:
+            raise AttnlabError(f"model.num_classes={cfg.model.num_classes} but dataset '{b.name}' has "
+                               f"{b.num_classes} classes (use null to take the dataset's)")
+        self.amp = t.amp if device.type == "cuda" else "off"
+        self.channels_last = device.type == "cuda" if t.channels_last is None else bool(t.channels_last)
+        per_rank = t.batch_size // d.world_size
+        common = dict(mean=b.mean, std=b.std, device=device, seed=cfg.seed, rank=d.rank, world_size=d.world_size)
+        self.train_loader = BatchLoader(b.train, per_rank, shuffle=True, augment=dc.augment, drop_last=True, **common)
+        if len(self.train_loader) == 0:
+            raise AttnlabError(f"train.batch_size={t.batch_size} is larger than the {len(b.train)} training images")
+        # No validation split (data.val_size=0): no model selection, the last epoch is "best".
+        self.val_loader = BatchLoader(b.val, t.eval_batch_size, **common) if len(b.val) else None
+        self.test_loader = BatchLoader(b.test, t.eval_batch_size, **common)
+        self.steps_per_epoch = len(self.train_loader)
+        if cfg.debug.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, int(cfg.debug.max_steps_per_epoch))
+
+        # Model, objectives, optimisation state.
+        m = cfg.model
+        self.model = create_model(m.name, num_classes=m.num_classes, attention=m.attention,
+                                  attention_kwargs=to_dict(m.attention_kwargs), blocks=_plain(m.blocks),
+                                  share=m.share, zero_init_residual=m.zero_init_residual).to(device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.objectives = build_objectives(cfg, self.model)
+        self.features = features_needed(self.objectives)
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = build_scheduler(self.optimizer, t, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+        self.ema = EMA(self.model, t.ema.decay) if t.ema.enabled else None
+        self.start_epoch, self.best, self.best_epoch = 0, float("-inf"), 0
+        self.elapsed = {"wall_s": 0.0, "train_s": 0.0, "train_images": 0}
+        self.pending_rng = None
+        if resume is not None:
+            # Loaded on the CPU: load_state_dict moves model and optimizer state to their parameters' device.
+            self._restore(load_checkpoint(Path(resume) / "checkpoint_last.pt", map_location="cpu"))
+
+        # Wrappers for the training forward only; state_dicts and evaluation use the plain module.
+        self.forward = self.model
+        if d.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.forward = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if t.compile:
+            self.forward = torch.compile(self.forward)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+
+    def _state(self, epoch: int) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None, "epoch": epoch,
+                "best_val_top1": self.best, "best_epoch": self.best_epoch, "elapsed": dict(self.elapsed),
+                "rng": rng_state(), "config": to_dict(self.cfg)}
+
+    def _restore(self, ck: dict) -> None:
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
+        if self.ema is not None and ck.get("ema"):
+            self.ema.load_state_dict(ck["ema"])
+        self.start_epoch, self.best = int(ck["epoch"]), float(ck["best_val_top1"])
+        self.best_epoch = int(ck.get("best_epoch", 0))
+        self.elapsed = dict(ck.get("elapsed", self.elapsed))
+        self.pending_rng = ck["rng"]  # restored just before the first resumed epoch, as an uninterrupted run has it
+        self.log(f"resuming {self.run_dir} after epoch {self.start_epoch} (best val top-1 {self.best:.2f}%)")
+
+    # ---- one epoch -----------------------------------------------------------------------------------------------
+
+    def _train_epoch(self, epoch: int) -> tuple[dict, float]:
+        from tqdm import tqdm
+
+        t, dev = self.cfg.train, self.device
+        self.model.train()
+        self.train_loader.set_epoch(epoch)
+        meter = Meter(dev)
+        bad_step = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=dev)
+        check_now = dev.type == "cpu" and not self.d.enabled  # a host sync costs nothing here
+        kill_at = self.cfg.debug.kill_at_step
+        show = self.d.is_main and sys.stderr.isatty()
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, disable=not show,
+                   dynamic_ncols=True)
+        start, lr = time.perf_counter(), self.optimizer.param_groups[0]["lr"]
+        for i, (x, y) in enumerate(self.train_loader):
+            if i >= self.steps_per_epoch:
+                break
+            step = epoch * self.steps_per_epoch + i
+            if kill_at is not None and step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            lr = self.optimizer.param_groups[0]["lr"]
+            with autocast_for(dev, self.amp):
+                if self.features:
+                    logits, feats = self.forward(x, features=self.features)
+                else:
+                    logits, feats = self.forward(x), None
+                ce = F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
+                terms = {}
+                for obj in self.objectives:
+                    terms.update(obj(model=self.model, logits=logits, targets=y, features=feats, epoch=epoch,
+                                     step=step))
+                loss = ce + sum(terms.values()) if terms else ce
+            finite = torch.isfinite(loss.detach())
+            if check_now and not bool(finite):
+                bar.close()
+                raise self._nonfinite(loss, epoch, step)
+            bad_step = torch.where(finite, bad_step, torch.clamp(bad_step, max=step))
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            n = y.shape[0]
+            meter.add("loss", loss, n)
+            meter.add("top1", topk_hits(logits.detach(), y, ks=(1,))[0].sum(), 100.0)
+            for name, value in terms.items():
+                meter.add(name, value, n)
+            meter.count("n", n)
+            if show:
+                bar.update(1)
+                if i % 10 == 0:  # a sync, only when someone watches the bar
+                    rate = (i + 1) * n * self.d.world_size / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+        bar.close()
+        if self.d.enabled:
+            torch.distributed.all_reduce(bad_step, op=torch.distributed.ReduceOp.MIN)
+        first_bad = int(bad_step)
+        if first_bad != NO_BAD_STEP:
+            raise self._nonfinite(None, epoch, first_bad)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        stats = meter.result(self.d)
+        stats["lr"], stats["seconds"] = lr, seconds
+        return stats, seconds
+
+    def _nonfinite(self, loss, epoch, step) -> AttnlabError:
+        what = f"{float(loss)}" if loss is not None else "non-finite"
+        kept = (f"checkpoint_last.pt from epoch {self.start_or_done} is kept" if self.start_or_done
+                else "no checkpoint was written")
+        return AttnlabError(f"loss became {what} at epoch {epoch + 1}, step {step} (global step; "
+                            f"{step - epoch * self.steps_per_epoch} within the epoch); training stopped and {kept}; "
+                            "try a lower train.lr or check the data")
+
+    # ---- the run -------------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        cfg, t, d = self.cfg, self.cfg.train, self.d
+        wall0 = time.perf_counter()
+        if d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        barrier(d)
+        log = RunLog(self.run_dir, self.start_epoch) if d.is_main else None
+        eval_model = self.ema.module if self.ema else self.model
+        self.log(f"{cfg.name}: {cfg.model.name} ({cfg.model.attention}) on {self.bundle.summary()}; "
+                 f"{t.epochs} epochs x {self.steps_per_epoch} steps of {t.batch_size} on {_device_name(self.device)}"
+                 f"{f' x {d.world_size} ranks' if d.enabled else ''}; run dir {self.run_dir}")
+        if self.pending_rng is not None:
+            set_rng_state(self.pending_rng)
+        self.start_or_done = self.start_epoch
+        term_names = []
+        try:
+            for epoch in range(self.start_epoch, t.epochs):
+                e0 = time.perf_counter()
+                stats, seconds = self._train_epoch(epoch)
+                terms = [k for k in stats if k not in ("loss", "top1", "n", "lr", "seconds")]
+                term_names = term_names or terms
+                if self.val_loader is not None:
+                    val = evaluate(eval_model, self.val_loader, self.device, self.amp, self.channels_last, d)
+                else:
+                    val = {"loss": float("nan"), "top1": float("nan"), "top5": float("nan")}
+                images = int(stats["n"])
+                self.elapsed["train_s"] += seconds
+                self.elapsed["train_images"] += images
+                row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["loss"],
+                       "train_top1": stats["top1"], "val_loss": val["loss"], "val_top1": val["top1"],
+                       "val_top5": val["top5"], **{k: stats[k] for k in terms},
+                       "epoch_time_s": time.perf_counter() - e0, "images_per_s": images / seconds}
+                improved = self.val_loader is None or val["top1"] > self.best
+                if improved:
+                    self.best, self.best_epoch = val["top1"], epoch + 1
+                self.elapsed["wall_s"] += time.perf_counter() - wall0
+                wall0 = time.perf_counter()
+                if d.is_main:
+                    log.write(row, term_names)  # before the checkpoint: a crash in between replays this epoch
+                    state = self._state(epoch + 1)
+                    atomic_save(state, self.run_dir / "checkpoint_last.pt")
+                    if improved:
+                        atomic_save(state, self.run_dir / "checkpoint_best.pt")
+                self.start_or_done = epoch + 1
+                barrier(d)
+                extra = "".join(f"  {k} {stats[k]:.4f}" for k in terms)
+                self.log(f"epoch {epoch + 1:>3}/{t.epochs}  lr {stats['lr']:.4f}  train loss {stats['loss']:.4f} "
+                         f"top-1 {stats['top1']:5.2f}%{extra}  val loss {val['loss']:.4f} top-1 {val['top1']:5.2f}% "
+                         f"top-5 {val['top5']:5.2f}%  {row['epoch_time_s']:.1f}s  {row['images_per_s']:.0f} img/s",
+                         flush=True)
+        finally:
+            if log is not None:
+                log.close()
+        return self._finish(wall0)
+
+    def _finish(self, wall0) -> dict:
+        cfg, d = self.cfg, self.d
+        best_path = self.run_dir / "checkpoint_best.pt"
+        barrier(d)
+        ck = load_checkpoint(best_path, map_location=self.device)
+        best_model = model_from_checkpoint(ck, self.device, use_ema=True)
+        if self.channels_last:
+            best_model = best_model.to(memory_format=torch.channels_last)
+        test = evaluate(best_model, self.test_loader, self.device, self.amp, self.channels_last, d)
+        self.elapsed["wall_s"] += time.perf_counter() - wall0
+        image_size = self.bundle.image_size
+        results = {
+            "name": cfg.name, "model": cfg.model.name, "attention": cfg.model.attention, "dataset": self.bundle.name,
+            "epochs": cfg.train.epochs, "best_epoch": int(ck["best_epoch"]),
+            "best_val_top1": _number(ck["best_val_top1"]), "test_top1": test["top1"], "test_top5": test["top5"],
+            "test_loss": test["loss"], "params": sum(p.numel() for p in self.model.parameters()),
+            "flops": _flops(self.model, image_size), "wall_time_s": round(self.elapsed["wall_s"], 2),
+            "train_images_per_s": self.elapsed["train_images"] / max(self.elapsed["train_s"], 1e-9),
+            "device": _device_name(self.device), "world_size": d.world_size, "torch": torch.__version__,
+            "git_commit": _git_commit(), "seed": cfg.seed,
+        }
+        if d.is_main:
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            print(results_table(results, self.run_dir), flush=True)
+        return results
+
+
+def results_table(r: dict, run_dir) -> str:
+    rows = [("model", f"{r['model']} + {r['attention']}"), ("dataset", r["dataset"]),
+            ("best val top-1", "n/a (no validation split)" if r["best_val_top1"] is None else
+             f"{r['best_val_top1']:.2f}% (epoch {r['best_epoch']}/{r['epochs']})"),
+            ("test top-1 / top-5", f"{r['test_top1']:.2f}% / {r['test_top5']:.2f}%"),
+            ("params / FLOPs", f"{r['params'] / 1e6:.3f} M / {r['flops'] / 1e6:.1f} M"),
+            ("train speed", f"{r['train_images_per_s']:.0f} images/s on {r['device']}"),
+            ("wall time", f"{r['wall_time_s']:.1f} s"), ("run dir", str(run_dir))]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    return "\n".join([line] + [f"{k:<{width}} | {v}" for k, v in rows] + [line])
+
+
+def _number(x):
+    x = float(x)
+    return None if x != x or x in (float("inf"), float("-inf")) else x  # JSON has no NaN
+
+
+def _plain(node):
+    return OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+
+
+def _flops(model, image_size) -> int:
+    """FLOPs (2 x MACs) of one image, on a CPU copy of the model."""
+    import copy
+    size = image_size if isinstance(image_size, int) else tuple(image_size)
+    probe = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
+    try:
+        from ..profiler import count_flops
+        return int(count_flops(probe, size, batch_size=1))
+    except ImportError:
+        from torch.utils.flop_counter import FlopCounterMode
+        h, w = (size, size) if isinstance(size, int) else size
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            probe(torch.zeros(1, 3, h, w))
+        return int(counter.get_total_flops())
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
