@@ -279,3 +279,26 @@ def test_composes_with_other_backbones():
     with torch.no_grad():
         logits, feats = model(torch.randn(1, 3, 8, 8), features="blocks")
     assert SSIA(pairing="block", map="channel")(features=feats, logits=logits, epoch=0)["ssia"].item() > 0
+
+
+# ---------------------------------------------------------------- through the engine
+
+def test_engine_run_logs_the_term_after_warmup_and_saves_a_plain_model(tmp_path):
+    import csv
+
+    from attnlab.engine.config import load_config
+    from attnlab.engine.train import train
+    from attnlab.export import load_checkpoint
+
+    cfg = load_config(overrides=[
+        "device=cpu", f"out_dir={tmp_path / 'runs'}", "name=ssia", "model.name=resnet20", "model.attention=se",
+        "data.subset=32", "data.val_size=16", "data.test_subset=16", f"data.cache_dir={tmp_path / 'cache'}",
+        "train.epochs=2", "train.batch_size=16", "train.eval_batch_size=64", "debug.max_steps_per_epoch=2",
+        "ssia.enabled=true", "ssia.pairing=block", "ssia.warmup_epochs=1", "ssia.weight=100"])
+    train(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "ssia" / "metrics.csv")))
+    assert [float(r["ssia"]) for r in rows][0] == 0.0  # epoch 1 is the warm-up
+    assert float(rows[1]["ssia"]) > 0
+    ckpt = load_checkpoint(tmp_path / "runs" / "ssia" / "checkpoint_last.pt")
+    assert ckpt["config"]["ssia"]["enabled"] is True
+    attnlab.create_model("resnet20", attention="se").load_state_dict(ckpt["model"], strict=True)
