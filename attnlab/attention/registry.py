@@ -17,6 +17,7 @@ Protocol every registered module follows:
                          needs the block's inner widths (TDAM) creates its parameters before any optimizer exists;
       ``init_weights()``: called after the model's own (kaiming) initialisation, for a paper-prescribed init (SPEM).
 """
+import functools
 import inspect
 
 import torch.nn as nn
@@ -33,8 +34,22 @@ def register(name: str):
             raise RuntimeError(f"attention '{name}' registered twice")
         _REGISTRY[name] = cls
         cls.registry_name = name
+        cls.__init__ = _with_factory_kwargs(cls.__init__)
         return cls
     return wrap
+
+
+def _with_factory_kwargs(init):
+    """Accept PyTorch's ``device``/``dtype`` factory keywords, which timm (>= 1.0.20) passes every attn_layer.
+
+    They are not module options: ``inspect.signature`` (and so :func:`check_kwargs`) still sees ``init``'s.
+    """
+    @functools.wraps(init)
+    def __init__(self, *args, device=None, dtype=None, **kwargs):
+        init(self, *args, **kwargs)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+    return __init__
 
 
 def names() -> list[str]:
