@@ -3,7 +3,7 @@
 Three families share one definition:
   * ImageNet ResNets (resnet18/34/50/101): torchvision's layout and state_dict keys;
   * CIFAR ResNets of He et al. 2016 (resnet20/32/56/110 basic, resnet164 bottleneck): 3x3 stem of 16 channels,
-    three stages; shortcuts use 1x1 projections where the shape changes (option B);
+    three stages; the basic ones use the paper's parameter-free option-A shortcuts, resnet164 1x1 projections;
   * CIFAR-stem ResNets (cifar_resnet18/34/50): ImageNet stages with a 3x3 stride-1 stem and no max-pool.
 
 ``forward(x)`` returns logits. ``forward(x, features="stages")`` also returns the hierarchical features
