@@ -61,13 +61,16 @@ class BatchLoader:
     leaves pixels in 0..1), int64 labels, both on ``device``. ``len(loader)`` is the number of batches per epoch.
 
     ``augment`` = random crop with ``padding`` zero pixels (torchvision ``RandomCrop(size, padding)``) and
-    horizontal flip with p=0.5 (``flip``). ``images_on_device=False`` keeps the uint8 data on the host and copies each
+    horizontal flip with p=0.5 (``flip``). ``cpu_threads`` caps torch's intra-op threads while a batch is built on
+    the CPU (restored before the batch is yielded): these ops are small, and on a busy machine OpenMP threads that
+    spin-wait for a descheduled partner made 2 threads ~20x slower than 1 (measured); None leaves torch's setting.
+    ``images_on_device=False`` keeps the uint8 data on the host and copies each
     finished uint8 batch over (for datasets larger than device memory); the default moves it once.
     """
 
     def __init__(self, split, batch_size: int, shuffle: bool = False, augment: bool = False, mean=None, std=None,
                  device="cpu", seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                 padding: int = 4, flip: bool = True, images_on_device: bool = True):
+                 padding: int = 4, flip: bool = True, images_on_device: bool = True, cpu_threads: int | None = 1):
         self.batch_size = _positive_int("batch_size", batch_size)
         self.world_size = _positive_int("world_size", world_size)
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 <= rank < world_size:
@@ -83,6 +86,7 @@ class BatchLoader:
         self.rank, self.seed, self.epoch = int(rank), int(seed), 0
         self.shuffle, self.augment, self.drop_last = bool(shuffle), bool(augment), bool(drop_last)
         self.padding, self.flip = int(padding), bool(flip)
+        self.cpu_threads = cpu_threads if self.device.type == "cpu" else None
         self.n = len(images)
         self.host_images = not images_on_device and self.device.type != "cpu"
         if self.host_images:
@@ -152,6 +156,12 @@ class BatchLoader:
         b = self.batch_size
         for i in range(len(self)):
             sl = slice(i * b, (i + 1) * b)
-            yield (self._batch(order[sl], None if offsets is None else offsets[sl],
-                               None if flips is None else flips[sl]),
-                   self.labels.index_select(0, labels_idx[sl]))
+            threads = torch.get_num_threads()
+            if self.cpu_threads:
+                torch.set_num_threads(min(threads, self.cpu_threads))
+            try:
+                x = self._batch(order[sl], None if offsets is None else offsets[sl], None if flips is None else flips[sl])
+                y = self.labels.index_select(0, labels_idx[sl])
+            finally:
+                torch.set_num_threads(threads)
+            yield x, y
