@@ -412,7 +412,7 @@ def _flops(model, image_size) -> int:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _git_commit() -> str | None:

@@ -1,0 +1,118 @@
+"""Config schema, YAML + override merging, and the errors for unknown keys and bad values."""
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from attnlab.engine.config import load_config, schema, valid_keys
+from attnlab.errors import AttnlabError
+from attnlab.objectives import Objective, _OBJECTIVES, objective_defaults, register_objective
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    path = write(tmp_path, "seed: 3\ntrain:\n  lr: 0.2\n  epochs: 7\nmodel:\n  attention: se\n")
+    cfg = load_config(path, ["train.lr=0.05", "model.attention_kwargs.reduction=8", "model.blocks=[1,2]"])
+    assert cfg.name == "recipe"  # the file's stem when the recipe names no run
+    assert cfg.seed == 3 and cfg.train.epochs == 7  # from the YAML
+    assert cfg.train.lr == 0.05  # the override wins over the YAML
+    assert cfg.model.attention == "se" and cfg.model.attention_kwargs == {"reduction": 8}
+    assert list(cfg.model.blocks) == [1, 2]
+    assert cfg.train.momentum == 0.9 and cfg.model.num_classes is None  # untouched defaults
+
+
+def test_typed_values_are_converted_or_rejected(tmp_path):
+    cfg = load_config(None, ["train.lr=1", "train.epochs=4", "train.amp=false"])
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0
+    assert cfg.train.amp == "off"  # a boolean amp maps onto the dtype choices
+    with pytest.raises(AttnlabError, match=r"train\.epochs"):
+        load_config(None, ["train.epochs=many"])
+    with pytest.raises(AttnlabError, match=r"train\.lr"):
+        load_config(write(tmp_path, "train:\n  lr: fast\n"))
+    with pytest.raises(AttnlabError, match="schedule"):
+        load_config(None, ["train.schedule=linear"])
+    with pytest.raises(AttnlabError, match="device"):
+        load_config(None, ["device=gpu"])
+    with pytest.raises(AttnlabError, match="key=value"):
+        load_config(None, ["train.lr"])
+
+
+@pytest.mark.parametrize("where", ["yaml", "override"])
+def test_unknown_key_names_it_and_the_closest_keys(tmp_path, where):
+    if where == "yaml":
+        args = (write(tmp_path, "train:\n  lr: 0.1\n  wieght_decay: 0.001\n"), ())
+    else:
+        args = (None, ["train.wieght_decay=0.001"])
+    with pytest.raises(AttnlabError) as info:
+        load_config(*args)
+    msg = str(info.value)
+    assert "train.wieght_decay" in msg and "train.weight_decay" in msg and "\n" not in msg
+
+
+def test_unknown_top_level_section_suggests_the_real_one():
+    with pytest.raises(AttnlabError, match=r"'trian'.*closest valid keys: train"):
+        load_config(None, ["trian.lr=0.1"])
+
+
+def test_free_form_sections_take_any_key_but_typed_ones_do_not():
+    cfg = load_config(None, ["model.attention_kwargs.kernel_size=5", "model.blocks={2: all}"])
+    cfg = load_config(None, ["model.blocks.3=all"], base=cfg)  # a saved config plus overrides, as resume does
+    assert cfg.model.attention_kwargs.kernel_size == 5
+    assert {str(k): v for k, v in cfg.model.blocks.items()} == {"2": "all", "3": "all"}
+    with pytest.raises(AttnlabError, match="train.ema.decai"):
+        load_config(None, ["train.ema.decai=0.9"])
+
+
+def test_every_registered_objective_owns_a_typed_section():
+    keys = set(valid_keys(schema()))
+    for name, defaults in objective_defaults().items():
+        assert name in keys
+        assert {f"{name}.{k}" for k in defaults} <= keys
+
+
+def test_a_newly_registered_objective_gets_a_checked_section():
+    @register_objective("tiny_cfg_probe", defaults={"enabled": False, "weight": 0.5, "mode": "a"})
+    class Probe(Objective):
+        pass
+    try:
+        cfg = load_config(None, ["tiny_cfg_probe.enabled=true", "tiny_cfg_probe.weight=2"])
+        assert cfg.tiny_cfg_probe.enabled is True and cfg.tiny_cfg_probe.weight == 2.0
+        with pytest.raises(AttnlabError, match="tiny_cfg_probe.weight"):
+            load_config(None, ["tiny_cfg_probe.weight=heavy"])
+        with pytest.raises(AttnlabError, match="tiny_cfg_probe.wieght"):
+            load_config(None, ["tiny_cfg_probe.wieght=1"])
+    finally:
+        _OBJECTIVES.pop("tiny_cfg_probe")
+
+
+def test_missing_or_malformed_recipe(tmp_path):
+    with pytest.raises(AttnlabError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(AttnlabError, match="cannot read config"):
+        load_config(write(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(AttnlabError, match="mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_recipes_load(recipe):
+    cfg = load_config(ROOT / "configs" / recipe)
+    assert cfg.name == Path(recipe).stem
+    assert OmegaConf.to_yaml(cfg)  # fully resolvable
+
+
+def test_cli_reports_an_unknown_key_on_one_line(capsys):
+    from attnlab.cli import main
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--config", str(ROOT / "configs" / "quick.yaml"), "train.epocs=2"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("attnlab: error: unknown config key 'train.epocs'") and "train.epochs" in err
+    assert len(err.splitlines()) == 1
