@@ -174,14 +174,12 @@ def test_gradient_descent_on_the_lower_feature_reduces_the_loss():
     hi = torch.rand(2, 8, 2, 2, generator=g)
     for distance in ("mse", "kl", "cosine"):
         x = lo.detach().clone().requires_grad_()
-        opt = torch.optim.SGD([x], lr={"mse": 50.0, "kl": 20.0, "cosine": 2.0}[distance])
-        first = None
-        for _ in range(10):
+        lr = {"mse": 50.0, "kl": 20.0, "cosine": 2.0}[distance]
+        first = loss_of([x, hi], distance=distance).item()
+        for _ in range(10):  # plain gradient descent (no torch.optim: its first use imports torch._dynamo)
             loss = loss_of([x, hi], distance=distance)
-            first = first if first is not None else loss.item()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            (grad,) = torch.autograd.grad(loss, x)
+            x = (x - lr * grad).detach().requires_grad_()
         assert loss_of([x, hi], distance=distance).item() < 0.8 * first, distance
 
 
@@ -302,3 +300,49 @@ def test_engine_run_logs_the_term_after_warmup_and_saves_a_plain_model(tmp_path)
     ckpt = load_checkpoint(tmp_path / "runs" / "ssia" / "checkpoint_last.pt")
     assert ckpt["config"]["ssia"]["enabled"] is True
     attnlab.create_model("resnet20", attention="se").load_state_dict(ckpt["model"], strict=True)
+
+
+# ---------------------------------------------------------------- DDP
+
+def _ddp_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model, x, y = _ddp_problem()
+        ddp = DDP(model)
+        half = slice(2 * rank, 2 * rank + 2)
+        logits, feats = ddp(x[half], features="blocks")
+        obj = SSIA(pairing="block", weight=100.0)
+        loss = torch.nn.functional.cross_entropy(logits, y[half]) + obj(features=feats, logits=logits, epoch=0)["ssia"]
+        loss.backward()
+        torch.save({n: p.grad for n, p in model.named_parameters()}, f"{out_dir}/grads{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_problem():
+    torch.manual_seed(0)
+    model = attnlab.create_model("resnet20", attention="se").eval()  # eval BN: per-rank statistics cannot differ
+    g = torch.Generator().manual_seed(1)
+    return model, torch.randn(4, 3, 16, 16, generator=g), torch.tensor([0, 1, 2, 3])
+
+
+def test_ddp_averages_the_ssia_gradients_like_one_process_on_the_full_batch(tmp_path):
+    import torch._dynamo  # noqa: F401  (DDP's constructor imports it: once here, not in each forked worker)
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    model, x, y = _ddp_problem()
+    logits, feats = model(x, features="blocks")
+    # Both terms are batch means, so the full-batch loss is the mean of the two equal halves' losses.
+    loss = torch.nn.functional.cross_entropy(logits, y) + SSIA(pairing="block", weight=100.0)(
+        features=feats, logits=logits, epoch=0)["ssia"]
+    loss.backward()
+    g0, g1 = (torch.load(tmp_path / f"grads{r}.pt") for r in (0, 1))
+    for name, p in model.named_parameters():
+        assert torch.allclose(g0[name], g1[name]), name  # synchronised
+        assert torch.allclose(g0[name], p.grad, atol=1e-6, rtol=1e-4), name
