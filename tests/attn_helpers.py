@@ -1,0 +1,77 @@
+"""Shared helpers for the attention-module tests: tiny real data, a short training run, gradient checks."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from attnlab.models import create_model, default_input_size, list_models
+
+CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg" / "train"
+MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+
+
+def tiny_cifar(n=64):
+    """The first images of each CIFAR-10 class, read with PIL: (n x 3 x 32 x 32 normalised, labels)."""
+    if not CIFAR.is_dir():
+        pytest.skip(f"CIFAR-10 JPEGs not found at {CIFAR}")
+    classes = sorted(p.name for p in CIFAR.iterdir())
+    per_class = -(-n // len(classes))
+    images, labels = [], []
+    for i in range(per_class):
+        for label, cls in enumerate(classes):
+            img = Image.open(CIFAR / cls / f"{i:04d}.jpg").convert("RGB")
+            images.append(np.asarray(img))
+            labels.append(label)
+    x = torch.from_numpy(np.stack(images[:n])).permute(0, 3, 1, 2).float() / 255
+    return (x - MEAN) / STD, torch.tensor(labels[:n])
+
+
+def train_losses(model, x, y, steps=25, lr=0.05, extra_loss=None):
+    """Full-batch SGD on (x, y); returns the loss at every step."""
+    torch.manual_seed(0)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def attention_params(model):
+    """(name, parameter) of every parameter inside an attention module, shared ones once."""
+    out, seen = [], set()
+    for i, mod in enumerate(model.attention_modules()):
+        for name, p in mod.named_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append((f"attn{i}.{name}", p))
+    return out
+
+
+def backbone_cases():
+    """(model name, input size): CIFAR models at 32x32, ImageNet ones at 64x64."""
+    return [(name, 32 if default_input_size(name) == 32 else 64) for name in list_models()]
+
+
+def check_output_shape(name, size, attention, **kwargs):
+    model = create_model(name, num_classes=5, attention=attention, **kwargs).eval()
+    assert model.attention_modules(), f"{name}: no {attention} module placed"
+    with torch.no_grad():
+        logits, feats = model(torch.randn(2, 3, size, size), features="stages")
+    assert logits.shape == (2, 5)
+    assert torch.isfinite(logits).all()
+    assert feats["stages"][-1].shape[:2] == (2, model.num_features)
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
