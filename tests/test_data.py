@@ -382,3 +382,27 @@ def test_channel_stats_exact_against_numpy(cifar):
     mean, std = channel_stats(cifar.val.images.numpy())
     x = cifar.val.images.numpy().astype(np.float64) / 255
     assert np.allclose(mean, x.mean((0, 2, 3)), atol=1e-12) and np.allclose(std, x.std((0, 2, 3)), atol=1e-12)
+
+
+def test_download_only_when_asked(tmp_path, monkeypatch):
+    import torchvision
+
+    calls = []
+
+    def fake_cifar10(root, train, download):  # stands in for the network: writes torchvision's layout
+        calls.append((root, train, download))
+        d = Path(root) / "cifar-10-batches-py"
+        d.mkdir(parents=True, exist_ok=True)
+        _write_pickle(d / "batches.meta", {"label_names": [f"k{i}" for i in range(10)]})
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            _write_pickle(d / name, {"data": np.zeros((10, 3072), dtype=np.uint8), "labels": list(range(10))})
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar10)
+    with pytest.raises(AttnlabError, match="download: true"):
+        load_dataset("cifar10", data_dir=tmp_path / "dl")
+    assert calls == []  # never downloads unless asked
+    bundle = load_dataset("cifar10", data_dir=tmp_path / "dl", download=True, cache_dir=None)
+    assert {c[0] for c in calls} == {str(tmp_path / "dl")} and len(bundle.test) == 10
+    calls.clear()
+    load_dataset("cifar10", data_dir=tmp_path / "dl", download=True, cache_dir=None)
+    assert calls == []  # already there: no second download

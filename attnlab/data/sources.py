@@ -244,9 +244,8 @@ def open_source(name: str, data_dir=None, download: bool = False) -> Source:
 
     if data_dir is not None:
         root = Path(data_dir).expanduser()
-        candidates = [root]
-        if name in PICKLE_FOLDERS:
-            candidates.append(root / PICKLE_FOLDERS[name])
+        # The dataset's own folder, or (leniently) a folder holding it under its usual name.
+        candidates = [root] + [root / f for f in DEFAULT_FOLDERS[name]]
         if download and name in PICKLE_FOLDERS and not any(_exists(name, c) for c in candidates):
             _download_cifar(name, root)
     else:
