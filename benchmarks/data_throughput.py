@@ -140,6 +140,7 @@ def main(argv=None):
         "device": "cpu",
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "attnlab_batch_threads": loader.cpu_threads,  # BatchLoader builds CPU batches with this many threads
         "loadavg_before": [round(v, 2) for v in load_before],
         "loadavg_after": [round(v, 2) for v in os.getloadavg()],
         "note": ("measured on a 2-core machine shared with other engineers' processes (see loadavg); both loaders "
