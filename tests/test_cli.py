@@ -1,0 +1,89 @@
+"""`attnlab profile` end to end, and bad input: one line on stderr, exit code 2, no traceback."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attnlab import create_model
+from attnlab.cli import main
+from attnlab.profiler import count_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BAD_INPUT = [
+    (["--model", "resnet5"], r"unknown model 'resnet5'.*valid choices: .*resnet50"),
+    (["--attention", "sse"], r"unknown attention 'sse'.*valid choices: .*cbam.*eca.*se"),
+    (["--attention", "se", "--attention-kwargs", "ratio=8"], r"'se' has no option 'ratio'; valid options: reduction"),
+    (["--attention", "se", "--attention-kwargs", "reduction=0"], r"reduction must be an integer >= 1, got 0"),
+    (["--attention", "eca", "--attention-kwargs", "kernel_size=4"], r"kernel_size must be an odd integer"),
+    (["--attention", "se", "--attention-kwargs", "reduction"], r"'reduction' is not KEY=VALUE"),
+    (["--num-classes", "0"], r"num_classes must be an integer >= 1, got 0"),
+    (["--attention", "se", "--blocks", "7"], r"stage 7 out of range; this model has stages 0..2"),
+    (["--attention", "se", "--blocks", "layer3"], r"blocks='layer3' is not understood; use 'all'"),
+    (["--attention", "se", "--blocks", "{2: [5]}"], r"stage 2 has blocks 0..2, got block 5"),
+    (["--device", "tpu"], r"unknown device 'tpu'; valid choices: cpu, cuda"),
+    (["--batch-sizes", "0"], r"batch sizes must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT)
+def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
+    argv = ["profile", "--model", "resnet20", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
+            "--json", str(tmp_path / "x.json")]
+    with pytest.raises(SystemExit) as info:
+        main(argv + args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("attnlab: error: ")
+    assert "Traceback" not in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "x.json").exists()
+
+
+def run_cli(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "attnlab", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_bad_input_in_a_subprocess():
+    proc = run_cli("profile", "--model", "resnet5")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("attnlab: error: unknown model 'resnet5'")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "resnet50" in proc.stderr and "cifar_resnet18" in proc.stderr
+    # argparse's own errors (a non-integer where an integer is due) also exit 2 without a traceback.
+    proc = run_cli("profile", "--num-classes", "ten")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "invalid int value" in proc.stderr
+
+
+def test_profile_writes_default_json_and_prints_table(tmp_path):
+    proc = run_cli("profile", "--model", "resnet20", "--attention", "eca", "--batch-sizes", "1", "2",
+                   "--repeats", "2", "--warmup", "0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    path = tmp_path / "results" / "profile" / "resnet20_eca.json"
+    data = json.loads(path.read_text())
+    assert data["model"] == "resnet20" and data["attention"] == "eca"
+    assert data["input_size"] == [3, 32, 32]  # the model's default input size
+    assert set(data["latency"]) == {"1", "2"}
+    assert "FLOPs = 2 x MACs" in proc.stdout and "median" in proc.stdout
+    assert f"{data['params']:,}" in proc.stdout
+
+
+def test_profile_options_reach_the_model(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    with pytest.raises(SystemExit) as info:
+        main(["profile", "--model", "resnet20", "--attention", "se", "--attention-kwargs", "reduction=4",
+              "bias=false", "--blocks", "{2: [0, 2]}", "--num-classes", "3", "--input-size", "16",
+              "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    assert info.value.code == 0
+    data = json.loads(out.read_text())
+    assert data["attention_kwargs"] == {"reduction": 4, "bias": False}
+    assert data["input_size"] == [3, 16, 16]
+    # resnet20 (10 -> 3 classes): fc 64*3+3; two SE modules on 64 channels, hidden 16, no bias: 2*(2*64*16).
+    assert data["params"] == count_params(create_model("resnet20", num_classes=3)) + 2 * (2 * 64 * 16)
+    assert "wrote" in capsys.readouterr().out
