@@ -32,6 +32,14 @@ def test_spatial_map_mean_and_mean_max_by_hand():
     assert both[0, 1].tolist() == [[9.0, 4.0]]                       # channel max of |F|^2
 
 
+def test_default_map_has_the_exact_gradient():
+    # p = 2 with the mean pool uses a hand-written backward (2 F g / C): check it against finite differences.
+    f = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(spatial_map(f), (f * f).mean(1, keepdim=True))
+    assert torch.autograd.gradcheck(spatial_map, (f,))
+    assert torch.autograd.gradgradcheck(spatial_map, (f,))
+
+
 def test_channel_map_is_the_global_average_profile():
     f = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 4.0]]]])
     assert channel_map(f).tolist() == [[[2.5, 1.0]]]

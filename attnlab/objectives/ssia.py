@@ -76,11 +76,32 @@ DEFAULTS = {
 
 def spatial_map(f: torch.Tensor, p: float = 2.0, pool: str = "mean") -> torch.Tensor:
     """(B, C, H, W) -> (B, K, H, W): channel mean (and max) of |F|^p."""
-    a = f.abs().pow(p) if p != 2 else f * f  # f*f: same value, one kernel less
+    if pool == "mean" and p == 2:
+        return _SquareMean.apply(f)
+    a = f.abs().pow(p) if p != 2 else f * f
     mean = a.mean(1, keepdim=True)
     if pool == "mean":
         return mean
     return torch.cat([mean, a.amax(1, keepdim=True)], 1)
+
+
+class _SquareMean(torch.autograd.Function):
+    """mean_c F^2 with a one-pass backward, 2 F g / C.
+
+    Autograd's own graph for (F * F).mean(1) makes four full-size passes in backward (mean's expand-and-divide,
+    two products, their sum); this is the default map, applied to every block in the block pairing, so it
+    matters (measured in benchmarks/ssia_overhead.py).
+    """
+
+    @staticmethod
+    def forward(ctx, f):
+        ctx.save_for_backward(f)
+        return (f * f).sum(1, keepdim=True).mul_(1.0 / f.shape[1])
+
+    @staticmethod
+    def backward(ctx, g):
+        (f,) = ctx.saved_tensors
+        return f * (g * (2.0 / f.shape[1]))
 
 
 def channel_map(f: torch.Tensor) -> torch.Tensor:
