@@ -261,7 +261,7 @@ def run_cell(matrix, cell, runs_root, *, load_config, train) -> dict:
     start = time.time()
     try:
         cfg = load_config(matrix["recipe_path"], overrides=cell_overrides(matrix, cell, runs_root))
-        results = train(cfg)
+        results = train(cfg, resume=_prepare_run_dir(run_dir, record["fingerprint"]))
     except Exception as err:  # one bad cell must not stop the matrix: record it and move on
         record.update(status="failed", error=_one_line(err), wall_time_s=round(time.time() - start, 2))
         return record
@@ -281,6 +281,28 @@ def run_cell(matrix, cell, runs_root, *, load_config, train) -> dict:
         val_curve=read_curve(run_dir),
     )
     return record
+
+
+def _prepare_run_dir(run_dir: Path, fp: str):
+    """The run dir to resume from (this cell was interrupted mid-training), or None after clearing a stale one.
+
+    The harness owns runs/<matrix>/<cell>/: bench_cell.json records the settings the run was started with, so only
+    a run of the same settings is continued; anything else there is removed so metrics.csv and TensorBoard start
+    clean.
+    """
+    import shutil
+    marker = run_dir / "bench_cell.json"
+    if (run_dir / "checkpoint_last.pt").is_file() and marker.is_file():
+        try:
+            if json.loads(marker.read_text()).get("fingerprint") == fp:
+                return run_dir
+        except (OSError, json.JSONDecodeError):
+            pass
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    marker.write_text(json.dumps({"fingerprint": fp}) + "\n")
+    return None
 
 
 def _get(cfg, dotted):

@@ -307,7 +307,7 @@ def reproduce_command(summary) -> str:
 
 
 def _gpu_used(summary):
-    return any(d.startswith("cuda") for d in summary["devices"])
+    return any(not d.startswith("cpu") for d in summary["devices"])  # the engine names a GPU by its model
 
 
 def render_markdown(summary) -> str:
@@ -356,7 +356,7 @@ def render_markdown(summary) -> str:
             f"| {_lat_cell(m, 'cuda', gpu_sizes) if gpu_sizes else 'not measured yet'} | {_f(m['train_ips'], 0)} |")
     out += ["",
             "Top-1 in percent: mean ± sample standard deviation (ddof 1) over the n seeds; val top-1 is the best "
-            "epoch's, test top-1 as the engine reports it. "
+            "epoch's, test top-1 that of the best-val checkpoint, evaluated once at the end. "
             f"Δ: difference of the method's mean to `{base}`'s mean, with a 95% Welch t interval (unequal variances, "
             "Welch–Satterthwaite degrees of freedom) computed from the per-seed accuracies. FLOPs are 2 × MACs of "
             "one image's forward pass. Latency: median of repeated eval-mode forward passes" +
