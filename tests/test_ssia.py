@@ -78,17 +78,19 @@ def test_cosine_distance_by_hand():
 
 
 def test_kl_target_to_student_with_temperature_by_hand():
-    s, t_ = torch.tensor([[[0.0, 0.0]]]), torch.tensor([[[math.log(3.0), 0.0]]])
-    # P = softmax(t) = (3/4, 1/4), Q = softmax(s) = (1/2, 1/2)
-    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    s, t_ = torch.tensor([[[1.0, 1.0]]]), torch.tensor([[[3.0, 1.0]]])
+    # Unit-mean scaling first: s -> (1, 1), Q = (1/2, 1/2); t / mean 2 -> (1.5, 0.5), P = (e, 1) / (e + 1)
+    p0 = math.e / (math.e + 1)
+    expected = p0 * math.log(p0 / 0.5) + (1 - p0) * math.log((1 - p0) / 0.5)
     assert map_distance(s, t_, "kl", 1.0).item() == pytest.approx(expected)
-    # tau = 2: P = (sqrt3, 1) / (sqrt3 + 1), Q uniform, and the tau^2 = 4 factor
-    p0 = math.sqrt(3) / (math.sqrt(3) + 1)
+    # tau = 2: t -> (0.75, 0.25), P0 = e^0.5 / (e^0.5 + 1), and the tau^2 = 4 factor
+    p0 = math.exp(0.5) / (math.exp(0.5) + 1)
     expected2 = 4 * (p0 * math.log(p0 / 0.5) + (1 - p0) * math.log((1 - p0) / 0.5))
     assert map_distance(s, t_, "kl", 2.0).item() == pytest.approx(expected2, rel=1e-5)
-    # it is KL(target || student), not the reverse
-    reverse = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
-    assert map_distance(s, t_, "kl").item() != pytest.approx(reverse)
+    # the scaling makes it blind to a map's overall size
+    assert map_distance(7 * s, 0.1 * t_, "kl", 2.0).item() == pytest.approx(expected2, rel=1e-5)
+    # it is KL(target || student), not the reverse: swap the roles and the value changes
+    assert map_distance(t_, s, "kl").item() != pytest.approx(expected)
 
 
 def test_zero_map_gives_a_finite_distance():

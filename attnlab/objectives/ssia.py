@@ -30,8 +30,11 @@ Student: S = A(L).
 Distance per sample b and descriptor k, on the flattened vectors s, t in R^N (``distance``):
     mse    : (1/N) sum_n (s_n/||s|| - t_n/||t||)^2            (attention transfer; equals 2(1 - cos(s, t)) / N)
     cosine : 1 - <s, t> / (||s|| ||t||)
-    kl     : tau^2 sum_n P_n (log P_n - log Q_n),  P = softmax(t / tau), Q = softmax(s / tau)   (KL(target || student);
-             tau = ``temperature``; tau^2 keeps gradient size comparable across temperatures, as in distillation)
+    kl     : tau^2 sum_n P_n (log P_n - log Q_n),  P = softmax(t / (m_t tau)), Q = softmax(s / (m_s tau))
+             KL(target || student) of spatial (or channel) softmax maps; tau = ``temperature``; tau^2 keeps the
+             gradient size comparable across temperatures, as in distillation. m_v = mean_n |v_n| puts each map
+             on a unit-mean scale first (our choice: raw maps of different layers differ in scale by orders of
+             magnitude and grow in training, so a raw softmax would be near one-hot and tau meaningless).
 Norms are clamped at 1e-8 (``eps``) so an all-zero map gives a finite value.
 
 Loss, a mean over pairs and over batch and descriptors:
@@ -127,8 +130,8 @@ def map_distance(s: torch.Tensor, t: torch.Tensor, distance: str = "mse", temper
     if distance == "cosine":
         return 1 - F.cosine_similarity(s, t, dim=-1, eps=EPS)
     if distance == "kl":
-        log_q = F.log_softmax(s / temperature, dim=-1)
-        log_p = F.log_softmax(t / temperature, dim=-1)
+        log_q = F.log_softmax(s / (s.abs().mean(-1, keepdim=True).clamp_min(EPS) * temperature), dim=-1)
+        log_p = F.log_softmax(t / (t.abs().mean(-1, keepdim=True).clamp_min(EPS) * temperature), dim=-1)
         return temperature ** 2 * (log_p.exp() * (log_p - log_q)).sum(-1)
     raise unknown("ssia distance", distance, CHOICES["distance"])
 
