@@ -492,6 +492,9 @@ def add_arguments(p):
     p.add_argument("--runs-root", default="runs", help="where runs/<matrix>/<run>/ goes (default: runs)")
     p.add_argument("--no-latency", action="store_true", help="skip the per-method latency measurement")
     p.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for training and latency (default: torch's; 1 is much faster than "
+                        "2 on a CPU shared with other busy processes)")
 
 
 def _int_list(text):
@@ -508,6 +511,11 @@ def _str_list(text):
 
 def run(args):
     matrix = load_matrix(args.matrix)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise AttnlabError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
     counts = run_matrix(matrix, seeds=args.seeds, only=args.only, dry_run=args.dry_run,
                         results_root=args.results_root, runs_root=args.runs_root, latency=not args.no_latency,
                         retry_failed=args.retry_failed, log=lambda s: print(s, flush=True))
