@@ -64,6 +64,17 @@ def all_reduce_sum(tensors: dict, d: Dist) -> dict:
     return {k: flat[i] for i, k in enumerate(keys)}
 
 
+def sync_buffers(module: torch.nn.Module, d: Dist) -> None:
+    """Give every rank rank 0's buffers (BN running statistics).
+
+    DDP broadcasts buffers before each training forward, so after the epoch's last step every rank holds the stats
+    of its own last batch; evaluating without this would mix models (rank 0's is the one checkpointed).
+    """
+    if d.enabled:
+        for b in module.buffers():
+            dist.broadcast(b.data, src=0)
+
+
 def broadcast_object(obj, d: Dist):
     if not d.enabled:
         return obj

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..errors import AttnlabError
 from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from .config import load_config, to_dict
-from .distributed import Dist, barrier, cleanup, setup
+from .distributed import Dist, barrier, cleanup, setup, sync_buffers
 from .ema import EMA
 from .evaluate import autocast_for, evaluate, model_from_checkpoint
 from .metrics import Meter, RunLog, topk_hits
@@ -310,6 +310,7 @@ class Trainer:
                 stats, seconds = self._train_epoch(epoch)
                 terms = [k for k in stats if k not in ("loss", "top1", "n", "lr", "seconds")]
                 term_names = term_names or terms
+                sync_buffers(eval_model, d)
                 if self.val_loader is not None:
                     val = evaluate(eval_model, self.val_loader, self.device, self.amp, self.channels_last, d)
                 else:
