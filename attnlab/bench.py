@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -34,7 +35,7 @@ from .errors import AttnlabError
 
 MATRIX_KEYS = {"name", "description", "recipe", "overrides", "methods", "seeds", "latency"}
 METHOD_KEYS = {"name", "overrides"}
-LATENCY_DEFAULTS = {"batch_sizes": [1, 32], "gpu_batch_sizes": [1, 256], "warmup": 5, "repeats": 20}
+LATENCY_DEFAULTS = {"batch_sizes": [1, 32], "gpu_batch_sizes": [1, 256], "warmup": 5, "repeats": 20, "rounds": 5}
 
 
 # ----------------------------------------------------------------------------------------------- matrix file
@@ -322,64 +323,86 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _latency_model(matrix, method, load_config):
+    """(model in eval mode, input size, whether CUDA applies) for one method, as its training cells build it."""
+    import torch
+
+    from .models import create_model, default_input_size
+
+    cfg = load_config(matrix["recipe_path"], overrides=[f"{k}={format_value(v)}" for k, v in
+                                                      {**matrix["overrides"], **method["overrides"]}.items()])
+    mc = cfg.model
+    kwargs = dict(mc.attention_kwargs) if mc.get("attention_kwargs") else None
+    blocks = mc.get("blocks")
+    blocks = list(blocks) if blocks is not None and not isinstance(blocks, str) else blocks
+    model = create_model(mc.name, num_classes=mc.get("num_classes"), attention=mc.attention,
+                         attention_kwargs=kwargs, blocks=blocks, share=mc.get("share"))
+    want_cuda = torch.cuda.is_available() and str(cfg.get("device", "auto")) in ("auto", "cuda")
+    return model.eval(), default_input_size(mc.name), want_cuda
+
+
 def measure_latencies(matrix, methods, latency_path, *, load_config, log=print) -> dict:
     """Inference latency of each method's model (random weights: latency does not depend on them), once.
 
-    CPU always; CUDA too when the matrix's config would train on a GPU here. Entries already in latency.json are
-    kept, so re-running measures only what is missing.
+    CPU always; CUDA too when the matrix's config would train on a GPU here. Methods are timed round-robin
+    (``rounds`` passes over all of them, ``repeats`` timed calls each in total) and the median taken over all of
+    a method's calls, so a burst of load from other processes hits every method alike. Entries already in
+    latency.json are kept, so re-running measures only what is missing.
     """
     import torch
 
     from . import profiler
-    from .models import create_model, default_input_size
 
     latency_path = Path(latency_path)
     data = json.loads(latency_path.read_text()) if latency_path.is_file() else {}
     data.setdefault("methods", {})
     settings = matrix["latency"]
+    rounds = max(1, int(settings.get("rounds", 5)))
+    per_round = max(1, -(-int(settings["repeats"]) // rounds))
     changed = False
+    jobs = {}  # device -> [(name, model, size)]
     for m in methods:
         entry = data["methods"].setdefault(m["name"], {})
         try:
-            cfg = load_config(matrix["recipe_path"], overrides=[f"{k}={format_value(v)}" for k, v in
-                                                          {**matrix["overrides"], **m["overrides"]}.items()])
-            mc = cfg.model
-            kwargs = dict(mc.attention_kwargs) if mc.get("attention_kwargs") else None
-            blocks = mc.get("blocks")
-            blocks = list(blocks) if blocks is not None and not isinstance(blocks, str) else blocks
-            model = create_model(mc.name, num_classes=mc.get("num_classes"), attention=mc.attention,
-                                 attention_kwargs=kwargs, blocks=blocks, share=mc.get("share"))
-            model.eval()
-            size = default_input_size(mc.name)
-            want_cuda = torch.cuda.is_available() and str(cfg.get("device", "auto")) in ("auto", "cuda")
+            model, size, want_cuda = _latency_model(matrix, m, load_config)
         except Exception as err:
             if "error" not in entry:
                 entry["error"] = _one_line(err)
                 changed = True
             log(f"[latency] {m['name']}: skipped ({_one_line(err)})")
             continue
-        targets = [("cpu", settings["batch_sizes"])] + ([("cuda", settings["gpu_batch_sizes"])] if want_cuda else [])
-        for device, batch_sizes in targets:
-            if device in entry:
-                continue
+        for device in ("cpu", "cuda") if want_cuda else ("cpu",):
+            if device not in entry:
+                jobs.setdefault(device, []).append((m["name"], model, size))
+
+    for device, todo in jobs.items():
+        batch_sizes = settings["batch_sizes"] if device == "cpu" else settings["gpu_batch_sizes"]
+        times = {(name, bs): [] for name, _, _ in todo for bs in batch_sizes}
+        with torch.no_grad():
+            for r in range(rounds):
+                for name, model, size in todo:
+                    model.to(device)
+                    for bs in batch_sizes:
+                        out = profiler.measure_latency(model, size, bs, device=device,
+                                                       warmup=settings["warmup"] if r == 0 else 1, repeats=per_round)
+                        times[(name, bs)].extend(out["times_ms"])
+                    model.to("cpu")
+        for name, _, size in todo:
             per_bs = {}
-            with torch.no_grad():
-                model.to(device)
-                for bs in batch_sizes:
-                    r = profiler.measure_latency(model, size, bs, device=device, warmup=settings["warmup"],
-                                                 repeats=settings["repeats"])
-                    per_bs[str(bs)] = {"median_ms": r["median_ms"], "images_per_s": r["images_per_s"]}
-            model.to("cpu")
-            entry[device] = {"batch": per_bs, "input_size": size,
-                             "threads": torch.get_num_threads() if device == "cpu" else None,
-                             "name": torch.cuda.get_device_name(0) if device == "cuda" else _cpu_name()}
+            for bs in batch_sizes:
+                med = statistics.median(times[(name, bs)])
+                per_bs[str(bs)] = {"median_ms": med, "images_per_s": bs / (med / 1e3), "n": len(times[(name, bs)])}
+            data["methods"][name][device] = {
+                "batch": per_bs, "input_size": size, "threads": torch.get_num_threads() if device == "cpu" else None,
+                "name": torch.cuda.get_device_name(0) if device == "cuda" else _cpu_name()}
             changed = True
-            log(f"[latency] {m['name']} {device}: " +
-                ", ".join(f"bs{bs} {v['median_ms']:.2f} ms" for bs, v in per_bs.items()))
+            log(f"[latency] {name} {device}: "
+                + ", ".join(f"bs{bs} {v['median_ms']:.2f} ms" for bs, v in per_bs.items()))
     if changed:
         data["host"] = host_info()
-        data["note"] = ("median over repeats of one forward pass in eval mode under torch.no_grad, random weights; "
-                        "training-only objectives (ssia) do not change the inference model")
+        data["note"] = ("median over repeated forward passes in eval mode under torch.inference_mode, random weights, "
+                        f"methods timed round-robin in {rounds} rounds; training-only objectives (ssia) do not "
+                        "change the inference model")
         tmp = latency_path.with_suffix(".json.tmp")
         latency_path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -441,6 +464,8 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
                 + (f"; CONFIG ERROR: {problem}" if problem else ""))
         return {"total": n_total, "skipped": n_skip, "ok": 0, "failed": 0, "config_errors": bad}
 
+    import torch
+
     from .engine.config import load_config
     from .engine.train import train
 
@@ -465,7 +490,8 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
         record = run_cell(matrix, c, runs_dir, load_config=load_config, train=train)
         durations.append(time.time() - t0)
         n_left -= 1
-        record.update(host=host, harness_commit=commit, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        record.update(threads=torch.get_num_threads(), host=host, harness_commit=commit,
+                      finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         append_line(runs_path, record)
         counts[record["status"]] += 1
         if record["status"] == "ok":
@@ -491,6 +517,8 @@ def add_arguments(p):
     p.add_argument("--results-root", default="results", help="where results/<matrix>/ goes (default: results)")
     p.add_argument("--runs-root", default="runs", help="where runs/<matrix>/<run>/ goes (default: runs)")
     p.add_argument("--no-latency", action="store_true", help="skip the per-method latency measurement")
+    p.add_argument("--latency-only", action="store_true",
+                   help="measure the missing latency.json entries and train nothing (delete the file to re-measure)")
     p.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for training and latency (default: torch's; 1 is much faster than "
@@ -516,6 +544,12 @@ def run(args):
             raise AttnlabError(f"--threads must be >= 1, got {args.threads}")
         import torch
         torch.set_num_threads(args.threads)
+    if args.latency_only:
+        from .engine.config import load_config
+        methods = [m for m in matrix["methods"] if args.only is None or m["name"] in args.only]
+        measure_latencies(matrix, methods, Path(args.results_root) / matrix["name"] / "latency.json",
+                          load_config=load_config, log=lambda s: print(s, flush=True))
+        return 0
     counts = run_matrix(matrix, seeds=args.seeds, only=args.only, dry_run=args.dry_run,
                         results_root=args.results_root, runs_root=args.runs_root, latency=not args.no_latency,
                         retry_failed=args.retry_failed, log=lambda s: print(s, flush=True))

@@ -191,15 +191,37 @@ def summarize(results_dir, baseline="none"):
         m["delta_test"] = welch_interval(m["test_values"], base["test_values"])
         m["verdict"] = _verdict(m["delta_test"], baseline)
 
+    setup = _setup(records, order)
     devices = sorted({str(r.get("device")) for r in ok if r.get("device")})
     hosts = [r["host"] for r in ok if r.get("host")] or [r["host"] for r in records if r.get("host")]
     return {
         "matrix": matrix_name, "matrix_file": matrix_file, "matrix_spec": matrix, "results_dir": str(results_dir),
+        "setup": setup,
         "baseline": baseline if base is not None else None, "methods": methods, "failed": failed,
         "n_ok": len(ok), "n_failed": len(failed), "devices": devices, "host": hosts[-1] if hosts else {},
         "latency_host": latency.get("host", {}), "latency_note": latency.get("note"),
         "epochs": _first(ok, "epochs"), "git_commits": sorted({r.get("git_commit") for r in ok if r.get("git_commit")}),
     }
+
+
+def _setup(records, order):
+    """Recipe, shared and per-method overrides, seeds and threads, as recorded in runs.jsonl."""
+    from .bench import format_value
+
+    with_ov = [r for r in records if isinstance(r.get("overrides"), dict)]
+    if not with_ov:
+        return None
+    shared = {k: v for k, v in with_ov[0]["overrides"].items()
+              if all(k in r["overrides"] and r["overrides"][k] == v for r in with_ov)}
+    methods = {}
+    for name in order:
+        runs = [r for r in with_ov if r["method"] == name]
+        if runs:
+            methods[name] = {k: format_value(v) for k, v in runs[0]["overrides"].items() if k not in shared}
+    return {"recipe": with_ov[0].get("recipe"), "shared": {k: format_value(v) for k, v in shared.items()},
+            "methods": methods, "seeds": sorted({r["seed"] for r in records}),
+            "threads": sorted({r.get("threads") or (r.get("host") or {}).get("torch_threads") for r in records}
+                              - {None})}
 
 
 def _first(runs, key):
@@ -303,7 +325,9 @@ def hardware_line(summary) -> str:
 
 def reproduce_command(summary) -> str:
     mf = summary["matrix_file"] or f"benchmarks/matrices/{summary['matrix']}.yaml"
-    return f"attnlab bench --matrix {mf} && attnlab report {summary['results_dir']}"
+    threads = (summary["setup"] or {}).get("threads") or []
+    opt = f" --threads {threads[0]}" if len(threads) == 1 else ""
+    return f"attnlab bench --matrix {mf}{opt} && attnlab report {summary['results_dir']}"
 
 
 def _gpu_used(summary):
@@ -334,13 +358,17 @@ def render_markdown(summary) -> str:
         out.append("- GPU training numbers: not measured yet (every run of this matrix trained on CPU).")
     out.append("")
 
-    if spec:
-        out += ["## Setup", "", f"- Recipe: `{spec.get('recipe')}`; shared overrides: "
-                + (", ".join(f"`{k}={v}`" for k, v in spec["overrides"].items()) or "none") + ".",
-                f"- Seeds: {', '.join(map(str, spec['seeds']))}; epochs: {s['epochs']}.",
-                "- Methods: " + "; ".join(
-                    f"`{m['name']}` (" + (", ".join(f"{k}={v}" for k, v in m["overrides"].items()) or "defaults") + ")"
-                    for m in spec["methods"]) + ".", ""]
+    setup = s["setup"]
+    if setup:
+        out += ["## Setup", "",
+                (f"- Recipe: `{setup['recipe']}`" if setup["recipe"] else "- Recipe: none (the engine's defaults)")
+                + "; overrides shared by every run: "
+                + (", ".join(f"`{k}={v}`" for k, v in setup["shared"].items()) or "none") + ".",
+                f"- Seeds: {', '.join(map(str, setup['seeds']))}; epochs: {s['epochs']}; torch CPU threads: "
+                f"{', '.join(map(str, setup['threads'])) or '?'}.",
+                "- Methods: " + "; ".join(f"`{name}` (" + (", ".join(f"{k}={v}" for k, v in own.items()) or "defaults")
+                                          + ")" for name, own in setup["methods"].items()) + ".",
+                "- (Read from the runs themselves: it describes what ran even if the matrix file changed since.)", ""]
 
     cpu_head = f"CPU latency ms (bs {' / '.join(map(str, cpu_sizes))})" if cpu_sizes else "CPU latency ms"
     gpu_head = f"GPU latency ms (bs {' / '.join(map(str, gpu_sizes))})" if gpu_sizes else "GPU latency ms"

@@ -80,7 +80,8 @@ def test_append_line_survives_a_torn_last_line(tmp_path):
 
 
 def test_dry_run_lists_cells_and_runs_nothing(tmp_path, capsys):
-    path = _write(tmp_path, "name: tiny\nmethods: [none, {name: se, overrides: {model.attention: se}}]\nseeds: [0, 1]\n")
+    path = _write(tmp_path, "name: tiny\nmethods: [none, {name: se, overrides: {model.attention: se}}]\n"
+                            "seeds: [0, 1]\n")
     with pytest.raises(SystemExit) as exit_:
         cli.main(["bench", "--matrix", str(path), "--dry-run", "--results-root", str(tmp_path / "res"),
                   "--runs-root", str(tmp_path / "runs")])
@@ -121,7 +122,7 @@ methods:
   - {{name: bogus, overrides: {{model.attention: nope}}}}
   - {{name: se, overrides: {{model.attention: se}}}}
 seeds: [0]
-latency: {{batch_sizes: [1, 2], warmup: 1, repeats: 2}}
+latency: {{batch_sizes: [1, 2], warmup: 1, repeats: 2, rounds: 2}}
 """)
     res, runs = tmp_path / "res", tmp_path / "runs"
     matrix = load_matrix(path)
@@ -139,6 +140,7 @@ latency: {{batch_sizes: [1, 2], warmup: 1, repeats: 2}}
     assert lines[2]["params"] > lines[0]["params"]  # SE adds parameters
     latency = json.loads((res / "tiny" / "latency.json").read_text())
     assert set(latency["methods"]["se"]["cpu"]["batch"]) == {"1", "2"}
+    assert latency["methods"]["se"]["cpu"]["batch"]["2"]["n"] == 2 and latency["methods"]["se"]["cpu"]["threads"] >= 1
     assert "error" in latency["methods"]["bogus"]
     out = capsys.readouterr().out
     assert "[1/3] none seed 0: running" in out and "[3/3] se seed 0" in out and "FAILED" in out

@@ -26,7 +26,8 @@ def _write_run(root, method, seed, val, test, with_dir=True):
     return {"matrix": "fake", "method": method, "seed": seed, "status": "ok", "val_top1": val, "test_top1": test,
             "test_top5": 95.0, "params": 270_000 + (5_000 if method == "se" else 0), "flops": 81_000_000,
             "train_images_per_s": 500.0, "wall_time_s": 60.0, "device": "cpu", "run_dir": str(run_dir),
-            "epochs": 5, "val_curve": curve,
+            "epochs": 5, "val_curve": curve, "recipe": "configs/x.yaml", "threads": 1,
+            "overrides": {"train.epochs": 5, "ssia.enabled": method == "ssia", "model.attention": method},
             "host": {"processor": "Fake CPU", "cpu_count": 2, "torch_threads": 2, "platform": "Linux-test",
                      "python": "3.11", "torch": "2.x"}}
 
@@ -107,7 +108,9 @@ def test_report_markdown_and_plots(results):
     assert "74.00 ± 1.00" in md and "70.00 ± 1.00" in md  # se / none test top-1
     assert "Fake CPU" in md and "2 logical CPUs" in md
     assert "not measured yet" in md  # no GPU anywhere
-    assert "attnlab bench --matrix" in md
+    assert "attnlab bench --matrix benchmarks/matrices/fake.yaml --threads 1 && attnlab report" in md
+    # Setup comes from the runs: shared overrides once, each method's own beside it.
+    assert "`train.epochs=5`" in md and "`ssia` (ssia.enabled=true, model.attention=ssia)" in md
     assert "unknown attention 'tdamx'" in md
     for name in PLOTS:
         data = (results / name).read_bytes()
@@ -121,7 +124,8 @@ def test_readme_block_is_replaced(results, tmp_path):
     update_readme(readme, readme_block(summarize(results)))
     text = readme.read_text()
     assert "old table" not in text
-    assert text.startswith("# Title\n\nintro\n\n<!-- results:begin -->\n") and text.endswith("<!-- results:end -->\n\nfooter\n")
+    assert text.startswith("# Title\n\nintro\n\n<!-- results:begin -->\n")
+    assert text.endswith("<!-- results:end -->\n\nfooter\n")
     assert "| se | 74.00 ± 1.00 | +4.00 [" in text
     assert "Fake CPU" in text and f"({results}/report.md)" in text
     assert "Not better than `none`" in text and "ssia" in text.split("Not better than")[1]
