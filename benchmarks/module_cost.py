@@ -6,9 +6,10 @@ on resnet20, resnet56 and resnet164 at 32x32 and resnet50 at 224x224 (fewer repe
 plain backbone measured in the same run.
 
 Latency: eval mode, ``torch.inference_mode()``, batch 1 and a small batch, CPU, ``attnlab.profiler.measure_latency``.
-The variants of one backbone are timed round-robin (each round times every variant once, a few passes each, after
-its own warm-up), so slow phases of a shared machine hit all of them alike; the reported figure is the median of
-all timed passes of a variant. FLOPs: ``attnlab.profiler.count_flops`` (2 x MACs, conv/linear/matmul only, batch 1).
+Every variant of a backbone is warmed up once; then, round after round, every variant is timed for a pass or two in
+a freshly shuffled order, so slow phases of a shared machine hit all variants alike. The reported figure is the
+median of all timed passes of a variant, with its interquartile range relative to the median ("spread").
+FLOPs: ``attnlab.profiler.count_flops`` (2 x MACs, conv/linear/matmul only, batch 1).
 
     .venv/bin/python benchmarks/module_cost.py                    # writes results/module_cost.{json,md}
     .venv/bin/python benchmarks/module_cost.py --quick --out /tmp/mc  # smoke run
@@ -16,6 +17,7 @@ all timed passes of a variant. FLOPs: ``attnlab.profiler.count_flops`` (2 x MACs
 import argparse
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -33,49 +35,57 @@ from attnlab.profiler import count_flops, count_params, measure_latency, write_j
 
 # backbone -> (input size, batch sizes, rounds, timed passes per round per batch size)
 BACKBONES = {
-    "resnet20": (32, (1, 16), 7, {1: 5, 16: 3}),
-    "resnet56": (32, (1, 16), 7, {1: 5, 16: 3}),
-    "resnet164": (32, (1, 16), 5, {1: 3, 16: 2}),
-    "resnet50": (224, (1, 8), 3, {1: 3, 8: 1}),
+    "resnet20": (32, (1, 16), 15, {1: 3, 16: 1}),
+    "resnet56": (32, (1, 16), 15, {1: 2, 16: 1}),
+    "resnet164": (32, (1, 16), 11, {1: 2, 16: 1}),
+    "resnet50": (224, (1, 8), 9, {1: 2, 8: 1}),
 }
 QUICK = {"resnet20": (32, (1, 4), 2, {1: 2, 4: 1})}
+# Extra configurations worth a row: EAN's ImageNet DIA uses r = 20 (DIANet's CIFAR default r = 4 is heavy there).
+EXTRA = {"resnet50": [("dia (r=20, EAN)", "dia", None, {"reduction": 20})]}
 
 
-def variants():
-    """(label, attention, share): the backbone, each module as its paper places it, and its other sharing."""
-    out = [("none", "none", None)]
+def variants(backbone):
+    """(label, attention, share, kwargs): the backbone, each module as its paper places it, its other sharing."""
+    out = [("none", "none", None, {})]
     for name in attention.names():
         if name == "none":
             continue
         cls = attention.get(name)
-        out.append((name, name, None))
+        out.append((name, name, None, {}))
         if getattr(cls, "wraps_block", False):
             continue  # re-runs its own block's layers: cannot be shared
         if getattr(cls, "shared_by_default", False):
-            out.append((f"{name} (per block)", name, False))
+            out.append((f"{name} (per block)", name, False, {}))
         else:
-            out.append((f"{name} (shared)", name, True))
-    return out
+            out.append((f"{name} (shared)", name, True, {}))
+    return out + EXTRA.get(backbone, [])
 
 
 def bench_backbone(backbone, size, batch_sizes, rounds, passes, device):
     models = {}
     rows = {}
-    for label, name, share in variants():
+    for label, name, share, kwargs in variants(backbone):
         torch.manual_seed(0)
-        model = create_model(backbone, attention=name, share=share).eval()
+        model = create_model(backbone, attention=name, attention_kwargs=kwargs, share=share).eval()
         models[label] = model
         rows[label] = {"backbone": backbone, "input_size": size, "attention": name, "variant": label,
+                       "attention_kwargs": kwargs,
                        "share": share if share is not None else bool(getattr(attention.get(name),
                                                                              "shared_by_default", False)),
                        "params": count_params(model), "flops": count_flops(model, size, batch_size=1),
                        "attention_modules": len(model.attention_modules()) if name != "none" else 0,
                        "times_ms": {str(b): [] for b in batch_sizes}}
+    for b in batch_sizes:
+        for model in models.values():
+            measure_latency(model, size, b, device, warmup=1, repeats=1)
+    rng = random.Random(0)
     for r in range(rounds):
         for b in batch_sizes:
-            order = list(models) if r % 2 == 0 else list(reversed(models))  # alternate to cancel drift
+            order = list(models)
+            rng.shuffle(order)
             for label in order:
-                lat = measure_latency(models[label], size, b, device, warmup=1, repeats=passes[b])
+                lat = measure_latency(models[label], size, b, device, warmup=0, repeats=passes[b])
                 rows[label]["times_ms"][str(b)].extend(lat["times_ms"])
         print(f"  {backbone}: round {r + 1}/{rounds} done", flush=True)
     base = rows["none"]
@@ -85,8 +95,9 @@ def bench_backbone(backbone, size, batch_sizes, rounds, passes, device):
         row["latency"] = {}
         for b, times in row["times_ms"].items():
             med = statistics.median(times)
+            q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (med, med, med)
             row["latency"][b] = {"median_ms": med, "images_per_s": int(b) / (med / 1e3), "n": len(times),
-                                 "ratio": med / statistics.median(base["times_ms"][b])}
+                                 "spread": (q3 - q1) / med, "ratio": med / statistics.median(base["times_ms"][b])}
     return list(rows.values())
 
 
@@ -101,7 +112,8 @@ def markdown(result) -> str:
         "ratios compare variants timed round-robin in the same run. Latency = median of all timed eval-mode passes "
         "(inference mode). FLOPs = 2 x MACs at batch 1 (conv/linear/matmul only: elementwise gates count 0).",
         "",
-        "| backbone | attention | params | x base | GFLOPs | x base | ms, batch 1 | x base | ms, batch N | N | x base |",
+        "| backbone | attention | params | x base | GFLOPs | x base | ms, batch 1 (spread) | x base "
+        "| ms, batch N (spread) | N | x base |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
@@ -110,10 +122,13 @@ def markdown(result) -> str:
         lines.append(
             f"| {row['backbone']} ({row['input_size']}px) | {row['variant']} | {row['params'] / 1e6:.3f} M | "
             f"{row['params_ratio']:.3f} | {row['flops'] / 1e9:.3f} | {row['flops_ratio']:.3f} | "
-            f"{l1['median_ms']:.2f} | {l1['ratio']:.2f} | {ln['median_ms']:.1f} | {bn} | {ln['ratio']:.2f} |")
+            f"{l1['median_ms']:.1f} ({100 * l1['spread']:.0f}%) | {l1['ratio']:.2f} | "
+            f"{ln['median_ms']:.1f} ({100 * ln['spread']:.0f}%) | {bn} | {ln['ratio']:.2f} |")
     lines += ["", "Variants: each module in its default placement (TDAM: last two stages, T=2, m=1, TDjoint; "
               "DIA: one unit per stage shared by its blocks, r=4; the others: every block). '(shared)' = one "
-              "module per stage shared by all its blocks; 'dia (per block)' = one unit per block.", ""]
+              "module per stage shared by all its blocks; 'dia (per block)' = one unit per block. "
+              "Spread = interquartile range / median of the timed passes: ratios closer to 1 than the spreads "
+              "are within the noise (SE and ECA add almost no work, so their rows show the noise floor).", ""]
     return "\n".join(lines)
 
 
@@ -139,7 +154,7 @@ def main(argv=None):
     start = time.time()
     rows = []
     for backbone, (size, batch_sizes, rounds, passes) in table.items():
-        print(f"{backbone} at {size}x{size}: {len(variants())} variants", flush=True)
+        print(f"{backbone} at {size}x{size}: {len(variants(backbone))} variants", flush=True)
         rows += bench_backbone(backbone, size, batch_sizes, rounds, passes, args.device)
     meta["load_end"] = [round(v, 1) for v in os.getloadavg()]
     meta["wall_s"] = round(time.time() - start, 1)
