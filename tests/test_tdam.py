@@ -95,7 +95,7 @@ def test_block_rerun_wiring(block_cls, inplanes, planes, stride, m, time_steps):
         plain = block.branch(x)
         out = block(x)
     if m == 0:
-        factor = 0.25 ** time_steps          # the branch output modulated T times, no re-run
+        factor = 0.25 ** (time_steps - 1)    # the branch output modulated T-1 times, no re-run
     else:
         last = time_steps - 1                # T-1 modulations, then the last step's BN gamma x (2 * last)
         factor = 0.25 ** last * (2.0 * last)

@@ -13,7 +13,7 @@ the last m layers on the bottom modulated by the previous step's searchlight, wi
 BatchNorm per step (``bn{k}_{t}``, owned by this module, so saved as ``layerN.M.attn.bn3_1.*``; ``step_bn=False``
 reuses the block's BNs). Only the last step's output is used; the shortcut takes the unmodulated block input.
 Feedback distance m: bottleneck 0..3, basic 0..2 (m=1, default: bottom = input of the last conv; m = number of
-convs: bottom = block input, the whole branch is re-run). m=0 modulates the branch output itself T times, no re-run.
+convs: bottom = block input, the whole branch is re-run). m=0 modulates the branch output by itself T-1 times (as the official code's later steps do), no re-run.
 
 Placement: ``default_stages = [-2, -1]`` (the official code's layer3 + layer4); change it with ``blocks``.
 The module needs the block's inner widths, so the model calls ``attach(block)`` right after building the block;
@@ -142,8 +142,8 @@ class TDAM(nn.Module):
             out = bn(conv(out))
             if k < n - 1:
                 out = block.relu(out)
-        if self.m == 0:  # no re-run: the branch output is its own bottom and top, modulated T times
-            for t in range(self.time_steps):
+        if self.m == 0:  # no re-run: step 0 is the plain branch output, each later step modulates it by itself
+            for t in range(self.time_steps - 1):
                 out = self.modulate(out, out)
         else:
             bottom = out
