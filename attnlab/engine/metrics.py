@@ -11,13 +11,15 @@ TAIL_COLUMNS = ["epoch_time_s", "images_per_s"]
 
 
 class Meter:
-    """Weighted sums on the training device; nothing here synchronises with the host until :meth:`result`."""
+    """Weighted sums on the training device, plus host-side counts; nothing here synchronises with the host until
+    :meth:`result` (a Python number copied to a CUDA tensor would: PyTorch syncs on pageable host-to-device copies)."""
 
     def __init__(self, device):
         self.device = device
         self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, float] = {}
 
-    def add(self, name: str, value: torch.Tensor, weight) -> None:
+    def add(self, name: str, value: torch.Tensor, weight=1) -> None:
         value = value.detach().float() * weight
         if name in self.sums:
             self.sums[name] += value
@@ -25,11 +27,14 @@ class Meter:
             self.sums[name] = value.clone()
 
     def count(self, name: str, n) -> None:
-        self.add(name, torch.as_tensor(n, dtype=torch.float32, device=self.device), 1)
+        self.counts[name] = self.counts.get(name, 0.0) + float(n)
 
     def result(self, d: Dist, total: str = "n") -> dict[str, float]:
         """Means over every rank's samples: each sum divided by the summed ``total`` count (one host sync)."""
-        sums = all_reduce_sum(self.sums, d)
+        sums = dict(self.sums)
+        for name, n in self.counts.items():
+            sums[name] = sums[name] + n if name in sums else torch.tensor(n, device=self.device)
+        sums = all_reduce_sum(sums, d)
         values = {k: float(v) for k, v in sums.items()}  # the epoch's only device->host transfer
         n = max(values.pop(total, 0.0), 1.0)
         return {k: v / n for k, v in values.items()} | {total: n}

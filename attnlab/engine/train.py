@@ -219,6 +219,7 @@ class Trainer:
         check_now = dev.type == "cpu" and not self.d.enabled  # a host sync costs nothing here
         kill_at = self.cfg.debug.kill_at_step
         show = self.d.is_main and sys.stderr.isatty()
+        shown_loss = LazyScalar(dev)
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, disable=not show,
                    dynamic_ncols=True)
         start, lr = time.perf_counter(), self.optimizer.param_groups[0]["lr"]
@@ -262,9 +263,9 @@ class Trainer:
             meter.count("n", n)
             if show:
                 bar.update(1)
-                if i % 10 == 0:  # a sync, only when someone watches the bar
+                if i % 10 == 0:
                     rate = (i + 1) * n * self.d.world_size / (time.perf_counter() - start)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+                    bar.set_postfix(loss=f"{shown_loss.read(loss):.3f}", img_s=f"{rate:.0f}")
         bar.close()
         if self.d.enabled:
             torch.distributed.all_reduce(bad_step, op=torch.distributed.ReduceOp.MIN)
@@ -370,6 +371,28 @@ class Trainer:
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             print(results_table(results, self.run_dir), flush=True)
         return results
+
+
+class LazyScalar:
+    """A device scalar for display, read without waiting for the GPU: a non-blocking copy into pinned memory that
+    is read once its event has completed (the shown value lags a few steps). CPU tensors are read directly."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.value, self.event = float("nan"), None
+        if self.cuda:
+            self.buf = torch.empty((), dtype=torch.float32, pin_memory=True)
+
+    def read(self, t: torch.Tensor) -> float:
+        if not self.cuda:
+            return float(t.detach())
+        if self.event is not None and self.event.query():
+            self.value, self.event = float(self.buf), None
+        if self.event is None:
+            self.buf.copy_(t.detach().float(), non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        return self.value
 
 
 def results_table(r: dict, run_dir) -> str:
