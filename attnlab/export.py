@@ -1,7 +1,8 @@
 """``attnlab export``: a checkpoint's model as an ONNX inference graph.
 
-The model is rebuilt from the checkpoint's ``config["model"]`` section, its weights are loaded with strict=True and
-it is exported in eval mode through ``model(x)``, the plain logits path. Training-only objectives (SSIA, the SPE
+The model is rebuilt from the checkpoint's ``config["model"]`` section, its weights (the EMA weights when the run
+kept an EMA, as ``attnlab eval`` does; ``--no-ema`` for the raw ones) are loaded with strict=True and it is exported
+in eval mode through ``model(x)``, the plain logits path. A run directory stands for its checkpoint_best.pt. Training-only objectives (SSIA, the SPE
 regulariser) live outside the model, so the graph is the same whether or not they were used in training.
 
 Exporter: the TorchScript-based one (``dynamo=False``) by default. It exists on every torch >= 2.4, is fast and
@@ -23,19 +24,21 @@ MODEL_KEYS = ("name", "num_classes", "attention", "attention_kwargs", "blocks", 
 
 
 def add_arguments(p):
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint written by attnlab train")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a checkpoint written by attnlab train, or a run directory (its checkpoint_best.pt)")
     p.add_argument("--onnx", required=True, metavar="OUT", help="where to write the .onnx file")
     p.add_argument("--input-size", type=int, default=None,
                    help="H = W of the example input (default: data.image_size, else the model's default)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17 legacy, 18 dynamo)")
     p.add_argument("--exporter", choices=("auto", "legacy", "dynamo"), default="auto",
                    help="torch.onnx exporter: legacy = TorchScript-based (dynamo=False); auto = legacy if available")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights even if the run kept an EMA")
     p.add_argument("--no-check", action="store_true",
                    help="skip comparing onnxruntime's output with torch's on a random input")
 
 
 def run(args):
-    model, cfg = load_checkpoint_model(args.checkpoint)
+    model, cfg = load_checkpoint_model(args.checkpoint, use_ema=not args.no_ema)
     size = args.input_size or input_size_for(cfg)
     out = export_onnx(model, args.onnx, size, opset=args.opset, exporter=args.exporter)
     line = f"exported {cfg['model']['name']} (attention={cfg['model'].get('attention', 'none')}) to {out}"
@@ -48,14 +51,12 @@ def run(args):
 
 
 def load_checkpoint(path) -> dict:
+    from .engine.checkpoint import load_checkpoint as load
+
     path = Path(path)
-    if not path.is_file():
-        raise AttnlabError(f"checkpoint '{path}' does not exist")
-    try:
-        # Our checkpoints also hold RNG states and the config as plain Python objects: only load files you trust.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise AttnlabError(f"cannot read checkpoint '{path}': {str(err).splitlines()[0] if str(err) else err!r}") from None
+    if path.is_dir():
+        path = path / "checkpoint_best.pt"
+    ckpt = load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("config"), dict) \
             or not isinstance(ckpt["config"].get("model"), dict):
         raise AttnlabError(f"'{path}' is not an attnlab checkpoint (needs 'model' weights and a 'config' with a "
@@ -77,10 +78,12 @@ def build_model(model_cfg: dict, state_dict=None):
     return model.eval()
 
 
-def load_checkpoint_model(path):
+def load_checkpoint_model(path, use_ema: bool = True):
     """(model in eval mode with the checkpoint's weights, the checkpoint's config dict)."""
     ckpt = load_checkpoint(path)
-    return build_model(ckpt["config"]["model"], ckpt["model"]), ckpt["config"]
+    ema = ckpt.get("ema")
+    state = ema["module"] if use_ema and isinstance(ema, dict) and "module" in ema else ckpt["model"]
+    return build_model(ckpt["config"]["model"], state), ckpt["config"]
 
 
 def input_size_for(cfg: dict) -> int:

@@ -109,3 +109,20 @@ def test_export_errors_are_one_line(tmp_path, capsys):
         main(["export", "--checkpoint", str(wrong), "--onnx", str(tmp_path / "m.onnx")])
     assert code.value.code == 2 and "do not match model 'resnet32'" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_takes_a_run_directory_and_prefers_the_ema_weights(trained, tmp_path):
+    from attnlab.export import load_checkpoint_model
+
+    ssia_model, plain_model, _ = trained
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": plain_model.state_dict(), "ema": {"module": ssia_model.state_dict(), "updates": 2},
+                "config": {"model": MODEL}}, run / "checkpoint_best.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ema_model, _ = load_checkpoint_model(run)
+        raw_model, _ = load_checkpoint_model(run, use_ema=False)
+        assert torch.equal(ema_model(x), ssia_model(x))
+        assert torch.equal(raw_model(x), plain_model(x))
+
