@@ -121,7 +121,8 @@ def cpu_benchmark(args):
               f"data.cache_dir={ROOT / '.cache' / 'attnlab'}",
               f"train.batch_size={b}", "train.eval_batch_size=500", f"train.epochs={args.epochs}",
               f"debug.max_steps_per_epoch={s}", "train.warmup_epochs=0"]
-    variants = {"engine_eager": ["train.compile=false"], "engine_compile": ["train.compile=true"]}
+    variants = {"engine_eager": ["train.compile=false"], "engine_compile": ["train.compile=true"],
+                "engine_eager_channels_last": ["train.compile=false", "train.channels_last=true"]}
     out = {"reference": {"rates": [], "warmup_window": []}} | {k: {"runs": []} for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):

@@ -76,7 +76,9 @@ def resume_config(run_dir, overrides=()) -> DictConfig:
 def _determinism(enabled: bool, device: torch.device):
     """torch.use_deterministic_algorithms and cuDNN flags for the run; the process's previous settings come back."""
     prev = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-            torch.backends.cudnn.benchmark)
+            torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision())
+    if device.type == "cuda" and not enabled:
+        torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
         torch.use_deterministic_algorithms(True)
@@ -86,7 +88,8 @@ def _determinism(enabled: bool, device: torch.device):
         yield
     finally:
         torch.use_deterministic_algorithms(prev[0])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[1:]
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[1:3]
+        torch.set_float32_matmul_precision(prev[3])
 
 
 def seed_everything(seed: int) -> None:
@@ -280,7 +283,7 @@ class Trainer:
         return stats, seconds
 
     def _nonfinite(self, loss, epoch, step) -> AttnlabError:
-        what = f"{float(loss)}" if loss is not None else "non-finite"
+        what = f"{float(loss.detach())}" if loss is not None else "non-finite"
         kept = (f"checkpoint_last.pt from epoch {self.start_or_done} is kept" if self.start_or_done
                 else "no checkpoint was written")
         return AttnlabError(f"loss became {what} at epoch {epoch + 1}, step {step} (global step; "
