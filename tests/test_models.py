@@ -177,6 +177,17 @@ def test_every_model_and_attention_builds_and_runs(name, attention):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("attention", attnlab.attention.names())
+def test_every_attention_trains_in_a_block(attention):
+    # Blocks add the shortcut in place (as torchvision does): that must leave every module's backward intact.
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=3, attention=attention).train()
+    loss = model(image(32)).logsumexp(1).sum()
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
 def test_every_attention_lands_in_the_models_that_run_everything():
     cases = set(model_attention_cases())
     for a in attnlab.attention.names():  # holds while there are no more attentions than deeper models

@@ -43,8 +43,9 @@ class SpatialGate(nn.Module):
         self.bn = nn.BatchNorm2d(1)
 
     def forward(self, x):
-        desc = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
-        return x * self.bn(self.conv(desc)).sigmoid()
+        # The [mean; max] descriptor is not bound to a name, so it is freed as soon as the conv has run.
+        logits = self.conv(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1))
+        return x * self.bn(logits).sigmoid()
 
 
 @register("cbam")
