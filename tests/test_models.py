@@ -50,6 +50,15 @@ def test_torchvision_weights_load_and_give_same_logits(name):
     assert not torch.allclose(out, torch.zeros_like(out))
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_peak_activation_memory_equals_torchvision(name):
+    # Deterministic (live tensor bytes, no timing): our blocks free each activation as early as torchvision's.
+    torchvision = pytest.importorskip("torchvision")
+    from attnlab.profiler import measure_peak_memory
+    ours = measure_peak_memory(create_model(name), 64, batch_size=2)["peak_bytes"]
+    assert ours == measure_peak_memory(getattr(torchvision.models, name)(), 64, batch_size=2)["peak_bytes"]
+
+
 def timm_key(key):
     """Our state_dict key -> timm ResNet's: the slot is `se`, timm's CBAM wraps its 7x7 conv and BN."""
     return (key.replace(".attn.", ".se.").replace("spatial.conv.", "spatial.conv.conv.")
