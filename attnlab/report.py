@@ -102,6 +102,19 @@ def welch_interval(a, b, level=0.95):
     return {"diff": diff, "low": diff - half, "high": diff + half, "df": df}
 
 
+def paired_interval(a: dict, b: dict, level=0.95):
+    """Mean of the per-seed differences a[seed] - b[seed] over the seeds both have, with its t interval (n - 1 df).
+
+    Each seed draws the data subset and the validation hold-out, so pairing by seed removes that shared noise.
+    """
+    diffs = [a[k] - b[k] for k in sorted(set(a) & set(b)) if not _isnan(a[k]) and not _isnan(b[k])]
+    mean, std, n = mean_std(diffs)
+    if n < 2:
+        return {"diff": mean, "low": float("nan"), "high": float("nan"), "df": float("nan"), "n": n}
+    half = t_ppf(0.5 + level / 2.0, n - 1) * std / math.sqrt(n)
+    return {"diff": mean, "low": mean - half, "high": mean + half, "df": n - 1, "n": n}
+
+
 def _isnan(v):
     try:
         return math.isnan(float(v))
@@ -175,6 +188,7 @@ def summarize(results_dir, baseline="none"):
             "name": name, "n": len(runs), "seeds": [r["seed"] for r in runs], "failed": len(fails),
             "val": val, "test": test, "test5": test5,
             "val_values": [r.get("val_top1") for r in runs], "test_values": [r.get("test_top1") for r in runs],
+            "test_by_seed": {r["seed"]: r.get("test_top1") for r in runs if r.get("test_top1") is not None},
             "params": _first(runs, "params"), "flops": _first(runs, "flops"),
             "train_ips": mean_std([r.get("train_images_per_s") for r in runs])[0],
             "wall_time_s": mean_std([r.get("wall_time_s") for r in runs])[0],
@@ -189,6 +203,7 @@ def summarize(results_dir, baseline="none"):
             continue
         m["delta_val"] = welch_interval(m["val_values"], base["val_values"])
         m["delta_test"] = welch_interval(m["test_values"], base["test_values"])
+        m["paired_test"] = paired_interval(m["test_by_seed"], base["test_by_seed"])
         m["verdict"] = _verdict(m["delta_test"], baseline)
 
     setup = _setup(records, order)
@@ -396,11 +411,17 @@ def render_markdown(summary) -> str:
         for m in s["methods"]:
             if m.get("delta_test") is None:
                 continue
-            out.append(f"- `{m['name']}`: {_delta(m['delta_test'])} points: {m['verdict']}.")
+            paired = m.get("paired_test")
+            extra = (f" (paired by seed, n={paired['n']}: {_delta(paired)})"
+                     if paired and not _isnan(paired["low"]) else "")
+            out.append(f"- `{m['name']}`: {_delta(m['delta_test'])} points: {m['verdict']}.{extra}")
         winners = [m["name"] for m in s["methods"] if m.get("delta_test") and not _isnan(m["delta_test"]["low"])
                    and m["delta_test"]["low"] > 0]
         out += ["", (f"Methods whose interval is entirely above the baseline: {', '.join(winners)}." if winners else
-                     f"No method beats `{base}` with a 95% interval entirely above 0 in this matrix."), ""]
+                     f"No method beats `{base}` with a 95% interval entirely above 0 in this matrix."), "",
+                "The verdicts use the Welch interval. Each seed also draws the data subset and the validation "
+                "hold-out, shared by every method at that seed, so the paired-by-seed interval (t on the per-seed "
+                "differences, n - 1 df) is given beside it as a second, usually tighter, view.", ""]
     else:
         out += ["## Against the baseline", "", "No baseline (`none`) runs finished, so no differences are shown.", ""]
 

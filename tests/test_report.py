@@ -90,6 +90,11 @@ def test_summary_means_stds_and_intervals(results):
     assert d["diff"] == pytest.approx(4.0)
     assert d["df"] == pytest.approx(4.0)
     assert (d["low"], d["high"]) == (pytest.approx(4 - half, abs=1e-5), pytest.approx(4 + half, abs=1e-5))
+    # Paired by seed: se - none is +4 at every seed (no spread); ssia - none = [0.5, 1.5, -2].
+    assert (by["se"]["paired_test"]["low"], by["se"]["paired_test"]["high"]) == (pytest.approx(4.0), pytest.approx(4.0))
+    p = by["ssia"]["paired_test"]
+    half = 4.3026527 * statistics.stdev([0.5, 1.5, -2.0]) / math.sqrt(3)
+    assert p["diff"] == pytest.approx(0.0, abs=1e-12) and p["high"] == pytest.approx(half, abs=1e-5)
     assert by["none"]["delta_test"] is None
     assert by["tdam"]["n"] == 0 and by["tdam"]["failed"] == 1
     # Mean curve over seeds, including the one read back from runs.jsonl (ssia seed 2 has no metrics.csv).
