@@ -322,6 +322,7 @@ class Trainer:
                 images = int(stats["n"])
                 self.elapsed["train_s"] += seconds
                 self.elapsed["train_images"] += images
+                self.elapsed["rates"] = list(self.elapsed.get("rates", [])) + [images / seconds]
                 row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["loss"],
                        "train_top1": stats["top1"], "val_loss": val["loss"], "val_top1": val["top1"],
                        "val_top5": val["top5"], **{k: stats[k] for k in terms},
@@ -367,6 +368,9 @@ class Trainer:
             "test_loss": test["loss"], "params": sum(p.numel() for p in self.model.parameters()),
             "flops": _flops(self.model, image_size), "wall_time_s": round(self.elapsed["wall_s"], 2),
             "train_images_per_s": self.elapsed["train_images"] / max(self.elapsed["train_s"], 1e-9),
+            # The median epoch leaves out a first epoch slowed by torch.compile's warm-up.
+            "train_images_per_s_median_epoch": float(np.median(self.elapsed["rates"])) if self.elapsed.get("rates")
+            else None,
             "device": _device_name(self.device), "world_size": d.world_size, "torch": torch.__version__,
             "git_commit": _git_commit(), "seed": cfg.seed,
         }
@@ -404,7 +408,9 @@ def results_table(r: dict, run_dir) -> str:
              f"{r['best_val_top1']:.2f}% (epoch {r['best_epoch']}/{r['epochs']})"),
             ("test top-1 / top-5", f"{r['test_top1']:.2f}% / {r['test_top5']:.2f}%"),
             ("params / FLOPs", f"{r['params'] / 1e6:.3f} M / {r['flops'] / 1e6:.1f} M"),
-            ("train speed", f"{r['train_images_per_s']:.0f} images/s on {r['device']}"),
+            ("train speed", f"{r['train_images_per_s']:.0f} images/s on {r['device']}"
+             + (f" (median epoch {r['train_images_per_s_median_epoch']:.0f})"
+                if r.get("train_images_per_s_median_epoch") else "")),
             ("wall time", f"{r['wall_time_s']:.1f} s"), ("run dir", str(run_dir))]
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows))
