@@ -5,8 +5,10 @@ Conventions (printed with every table and stored in the JSON):
     convolutions, linear layers and matrix products count; elementwise ops (sigmoid gates, the gate multiply,
     ReLU, BN in eval mode, additions) and pooling count 0. That is why SE and ECA add almost no FLOPs:
     their only counted ops are two 1x1 convs (or one 1-D conv) on a (B, C, 1, 1) tensor.
-  * Latency: eval mode under ``torch.inference_mode()``, warm-up runs first, then the MEDIAN of repeated
-    forward passes on a random input (CUDA is synchronised around each pass). Throughput = batch / median.
+  * Latency: eval mode under ``torch.inference_mode()``, warm-up runs first (in ``profile_model`` the peak
+    memory pass counts as the first), then the MEDIAN of repeated forward passes on a random input (CUDA is
+    synchronised around each pass). Throughput = batch / median.
+    Default counts stop early once the timed passes took 10 s (at least 3), so a busy machine still finishes.
   * Peak memory, CUDA: ``torch.cuda.max_memory_allocated`` during one forward minus what was allocated
     before it (weights, input), i.e. activations and kernel workspaces.
     Peak memory, CPU: torch has no allocator statistics on CPU, so we track the bytes of every tensor storage
@@ -99,12 +101,18 @@ def default_repeats(device, batch_size: int) -> tuple[int, int]:
 
 
 def measure_latency(model: nn.Module, input_size, batch_size: int, device="cpu", warmup: int | None = None,
-                    repeats: int | None = None) -> dict:
-    """Median forward latency (ms) and throughput (images/s). Moves ``model`` to ``device``."""
+                    repeats: int | None = None, max_seconds: float | None = None) -> dict:
+    """Median forward latency (ms) and throughput (images/s). Moves ``model`` to ``device``.
+
+    Timing stops early once the timed passes have taken ``max_seconds`` (at least 3 passes), so a slow or busy
+    machine still finishes. Without ``repeats`` the default count applies with ``max_seconds`` = 10; an explicit
+    ``repeats`` without ``max_seconds`` is exact.
+    """
     device = torch.device(device)
     default_warmup, default_reps = default_repeats(device, batch_size)
     warmup = default_warmup if warmup is None else warmup
-    repeats = default_reps if repeats is None else repeats
+    if repeats is None:
+        repeats, max_seconds = default_reps, 10.0 if max_seconds is None else max_seconds
     if repeats < 1 or warmup < 0:
         raise AttnlabError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     model.to(device)
@@ -121,11 +129,13 @@ def measure_latency(model: nn.Module, input_size, batch_size: int, device="cpu",
                 _sync(device)
                 if i >= warmup:
                     times.append((time.perf_counter() - start) * 1e3)
+                    if max_seconds is not None and len(times) >= 3 and sum(times) > max_seconds * 1e3:
+                        break
     finally:
         model.train(was_training)
     median = statistics.median(times)
     return {"batch_size": batch_size, "median_ms": median, "min_ms": min(times),
-            "images_per_s": batch_size / (median / 1e3), "warmup": warmup, "repeats": repeats, "times_ms": times}
+            "images_per_s": batch_size / (median / 1e3), "warmup": warmup, "repeats": len(times), "times_ms": times}
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -217,7 +227,9 @@ def profile_model(model: nn.Module, input_size, device="cpu", batch_sizes=(1, 64
     for b in batch_sizes:
         mem = measure_peak_memory(model, shape, b, device)
         result["peak_memory"][str(b)] = {"peak_bytes": mem["peak_bytes"], "peak_mb": mem["peak_mb"]}
-        result["latency"][str(b)] = measure_latency(model, shape, b, device, warmup, repeats)
+        # The memory pass ran the model at this batch size: it is the first warm-up pass.
+        wu = max(0, default_repeats(device, b)[0] - 1) if warmup is None else warmup
+        result["latency"][str(b)] = measure_latency(model, shape, b, device, wu, repeats)
     return result
 
 
@@ -239,7 +251,10 @@ def add_arguments(p):
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     p.add_argument("--warmup", type=int, default=None, help="warm-up passes (default: 3/1 on CPU, 10 on CUDA)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed passes (default on CPU: 20 for batch < 16, 3 above; 50 on CUDA)")
+                   help="timed passes (default on CPU: 20 for batch < 16, 3 above; 50 on CUDA; "
+                        "cut short after 10 s, at least 3)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is steadier on a machine shared with other jobs)")
     p.add_argument("--json", default=None, help="output path (default: results/profile/<model>_<attention>.json)")
 
 
@@ -293,7 +308,7 @@ def format_table(name: str, result: dict) -> str:
     for b, lat in result["latency"].items():
         mem = result["peak_memory"][b]
         lines.append(f"{b:>6} {lat['median_ms']:>11.2f} {lat['images_per_s']:>10.1f} {mem['peak_mb']:>10.1f}"
-                     f"  ({lat['warmup']} warm-up + {lat['repeats']} timed, median)")
+                     f"  (memory pass + {lat['warmup']} warm-up + {lat['repeats']} timed, median)")
     lines.append(f"peak memory: {result['peak_memory_method']}")
     return "\n".join(lines)
 
@@ -318,6 +333,10 @@ def run(args):
     from .models import create_model, default_input_size
 
     device = check_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise AttnlabError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if any(b < 1 for b in args.batch_sizes):
         raise AttnlabError(f"batch sizes must be >= 1, got {args.batch_sizes}")
     if args.input_size is not None and args.input_size < 1:

@@ -58,6 +58,10 @@ def test_latency_dict_is_the_median_of_its_runs():
     assert lat["images_per_s"] == pytest.approx(3 / (lat["median_ms"] / 1e3))
     assert lat["min_ms"] <= lat["median_ms"]
     assert model.training
+    # Default counts are cut short by the time budget, but never below 3 passes; explicit counts are exact.
+    capped = measure_latency(model, 16, batch_size=1, warmup=0, max_seconds=0)
+    assert capped["repeats"] == len(capped["times_ms"]) == 3
+    assert len(measure_latency(model, 16, batch_size=1, warmup=0, repeats=4)["times_ms"]) == 4
     with pytest.raises(AttnlabError, match="repeats must be >= 1"):
         measure_latency(model, 16, batch_size=1, repeats=0)
 
