@@ -26,11 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import attnlab  # noqa: E402,F401  (before torch: it sets the OpenMP wait policy)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from attnlab import create_model  # noqa: E402
 from attnlab.engine.config import load_config  # noqa: E402
@@ -110,7 +111,8 @@ def summarise(rates):
 
 def host():
     return {"machine": platform.machine(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 

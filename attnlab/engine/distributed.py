@@ -13,6 +13,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this process group was created by setup() (and is destroyed by cleanup())
 
     @property
     def enabled(self) -> bool:
@@ -42,14 +43,15 @@ def setup(device_name: str) -> tuple[Dist, torch.device]:
     device = resolve_device(device_name, local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 device_id=device if device.type == "cuda" else None)
-    return Dist(rank, world, local), device
+    return Dist(rank, world, local, owns), device
 
 
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+def cleanup(d: Dist) -> None:
+    if d.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

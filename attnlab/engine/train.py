@@ -111,7 +111,7 @@ def train(cfg, resume=None) -> dict:
         with _determinism(bool(cfg.train.deterministic), device):
             return Trainer(cfg, d, device, resume).fit()
     finally:
-        cleanup()
+        cleanup(d)
 
 
 class Trainer:
@@ -175,9 +175,11 @@ class Trainer:
         self.start_epoch, self.best, self.best_epoch = 0, float("-inf"), 0
         self.elapsed = {"wall_s": 0.0, "train_s": 0.0, "train_images": 0}
         self.pending_rng = None
-        if resume is not None:
+        if resume is not None and (Path(resume) / "checkpoint_last.pt").is_file():
             # Loaded on the CPU: load_state_dict moves model and optimizer state to their parameters' device.
             self._restore(load_checkpoint(Path(resume) / "checkpoint_last.pt", map_location="cpu"))
+        elif resume is not None:
+            self.log(f"{resume} has no checkpoint yet (stopped during epoch 1): starting from the beginning")
 
         # Wrappers for the training forward only; state_dicts and evaluation use the plain module.
         self.forward = self.model
