@@ -402,8 +402,9 @@ def render_markdown(summary) -> str:
             "epoch's, test top-1 that of the best-val checkpoint, evaluated once at the end. "
             f"Δ: difference of the method's mean to `{base}`'s mean, with a 95% Welch t interval (unequal variances, "
             "Welch–Satterthwaite degrees of freedom) computed from the per-seed accuracies. FLOPs are 2 × MACs of "
-            "one image's forward pass. Latency: median of repeated eval-mode forward passes" +
-            (f" ({s['latency_note']})" if s["latency_note"] else "") + ". Train img/s: training throughput "
+            "one image's forward pass. Latency: " +
+            (s["latency_note"] if s["latency_note"] else "median of repeated eval-mode forward passes") +
+            ". Train img/s: training throughput "
             "as the engine measured it (mean over seeds); noisy when the machine is shared with other work.", ""]
 
     if base is not None:
