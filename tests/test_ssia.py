@@ -17,6 +17,7 @@ def t(rows):
 
 
 def loss_of(stages, **opts):
+    opts.setdefault("weight", 1.0)  # the hand-computed values are unweighted unless a test says otherwise
     return SSIA(**opts)(features={"stages": stages, "blocks": []}, logits=torch.zeros(1, 2), epoch=0)["ssia"]
 
 
@@ -121,7 +122,7 @@ def test_stage_and_last_pairings_choose_different_targets():
 def test_block_pairing_uses_each_block_input_and_output():
     x1, y1, y2 = t([[1, 0], [0, 0]]), t([[0, 0], [0, 1]]), t([[3]])
     blocks = [(x1, y1), (y1, y2)]  # a block's output is the next block's input (the same tensor)
-    obj = SSIA(pairing="block", distance="cosine", p=1.0)
+    obj = SSIA(pairing="block", distance="cosine", p=1.0, weight=1.0)
     assert obj.features == "blocks"
     # (x1, y1): orthogonal -> 1.  (y1, y2): y2 = 3 everywhere after resizing -> cos = 1/2 -> 0.5.  mean 0.75
     out = obj(features={"stages": [y2], "blocks": blocks}, logits=torch.zeros(1), epoch=0)["ssia"]
@@ -194,7 +195,7 @@ def test_gradient_descent_on_the_lower_feature_reduces_the_loss():
 
 
 def test_warmup_returns_zero_without_computing_anything():
-    obj = SSIA(warmup_epochs=2, weight=1.0)
+    obj = SSIA(warmup_epochs=2, weight=1.0, distance="mse")
     broken = {"stages": [], "blocks": []}  # would raise if the term were computed
     for epoch in (0, 1):
         out = obj(features=broken, logits=torch.zeros(3, 10), epoch=epoch)["ssia"]

@@ -59,6 +59,9 @@ CHOICES = {
     "distance": ("mse", "kl", "cosine"),
 }
 
+# The default configuration is the best of the ablation by validation accuracy (docs/ssia.md,
+# results/ssia_ablation): stage l+1 guides stage l through KL of spatial-softmax maps, weight 0.5. The margins there
+# were within seed noise, so treat it as a reasonable setting, not a proven best one.
 DEFAULTS = {
     "enabled": False,
     "pairing": "stage",
@@ -66,9 +69,9 @@ DEFAULTS = {
     "p": 2.0,
     "spatial_pool": "mean",
     "resize": "bilinear",
-    "distance": "mse",
+    "distance": "kl",
     "temperature": 1.0,
-    "weight": 1.0,
+    "weight": 0.5,
     "warmup_epochs": 0,
     "detach": True,
 }
@@ -158,7 +161,7 @@ class SSIA(Objective):
     """Training-only loss pulling lower-level attention maps towards higher-level ones. Holds no parameters."""
 
     def __init__(self, pairing="stage", map="spatial", p=2.0, spatial_pool="mean", resize="bilinear",
-                 distance="mse", temperature=1.0, weight=1.0, warmup_epochs=0, detach=True):
+                 distance="kl", temperature=1.0, weight=0.5, warmup_epochs=0, detach=True):
         for key, value in (("pairing", pairing), ("map", map), ("spatial_pool", spatial_pool),
                            ("resize", resize), ("distance", distance)):
             if value not in CHOICES[key]:
