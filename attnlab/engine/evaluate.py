@@ -94,7 +94,7 @@ def run(args):
                           image_size=data["image_size"], test_subset=data.get("test_subset"))
     model = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema)
     t = cfg["train"]
-    channels_last = device.type == "cuda" if t["channels_last"] is None else bool(t["channels_last"])
+    channels_last = t["channels_last"] is None or bool(t["channels_last"])
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     loader = BatchLoader(getattr(bundle, args.split), batch_size=args.batch_size or t["eval_batch_size"],

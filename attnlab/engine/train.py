@@ -146,7 +146,7 @@ class Trainer:
             raise AttnlabError(f"model.num_classes={cfg.model.num_classes} but dataset '{b.name}' has "
                                f"{b.num_classes} classes (use null to take the dataset's)")
         self.amp = t.amp if device.type == "cuda" else "off"
-        self.channels_last = device.type == "cuda" if t.channels_last is None else bool(t.channels_last)
+        self.channels_last = t.channels_last is None or bool(t.channels_last)
         per_rank = t.batch_size // d.world_size
         common = dict(mean=b.mean, std=b.std, device=device, seed=cfg.seed, rank=d.rank, world_size=d.world_size)
         self.train_loader = BatchLoader(b.train, per_rank, shuffle=True, augment=dc.augment, drop_last=True, **common)
