@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..errors import AttnlabError
 from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from .config import load_config, to_dict
-from .distributed import Dist, barrier, cleanup, setup, sync_buffers
+from .distributed import Dist, barrier, broadcast_object, cleanup, setup, sync_buffers
 from .ema import EMA
 from .evaluate import autocast_for, evaluate, model_from_checkpoint
 from .metrics import Meter, RunLog, topk_hits
@@ -334,14 +334,25 @@ class Trainer:
                     self.best, self.best_epoch = val["top1"], epoch + 1
                 self.elapsed["wall_s"] += time.perf_counter() - wall0
                 wall0 = time.perf_counter()
+                failed = None
                 if d.is_main:
-                    log.write(row, term_names)  # before the checkpoint: a crash in between replays this epoch
-                    state = self._state(epoch + 1)
-                    atomic_save(state, self.run_dir / "checkpoint_last.pt")
-                    if improved:
-                        atomic_save(state, self.run_dir / "checkpoint_best.pt")
+                    try:
+                        log.write(row, term_names)  # before the checkpoint: a crash in between replays this epoch
+                        state = self._state(epoch + 1)
+                        atomic_save(state, self.run_dir / "checkpoint_last.pt")
+                        if improved:
+                            atomic_save(state, self.run_dir / "checkpoint_best.pt")
+                    except AttnlabError as err:
+                        failed = err
+                    except OSError as err:
+                        failed = AttnlabError(f"could not write to {self.run_dir}: {err}")
+                # Every rank learns whether rank 0's writes worked (instead of waiting for it forever).
+                message = broadcast_object(None if failed is None else str(failed), d)
+                if failed is not None:
+                    raise failed
+                if message is not None:
+                    raise AttnlabError(f"rank 0 stopped: {message}")
                 self.start_or_done = epoch + 1
-                barrier(d)
                 extra = "".join(f"  {k} {stats[k]:.4f}" for k in terms)
                 self.log(f"epoch {epoch + 1:>3}/{t.epochs}  lr {stats['lr']:.4f}  train loss {stats['loss']:.4f} "
                          f"top-1 {stats['top1']:5.2f}%{extra}  val loss {val['loss']:.4f} top-1 {val['top1']:5.2f}% "
