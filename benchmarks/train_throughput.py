@@ -3,12 +3,13 @@
 Reference: torchvision ``ImageFolder`` over the JPEG files + ``RandomCrop(32, 4)``/``RandomHorizontalFlip``/
 ``ToTensor``/``Normalize`` + ``DataLoader(num_workers=2)``, fp32 eager, SGD, same model and batch size.
 Engine: ``attnlab.engine.train.train`` itself (uint8 dataset in memory, batch augmentation, device-side metrics),
-eager and under ``torch.compile``; every "epoch" is cut to ``--steps`` steps (``debug.max_steps_per_epoch``) and the
+eager channels_last (the CPU default), eager NCHW, and compiled; every "epoch" is cut to ``--steps`` steps (``debug.max_steps_per_epoch``) and the
 rate is read from the run's metrics.csv (training loop only; evaluation excluded).
 
 CPU: resnet20, batch 128. Steady-state rate = median over measured windows/epochs after the first, which holds the
-compile warm-up (reported separately as first-epoch time minus a steady epoch's time). ``--rounds`` repeats the
-whole comparison interleaved (ref, eager, compiled, ref, ...) so slow drifts in machine load hit every contender.
+compile warm-up (reported separately as first-epoch time minus a steady epoch's time; round 1 compiles with an
+empty inductor cache, as a new machine would, later rounds reuse it). ``--rounds`` repeats the whole comparison,
+rotating the contenders' order; ratios are per round (paired), then the median over rounds.
 GPU (when CUDA is available): cifar_resnet18, batch 512, the recipe configs/cifar10_resnet18.yaml (bf16,
 channels_last, compile) against the same reference loop with more workers; full-epoch times and their ratio.
 
@@ -123,33 +124,51 @@ def cpu_benchmark(args):
               f"data.cache_dir={ROOT / '.cache' / 'attnlab'}",
               f"train.batch_size={b}", "train.eval_batch_size=500", f"train.epochs={args.epochs}",
               f"debug.max_steps_per_epoch={s}", "train.warmup_epochs=0"]
-    variants = {"engine_eager": ["train.compile=false"], "engine_compile": ["train.compile=true"],
-                "engine_eager_channels_last": ["train.compile=false", "train.channels_last=true"]}
-    out = {"reference": {"rates": [], "warmup_window": []}} | {k: {"runs": []} for k in variants}
+    # The engine's CPU default is eager channels_last; NCHW and compiled variants show why.
+    variants = {"engine_eager": ["train.compile=false", "train.channels_last=true"],
+                "engine_eager_nchw": ["train.compile=false", "train.channels_last=false"],
+                "engine_compile": ["train.compile=true", "train.channels_last=true"]}
+    # A fresh inductor cache, so round 1's warm-up is what a new machine pays (round 2 reuses it).
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
+    out = {"reference": {"rates": [], "per_round": [], "warmup_window": []}} | {k: {"runs": []} for k in variants}
+    contenders = ["reference", *variants]
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            print(f"round {r + 1}/{args.rounds}: reference loop ({args.windows} windows of {s} steps)", flush=True)
-            rates, warm = reference_rates("resnet20", b, s, args.windows, device, workers=2)
-            out["reference"]["rates"] += rates
-            out["reference"]["warmup_window"].append(warm)
-            print(f"  reference: {[round(x) for x in rates]} images/s", flush=True)
-            for name, extra in variants.items():
-                run = engine_run(None, common + extra + [f"name={name}_{r}"], tmp)
-                out[name]["runs"].append(run)
-                print(f"  {name}: {[round(x) for x in run['rates']]} images/s (first epoch holds any compile)",
-                      flush=True)
+            order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]  # rotate the order
+            print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", flush=True)
+            for name in order:
+                if name == "reference":
+                    rates, warm = reference_rates("resnet20", b, s, args.windows, device, workers=2)
+                    out["reference"]["rates"] += rates
+                    out["reference"]["per_round"].append(statistics.median(rates))
+                    out["reference"]["warmup_window"].append(warm)
+                    print(f"  reference: {[round(x) for x in rates]} images/s", flush=True)
+                else:
+                    run = engine_run(None, common + variants[name] + [f"name={name}_{r}"], tmp)
+                    out[name]["runs"].append(run)
+                    print(f"  {name}: {[round(x) for x in run['rates']]} images/s (the first epoch holds any "
+                          "compile)", flush=True)
+    ref_rounds = out["reference"]["per_round"]
     result = {"benchmark": "train_throughput", "device": "cpu", "host": host(), "model": "resnet20",
               "batch_size": b, "steps_per_window": s, "rounds": args.rounds,
+              "statistic": "median images/s over measured windows (reference) or epochs after the first (engine); "
+                           "ratio = median over rounds of the per-round ratio of medians (contenders alternate "
+                           "within each round, so load drifts hit them alike)",
               "note": args.note, "reference": summarise(out["reference"]["rates"])}
+    result["reference"]["per_round_images_per_s"] = [round(x, 1) for x in ref_rounds]
     result["reference"]["first_window_images_per_s"] = [round(x, 1) for x in out["reference"]["warmup_window"]]
     for name in variants:
         runs = out[name]["runs"]
         steady = [x for run in runs for x in run["rates"][1:]]
         entry = summarise(steady)
+        per_round = [statistics.median(run["rates"][1:]) for run in runs]
+        entry["per_round_images_per_s"] = [round(x, 1) for x in per_round]
         entry["first_epoch_images_per_s"] = [round(run["rates"][0], 1) for run in runs]
         # Warm-up cost: how much longer the first epoch's training took than a steady epoch's.
         entry["warmup_s"] = [round(run["train_s"][0] - statistics.median(run["train_s"][1:]), 2) for run in runs]
-        entry["ratio_vs_reference"] = entry["median_images_per_s"] / result["reference"]["median_images_per_s"]
+        ratios = [v / ref for v, ref in zip(per_round, ref_rounds)]
+        entry["ratio_vs_reference_per_round"] = [round(x, 3) for x in ratios]
+        entry["ratio_vs_reference"] = statistics.median(ratios)
         result[name] = entry
     return result
 
@@ -182,10 +201,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=40, help="steps per window / per engine epoch (CPU)")
-    p.add_argument("--windows", type=int, default=3, help="measured reference windows per round (CPU)")
-    p.add_argument("--epochs", type=int, default=4, help="engine epochs per run, the first one is warm-up (CPU)")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the whole comparison (CPU)")
+    p.add_argument("--steps", type=int, default=25, help="steps per window / per engine epoch (CPU)")
+    p.add_argument("--windows", type=int, default=2, help="measured reference windows per round (CPU)")
+    p.add_argument("--epochs", type=int, default=3, help="engine epochs per run, the first one is warm-up (CPU)")
+    p.add_argument("--rounds", type=int, default=4, help="repetitions of the whole comparison (CPU)")
     p.add_argument("--gpu-epochs", type=int, default=2, help="measured full epochs after a warm-up epoch (GPU)")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
     p.add_argument("--out", default=None)
