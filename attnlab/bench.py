@@ -539,11 +539,8 @@ def _str_list(text):
 
 def run(args):
     matrix = load_matrix(args.matrix)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise AttnlabError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-        torch.set_num_threads(args.threads)
+    from .profiler import set_threads
+    set_threads(args.threads)
     if args.latency_only:
         from .engine.config import load_config
         methods = [m for m in matrix["methods"] if args.only is None or m["name"] in args.only]

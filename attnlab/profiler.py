@@ -329,14 +329,19 @@ def write_json(path: str, data: dict):
         raise
 
 
+def set_threads(threads):
+    """Apply a --threads option (None leaves torch's default); shared by `profile` and `bench`."""
+    if threads is not None:
+        if threads < 1:
+            raise AttnlabError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
 def run(args):
     from .models import create_model, default_input_size
 
     device = check_device(args.device)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise AttnlabError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if any(b < 1 for b in args.batch_sizes):
         raise AttnlabError(f"batch sizes must be >= 1, got {args.batch_sizes}")
     if args.input_size is not None and args.input_size < 1:
