@@ -38,8 +38,20 @@ from attnlab import create_model  # noqa: E402
 from attnlab.engine.config import load_config  # noqa: E402
 from attnlab.engine.train import train  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 MEAN, STD = (0.4913, 0.4821, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def cifar10_folder() -> Path:
+    """The CIFAR-10 JPEG folder, found as the engine finds it ($ATTNLAB_DATA, ../shared/data, .data)."""
+    from attnlab.data.sources import open_source
+    from attnlab.errors import AttnlabError
+    try:
+        source = open_source("cifar10")
+    except AttnlabError as err:
+        sys.exit(f"train_throughput: {err}")
+    if source.kind != "folder":
+        sys.exit(f"train_throughput: the reference loop reads JPEG folders (ImageFolder), found {source.root}")
+    return source.root
 
 
 def reference_rates(model_name, batch_size, steps, windows, device, workers, lr=0.1, epoch_images=None):
@@ -47,7 +59,7 @@ def reference_rates(model_name, batch_size, steps, windows, device, workers, lr=
     from torchvision import datasets, transforms
     tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                              transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-    ds = datasets.ImageFolder(str(DATA / "train"), transform=tf)
+    ds = datasets.ImageFolder(str(cifar10_folder() / "train"), transform=tf)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
                                          persistent_workers=True, pin_memory=device.type == "cuda")
     torch.manual_seed(0)
@@ -209,8 +221,7 @@ def main():
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    if not DATA.is_dir():
-        sys.exit(f"train_throughput: {DATA} not found")
+    cifar10_folder()  # fail before any work when the data is missing
     if args.device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("train_throughput: --device cuda but no CUDA device is available")
