@@ -9,6 +9,7 @@ import attnlab.attention
 from attnlab import cli
 from attnlab.bench import (append_line, cells, format_value, load_matrix, read_runs, run_matrix, slug)
 from attnlab.errors import AttnlabError
+from matrix_helpers import tiny_matrix_text
 
 ROOT = Path(__file__).resolve().parents[1]
 MATRICES = ROOT / "benchmarks" / "matrices"
@@ -105,25 +106,7 @@ def test_dry_run_flags_bad_config(tmp_path, capsys):
 
 def test_tiny_matrix_runs_records_failures_and_resumes(tmp_path, capsys):
     pytest.importorskip("attnlab.engine.train")
-    path = _write(tmp_path, f"""
-name: tiny
-overrides:
-  device: cpu
-  model.name: resnet20
-  data.subset: 8
-  data.val_size: 20
-  data.test_subset: 5
-  data.cache_dir: {ROOT / '.cache' / 'attnlab'}
-  train.epochs: 1
-  train.batch_size: 32
-  train.eval_batch_size: 256
-methods:
-  - {{name: none, overrides: {{model.attention: none}}}}
-  - {{name: bogus, overrides: {{model.attention: nope}}}}
-  - {{name: se, overrides: {{model.attention: se}}}}
-seeds: [0]
-latency: {{batch_sizes: [1, 2], warmup: 1, repeats: 2, rounds: 2}}
-""")
+    path = _write(tmp_path, tiny_matrix_text({"none": "none", "bogus": "nope", "se": "se"}))
     res, runs = tmp_path / "res", tmp_path / "runs"
     matrix = load_matrix(path)
     counts = run_matrix(matrix, results_root=res, runs_root=runs)

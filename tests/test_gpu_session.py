@@ -10,6 +10,7 @@ import pytest
 
 from attnlab.data.sources import open_source
 from attnlab.errors import AttnlabError
+from matrix_helpers import tiny_matrix_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "session.sh"
@@ -30,23 +31,7 @@ def _data_root():
 
 def test_session_runs_a_matrix_resumes_and_collects_its_files(tmp_path):
     matrix = tmp_path / "tiny.yaml"
-    matrix.write_text(f"""
-name: tiny
-overrides:
-  device: cpu
-  model.name: resnet20
-  data.subset: 8
-  data.val_size: 20
-  data.test_subset: 5
-  data.cache_dir: {ROOT / '.cache' / 'attnlab'}
-  train.epochs: 1
-  train.batch_size: 32
-  train.eval_batch_size: 256
-methods:
-  - {{name: none, overrides: {{model.attention: none}}}}
-seeds: [0]
-latency: {{batch_sizes: [1], warmup: 1, repeats: 2, rounds: 1}}
-""")
+    matrix.write_text(tiny_matrix_text({"none": "none"}, latency="{batch_sizes: [1], warmup: 1, repeats: 2, rounds: 1}"))
     env = dict(MATRIX="tiny", MATRIX_FILE=matrix, ATTNLAB_DATA=_data_root(), BUDGET_S=400)
     done = _session(tmp_path, "matrix", "latency", **env)
     assert done.returncode == 0, done.stdout + done.stderr
