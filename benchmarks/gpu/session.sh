@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu/session.sh [check] [throughput] [matrix] [latency]
 #
-#   check       nvidia-smi, versions, and the CUDA tests (tests/ -k cuda)
+#   check       nvidia-smi, versions, the CUDA tests (tests/ -k cuda) and a 50-step engine run on CUDA
 #   throughput  benchmarks/train_throughput.py --device cuda -> results/train_throughput_gpu.json
 #   matrix      attnlab bench on $MATRIX (default cifar10_resnet18), stopped at $BUDGET_S seconds since this
 #               script started; finished cells are skipped, a cell cut short restarts from its last epoch
@@ -74,6 +74,10 @@ for phase in "$@"; do
       "$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$OUT/check.log"
       "$PY" -m pytest -q -x -k cuda -p no:cacheprovider tests 2>&1 | tail -5 | tee -a "$OUT/check.log" || status=1
+      # The fast path end to end (resident data, GPU augmentation, bf16, channels_last, compile): 50 steps.
+      "$PY" -m attnlab train --config configs/cifar10_resnet18.yaml device=cuda train.epochs=1 train.warmup_epochs=0 \
+        debug.max_steps_per_epoch=50 name=smoke out_dir="$STATE/runs/check" 2>&1 | tail -6 | tee -a "$OUT/check.log" \
+        || status=1
       ;;
     throughput)
       log "train throughput (engine vs reference loop)"
