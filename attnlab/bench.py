@@ -270,6 +270,7 @@ def run_cell(matrix, cell, runs_root, *, load_config, train) -> dict:
     record.update(
         status="ok",
         val_top1=results.get("best_val_top1"),
+        val_top5=results.get("best_val_top5"),
         test_top1=results.get("test_top1"),
         test_top5=results.get("test_top5"),
         params=results.get("params"),

@@ -116,7 +116,7 @@ def test_tiny_matrix_runs_records_failures_and_resumes(tmp_path, capsys):
     bogus = lines[1]
     assert "nope" in bogus["error"] and "\n" not in bogus["error"]
     for r in (lines[0], lines[2]):
-        assert 0 <= r["test_top1"] <= 100 and 0 <= r["val_top1"] <= 100
+        assert 0 <= r["test_top1"] <= r["test_top5"] <= 100 and 0 <= r["val_top1"] <= r["val_top5"] <= 100
         assert r["params"] > 0 and r["flops"] > 0 and r["device"].startswith("cpu")
         assert Path(r["run_dir"]).name == f"{r['method']}-s0" and (Path(r["run_dir"]) / "metrics.csv").is_file()
         assert len(r["val_curve"]) == 1

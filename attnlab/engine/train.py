@@ -173,6 +173,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.ema = EMA(self.model, t.ema.decay) if t.ema.enabled else None
         self.start_epoch, self.best, self.best_epoch = 0, float("-inf"), 0
+        self.best_top5 = float("nan")  # val top-5 at the best top-1 epoch (reported, never selected on)
         self.elapsed = {"wall_s": 0.0, "train_s": 0.0, "train_images": 0}
         self.pending_rng = None
         if resume is not None and (Path(resume) / "checkpoint_last.pt").is_file():
@@ -195,7 +196,8 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None, "epoch": epoch,
-                "best_val_top1": self.best, "best_epoch": self.best_epoch, "elapsed": dict(self.elapsed),
+                "best_val_top1": self.best, "best_val_top5": self.best_top5, "best_epoch": self.best_epoch,
+                "elapsed": dict(self.elapsed),
                 "rng": rng_state(), "config": to_dict(self.cfg)}
 
     def _restore(self, ck: dict) -> None:
@@ -207,6 +209,7 @@ class Trainer:
             self.ema.load_state_dict(ck["ema"])
         self.start_epoch, self.best = int(ck["epoch"]), float(ck["best_val_top1"])
         self.best_epoch = int(ck.get("best_epoch", 0))
+        self.best_top5 = float(ck.get("best_val_top5", float("nan")))
         self.elapsed = dict(ck.get("elapsed", self.elapsed))
         self.pending_rng = ck["rng"]  # restored just before the first resumed epoch, as an uninterrupted run has it
         self.log(f"resuming {self.run_dir} after epoch {self.start_epoch} (best val top-1 {self.best:.2f}%)")
@@ -331,7 +334,7 @@ class Trainer:
                        "epoch_time_s": time.perf_counter() - e0, "images_per_s": images / seconds}
                 improved = self.val_loader is None or val["top1"] > self.best
                 if improved:
-                    self.best, self.best_epoch = val["top1"], epoch + 1
+                    self.best, self.best_top5, self.best_epoch = val["top1"], val["top5"], epoch + 1
                 self.elapsed["wall_s"] += time.perf_counter() - wall0
                 wall0 = time.perf_counter()
                 failed = None
@@ -377,7 +380,8 @@ class Trainer:
         results = {
             "name": cfg.name, "model": cfg.model.name, "attention": cfg.model.attention, "dataset": self.bundle.name,
             "epochs": cfg.train.epochs, "best_epoch": int(ck["best_epoch"]),
-            "best_val_top1": _number(ck["best_val_top1"]), "test_top1": test["top1"], "test_top5": test["top5"],
+            "best_val_top1": _number(ck["best_val_top1"]), "best_val_top5": _number(ck.get("best_val_top5", float("nan"))),
+            "test_top1": test["top1"], "test_top5": test["top5"],
             "test_loss": test["loss"], "params": sum(p.numel() for p in self.model.parameters()),
             "flops": _flops(self.model, image_size), "wall_time_s": round(self.elapsed["wall_s"], 2),
             "train_images_per_s": self.elapsed["train_images"] / max(self.elapsed["train_s"], 1e-9),
