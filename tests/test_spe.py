@@ -68,6 +68,16 @@ def test_init_survives_model_init_and_scales_branch_by_0032():
     torch.testing.assert_close(mods[0](u), u * (sig(-2) * sig(-1)))
 
 
+def test_init_bias_opens_the_gate_and_survives_model_init():
+    model = create_model("resnet20", attention="spe", attention_kwargs={"init_bias": 2.0})
+    mod = model.attention_modules()[4]
+    assert torch.all(mod.b_rew == 2) and torch.all(mod.b_exc == 2) and torch.all(mod.w_rew == 0)
+    u = torch.randn(2, mod.w_rew.shape[1], 4, 4)
+    torch.testing.assert_close(mod(u), u * (sig(4) * sig(2)))  # ~0.87 instead of ~0.03
+    with pytest.raises(AttnlabError, match="init_bias must be a number"):
+        create_model("resnet20", attention="spe", attention_kwargs={"init_bias": "open"})
+
+
 def test_bad_variant():
     with pytest.raises(AttnlabError, match="variant"):
         create_model("resnet20", attention="spe", attention_kwargs={"variant": "paper"})

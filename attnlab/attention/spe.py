@@ -33,11 +33,16 @@ VARIANTS = ("official", "figure")
 
 @register("spe")
 class SPE(nn.Module):
-    def __init__(self, channels: int, variant: str = "official"):
+    def __init__(self, channels: int, variant: str = "official", init_bias: float = -1.0):
+        """``init_bias``: the starting value of both affines' biases. The official -1 starts the gate at
+        sigmoid(-2) * sigmoid(-1) ~ 0.032; e.g. 2.0 starts it at ~0.87, an open gate (not in the paper: an ablation
+        knob for short schedules, where the official gate hardly moves from its init)."""
         super().__init__()
         if variant not in VARIANTS:
             raise AttnlabError(f"attention 'spe': unknown variant '{variant}'; valid choices: {', '.join(VARIANTS)}")
-        self.variant = variant
+        if isinstance(init_bias, bool) or not isinstance(init_bias, (int, float)):
+            raise AttnlabError(f"attention 'spe': init_bias must be a number, got {init_bias!r}")
+        self.variant, self.init_bias = variant, float(init_bias)
         shape = (1, channels, 1, 1)
         self.w_rew = nn.Parameter(torch.empty(shape))
         self.b_rew = nn.Parameter(torch.empty(shape))
@@ -50,7 +55,7 @@ class SPE(nn.Module):
         with torch.no_grad():
             for w, b in ((self.w_rew, self.b_rew), (self.w_exc, self.b_exc)):
                 w.zero_()
-                b.fill_(-1.0)
+                b.fill_(self.init_bias)
             self.p.fill_(0.5)
 
     def mix_weight(self) -> torch.Tensor:
@@ -75,4 +80,4 @@ class SPE(nn.Module):
         return u * self.gate(u)
 
     def extra_repr(self):
-        return f"channels={self.w_rew.shape[1]}, variant={self.variant}"
+        return f"channels={self.w_rew.shape[1]}, variant={self.variant}, init_bias={self.init_bias}"
