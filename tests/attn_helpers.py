@@ -75,3 +75,17 @@ def check_output_shape(name, size, attention, **kwargs):
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+def randomise_bn(module, seed=0):
+    """Non-trivial BN statistics and affine parameters, so eval-mode BN is far from the identity (mild enough that
+    a ResNet-101's activations stay finite)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+            m.weight.data.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return module

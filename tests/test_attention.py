@@ -3,7 +3,8 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
+
+from attn_helpers import randomise_bn
 
 import attnlab
 from attnlab.attention.cbam import CBAM
@@ -15,18 +16,6 @@ timm = pytest.importorskip("timm")
 from timm.layers.cbam import CbamModule  # noqa: E402
 from timm.layers.eca import EcaModule  # noqa: E402
 from timm.layers.squeeze_excite import SEModule  # noqa: E402
-
-
-def randomise_bn(module, seed=0):
-    """Non-trivial BN statistics and affine parameters, so eval-mode BN is not close to the identity."""
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.5)
 
 
 def feature_map(c, seed=1, size=9):

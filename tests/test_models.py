@@ -2,26 +2,14 @@
 hierarchical features, attention placement and sharing."""
 import pytest
 import torch
-import torch.nn as nn
+
+from attn_helpers import randomise_bn
 
 import attnlab
 from attnlab.attention.eca import eca_kernel_size
 from attnlab.errors import AttnlabError
 from attnlab.models import create_model, default_input_size, list_models
 from attnlab.profiler import count_flops, count_params
-
-
-def randomise_bn(model, seed=0):
-    """Non-trivial BN statistics and affine parameters, so eval-mode BN is far from the identity."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-            m.weight.data.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return model
 
 
 def image(size, batch=2, seed=0):
