@@ -54,12 +54,12 @@ def cifar10_folder() -> Path:
     return source.root
 
 
-def reference_rates(model_name, batch_size, steps, windows, device, workers, lr=0.1, epoch_images=None):
+def reference_rates(data_dir, model_name, batch_size, steps, windows, device, workers, lr=0.1, epoch_images=None):
     """Images/s of ``windows`` consecutive windows of ``steps`` steps (after a warm-up window), or of one full epoch."""
     from torchvision import datasets, transforms
     tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                              transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-    ds = datasets.ImageFolder(str(cifar10_folder() / "train"), transform=tf)
+    ds = datasets.ImageFolder(str(data_dir / "train"), transform=tf)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
                                          persistent_workers=True, pin_memory=device.type == "cuda")
     torch.manual_seed(0)
@@ -150,7 +150,7 @@ def cpu_benchmark(args):
             print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", flush=True)
             for name in order:
                 if name == "reference":
-                    rates, warm = reference_rates("resnet20", b, s, args.windows, device, workers=2)
+                    rates, warm = reference_rates(args.data, "resnet20", b, s, args.windows, device, workers=2)
                     out["reference"]["rates"] += rates
                     out["reference"]["per_round"].append(statistics.median(rates))
                     out["reference"]["warmup_window"].append(warm)
@@ -193,7 +193,7 @@ def gpu_benchmark(args):
     workers = min(8, os.cpu_count() or 2)
     print(f"reference loop: cifar_resnet18, batch {b}, fp32 eager, {workers} workers, {args.gpu_epochs} epochs",
           flush=True)
-    rates, first = reference_rates("cifar_resnet18", b, None, args.gpu_epochs, device, workers=workers,
+    rates, first = reference_rates(args.data, "cifar_resnet18", b, None, args.gpu_epochs, device, workers=workers,
                                    epoch_images=50000)
     ref = summarise(rates) | {"first_epoch_images_per_s": round(first, 1)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,7 +221,7 @@ def main():
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    cifar10_folder()  # fail before any work when the data is missing
+    args.data = cifar10_folder()  # found once, and before any work, so missing data fails at once
     if args.device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("train_throughput: --device cuda but no CUDA device is available")

@@ -380,7 +380,8 @@ class Trainer:
         results = {
             "name": cfg.name, "model": cfg.model.name, "attention": cfg.model.attention, "dataset": self.bundle.name,
             "epochs": cfg.train.epochs, "best_epoch": int(ck["best_epoch"]),
-            "best_val_top1": _number(ck["best_val_top1"]), "best_val_top5": _number(ck.get("best_val_top5", float("nan"))),
+            "best_val_top1": _number(ck["best_val_top1"]),
+            "best_val_top5": _number(ck.get("best_val_top5", float("nan"))),
             "test_top1": test["top1"], "test_top5": test["top5"],
             "test_loss": test["loss"], "params": sum(p.numel() for p in self.model.parameters()),
             "flops": _flops(self.model, image_size), "wall_time_s": round(self.elapsed["wall_s"], 2),

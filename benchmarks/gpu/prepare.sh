@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run HERE (the CPU machine), once per session, before lending work to the GPU machine through the device tool.
 # Makes the two git-ignored folders the GPU commands need, since only the working tree travels (64 MiB at most):
-#   .data/cifar10-jpeg.tar.gz  CIFAR-10 from ../shared/data (JPEGs do not compress, but gzip squeezes tar's
-#                              60,000 512-byte headers to almost nothing: ~56 MB instead of ~85 MB)
+#   .data/cifar10-jpeg.tar.gz  CIFAR-10 from ../shared/data, ~19 MB: gzip squeezes tar's 60,000 512-byte headers
+#                              and the tables every small JPEG repeats (55 MB of files)
 #   .whl/                      the pure-Python packages the device image lacks (omegaconf; its PyYAML is there)
 # Then call the device tool with carry [".data", ".whl"]; docs/gpu.md has the exact calls.
 set -euo pipefail

@@ -5,10 +5,10 @@
 #   bash benchmarks/gpu/session.sh [check] [throughput] [matrix] [latency]
 #
 #   check       nvidia-smi, versions, the CUDA tests (tests/ -k cuda) and a 50-step engine run on CUDA
-#   throughput  benchmarks/train_throughput.py --device cuda -> results/train_throughput_gpu.json
+#   throughput  benchmarks/train_throughput.py --device cuda -> $OUT/train_throughput_gpu.json
 #   matrix      attnlab bench on $MATRIX (default cifar10_resnet18), stopped at $BUDGET_S seconds since this
 #               script started; finished cells are skipped, a cell cut short restarts from its last epoch
-#               checkpoint while the machine stays warm (runs/ is git-ignored, so it survives between calls)
+#               checkpoint while the machine stays warm ($STATE/runs is git-ignored, so it survives calls)
 #   latency     the matrix's missing latency.json entries (GPU and this machine's CPU)
 #
 # What comes back is $OUT (the device tool's folder; default gpu_out/ when run elsewhere): the JSON files and logs,
