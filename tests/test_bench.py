@@ -7,12 +7,19 @@ import pytest
 
 import attnlab.attention
 from attnlab import cli
-from attnlab.bench import (append_line, cells, format_value, load_matrix, read_runs, run_matrix, slug)
+from attnlab.bench import (append_line, cells, fingerprint, format_value, load_matrix, read_runs, run_matrix,
+                           slug)
+from attnlab.bench.runner import parse_duration
+from attnlab.bench.runs import cell_lock
 from attnlab.errors import AttnlabError
 from matrix_helpers import tiny_matrix_text
 
 ROOT = Path(__file__).resolve().parents[1]
 MATRICES = ROOT / "benchmarks" / "matrices"
+
+
+def _counts(**given):
+    return {"total": 0, "skipped": 0, "ok": 0, "failed": 0, "deferred": 0, "interrupted": 0, "busy": 0, **given}
 
 
 def _write(tmp_path, text, name="m.yaml"):
@@ -110,7 +117,7 @@ def test_tiny_matrix_runs_records_failures_and_resumes(tmp_path, capsys):
     res, runs = tmp_path / "res", tmp_path / "runs"
     matrix = load_matrix(path)
     counts = run_matrix(matrix, results_root=res, runs_root=runs)
-    assert counts == {"total": 3, "skipped": 0, "ok": 2, "failed": 1}
+    assert counts == _counts(total=3, ok=2, failed=1)
     lines = read_runs(res / "tiny" / "runs.jsonl")
     assert [(r["method"], r["status"]) for r in lines] == [("none", "ok"), ("bogus", "failed"), ("se", "ok")]
     bogus = lines[1]
@@ -130,14 +137,132 @@ def test_tiny_matrix_runs_records_failures_and_resumes(tmp_path, capsys):
 
     # Again: every cell is finished (the failed one too), nothing runs, nothing is appended.
     counts = run_matrix(matrix, results_root=res, runs_root=runs)
-    assert counts == {"total": 3, "skipped": 3, "ok": 0, "failed": 0}
+    assert counts == _counts(total=3, skipped=3)
     assert len(read_runs(res / "tiny" / "runs.jsonl")) == 3
     assert "finished earlier" in capsys.readouterr().out
 
     # --retry-failed re-runs only the failed cell; a changed matrix is refused rather than mixed in.
     counts = run_matrix(matrix, results_root=res, runs_root=runs, retry_failed=True, latency=False)
-    assert counts == {"total": 3, "skipped": 2, "ok": 0, "failed": 1}
+    assert counts == _counts(total=3, skipped=2, failed=1)
     assert len(read_runs(res / "tiny" / "runs.jsonl")) == 4
     changed = load_matrix(_write(tmp_path, path.read_text().replace("train.epochs: 1", "train.epochs: 2")))
     with pytest.raises(AttnlabError, match="other settings"):
         run_matrix(changed, results_root=res, runs_root=runs)
+
+
+# ----------------------------------------------------------------------------------------------- issue 10
+def _append_many(args):
+    path, writer, n = args
+    for k in range(n):
+        append_line(path, {"method": f"w{writer}", "seed": k, "pad": "x" * 30000})  # far above one pipe write
+
+
+def test_concurrent_writers_keep_runs_jsonl_valid(tmp_path):
+    import multiprocessing
+    path = tmp_path / "runs.jsonl"
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        pool.map(_append_many, [(path, w, 40) for w in range(4)])
+    lines = path.read_text().splitlines()
+    assert len(lines) == 160 and len(read_runs(path)) == 160  # no line torn or interleaved
+    assert sorted((r["method"], r["seed"]) for r in read_runs(path)) == [(f"w{w}", k) for w in range(4)
+                                                                         for k in range(40)]
+
+
+def test_parse_duration():
+    assert parse_duration("150m") == 9000 and parse_duration("2h") == 7200 and parse_duration("1h30m") == 5400
+    assert parse_duration("90s") == 90
+    for bad in ("150", "soon", "2h x", ""):
+        with pytest.raises(AttnlabError, match="needs a unit"):
+            parse_duration(bad)
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--matrix", "x.yaml", "--budget", "150"])
+
+
+def _seed_record(matrix, method, seed, wall_time_s):
+    (cell,) = cells(matrix, seeds=[seed], only=[method])
+    return {"matrix": matrix["name"], "method": method, "seed": seed, "status": "ok", "wall_time_s": wall_time_s,
+            "fingerprint": fingerprint(matrix, cell), "test_top1": 10.0, "val_top1": 10.0}
+
+
+def test_budget_starts_only_cells_that_fit_and_adding_methods_runs_only_them(tmp_path, capsys):
+    path = _write(tmp_path, tiny_matrix_text({"none": "none", "se": "se"}).replace("seeds: [0]", "seeds: [0, 1]"))
+    res, runs = tmp_path / "res", tmp_path / "runs"
+    matrix = load_matrix(path)
+    runs_path = res / "tiny" / "runs.jsonl"
+    # Seed 0 already ran: `none` took 5 s, `se` 10,000 s. With a 60 s budget only none's seed 1 fits.
+    append_line(runs_path, _seed_record(matrix, "none", 0, 5.0))
+    append_line(runs_path, _seed_record(matrix, "se", 0, 10000.0))
+    counts = run_matrix(matrix, results_root=res, runs_root=runs, latency=False, budget_s=60)
+    assert counts == _counts(total=4, skipped=2, ok=1, deferred=1)
+    out = capsys.readouterr().out
+    assert "--budget 1m00s" in out and "se seed 1: not started, it would not finish within the budget" in out
+    assert "1 left for a later slice" in out
+    assert [(r["method"], r["seed"]) for r in read_runs(runs_path)][-1] == ("none", 1)
+
+    # A method added to the matrix runs alone; the finished cells (and the deferred one, not asked for) stay.
+    before = runs_path.read_text()
+    grown = load_matrix(_write(tmp_path, path.read_text().replace(
+        "methods:\n", "methods:\n  - {name: eca, overrides: {model.attention: eca}}\n"), "grown.yaml"))
+    counts = run_matrix(grown, seeds=[0], results_root=res, runs_root=runs, latency=False)
+    assert counts == _counts(total=3, skipped=2, ok=1)
+    assert runs_path.read_text().startswith(before)
+    assert [(r["method"], r["seed"]) for r in read_runs(runs_path)][-1] == ("eca", 0)
+
+
+def test_a_cell_locked_by_another_bench_is_skipped(tmp_path, capsys):
+    path = _write(tmp_path, tiny_matrix_text({"none": "none"}))
+    runs = tmp_path / "runs"
+    with cell_lock(runs / "tiny" / ".bench" / "locks" / "none-s0.lock") as held:
+        assert held
+        counts = run_matrix(load_matrix(path), results_root=tmp_path / "res", runs_root=runs, latency=False)
+    assert counts == _counts(total=1, busy=1)
+    assert "being trained by another attnlab bench" in capsys.readouterr().out
+    assert not (tmp_path / "res" / "tiny" / "runs.jsonl").exists()
+
+
+def _kill_worker(method):
+    """SIGKILL the worker process training ``method`` (found by its command line)."""
+    import os
+    import signal
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"attnlab.bench.worker" in cmd and method.encode() in cmd:
+            os.kill(int(pid), signal.SIGKILL)
+            return True
+    return False
+
+
+def test_workers_train_cells_in_processes_and_a_killed_one_resumes(tmp_path):
+    text = tiny_matrix_text({"none": "none", "se": "se"}).replace("train.epochs: 1", "train.epochs: 12")
+    matrix = load_matrix(_write(tmp_path, text))
+    res, runs = tmp_path / "res", tmp_path / "runs"
+    killed, out = [], []
+
+    def log(line):
+        out.append(line)
+        # Once `none` has an epoch checkpoint, kill its worker mid-run (the other cell goes on).
+        if not killed and (runs / "tiny" / "none-s0" / "checkpoint_last.pt").is_file() and "[none-s0]" in line:
+            killed.append(_kill_worker("none"))
+
+    counts = run_matrix(matrix, results_root=res, runs_root=runs, latency=False, workers=2, threads=1, log=log)
+    assert killed == [True]
+    assert counts == _counts(total=2, ok=1, interrupted=1)
+    text_out = "\n".join(out)
+    assert "none seed 0: worker killed by signal 9" in text_out and "[se-s0] epoch" in text_out
+    lines = read_runs(res / "tiny" / "runs.jsonl")
+    assert [(r["method"], r["status"], r["workers"], r["threads"]) for r in lines] == [("se", "ok", 2, 1)]
+
+    # The next run resumes the killed cell from its checkpoint and finishes it; the finished one is skipped.
+    out.clear()
+    counts = run_matrix(matrix, results_root=res, runs_root=runs, latency=False, workers=2, threads=1, log=out.append)
+    assert counts == _counts(total=2, skipped=1, ok=1)
+    assert any("[none-s0] resuming" in line for line in out)
+    none = read_runs(res / "tiny" / "runs.jsonl")[-1]
+    assert none["method"] == "none" and none["status"] == "ok" and len(none["val_curve"]) == 12
+    assert (runs / "tiny" / ".bench" / "logs" / "none-s0.log").is_file()
+    assert not list((runs / "tiny" / ".bench" / "records").glob("*.json"))
