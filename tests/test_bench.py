@@ -266,3 +266,24 @@ def test_workers_train_cells_in_processes_and_a_killed_one_resumes(tmp_path):
     assert none["method"] == "none" and none["status"] == "ok" and len(none["val_curve"]) == 12
     assert (runs / "tiny" / ".bench" / "logs" / "none-s0.log").is_file()
     assert not list((runs / "tiny" / ".bench" / "records").glob("*.json"))
+
+
+def test_device_is_where_a_cell_runs_not_what_it_computes(tmp_path):
+    from attnlab.bench.matrix import same_settings
+    path = _write(tmp_path, tiny_matrix_text({"none": "none"}))
+    matrix = load_matrix(path)
+    (cell,) = cells(matrix)
+    fp = fingerprint(matrix, cell)
+    assert "device" not in json.loads(fp)["overrides"]
+    # A record written before the device left the fingerprint still counts as the same settings.
+    old = json.loads(fp)
+    old["overrides"]["device"] = "cpu"
+    assert same_settings(json.dumps(old, sort_keys=True), fp)
+    old["overrides"]["train.epochs"] = 9
+    assert not same_settings(json.dumps(old, sort_keys=True), fp) and not same_settings("{torn", fp)
+    # --device goes to every cell as the harness's own override, after the matrix's.
+    counts = run_matrix(matrix, dry_run=True, device="cpu", results_root=tmp_path / "r", runs_root=tmp_path / "runs",
+                        log=lambda s: None)
+    assert counts["config_errors"] == 0
+    from attnlab.bench.matrix import cell_overrides
+    assert cell_overrides(matrix, cell, "runs", "cuda")[-1] == "device=cuda"

@@ -18,6 +18,9 @@ def add_arguments(p):
     p.add_argument("--budget", type=_duration, default=None,
                    help="start no cell that would not finish within this time (e.g. 150m, 2h30m), estimated from "
                         "the cells already run; the rest waits for the next run")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
+                   help="train on this device instead of the matrix's (the cells' results stay comparable: the "
+                        "device is recorded with each, not part of its settings)")
     p.add_argument("--results-root", default="results", help="where results/<matrix>/ goes (default: results)")
     p.add_argument("--runs-root", default="runs", help="where runs/<matrix>/<run>/ goes (default: runs)")
     p.add_argument("--no-latency", action="store_true", help="skip the per-method latency measurement")
@@ -70,14 +73,14 @@ def run(args):
         set_threads(args.threads)
         methods = [m for m in matrix["methods"] if args.only is None or m["name"] in args.only]
         measure_latencies(matrix, methods, Path(args.results_root) / matrix["name"] / "latency.json",
-                          load_config=load_config, log=log)
+                          load_config=load_config, device=args.device, log=log)
         return 0
     workers = default_workers() if args.workers == "auto" else args.workers
     if workers == 1:
         set_threads(args.threads)  # the cells train in this process
     counts = run_matrix(matrix, seeds=args.seeds, only=args.only, dry_run=args.dry_run,
                         results_root=args.results_root, runs_root=args.runs_root, latency=not args.no_latency,
-                        retry_failed=args.retry_failed, workers=workers, threads=args.threads, budget_s=args.budget,
+                        retry_failed=args.retry_failed, workers=workers, device=args.device, threads=args.threads, budget_s=args.budget,
                         log=log)
     sys.stdout.flush()
     return 1 if counts["failed"] or counts.get("interrupted") or counts.get("config_errors") else 0

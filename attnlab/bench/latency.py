@@ -8,7 +8,7 @@ from .matrix import method_overrides
 from .runs import cpu_name, host_info, one_line
 
 
-def latency_model(matrix, method, load_config):
+def latency_model(matrix, method, load_config, device=None):
     """(model in eval mode, input size, whether CUDA applies) for one method, as its training cells build it."""
     import torch
 
@@ -21,11 +21,11 @@ def latency_model(matrix, method, load_config):
     blocks = list(blocks) if blocks is not None and not isinstance(blocks, str) else blocks
     model = create_model(mc.name, num_classes=mc.get("num_classes"), attention=mc.attention,
                          attention_kwargs=kwargs, blocks=blocks, share=mc.get("share"))
-    want_cuda = torch.cuda.is_available() and str(cfg.get("device", "auto")) in ("auto", "cuda")
+    want_cuda = torch.cuda.is_available() and str(device or cfg.get("device", "auto")) in ("auto", "cuda")
     return model.eval(), default_input_size(mc.name), want_cuda
 
 
-def measure_latencies(matrix, methods, latency_path, *, load_config, log=print) -> dict:
+def measure_latencies(matrix, methods, latency_path, *, load_config, device=None, log=print) -> dict:
     """Inference latency of each method's model (random weights: latency does not depend on them), once.
 
     CPU always; CUDA too when the matrix's config would train on a GPU here. Methods are timed round-robin
@@ -48,7 +48,7 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, log=print) 
     for m in methods:
         entry = data["methods"].setdefault(m["name"], {})
         try:
-            model, size, want_cuda = latency_model(matrix, m, load_config)
+            model, size, want_cuda = latency_model(matrix, m, load_config, device)
         except Exception as err:
             if "error" not in entry:
                 entry["error"] = one_line(err)

@@ -169,13 +169,32 @@ def method_overrides(matrix, method: dict) -> list[str]:
     return [f"{k}={format_value(v)}" for k, v in {**matrix["overrides"], **method["overrides"]}.items()]
 
 
-def cell_overrides(matrix, cell, runs_root) -> list[str]:
-    """Dotted overrides for one cell: the matrix's, the method's, then the harness's own (name, seed, out_dir)."""
+def cell_overrides(matrix, cell, runs_root, device=None) -> list[str]:
+    """Dotted overrides for one cell: the matrix's, the method's, then the harness's own (name, seed, out_dir and
+    the device when ``--device`` names one)."""
     pairs = [f"{k}={format_value(v)}" for k, v in cell["overrides"].items()]
     pairs += [f"name={cell['run_name']}", f"seed={cell['seed']}", f"out_dir={runs_root}"]
-    return pairs
+    return pairs + ([f"device={device}"] if device else [])
+
+
+# Harness settings that say where a cell runs, not what it computes: `attnlab bench --device` may change them.
+PLACEMENT_KEYS = ("device",)
 
 
 def fingerprint(matrix, cell) -> str:
     """What a recorded result depends on, so a changed matrix is not silently mixed with old results."""
-    return json.dumps({"recipe": matrix["recipe"], "overrides": cell["overrides"]}, sort_keys=True, default=str)
+    overrides = {k: v for k, v in cell["overrides"].items() if k not in PLACEMENT_KEYS}
+    return json.dumps({"recipe": matrix["recipe"], "overrides": overrides}, sort_keys=True, default=str)
+
+
+def same_settings(recorded: str | None, current: str) -> bool:
+    """Whether a recorded fingerprint names the same settings as ``current`` (older records kept the device)."""
+    if recorded is None:
+        return True
+    try:
+        old = json.loads(recorded)
+        for key in PLACEMENT_KEYS:
+            old.get("overrides", {}).pop(key, None)
+        return json.dumps(old, sort_keys=True, default=str) == current
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        return False

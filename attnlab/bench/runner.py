@@ -29,14 +29,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import AttnlabError
-from .matrix import cell_overrides, cells, fingerprint
+from .matrix import cell_overrides, cells, fingerprint, same_settings
 from .runs import append_line, cell_lock, host_info, latest_by_cell, one_line, read_curve, read_runs
 
 HARNESS_DIR = ".bench"  # runs/<matrix>/.bench/{locks,logs,records}: the harness's own bookkeeping
 
 
 # ----------------------------------------------------------------------------------------------- one cell
-def run_cell(matrix, cell, runs_root, *, load_config, train) -> dict:
+def run_cell(matrix, cell, runs_root, *, load_config, train, device=None) -> dict:
     """Train one cell and return its runs.jsonl record (status 'ok' or 'failed')."""
     run_dir = Path(runs_root) / cell["run_name"]
     record = {"matrix": matrix["name"], "matrix_file": matrix["path"], "method": cell["method"], "seed": cell["seed"],
@@ -44,7 +44,7 @@ def run_cell(matrix, cell, runs_root, *, load_config, train) -> dict:
               "fingerprint": fingerprint(matrix, cell)}
     start = time.time()
     try:
-        cfg = load_config(matrix["recipe_path"], overrides=cell_overrides(matrix, cell, runs_root))
+        cfg = load_config(matrix["recipe_path"], overrides=cell_overrides(matrix, cell, runs_root, device))
         results = train(cfg, resume=prepare_run_dir(run_dir, record["fingerprint"]))
     except Exception as err:  # one bad cell must not stop the matrix: record it and move on
         record.update(status="failed", error=one_line(err), wall_time_s=round(time.time() - start, 2))
@@ -86,7 +86,7 @@ def prepare_run_dir(run_dir: Path, fp: str):
     marker = run_dir / "bench_cell.json"
     if (run_dir / "checkpoint_last.pt").is_file() and marker.is_file():
         try:
-            if json.loads(marker.read_text()).get("fingerprint") == fp:
+            if same_settings(json.loads(marker.read_text()).get("fingerprint"), fp):
                 return run_dir
         except (OSError, json.JSONDecodeError):
             pass
@@ -180,7 +180,8 @@ class Job:
 
 
 def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="results", runs_root="runs",
-               latency=True, retry_failed=False, workers=1, threads=None, budget_s=None, log=print) -> dict:
+               latency=True, retry_failed=False, workers=1, threads=None, budget_s=None, device=None,
+               log=print) -> dict:
     """Run every unfinished cell of ``matrix``; returns counts {'total', 'skipped', 'ok', 'failed', 'deferred',
     'interrupted', 'busy'} (busy: being trained by another process)."""
     results_dir = Path(results_root) / matrix["name"]
@@ -191,7 +192,7 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
     n_total = len(pending)
     n_skip = sum(1 for _, prev in pending if prev is not None)
     if dry_run:
-        return _dry_run(matrix, pending, runs_dir, runs_path, log)
+        return _dry_run(matrix, pending, runs_dir, runs_path, log, device)
 
     from ..engine.config import load_config
     from ..engine.train import train
@@ -199,7 +200,8 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
     if latency:
         from .latency import measure_latencies
         methods = [m for m in matrix["methods"] if only is None or m["name"] in only]
-        measure_latencies(matrix, methods, results_dir / "latency.json", load_config=load_config, log=log)
+        measure_latencies(matrix, methods, results_dir / "latency.json", load_config=load_config, device=device,
+                          log=log)
 
     counts = {"total": n_total, "skipped": n_skip, "ok": 0, "failed": 0, "deferred": 0, "interrupted": 0, "busy": 0}
     for i, (c, prev) in enumerate(pending, 1):
@@ -213,7 +215,7 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
         + (f" x {threads} thread(s)" if threads else "")
         + (f", --budget {fmt_duration(budget_s)}" if budget_s else ""))
     runner = _Runner(matrix, runs_dir, runs_path, n_total, workers, threads, deadline, Estimates(records), counts,
-                     log, load_config=load_config, train=train)
+                     log, load_config=load_config, train=train, device=device)
     runner.run(queue)
     _summary(matrix, counts, runs_path, log)
     return counts
@@ -223,7 +225,7 @@ def _pending(matrix, todo, done, runs_path, retry_failed):
     out = []
     for c in todo:
         prev = done.get((c["method"], c["seed"]))
-        if prev is not None and prev.get("fingerprint") not in (None, fingerprint(matrix, c)):
+        if prev is not None and not same_settings(prev.get("fingerprint"), fingerprint(matrix, c)):
             raise AttnlabError(
                 f"{runs_path} holds method '{c['method']}' seed {c['seed']} run with other settings than "
                 f"{matrix['path']} now gives; move that file away (or rename the matrix) before re-running")
@@ -247,7 +249,7 @@ def _summary(matrix, counts, runs_path, log):
             f"matrix afresh, give --results-root <an empty folder> or move that file away")
 
 
-def _dry_run(matrix, pending, runs_dir, runs_path, log) -> dict:
+def _dry_run(matrix, pending, runs_dir, runs_path, log, device=None) -> dict:
     from ..attention import get
     from ..engine.config import load_config
 
@@ -258,7 +260,7 @@ def _dry_run(matrix, pending, runs_dir, runs_path, log) -> dict:
     bad = 0
     for i, (c, prev) in enumerate(pending, 1):
         state = f"done ({prev.get('status')})" if prev else "to run"
-        overrides = cell_overrides(matrix, c, runs_dir)
+        overrides = cell_overrides(matrix, c, runs_dir, device)
         problem = None
         if prev is None:
             try:
@@ -275,10 +277,11 @@ class _Runner:
     """Starts cells while slots are free and the budget allows, and records each as it ends."""
 
     def __init__(self, matrix, runs_dir, runs_path, n_total, workers, threads, deadline, estimates, counts, log,
-                 *, load_config, train):
+                 *, load_config, train, device=None):
         self.matrix, self.runs_dir, self.runs_path, self.n_total = matrix, runs_dir, runs_path, n_total
         self.workers, self.threads, self.deadline, self.est = workers, threads, deadline, estimates
         self.counts, self.log, self.load_config, self.train = counts, log, load_config, train
+        self.device = device
         self.running: list[Job] = []
         self.gpus = _visible_gpus() if workers > 1 else []
 
@@ -331,7 +334,7 @@ class _Runner:
         self.log(f"[{i}/{self.n_total}] {name}: running{self._eta()}")
         if self.workers == 1:
             self._finish(job, run_cell(self.matrix, c, self.runs_dir, load_config=self.load_config,
-                                       train=self.train))
+                                       train=self.train, device=self.device))
             return
         self._spawn(job)
         self.running.append(job)
@@ -355,6 +358,8 @@ class _Runner:
                str(job.record_path), "--workers", str(self.workers)]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
+        if self.device:
+            cmd += ["--device", self.device]
         log_path = bench_dir / "logs" / f"{c['run_name']}.log"
         job.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     bufsize=1)

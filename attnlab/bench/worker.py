@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs-root", required=True, help="runs/<matrix>/: the cell trains in <runs-root>/<cell>/")
     p.add_argument("--record", required=True, help="where the cell's record goes (JSON)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or auto instead of the matrix's device")
     p.add_argument("--workers", type=int, default=1, help="how many cells run at once (recorded with the result)")
     args = p.parse_args(argv)
 
@@ -34,7 +35,8 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     matrix = load_matrix(args.matrix)
     (cell,) = cells(matrix, seeds=[args.seed], only=[args.method])
-    record = stamp(run_cell(matrix, cell, args.runs_root, load_config=load_config, train=train),
+    record = stamp(run_cell(matrix, cell, args.runs_root, load_config=load_config, train=train,
+                            device=args.device),
                    torch.get_num_threads(), args.workers)
     out = Path(args.record)
     tmp = out.with_name(out.name + ".tmp")
