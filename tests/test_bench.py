@@ -192,6 +192,8 @@ def test_budget_starts_only_cells_that_fit_and_adding_methods_runs_only_them(tmp
     # Seed 0 already ran: `none` took 5 s, `se` 10,000 s. With a 60 s budget only none's seed 1 fits.
     append_line(runs_path, _seed_record(matrix, "none", 0, 5.0))
     append_line(runs_path, _seed_record(matrix, "se", 0, 10000.0))
+    gpu = dict(_seed_record(matrix, "none", 7, 99999.0), device="NVIDIA H200")  # another device: no estimate
+    append_line(runs_path, gpu)
     counts = run_matrix(matrix, results_root=res, runs_root=runs, latency=False, budget_s=60)
     assert counts == _counts(total=4, skipped=2, ok=1, deferred=1)
     out = capsys.readouterr().out

@@ -135,12 +135,14 @@ def fmt_duration(seconds: float) -> str:
 
 
 class Estimates:
-    """Expected wall time of a method's cell: the median of its finished cells, else the slowest method's."""
+    """Expected wall time of a method's cell: the median of its finished cells on the same kind of device (CPU or
+    GPU: a CPU cell says nothing about a GPU one), else the slowest method's median."""
 
-    def __init__(self, records):
+    def __init__(self, records, device_kind: str = "cpu"):
         self.times: dict[str, list[float]] = {}
+        self.device_kind = device_kind
         for r in records:
-            if r.get("status") == "ok" and r.get("wall_time_s"):
+            if r.get("status") == "ok" and r.get("wall_time_s") and device_kind_of(r.get("device")) == device_kind:
                 self.add(r["method"], float(r["wall_time_s"]))
 
     def add(self, method: str, seconds: float) -> None:
@@ -151,6 +153,17 @@ class Estimates:
             return statistics.median(self.times[method])
         medians = [statistics.median(t) for t in self.times.values()]
         return max(medians) if medians else None
+
+
+def device_kind_of(device) -> str:
+    """'cpu' for the engine's CPU description ('cpu (x86_64, 1 threads)'), 'cuda' for a GPU's name."""
+    return "cpu" if device is None or str(device).startswith("cpu") else "cuda"
+
+
+def planned_device_kind(matrix, device=None) -> str:
+    import torch
+    wanted = str(device or matrix["overrides"].get("device", "auto"))
+    return "cuda" if wanted in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
 
 
 def default_workers() -> int:
@@ -214,7 +227,8 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
     log(f"matrix {matrix['name']}: {len(queue)} of {n_total} cells to run, --workers {workers}"
         + (f" x {threads} thread(s)" if threads else "")
         + (f", --budget {fmt_duration(budget_s)}" if budget_s else ""))
-    runner = _Runner(matrix, runs_dir, runs_path, n_total, workers, threads, deadline, Estimates(records), counts,
+    runner = _Runner(matrix, runs_dir, runs_path, n_total, workers, threads, deadline,
+                     Estimates(records, planned_device_kind(matrix, device)), counts,
                      log, load_config=load_config, train=train, device=device)
     runner.run(queue)
     _summary(matrix, counts, runs_path, log)
@@ -413,7 +427,8 @@ class _Runner:
         self.counts[record["status"]] += 1
         name = f"[{job.index}/{self.n_total}] {c['method']} seed {c['seed']}"
         if record["status"] == "ok":
-            self.est.add(c["method"], float(record.get("wall_time_s") or duration))
+            if device_kind_of(record.get("device")) == self.est.device_kind:
+                self.est.add(c["method"], float(record.get("wall_time_s") or duration))
             self.log(f"{name}: val top-1 {_pct(record['val_top1'])}, test top-1 {_pct(record['test_top1'])} in "
                      f"{fmt_duration(duration)}")
         else:
