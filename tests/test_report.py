@@ -205,3 +205,18 @@ def test_bad_claims_are_refused(tmp_path):
         path.write_text(f"methods: [none, se]\nclaims:\n  - {{claim: c, {body}}}\n")
         with pytest.raises(AttnlabError, match=message):
             load_matrix(path)
+
+
+def test_readme_block_of_a_matrix_in_progress_goes_to_its_own_markers(results, tmp_path):
+    _with_claims(results, tmp_path)  # the matrix lists 4 methods x 3 seeds; tdam has only a failed cell
+    s = summarize(results)
+    block = readme_block(s)
+    assert "**In progress: 9 of 12 cells finished.** Not run yet: tdam." in block
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:begin -->\nheadline\n<!-- results:end -->\n"
+                      "<!-- results:fake:begin -->\nold\n<!-- results:fake:end -->\n")
+    update_readme(readme, block, "fake")
+    text = readme.read_text()
+    assert "headline" in text and "\nold\n" not in text and "In progress" in text
+    update_readme(readme, "other", "unlisted")  # no block of its own: the default block
+    assert "headline" not in readme.read_text() and "In progress" in readme.read_text()
