@@ -167,6 +167,35 @@ def test_corrupt_image_error_names_the_file(tmp_path):
         load_dataset("imagefolder", data_dir=root, cache_dir=tmp_path / "cache")
 
 
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+    root = make_folder(tmp_path / "ds")
+    (root / "train" / "d").mkdir()                                       # would train as a 4th, empty class
+    (root / "train" / "d" / "notes.txt").write_text("not an image")
+    with pytest.raises(AttnlabError, match=r"class folder .*ds/train/d holds no images") as err:
+        load_dataset("imagefolder", data_dir=root, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    (root / "train" / "d" / "notes.txt").unlink()
+    (root / "train" / "d").rmdir()
+    (root / "test" / "c").rename(root / "test" / "c_gone")              # an empty or absent test class is fine
+    (root / "test" / "c").mkdir()
+    (root / "test" / "c_gone" / "000.png").rename(root / "test" / "a" / "900.png")
+    (root / "test" / "c_gone" / "001.png").unlink()
+    (root / "test" / "c_gone").rmdir()
+    bundle = load_dataset("imagefolder", data_dir=root, cache_dir=None, val_size=0)
+    assert bundle.classes == ["a", "b", "c"] and bundle.test.class_counts(3) == [3, 2, 0]
+
+
+def test_empty_tiny_imagenet_class_is_an_error_naming_it(tmp_path):
+    root = tmp_path / "tiny"
+    (root / "train" / "n01" / "images").mkdir(parents=True)
+    (root / "train" / "n02" / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "train" / "n01" / "images" / "n01_0.JPEG")
+    (root / "wnids.txt").write_text("n01\nn02\n")
+    with pytest.raises(AttnlabError, match=r"class folder .*tiny/train/n02/images holds no images"):
+        load_dataset("tiny-imagenet", data_dir=root, cache_dir=None)
+
+
 def test_sizes_differ_needs_image_size_then_resizes(tmp_path):
     root = make_folder(tmp_path / "ds")
     Image.fromarray(np.zeros((10, 12, 3), dtype=np.uint8)).save(root / "train" / "a" / "009.png")

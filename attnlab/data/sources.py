@@ -100,7 +100,12 @@ def _list_images(folder: Path) -> list[str]:
         return sorted(e.name for e in it if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
 
 
-def _folder_pool(root: Path, split_dir: Path, classes: list[str]) -> Pool:
+def _empty_class(name: str, folder: Path) -> AttnlabError:
+    return AttnlabError(f"dataset '{name}': class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                        f"add images or remove the folder")
+
+
+def _folder_pool(root: Path, split_dir: Path, classes: list[str], name: str, defines_classes: bool) -> Pool:
     files, labels = [], []
     for label, cls in enumerate(classes):
         d = split_dir / cls
@@ -108,6 +113,8 @@ def _folder_pool(root: Path, split_dir: Path, classes: list[str]) -> Pool:
             continue  # a class may be absent from a small test folder
         prefix = d.relative_to(root).as_posix() + "/"
         names = _list_images(d)
+        if not names and defines_classes:  # it would train silently as a class that never occurs
+            raise _empty_class(name, d)
         files.extend(prefix + f for f in names)
         labels.extend([label] * len(names))
     return Pool(root, files, np.asarray(labels, dtype=np.int64))
@@ -123,8 +130,8 @@ def image_folder(name: str, root: Path) -> Source:
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not classes:
         raise AttnlabError(f"dataset '{name}': no class folders in {train_dir}")
-    train = _folder_pool(root, train_dir, classes)
-    test = _folder_pool(root, test_dir, classes)
+    train = _folder_pool(root, train_dir, classes, name, defines_classes=True)
+    test = _folder_pool(root, test_dir, classes, name, defines_classes=False)
     for split, pool, d in (("train", train, train_dir), ("test", test, test_dir)):
         if len(pool) == 0:
             raise AttnlabError(f"dataset '{name}': no images ({', '.join(IMAGE_EXTENSIONS)}) in {d}/<class>/")
@@ -193,7 +200,10 @@ def tiny_imagenet(name: str, root: Path) -> Source:
         img_dir = root / "train" / w / "images"
         if not img_dir.is_dir():
             raise AttnlabError(f"dataset '{name}': missing {img_dir}")
-        for f in _list_images(img_dir):
+        names = _list_images(img_dir)
+        if not names:
+            raise _empty_class(name, img_dir)
+        for f in names:
             files.append(f"train/{w}/images/{f}")
             labels.append(index[w])
             boxes.append(table.get(f, ["nan"] * 4))  # nan marks an image with no annotation
