@@ -265,6 +265,84 @@ def test_torchvision_pickle_formats(tmp_path):
     assert b100.num_classes == 100 and len(b100.val) == 30 and b100.val.class_counts(100).count(0) == 70
 
 
+class _RunsCommand:
+    """Unpickling this runs a shell command: the classic malicious-pickle payload."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _cifar10_folder(root, batch=None):
+    """A tiny fake cifar-10-batches-py: 10 classes, 20 images per batch; ``batch`` replaces data_batch_1."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    _write_pickle(root / "batches.meta", {"label_names": [f"k{i}" for i in range(10)]})
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _write_pickle(root / name, {"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8),
+                                    "labels": list(range(10)) * 2})
+    if batch is not None:
+        (root / "data_batch_1").write_bytes(batch)
+    return root
+
+
+@pytest.mark.parametrize("payload", ["os.system", "eval", "object array", "array subclass", "top-level list"])
+def test_malicious_cifar_batch_never_runs_code(tmp_path, payload):
+    marker = tmp_path / "pwned"
+    labels = list(range(10)) * 2
+    data = {"data": np.zeros((20, 3072), dtype=np.uint8), "labels": labels}
+    if payload == "os.system":
+        data["data"] = _RunsCommand(f"touch {marker}")
+        live = tmp_path / "live"                     # the payload is real: plain pickle runs it
+        pickle.loads(pickle.dumps(_RunsCommand(f"touch {live}")))
+        assert live.exists()
+    elif payload == "eval":
+        data["batch_label"] = type("E", (), {"__reduce__": lambda self: (eval, (f"open({str(marker)!r}, 'w')",))})()
+    elif payload == "object array":
+        data["data"] = np.array([1, "x"], dtype=object)
+    elif payload == "array subclass":
+        data["data"] = np.zeros((20, 3072), dtype=np.uint8).view(np.ma.MaskedArray)
+    else:
+        data = [data]
+    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py", pickle.dumps(data, protocol=2))
+    with pytest.raises(AttnlabError, match=r"refusing CIFAR batch file .*data_batch_1: it holds .*never") as err:
+        load_dataset("cifar10", data_dir=folder, cache_dir=None)
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("style", ["python2", "protocol5"])
+def test_real_cifar_batch_formats_load(tmp_path, style):
+    """The original files are Python 2 protocol-2 pickles (numpy.core names); NumPy 2 at protocol 5 differs."""
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
+    batch = {"batch_label": b"training batch 1 of 5", "labels": list(range(10)) * 2, "data": pixels,
+             "filenames": [f"img_{i}.png".encode() for i in range(20)]}
+    if style == "python2":
+        raw = pickle.dumps(batch, protocol=2).replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+        assert b"cnumpy.core.multiarray\n_reconstruct" in raw
+    else:
+        raw = pickle.dumps(batch, protocol=5)
+        assert b"_frombuffer" in raw
+    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py", raw)
+    bundle = load_dataset("cifar10", data_dir=folder, cache_dir=None, val_size=0)
+    assert bundle.classes == [f"k{i}" for i in range(10)] and len(bundle.train) == 100
+    assert np.array_equal(bundle.train.images[:20].numpy(), pixels.reshape(-1, 3, 32, 32))
+    assert bundle.train.labels[:20].tolist() == list(range(10)) * 2
+
+
+def test_torn_cifar_batch_is_a_clean_error(tmp_path):
+    good = pickle.dumps({"data": np.zeros((20, 3072), dtype=np.uint8), "labels": [0] * 20}, protocol=2)
+    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py", good[: len(good) // 2])
+    with pytest.raises(AttnlabError, match=r"cannot read CIFAR batch file .*data_batch_1"):
+        load_dataset("cifar10", data_dir=folder, cache_dir=None)
+    _write_pickle(folder / "data_batch_1", {"data": np.zeros((20, 3072), dtype=np.uint8), "labels": [0] * 19})
+    with pytest.raises(AttnlabError, match=r"data_batch_1: labels must be 20 integers in 0..9"):
+        load_dataset("cifar10", data_dir=folder, cache_dir=None)
+
+
 @needs_tiny
 def test_tiny_imagenet_boxes_are_aligned_with_images(tmp_path):
     bundle = load_dataset("tiny-imagenet", subset=4, test_subset=2, cache_dir=tmp_path)
@@ -414,24 +492,25 @@ def test_channel_stats_exact_against_numpy(cifar):
 
 
 def test_download_only_when_asked(tmp_path, monkeypatch):
-    import torchvision
+    from torchvision.datasets import CIFAR10, utils
 
     calls = []
 
-    def fake_cifar10(root, train, download):  # stands in for the network: writes torchvision's layout
-        calls.append((root, train, download))
-        d = Path(root) / "cifar-10-batches-py"
+    def fake_download(url, download_root, filename, md5):  # stands in for the network: unpacks the layout
+        calls.append((url, download_root, filename, md5))
+        d = Path(download_root) / "cifar-10-batches-py"
         d.mkdir(parents=True, exist_ok=True)
         _write_pickle(d / "batches.meta", {"label_names": [f"k{i}" for i in range(10)]})
         for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
             _write_pickle(d / name, {"data": np.zeros((10, 3072), dtype=np.uint8), "labels": list(range(10))})
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar10)
+    monkeypatch.setattr(utils, "download_and_extract_archive", fake_download)
     with pytest.raises(AttnlabError, match="download: true"):
         load_dataset("cifar10", data_dir=tmp_path / "dl")
     assert calls == []  # never downloads unless asked
     bundle = load_dataset("cifar10", data_dir=tmp_path / "dl", download=True, cache_dir=None)
-    assert {c[0] for c in calls} == {str(tmp_path / "dl")} and len(bundle.test) == 10
+    assert calls == [(CIFAR10.url, str(tmp_path / "dl"), CIFAR10.filename, CIFAR10.tgz_md5)]
+    assert len(bundle.test) == 10
     calls.clear()
     load_dataset("cifar10", data_dir=tmp_path / "dl", download=True, cache_dir=None)
     assert calls == []  # already there: no second download
