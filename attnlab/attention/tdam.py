@@ -163,7 +163,9 @@ class TDAM(nn.Module):
         return block.relu(out + block.shortcut(x))
 
     def forward(self, x):
-        raise AttnlabError("attention 'tdam' re-runs its block: call forward_block(block, x) (the block does)")
+        raise AttnlabError("attention 'tdam' re-runs its block, so it works only in attnlab's models "
+                           "(attnlab.create_model), not as a plain attn_layer (e.g. timm's): the block must call "
+                           "forward_block(block, x)")
 
     def extra_repr(self):
         return (f"channels={self.channels}, searchlight={self.searchlight_kind}, time_steps={self.time_steps}, "
