@@ -1,4 +1,5 @@
 """Data layer: sources, splits, the decoded cache and the batch loader, on real shared data and small generated folders."""
+import io
 import os
 import pickle
 from pathlib import Path
@@ -514,3 +515,32 @@ def test_download_only_when_asked(tmp_path, monkeypatch):
     calls.clear()
     load_dataset("cifar10", data_dir=tmp_path / "dl", download=True, cache_dir=None)
     assert calls == []  # already there: no second download
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_decode_progress_is_plain_lines_off_a_terminal(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data_cache, "PROGRESS_MIN_IMAGES", 4)
+    root = make_folder(tmp_path / "ds", per_class=(6, 2))                 # 18 train images
+    files = sorted(str(p.relative_to(root)) for p in (root / "train").rglob("*.png"))
+    data_cache.decode_images(root, files, None, desc="train")
+    err = capsys.readouterr().err                                          # pytest's stderr is not a terminal
+    assert "\r" not in err
+    assert err.splitlines() == ["train: decoded 18/18 images"]             # one chunk of 512: one line
+    log = io.StringIO()
+    bar = data_cache.Progress(2000, "train", stream=log)
+    for _ in range(4):
+        bar.update(500)
+    bar.close()
+    assert log.getvalue().splitlines() == [f"train: decoded {n}/2000 images" for n in (500, 1000, 1500, 2000)]
+    tty = _Terminal()
+    bar = data_cache.Progress(2000, "train", stream=tty)
+    bar.update(2000)
+    bar.close()
+    assert "\r" in tty.getvalue() and "decoded" not in tty.getvalue()     # a tqdm bar on a terminal
+    quiet = io.StringIO()
+    data_cache.Progress(3, "small", stream=quiet).update(3)               # below the threshold (4 here): silent
+    assert quiet.getvalue() == ""
