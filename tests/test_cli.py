@@ -33,7 +33,7 @@ BAD_INPUT = [
 @pytest.mark.parametrize("args,message", BAD_INPUT)
 def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
     argv = ["profile", "--model", "resnet20", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
-            "--json", str(tmp_path / "x.json")]
+            "--out", str(tmp_path / "x.json")]
     with pytest.raises(SystemExit) as info:
         main(argv + args)
     assert info.value.code == 2
@@ -80,7 +80,7 @@ def test_profile_options_reach_the_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["profile", "--model", "resnet20", "--attention", "se", "--attention-kwargs", "reduction=4",
               "bias=false", "--blocks", "{2: [0, 2]}", "--num-classes", "3", "--input-size", "16",
-              "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+              "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--json", str(out)])  # --out's old name
     assert info.value.code == 0
     data = json.loads(out.read_text())
     assert data["attention_kwargs"] == {"reduction": 4, "bias": False}

@@ -20,7 +20,9 @@ steps, unlike m >= 1, whose step 0 is the plain forward and which therefore modu
 Placement: ``default_stages = [-2, -1]`` (the official code's layer3 + layer4); change it with ``blocks``.
 The module needs the block's inner widths, so the model calls ``attach(block)`` right after building the block;
 the parameters therefore exist before the optimizer. Init: the model's kaiming-normal (fan_out) init covers the
-1x1 convs, per-step BNs start at gamma=1, beta=0 (also with zero_init_residual, as in the official code).
+1x1 convs, per-step BNs start at gamma=1, beta=0 (also with zero_init_residual, as in the official code). The
+official TDAM ResNets zero the last BN of every residual branch (timm's zero_init_last_bn=True, their default);
+attnlab's default is off, so pass zero_init_residual=True to match them (configs/imagenet_resnet50_tdam.yaml does).
 
 Differences from the official code (shantanuj/TDAM_Top_down_attention_module, timm_td_resnet.py / modules.py):
   * r is at least 1 (the official C_top // 16 would be 0 for CIFAR widths below 16);
