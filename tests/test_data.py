@@ -2,6 +2,7 @@
 import io
 import os
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -314,16 +315,42 @@ def test_malicious_cifar_batch_never_runs_code(tmp_path, payload):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("style", ["python2", "protocol5"])
+def py2_cifar_batch(pixels, labels, batch_label):
+    """A batch as the original CIFAR files store it: Python 2 cPickle protocol 2, str keys, the pixels as one raw
+    BINSTRING (which a latin1 load turns into str), numpy.core names. Written opcode by opcode."""
+    def text(t):
+        b = t.encode("latin1")
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<I", len(b)) + b
+
+    def integer(n):
+        return b"K" + bytes([n]) if n < 256 else b"M" + struct.pack("<H", n)
+
+    rows, cols = pixels.shape
+    raw = pixels.tobytes()
+    dtype = (b"cnumpy\ndtype\nq\x03" + text("u1") + integer(0) + integer(1) + b"\x87R(" + integer(3) + text("|")
+             + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xff" + integer(0) + b"tb")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02" + integer(0) + b"\x85" + text("b")
+             + b"\x87R(" + integer(1) + integer(rows) + integer(cols) + b"\x86" + dtype + b"\x89"
+             + b"T" + struct.pack("<I", len(raw)) + raw + b"tb")
+    items = (text("batch_label") + text(batch_label) + text("labels") + b"](" + b"".join(map(integer, labels))
+             + b"e" + text("data") + array)
+    return b"\x80\x02}q\x00(" + items + b"u."
+
+
+@pytest.mark.parametrize("style", ["python2", "protocol2", "protocol5"])
 def test_real_cifar_batch_formats_load(tmp_path, style):
-    """The original files are Python 2 protocol-2 pickles (numpy.core names); NumPy 2 at protocol 5 differs."""
+    """The original files (Python 2), and what Python 3 writes at protocol 2 (_codecs.encode) and 5 (_frombuffer)."""
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
-    batch = {"batch_label": b"training batch 1 of 5", "labels": list(range(10)) * 2, "data": pixels,
+    labels = list(range(10)) * 2
+    batch = {"batch_label": b"training batch 1 of 5", "labels": labels, "data": pixels,
              "filenames": [f"img_{i}.png".encode() for i in range(20)]}
     if style == "python2":
-        raw = pickle.dumps(batch, protocol=2).replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
-        assert b"cnumpy.core.multiarray\n_reconstruct" in raw
+        raw = py2_cifar_batch(pixels, labels, "training batch 1 of 5")
+        assert np.array_equal(pickle.loads(raw, encoding="latin1")["data"], pixels)  # what plain pickle reads
+    elif style == "protocol2":
+        raw = pickle.dumps(batch, protocol=2)
+        assert b"_codecs" in raw
     else:
         raw = pickle.dumps(batch, protocol=5)
         assert b"_frombuffer" in raw
@@ -331,7 +358,7 @@ def test_real_cifar_batch_formats_load(tmp_path, style):
     bundle = load_dataset("cifar10", data_dir=folder, cache_dir=None, val_size=0)
     assert bundle.classes == [f"k{i}" for i in range(10)] and len(bundle.train) == 100
     assert np.array_equal(bundle.train.images[:20].numpy(), pixels.reshape(-1, 3, 32, 32))
-    assert bundle.train.labels[:20].tolist() == list(range(10)) * 2
+    assert bundle.train.labels[:20].tolist() == labels
 
 
 def test_torn_cifar_batch_is_a_clean_error(tmp_path):
