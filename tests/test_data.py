@@ -2,6 +2,7 @@
 import io
 import os
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -290,7 +291,8 @@ def _cifar10_folder(root, batch=None):
     return root
 
 
-@pytest.mark.parametrize("payload", ["os.system", "eval", "object array", "array subclass", "top-level list"])
+@pytest.mark.parametrize("payload", ["os.system", "eval", "object array", "array subclass", "top-level list",
+                                     "huge placeholder"])
 def test_malicious_cifar_batch_never_runs_code(tmp_path, payload):
     marker = tmp_path / "pwned"
     labels = list(range(10)) * 2
@@ -308,7 +310,12 @@ def test_malicious_cifar_batch_never_runs_code(tmp_path, payload):
         data["data"] = np.zeros((20, 3072), dtype=np.uint8).view(np.ma.MaskedArray)
     else:
         data = [data]
-    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py", pickle.dumps(data, protocol=2))
+    raw = pickle.dumps(data, protocol=2)
+    if payload == "huge placeholder":  # numpy's empty (0,) placeholder made 2**40 long: a terabyte to allocate
+        huge = pickle.dumps(2 ** 40, protocol=2)[2:-1]  # the LONG1 opcode for 2**40
+        raw, n = re.subn(rb"(cnumpy\nndarray\nq.)K\x00\x85", lambda m: m.group(1) + huge + b"\x85", raw)
+        assert n == 1
+    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py", raw)
     with pytest.raises(AttnlabError, match=r"refusing CIFAR batch file .*data_batch_1: it holds .*never") as err:
         load_dataset("cifar10", data_dir=folder, cache_dir=None)
     assert "\n" not in str(err.value)

@@ -56,7 +56,11 @@ def _reconstruct(cls, shape, typecode):
     """numpy's protocol 0-4 path: an empty ndarray that BUILD then fills from raw bytes."""
     if cls is not NDARRAY:
         raise RefusedContent(f"an array of class {getattr(cls, '__name__', cls)!r}")
-    return np.ndarray.__new__(np.ndarray, tuple(shape), _plain_dtype(typecode))
+    # numpy writes an empty placeholder here (BUILD sets the real shape from the data), so a large shape is no
+    # CIFAR file: refusing it keeps a crafted file from asking for terabytes.
+    if not (isinstance(shape, tuple) and all(isinstance(n, int) and 0 <= n for n in shape) and np.prod(shape) == 0):
+        raise RefusedContent(f"an array placeholder of shape {shape!r}")
+    return np.ndarray.__new__(np.ndarray, shape, _plain_dtype(typecode))
 
 
 def _frombuffer(buffer, dtype, shape, order):
