@@ -1,4 +1,5 @@
-"""The ``attnlab`` command. Each subcommand lives in its own module with ``add_arguments(p)`` and ``run(args)``.
+"""The ``attnlab`` command. Each subcommand lives in its own module with ``add_arguments(p)`` and ``run(args)``;
+adding one is one line in COMMANDS.
 
 Bad input (an AttnlabError) prints one line, ``attnlab: error: ...``, and exits with code 2.
 """
@@ -6,40 +7,65 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
 from .errors import AttnlabError
 
 COMMANDS = {
-    "profile": ("attnlab.profiler", "params, FLOPs, latency, throughput and peak memory of a model"),
-    "train": ("attnlab.engine.train", "train a model from a YAML recipe with key=value overrides"),
+    "list": ("attnlab.listing", "list the models, attention modules, datasets and training objectives"),
+    "train": ("attnlab.engine.train", "train a model from a YAML recipe with key=value overrides (files go to runs/<name>/)"),
     "eval": ("attnlab.engine.evaluate", "evaluate a checkpoint on the val or test split"),
+    "profile": ("attnlab.profiler", "params, FLOPs, latency, throughput and peak memory of a model"),
     "export": ("attnlab.export", "export a checkpoint's model to ONNX (inference graph only)"),
     "bench": ("attnlab.bench.cli", "run a benchmark matrix (methods x seeds) through the training engine"),
     "report": ("attnlab.bench.report", "write report.md and plots for a benchmark matrix's results"),
 }
 
+DESCRIPTION = """Attention modules for convolutional networks (SE, CBAM, ECA, SPE, TDAM, DIA, SSIA):
+train them in ResNets, evaluate, profile, export and compare them side by side."""
 
-def build_parser(available):
-    parser = argparse.ArgumentParser(prog="attnlab", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+EXAMPLES = """examples:
+  attnlab list attention                                  modules and their options
+  attnlab train --config configs/quick.yaml name=quick_eca model.attention=eca
+                                                          a run's files go to runs/quick_eca/
+  attnlab train --resume runs/quick_eca                   continue an interrupted run
+  attnlab eval --checkpoint runs/quick_eca --split test
+  attnlab profile --model resnet50 --attention se         params, FLOPs, latency, memory
+  torchrun --nproc_per_node 2 -m attnlab train --config configs/quick.yaml name=quick_ddp
+                                                          data-parallel (train.batch_size is the global batch)
+
+Run 'attnlab COMMAND --help' for a command's options; the README has the rest."""
+
+
+def _fill_missing_help(parser):
+    """An option a command left without help still says what it takes (its choices) and its default."""
+    for action in parser._actions:
+        if action.help is not None or isinstance(action, argparse._HelpAction):
+            continue
+        parts = [f"one of {', '.join(map(str, action.choices))}"] if action.choices else []
+        if action.default not in (None, argparse.SUPPRESS, False, []):
+            parts.append(f"default: {action.default}")
+        action.help = "; ".join(parts) or " "
+
+
+def build_parser(modules):
+    parser = argparse.ArgumentParser(prog="attnlab", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"attnlab {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     sub.required = True
-    for name, (module, help_text) in COMMANDS.items():
-        if name in available:
-            p = sub.add_parser(name, help=help_text, description=help_text)
-            available[name].add_arguments(p)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        modules[name].add_arguments(p)
+        _fill_missing_help(p)
     return parser
 
 
 def main(argv=None):
-    available = {}
-    for name, (module, _) in COMMANDS.items():
-        try:
-            available[name] = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:  # a real missing dependency, not a command still to be written
-                raise
-    args = build_parser(available).parse_args(argv)
+    modules = {name: importlib.import_module(module) for name, (module, _) in COMMANDS.items()}
+    args = build_parser(modules).parse_args(argv)
     try:
-        result = available[args.command].run(args)
+        result = modules[args.command].run(args)
     except AttnlabError as err:
         print(f"attnlab: error: {err}", file=sys.stderr)
         sys.exit(2)

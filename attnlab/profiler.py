@@ -245,17 +245,19 @@ def add_arguments(p):
                         "or a YAML dict '{2: [0, 1]}'")
     p.add_argument("--share", action=argparse.BooleanOptionalAction, default=None,
                    help="one attention module per stage, shared by its blocks (default: the module's own choice)")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the model's own)")
     p.add_argument("--input-size", type=int, default=None, help="image side; default: the model's own")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64],
+                   help="batch sizes to time (default: 1 64)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up passes (default: 3/1 on CPU, 10 on CUDA)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed passes (default on CPU: 20 for batch < 16, 3 above; 50 on CUDA; "
                         "cut short after 10 s, at least 3)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is steadier on a machine shared with other jobs)")
-    p.add_argument("--json", default=None, help="output path (default: results/profile/<model>_<attention>.json)")
+    p.add_argument("--out", "--json", dest="out", default=None, metavar="PATH",
+                   help="where to write the JSON (default: runs/profile/<model>_<attention>.json)")
 
 
 def parse_kwargs(items) -> dict:
@@ -354,7 +356,8 @@ def run(args):
     result = {"model": args.model, "attention": args.attention, "attention_kwargs": kwargs, "blocks": args.blocks,
               "share": args.share, **result}
     print(format_table(f"{args.model} + {args.attention}", result))
-    path = args.json or os.path.join("results", "profile", f"{args.model}_{args.attention}.json")
+    # Beside the training runs, not in the repository's results/ (which holds committed, reproducible results).
+    path = args.out or os.path.join("runs", "profile", f"{args.model}_{args.attention}.json")
     write_json(path, result)
     print(f"wrote {path}")
     return 0

@@ -33,7 +33,7 @@ BAD_INPUT = [
 @pytest.mark.parametrize("args,message", BAD_INPUT)
 def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
     argv = ["profile", "--model", "resnet20", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
-            "--json", str(tmp_path / "x.json")]
+            "--out", str(tmp_path / "x.json")]
     with pytest.raises(SystemExit) as info:
         main(argv + args)
     assert info.value.code == 2
@@ -65,7 +65,8 @@ def test_profile_writes_default_json_and_prints_table(tmp_path):
     proc = run_cli("profile", "--model", "resnet20", "--attention", "eca", "--batch-sizes", "1", "2",
                    "--repeats", "2", "--warmup", "0", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    path = tmp_path / "results" / "profile" / "resnet20_eca.json"
+    path = tmp_path / "runs" / "profile" / "resnet20_eca.json"   # beside the runs, not in results/
+    assert not (tmp_path / "results").exists()
     data = json.loads(path.read_text())
     assert data["model"] == "resnet20" and data["attention"] == "eca"
     assert data["input_size"] == [3, 32, 32]  # the model's default input size
@@ -79,7 +80,7 @@ def test_profile_options_reach_the_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["profile", "--model", "resnet20", "--attention", "se", "--attention-kwargs", "reduction=4",
               "bias=false", "--blocks", "{2: [0, 2]}", "--num-classes", "3", "--input-size", "16",
-              "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+              "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--json", str(out)])  # --out's old name
     assert info.value.code == 0
     data = json.loads(out.read_text())
     assert data["attention_kwargs"] == {"reduction": 4, "bias": False}
@@ -87,3 +88,67 @@ def test_profile_options_reach_the_model(tmp_path, capsys):
     # resnet20 (10 -> 3 classes): fc 64*3+3; two SE modules on 64 channels, hidden 16, no bias: 2*(2*64*16).
     assert data["params"] == count_params(create_model("resnet20", num_classes=3)) + 2 * (2 * 64 * 16)
     assert "wrote" in capsys.readouterr().out
+
+
+def test_top_level_help_is_for_users(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    from attnlab.cli import COMMANDS
+    for name, (_, help_text) in COMMANDS.items():
+        assert re.search(rf"^\s+{name}\s+\S", out, re.M), name
+    assert "examples:" in out and "attnlab train --config configs/quick.yaml" in out and "torchrun" in out
+    assert "add_arguments" not in out and "AttnlabError" not in out   # no developer text
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from attnlab.cli import COMMANDS, build_parser
+    import importlib
+
+    parser = build_parser({n: importlib.import_module(m) for n, (m, _) in COMMANDS.items()})
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(COMMANDS)
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help and action.help.strip(), f"attnlab {name} {action.option_strings or action.dest}"
+
+
+def test_version_is_the_package_version(capsys):
+    import attnlab
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"attnlab {attnlab.__version__}"
+    assert f'version = "{attnlab.__version__}"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_list_names_what_a_recipe_can_use(capsys):
+    import attnlab
+    from attnlab.objectives import objective_defaults
+
+    def listed(*args):
+        with pytest.raises(SystemExit) as info:
+            main(["list", *args])
+        assert info.value.code == 0
+        return capsys.readouterr().out
+
+    models = listed("models")
+    assert [line.split()[0] for line in models.splitlines()] == sorted(
+        attnlab.list_models(), key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+    attention = listed("attention")
+    assert all(re.search(rf"^{n}\s", attention, re.M) for n in attnlab.attention.names())
+    assert "time_steps=2" in attention and "reduction=16" in attention
+    datasets = listed("datasets")
+    assert [line.split()[0] for line in datasets.splitlines()] == ["cifar10", "cifar100", "tiny-imagenet",
+                                                                  "imagefolder"]
+    objectives = listed("objectives")
+    assert all(f"{name}.{key}=" in objectives for name, d in objective_defaults().items() for key in d)
+    everything = listed()
+    assert all(f"{kind}:" in everything for kind in ("models", "attention", "datasets", "objectives"))
+    with pytest.raises(SystemExit) as info:
+        main(["list", "losses"])
+    assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -1,6 +1,9 @@
 """Data layer: sources, splits, the decoded cache and the batch loader, on real shared data and small generated folders."""
+import io
 import os
 import pickle
+import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +170,35 @@ def test_corrupt_image_error_names_the_file(tmp_path):
         load_dataset("imagefolder", data_dir=root, cache_dir=tmp_path / "cache")
 
 
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+    root = make_folder(tmp_path / "ds")
+    (root / "train" / "d").mkdir()                                       # would train as a 4th, empty class
+    (root / "train" / "d" / "notes.txt").write_text("not an image")
+    with pytest.raises(AttnlabError, match=r"class folder .*ds/train/d holds no images") as err:
+        load_dataset("imagefolder", data_dir=root, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    (root / "train" / "d" / "notes.txt").unlink()
+    (root / "train" / "d").rmdir()
+    (root / "test" / "c").rename(root / "test" / "c_gone")              # an empty or absent test class is fine
+    (root / "test" / "c").mkdir()
+    (root / "test" / "c_gone" / "000.png").rename(root / "test" / "a" / "900.png")
+    (root / "test" / "c_gone" / "001.png").unlink()
+    (root / "test" / "c_gone").rmdir()
+    bundle = load_dataset("imagefolder", data_dir=root, cache_dir=None, val_size=0)
+    assert bundle.classes == ["a", "b", "c"] and bundle.test.class_counts(3) == [3, 2, 0]
+
+
+def test_empty_tiny_imagenet_class_is_an_error_naming_it(tmp_path):
+    root = tmp_path / "tiny"
+    (root / "train" / "n01" / "images").mkdir(parents=True)
+    (root / "train" / "n02" / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "train" / "n01" / "images" / "n01_0.JPEG")
+    (root / "wnids.txt").write_text("n01\nn02\n")
+    with pytest.raises(AttnlabError, match=r"class folder .*tiny/train/n02/images holds no images"):
+        load_dataset("tiny-imagenet", data_dir=root, cache_dir=None)
+
+
 def test_sizes_differ_needs_image_size_then_resizes(tmp_path):
     root = make_folder(tmp_path / "ds")
     Image.fromarray(np.zeros((10, 12, 3), dtype=np.uint8)).save(root / "train" / "a" / "009.png")
@@ -234,6 +266,116 @@ def test_torchvision_pickle_formats(tmp_path):
                                     "fine_labels": [i % 100 for i in range(n)]})
     b100 = load_dataset("cifar100", data_dir=d100, cache_dir=None)  # or the folder itself
     assert b100.num_classes == 100 and len(b100.val) == 30 and b100.val.class_counts(100).count(0) == 70
+
+
+class _RunsCommand:
+    """Unpickling this runs a shell command: the classic malicious-pickle payload."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _cifar10_folder(root, batch=None):
+    """A tiny fake cifar-10-batches-py: 10 classes, 20 images per batch; ``batch`` replaces data_batch_1."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    _write_pickle(root / "batches.meta", {"label_names": [f"k{i}" for i in range(10)]})
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _write_pickle(root / name, {"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8),
+                                    "labels": list(range(10)) * 2})
+    if batch is not None:
+        (root / "data_batch_1").write_bytes(batch)
+    return root
+
+
+@pytest.mark.parametrize("payload", ["os.system", "eval", "object array", "array subclass", "top-level list",
+                                     "huge placeholder"])
+def test_malicious_cifar_batch_never_runs_code(tmp_path, payload):
+    marker = tmp_path / "pwned"
+    labels = list(range(10)) * 2
+    data = {"data": np.zeros((20, 3072), dtype=np.uint8), "labels": labels}
+    if payload == "os.system":
+        data["data"] = _RunsCommand(f"touch {marker}")
+        live = tmp_path / "live"                     # the payload is real: plain pickle runs it
+        pickle.loads(pickle.dumps(_RunsCommand(f"touch {live}")))
+        assert live.exists()
+    elif payload == "eval":
+        data["batch_label"] = type("E", (), {"__reduce__": lambda self: (eval, (f"open({str(marker)!r}, 'w')",))})()
+    elif payload == "object array":
+        data["data"] = np.array([1, "x"], dtype=object)
+    elif payload == "array subclass":
+        data["data"] = np.zeros((20, 3072), dtype=np.uint8).view(np.ma.MaskedArray)
+    else:
+        data = [data]
+    raw = pickle.dumps(data, protocol=2)
+    if payload == "huge placeholder":  # numpy's empty (0,) placeholder made 2**40 long: a terabyte to allocate
+        huge = pickle.dumps(2 ** 40, protocol=2)[2:-1]  # the LONG1 opcode for 2**40
+        raw, n = re.subn(rb"(cnumpy\nndarray\nq.)K\x00\x85", lambda m: m.group(1) + huge + b"\x85", raw)
+        assert n == 1
+    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py", raw)
+    with pytest.raises(AttnlabError, match=r"refusing CIFAR batch file .*data_batch_1: it holds .*never") as err:
+        load_dataset("cifar10", data_dir=folder, cache_dir=None)
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def py2_cifar_batch(pixels, labels, batch_label):
+    """A batch as the original CIFAR files store it: Python 2 cPickle protocol 2, str keys, the pixels as one raw
+    BINSTRING (which a latin1 load turns into str), numpy.core names. Written opcode by opcode."""
+    def text(t):
+        b = t.encode("latin1")
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<I", len(b)) + b
+
+    def integer(n):
+        return b"K" + bytes([n]) if n < 256 else b"M" + struct.pack("<H", n)
+
+    rows, cols = pixels.shape
+    raw = pixels.tobytes()
+    dtype = (b"cnumpy\ndtype\nq\x03" + text("u1") + integer(0) + integer(1) + b"\x87R(" + integer(3) + text("|")
+             + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xff" + integer(0) + b"tb")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02" + integer(0) + b"\x85" + text("b")
+             + b"\x87R(" + integer(1) + integer(rows) + integer(cols) + b"\x86" + dtype + b"\x89"
+             + b"T" + struct.pack("<I", len(raw)) + raw + b"tb")
+    items = (text("batch_label") + text(batch_label) + text("labels") + b"](" + b"".join(map(integer, labels))
+             + b"e" + text("data") + array)
+    return b"\x80\x02}q\x00(" + items + b"u."
+
+
+@pytest.mark.parametrize("style", ["python2", "protocol2", "protocol5"])
+def test_real_cifar_batch_formats_load(tmp_path, style):
+    """The original files (Python 2), and what Python 3 writes at protocol 2 (_codecs.encode) and 5 (_frombuffer)."""
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
+    labels = list(range(10)) * 2
+    batch = {"batch_label": b"training batch 1 of 5", "labels": labels, "data": pixels,
+             "filenames": [f"img_{i}.png".encode() for i in range(20)]}
+    if style == "python2":
+        raw = py2_cifar_batch(pixels, labels, "training batch 1 of 5")
+        assert np.array_equal(pickle.loads(raw, encoding="latin1")["data"], pixels)  # what plain pickle reads
+    elif style == "protocol2":
+        raw = pickle.dumps(batch, protocol=2)
+        assert b"_codecs" in raw
+    else:
+        raw = pickle.dumps(batch, protocol=5)
+        assert b"_frombuffer" in raw
+    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py", raw)
+    bundle = load_dataset("cifar10", data_dir=folder, cache_dir=None, val_size=0)
+    assert bundle.classes == [f"k{i}" for i in range(10)] and len(bundle.train) == 100
+    assert np.array_equal(bundle.train.images[:20].numpy(), pixels.reshape(-1, 3, 32, 32))
+    assert bundle.train.labels[:20].tolist() == labels
+
+
+def test_torn_cifar_batch_is_a_clean_error(tmp_path):
+    good = pickle.dumps({"data": np.zeros((20, 3072), dtype=np.uint8), "labels": [0] * 20}, protocol=2)
+    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py", good[: len(good) // 2])
+    with pytest.raises(AttnlabError, match=r"cannot read CIFAR batch file .*data_batch_1"):
+        load_dataset("cifar10", data_dir=folder, cache_dir=None)
+    _write_pickle(folder / "data_batch_1", {"data": np.zeros((20, 3072), dtype=np.uint8), "labels": [0] * 19})
+    with pytest.raises(AttnlabError, match=r"data_batch_1: labels must be 20 integers in 0..9"):
+        load_dataset("cifar10", data_dir=folder, cache_dir=None)
 
 
 @needs_tiny
@@ -385,24 +527,54 @@ def test_channel_stats_exact_against_numpy(cifar):
 
 
 def test_download_only_when_asked(tmp_path, monkeypatch):
-    import torchvision
+    from torchvision.datasets import CIFAR10, utils
 
     calls = []
 
-    def fake_cifar10(root, train, download):  # stands in for the network: writes torchvision's layout
-        calls.append((root, train, download))
-        d = Path(root) / "cifar-10-batches-py"
+    def fake_download(url, download_root, filename, md5):  # stands in for the network: unpacks the layout
+        calls.append((url, download_root, filename, md5))
+        d = Path(download_root) / "cifar-10-batches-py"
         d.mkdir(parents=True, exist_ok=True)
         _write_pickle(d / "batches.meta", {"label_names": [f"k{i}" for i in range(10)]})
         for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
             _write_pickle(d / name, {"data": np.zeros((10, 3072), dtype=np.uint8), "labels": list(range(10))})
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar10)
+    monkeypatch.setattr(utils, "download_and_extract_archive", fake_download)
     with pytest.raises(AttnlabError, match="download: true"):
         load_dataset("cifar10", data_dir=tmp_path / "dl")
     assert calls == []  # never downloads unless asked
     bundle = load_dataset("cifar10", data_dir=tmp_path / "dl", download=True, cache_dir=None)
-    assert {c[0] for c in calls} == {str(tmp_path / "dl")} and len(bundle.test) == 10
+    assert calls == [(CIFAR10.url, str(tmp_path / "dl"), CIFAR10.filename, CIFAR10.tgz_md5)]
+    assert len(bundle.test) == 10
     calls.clear()
     load_dataset("cifar10", data_dir=tmp_path / "dl", download=True, cache_dir=None)
     assert calls == []  # already there: no second download
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_decode_progress_is_plain_lines_off_a_terminal(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data_cache, "PROGRESS_MIN_IMAGES", 4)
+    root = make_folder(tmp_path / "ds", per_class=(6, 2))                 # 18 train images
+    files = sorted(str(p.relative_to(root)) for p in (root / "train").rglob("*.png"))
+    data_cache.decode_images(root, files, None, desc="train")
+    err = capsys.readouterr().err                                          # pytest's stderr is not a terminal
+    assert "\r" not in err
+    assert err.splitlines() == ["train: decoded 18/18 images"]             # one chunk of 512: one line
+    log = io.StringIO()
+    bar = data_cache.Progress(2000, "train", stream=log)
+    for _ in range(4):
+        bar.update(500)
+    bar.close()
+    assert log.getvalue().splitlines() == [f"train: decoded {n}/2000 images" for n in (500, 1000, 1500, 2000)]
+    tty = _Terminal()
+    bar = data_cache.Progress(2000, "train", stream=tty)
+    bar.update(2000)
+    bar.close()
+    assert "\r" in tty.getvalue() and "decoded" not in tty.getvalue()     # a tqdm bar on a terminal
+    quiet = io.StringIO()
+    data_cache.Progress(3, "small", stream=quiet).update(3)               # below the threshold (4 here): silent
+    assert quiet.getvalue() == ""

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from attn_helpers import (attention_params, backbone_cases, check_output_shape, n_params, tiny_cifar,
                           train_losses)
 from attnlab import attention
+from attnlab.errors import AttnlabError
 from attnlab.models import create_model
 
 
@@ -140,3 +141,24 @@ def test_short_training_run_decreases_loss():
     torch.manual_seed(0)
     losses = train_losses(create_model("resnet20", attention="dia"), x, y, steps=20, lr=0.1)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.15, losses
+
+
+def test_unmanaged_unit_keeps_no_state_between_calls():
+    """Where no stage calls reset_state() (timm's attn_layer), every call starts from zero state, keeps nothing."""
+    dia = hand_set_unit()
+    x = torch.tensor([[[[1.0, 3.0]], [[-1.0, 0.0]]]])
+    first = dia(x)
+    assert dia._state is None
+    torch.testing.assert_close(dia(x), first)                   # no recurrence across calls
+    h1, _ = dia.step(x.mean((2, 3)))
+    torch.testing.assert_close(first, x * h1[:, :, None, None])  # one step from zero state
+    dia(torch.randn(3, 2, 4, 4)).sum().backward()                # another batch size, a second graph: fine
+    dia(x).sum().backward()
+
+
+def test_carried_state_meeting_another_batch_is_a_clear_error():
+    dia = attention.create("dia", 4)
+    dia.reset_state()                                            # a managed sequence, but never closed
+    dia(torch.randn(2, 4, 3, 3))
+    with pytest.raises(AttnlabError, match=r"state of shape \(2, 4\) from an earlier call .*reset_state\(\)"):
+        dia(torch.randn(3, 4, 3, 3))

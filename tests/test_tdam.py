@@ -95,11 +95,46 @@ def test_block_rerun_wiring(block_cls, inplanes, planes, stride, m, time_steps):
         plain = block.branch(x)
         out = block(x)
     if m == 0:
-        factor = 0.25 ** (time_steps - 1)    # the branch output modulated T-1 times, no re-run
+        factor = 0.25 ** time_steps          # the branch output modulated T times (the official loop), no re-run
     else:
         last = time_steps - 1                # T-1 modulations, then the last step's BN gamma x (2 * last)
         factor = 0.25 ** last * (2.0 * last)
     torch.testing.assert_close(out, F.relu(factor * plain + block.shortcut(x)), rtol=1e-4, atol=1e-5)
+
+
+def hand_modulate(u, top, w_top, w_bottom, w_s):
+    """One TDjoint channel->spatial modulation in plain Python: u, top are [channel][position] lists."""
+    def gap(f):
+        return [sum(row) / len(row) for row in f]
+
+    h_top = max(0.0, sum(w * g for w, g in zip(w_top, gap(top))))
+    h_bottom = max(0.0, sum(w * g for w, g in zip(w_bottom, gap(u))))
+    s = [ws[0] * h_top + ws[1] * h_bottom for ws in w_s]
+    gated = [[v * sig(s[c]) for v in u[c]] for c in range(len(u))]
+    a = [sum(s[c] * gated[c][p] for c in range(len(u))) for p in range(len(u[0]))]
+    return [[gated[c][p] * sig(a[p]) for p in range(len(u[0]))] for c in range(len(u))]
+
+
+@pytest.mark.parametrize("time_steps", [1, 2, 3])
+def test_m0_modulates_the_branch_output_t_times_by_hand(time_steps):
+    """Official m=0 (timm_td_resnet.py): ``for t in range(T): x = RA(x, x)``, i.e. T self-modulations."""
+    torch.manual_seed(0)
+    block, tdam = attached(BasicBlock, 2, 2, m=0, time_steps=time_steps)
+    w_top, w_bottom, w_s = [0.8, -0.4], [0.3, 0.6], [[0.5, -1.0], [1.5, 0.25]]
+    with torch.no_grad():
+        tdam.w_top.weight.copy_(torch.tensor(w_top).view(1, 2, 1, 1))
+        tdam.w_bottom.weight.copy_(torch.tensor(w_bottom).view(1, 2, 1, 1))
+        tdam.w_s.weight.copy_(torch.tensor(w_s).view(2, 2, 1, 1))
+    block.eval()
+    x = torch.randn(1, 2, 3, 3)
+    with torch.no_grad():
+        u = block.branch(x)[0].reshape(2, 9).tolist()
+        out = block(x)
+    for _ in range(time_steps):
+        u = hand_modulate(u, u, w_top, w_bottom, w_s)
+    expected = F.relu(torch.tensor(u).view(1, 2, 3, 3) + x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert not any(k.startswith("bn") for k, _ in tdam.named_children())  # nothing is re-run: no step BNs
 
 
 def test_one_step_is_the_plain_block():
@@ -180,3 +215,21 @@ def test_short_training_run_decreases_loss():
     torch.manual_seed(0)
     losses = train_losses(create_model("resnet20", attention="tdam"), x, y, steps=20, lr=0.1)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.15, losses
+
+
+def test_imagenet_recipe_starts_residual_branches_at_zero_like_the_official_code(tmp_path):
+    """configs/imagenet_resnet50_tdam.yaml: zero_init_last_bn=True as the official TDAM ResNets; step BNs at 1."""
+    from attnlab.data.sources import repo_root
+    from attnlab.engine.config import load_config, to_dict
+
+    cfg = load_config(repo_root() / "configs" / "imagenet_resnet50_tdam.yaml", [f"data.data_dir={tmp_path}"])
+    m = cfg.model
+    assert m.zero_init_residual is True and m.attention == "tdam" and cfg.train.batch_size == 512
+    model = create_model(m.name, num_classes=1000, attention=m.attention, attention_kwargs=to_dict(m.attention_kwargs),
+                         zero_init_residual=m.zero_init_residual)
+    assert n_params(model) == 27_645_992
+    blocks = [b for s in model.stages() for b in s]
+    assert all(bool((b.bn3.weight == 0).all()) for b in blocks)               # every branch's last BN
+    assert all(bool((b.bn2.weight == 1).all()) for b in blocks)
+    steps = [b.attn.bn3_1 for b in blocks if not isinstance(b.attn, torch.nn.Identity)]
+    assert len(steps) == 9 and all(bool((bn.weight == 1).all()) for bn in steps)

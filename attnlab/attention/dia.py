@@ -10,6 +10,10 @@ its (h, c) state from block to block:
   output x * h
 State: zeros at the first connected block of a stage; the stage calls ``reset_state()`` before its first
 block (and after its last). Blocks without the module neither read nor update it (EAN's semantics).
+The state never outlives a forward pass: it is carried from call to call only after ``reset_state()`` has opened
+a sequence (as an attnlab stage does). A module no stage manages, e.g. timm's ``attn_layer`` (one instance per
+block, nobody calls ``reset_state()``), starts from zero state in every call and keeps nothing, so a second
+training step or a new batch size works; it is then one LSTM step per block, with no recurrence across blocks.
 
 Defaults and differences: r = 4 as in DIANet's CIFAR code (gbup-group/DIANet models/cifar/dia_resnet.py);
 EAN's ImageNet code uses r = 20 (pass reduction=20). The hidden width is max(1, C // r). The official unit also
@@ -20,6 +24,7 @@ block works. ``share=False`` gives each block its own unit, whose state then sta
 import torch
 import torch.nn as nn
 
+from ..errors import AttnlabError
 from .registry import register
 
 
@@ -40,9 +45,12 @@ class DIA(nn.Module):
         self.w_ih = _bottleneck_mlp(channels, hidden)
         self.w_hh = _bottleneck_mlp(channels, hidden)
         self._state = None  # (h, c), each (B, C); a plain attribute, so never in state_dict
+        self._carry = False  # True once reset_state() has opened a sequence of calls (an attnlab stage)
 
     def reset_state(self):
+        """Drop the state and carry it across the following calls, until the next reset (the stage's job)."""
         self._state = None
+        self._carry = True
 
     def step(self, f, state=None):
         """One LSTM step: f (B, C) and optional (h, c) -> new (h, c)."""
@@ -56,8 +64,14 @@ class DIA(nn.Module):
         return h, c
 
     def forward(self, x):
-        self._state = self.step(x.mean((2, 3)), self._state)
-        return x * self._state[0][:, :, None, None]
+        f = x.mean((2, 3))
+        if self._state is not None and self._state[0].shape != f.shape:
+            raise AttnlabError(f"attention 'dia': state of shape {tuple(self._state[0].shape)} from an earlier call "
+                               f"met a batch of shape {tuple(f.shape)}; call reset_state() between forward passes")
+        state = self.step(f, self._state)
+        if self._carry:
+            self._state = state
+        return x * state[0][:, :, None, None]
 
     def extra_repr(self):
         return f"channels={self.channels}"

@@ -11,7 +11,8 @@ Protocol every registered module follows:
       ``wraps_block``: the module re-runs part of the block itself and provides
                        ``forward_block(block, x)`` (TDAM);
       ``reset_state()``: called by the stage before its first block and after its last one (stateful
-                         modules such as DIA);
+                         modules such as DIA); a module must not carry state from one call to the next
+                         unless reset_state() has been called, so it is safe where nobody calls it (timm);
   * optional hooks called by the backbones:
       ``attach(block)``: called once, right after the block holding the module is built, so a module that
                          needs the block's inner widths (TDAM) creates its parameters before any optimizer exists;

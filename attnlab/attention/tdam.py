@@ -13,12 +13,16 @@ the last m layers on the bottom modulated by the previous step's searchlight, wi
 BatchNorm per step (``bn{k}_{t}``, owned by this module, so saved as ``layerN.M.attn.bn3_1.*``; ``step_bn=False``
 reuses the block's BNs). Only the last step's output is used; the shortcut takes the unmodulated block input.
 Feedback distance m: bottleneck 0..3, basic 0..2 (m=1, default: bottom = input of the last conv; m = number of
-convs: bottom = block input, the whole branch is re-run). m=0 modulates the branch output by itself T-1 times (as the official code's later steps do), no re-run.
+convs: bottom = block input, the whole branch is re-run). m=0 has no re-run: the branch output is its own top and
+bottom and is modulated by itself T times (the official ``_static_recur_attention_forward_m0`` loops over all T
+steps, unlike m >= 1, whose step 0 is the plain forward and which therefore modulates T-1 times).
 
 Placement: ``default_stages = [-2, -1]`` (the official code's layer3 + layer4); change it with ``blocks``.
 The module needs the block's inner widths, so the model calls ``attach(block)`` right after building the block;
 the parameters therefore exist before the optimizer. Init: the model's kaiming-normal (fan_out) init covers the
-1x1 convs, per-step BNs start at gamma=1, beta=0 (also with zero_init_residual, as in the official code).
+1x1 convs, per-step BNs start at gamma=1, beta=0 (also with zero_init_residual, as in the official code). The
+official TDAM ResNets zero the last BN of every residual branch (timm's zero_init_last_bn=True, their default);
+attnlab's default is off, so pass zero_init_residual=True to match them (configs/imagenet_resnet50_tdam.yaml does).
 
 Differences from the official code (shantanuj/TDAM_Top_down_attention_module, timm_td_resnet.py / modules.py):
   * r is at least 1 (the official C_top // 16 would be 0 for CIFAR widths below 16);
@@ -142,8 +146,8 @@ class TDAM(nn.Module):
             out = bn(conv(out))
             if k < n - 1:
                 out = block.relu(out)
-        if self.m == 0:  # no re-run: step 0 is the plain branch output, each later step modulates it by itself
-            for t in range(self.time_steps - 1):
+        if self.m == 0:  # no re-run: every one of the T steps modulates the branch output by itself (official)
+            for t in range(self.time_steps):
                 out = self.modulate(out, out)
         else:
             bottom = out
@@ -161,7 +165,9 @@ class TDAM(nn.Module):
         return block.relu(out + block.shortcut(x))
 
     def forward(self, x):
-        raise AttnlabError("attention 'tdam' re-runs its block: call forward_block(block, x) (the block does)")
+        raise AttnlabError("attention 'tdam' re-runs its block, so it works only in attnlab's models "
+                           "(attnlab.create_model), not as a plain attn_layer (e.g. timm's): the block must call "
+                           "forward_block(block, x)")
 
     def extra_repr(self):
         return (f"channels={self.channels}, searchlight={self.searchlight_kind}, time_steps={self.time_steps}, "

@@ -64,10 +64,45 @@ def _pool_context():
     return multiprocessing.get_context("fork" if sys.platform.startswith("linux") and "fork" in methods else "spawn")
 
 
+PROGRESS_MIN_IMAGES = 1000  # smaller decodes take well under a second: no progress output at all
+
+
+class Progress:
+    """Decode progress on stderr: a tqdm bar on a terminal; in a log file (not a terminal) a plain line at every
+    quarter, so a non-interactive log gets four lines instead of thousands of carriage-return updates."""
+
+    def __init__(self, total: int, desc: str, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.total, self.desc, self.done, self.quarter = total, desc, 0, 0
+        self.enabled = total >= PROGRESS_MIN_IMAGES
+        self.bar = None
+        if self.enabled and _is_terminal(self.stream):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"{desc} ({total} images)", unit="img", leave=False, file=self.stream)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and self.done * 4 >= (self.quarter + 1) * self.total:
+            self.quarter = self.done * 4 // self.total
+            print(f"{self.desc}: decoded {self.done}/{self.total} images", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def decode_images(root: Path, files: list[str], image_size, out: np.ndarray | None = None, desc: str = "decode"):
     """Decode ``files`` into a new (or given) N x 3 x H x W uint8 array; returns (images, original sizes N x 2)."""
-    from tqdm import tqdm
-
     n = len(files)
     base = str(root)
     paths = [os.path.join(base, f) for f in files]
@@ -81,7 +116,7 @@ def decode_images(root: Path, files: list[str], image_size, out: np.ndarray | No
     chunk = 512
     jobs = [(paths[i:i + chunk], image_size) for i in range(0, n, chunk)]
     use_pool = n >= POOL_THRESHOLD and WORKERS > 1 and (os.cpu_count() or 1) > 1
-    bar = tqdm(total=n, desc=f"{desc} ({n} images)", unit="img", disable=n < 1000, leave=False)
+    bar = Progress(n, desc)
     pool = _pool_context().Pool(WORKERS) if use_pool else None
     try:
         results = pool.imap(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs)

@@ -6,13 +6,13 @@ for Tiny-ImageNet, one bounding box per image. Decoding and caching happen in ``
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import AttnlabError
+from .safe_pickle import batch_field, load_cifar_batch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -90,7 +90,7 @@ def _hint(name: str) -> str:
     folders = " or ".join(DEFAULT_FOLDERS.get(name, ("<dataset folder>",)))
     msg = f"pass data.data_dir=<folder> or set ATTNLAB_DATA=<folder holding {folders}>"
     if name in PICKLE_FOLDERS:
-        msg += " or use download: true (torchvision's CIFAR, needs internet)"
+        msg += " or use download: true (fetches the official archive, needs internet)"
     return msg
 
 
@@ -100,7 +100,12 @@ def _list_images(folder: Path) -> list[str]:
         return sorted(e.name for e in it if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
 
 
-def _folder_pool(root: Path, split_dir: Path, classes: list[str]) -> Pool:
+def _empty_class(name: str, folder: Path) -> AttnlabError:
+    return AttnlabError(f"dataset '{name}': class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                        f"add images or remove the folder")
+
+
+def _folder_pool(root: Path, split_dir: Path, classes: list[str], name: str, defines_classes: bool) -> Pool:
     files, labels = [], []
     for label, cls in enumerate(classes):
         d = split_dir / cls
@@ -108,6 +113,8 @@ def _folder_pool(root: Path, split_dir: Path, classes: list[str]) -> Pool:
             continue  # a class may be absent from a small test folder
         prefix = d.relative_to(root).as_posix() + "/"
         names = _list_images(d)
+        if not names and defines_classes:  # it would train silently as a class that never occurs
+            raise _empty_class(name, d)
         files.extend(prefix + f for f in names)
         labels.extend([label] * len(names))
     return Pool(root, files, np.asarray(labels, dtype=np.int64))
@@ -123,8 +130,8 @@ def image_folder(name: str, root: Path) -> Source:
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not classes:
         raise AttnlabError(f"dataset '{name}': no class folders in {train_dir}")
-    train = _folder_pool(root, train_dir, classes)
-    test = _folder_pool(root, test_dir, classes)
+    train = _folder_pool(root, train_dir, classes, name, defines_classes=True)
+    test = _folder_pool(root, test_dir, classes, name, defines_classes=False)
     for split, pool, d in (("train", train, train_dir), ("test", test, test_dir)):
         if len(pool) == 0:
             raise AttnlabError(f"dataset '{name}': no images ({', '.join(IMAGE_EXTENSIONS)}) in {d}/<class>/")
@@ -134,30 +141,46 @@ def image_folder(name: str, root: Path) -> Source:
     return Source(name, root, classes, train, test, kind="folder")
 
 
-def _unpickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError) as e:
-        raise AttnlabError(f"cannot read CIFAR batch file {path}: {e}") from None
+def _text(name) -> str:
+    return name.decode("latin1") if isinstance(name, bytes) else str(name)
+
+
+def _cifar_pixels(data, path: Path) -> np.ndarray:
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise AttnlabError(f"CIFAR batch file {path}: 'data' must be N x 3072 uint8, got {data.shape} {data.dtype}")
+    return data.reshape(-1, 3, 32, 32)
+
+
+def _cifar_labels(labels, n: int, num_classes: int, path: Path) -> list[int]:
+    ok = isinstance(labels, (list, tuple, np.ndarray)) and len(labels) == n
+    ok = ok and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < num_classes
+                    for v in labels)
+    if not ok:
+        raise AttnlabError(f"CIFAR batch file {path}: labels must be {n} integers in 0..{num_classes - 1}")
+    return [int(v) for v in labels]
 
 
 def cifar_pickle(name: str, root: Path) -> Source:
-    """torchvision's CIFAR python format: ``root`` is the ``cifar-10-batches-py``/``cifar-100-python`` folder."""
+    """torchvision's CIFAR python format: ``root`` is the ``cifar-10-batches-py``/``cifar-100-python`` folder.
+
+    The batch files are pickles; they are read by ``safe_pickle.load_cifar_batch``, which never runs code.
+    """
     if name == "cifar10":
         train_files, test_files = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]
         meta, names_key, label_key = "batches.meta", "label_names", "labels"
     else:
         train_files, test_files = ["train"], ["test"]
         meta, names_key, label_key = "meta", "fine_label_names", "fine_labels"
-    classes = list(_unpickle(root / meta)[names_key])
+    classes = [_text(c) for c in batch_field(load_cifar_batch(root / meta), names_key, root / meta)]
 
     def pool(files):
         data, labels = [], []
         for f in files:
-            d = _unpickle(root / f)
-            data.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(d[label_key])
+            d = load_cifar_batch(root / f)
+            pixels = _cifar_pixels(batch_field(d, "data", root / f), root / f)
+            data.append(pixels)
+            labels.extend(_cifar_labels(batch_field(d, label_key, root / f), len(pixels), len(classes), root / f))
         return Pool(root, [], np.asarray(labels, dtype=np.int64), arrays=np.concatenate(data))
 
     return Source(name, root, classes, pool(train_files), pool(test_files), kind="pickle")
@@ -193,7 +216,10 @@ def tiny_imagenet(name: str, root: Path) -> Source:
         img_dir = root / "train" / w / "images"
         if not img_dir.is_dir():
             raise AttnlabError(f"dataset '{name}': missing {img_dir}")
-        for f in _list_images(img_dir):
+        names = _list_images(img_dir)
+        if not names:
+            raise _empty_class(name, img_dir)
+        for f in names:
             files.append(f"train/{w}/images/{f}")
             labels.append(index[w])
             boxes.append(table.get(f, ["nan"] * 4))  # nan marks an image with no annotation
@@ -221,13 +247,14 @@ def _is_image_folder(p: Path) -> bool:
 
 
 def _download_cifar(name: str, root: Path) -> None:
-    import torchvision
+    """Fetch and unpack the official archive (checked against torchvision's md5). Not through torchvision's CIFAR
+    dataset classes: they unpickle the batch files with plain pickle, which would run code in a tampered file."""
+    from torchvision.datasets import CIFAR10, CIFAR100, utils
 
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
     root.mkdir(parents=True, exist_ok=True)
     try:
-        for train in (True, False):
-            cls(root=str(root), train=train, download=True)
+        utils.download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
     except Exception as e:  # network errors come in many types
         raise AttnlabError(f"downloading {name} into {root} failed: {e}".replace("\n", " ")) from None
 

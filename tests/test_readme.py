@@ -1,0 +1,129 @@
+"""The README's commands work as written: every `attnlab` line parses and its recipe and overrides load, the
+Python block runs, the single-node torchrun line trains (2 CPU ranks, gloo) at tiny size with the files the
+README's table lists, and the tools the README puts on PATH are in the environment's bin/."""
+import argparse
+import importlib
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attnlab.cli import COMMANDS, build_parser
+from attnlab.engine.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
+
+
+def blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", README, re.S)
+
+
+def shell_commands():
+    """Each command of the README's bash blocks: comments dropped, continuations joined, `&&` split."""
+    text = "\n".join(blocks("bash")).replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if line and not line.startswith("#"):
+            out.extend(part.strip() for part in line.split("&&"))
+    return out
+
+
+def attnlab_args(command):
+    words = shlex.split(command)
+    if words[0] == "torchrun":
+        words = words[words.index("attnlab"):]  # what torchrun's `-m attnlab` receives
+    assert words[0] == "attnlab", command
+    return words[1:]
+
+
+def test_readme_names_the_commands_it_uses():
+    commands = shell_commands()
+    assert "source .venv/bin/activate" in commands
+    assert any(c.startswith("torchrun --nproc_per_node 2 -m attnlab train") for c in commands)
+    assert any(c.startswith("tensorboard --logdir runs") for c in commands)
+    assert sum(c.startswith("attnlab ") for c in commands) >= 8
+
+
+def test_every_attnlab_command_parses_and_its_recipe_loads():
+    parser = build_parser({n: importlib.import_module(m) for n, (m, _) in COMMANDS.items()})
+    for command in shell_commands():
+        if not command.startswith(("attnlab", "torchrun")):
+            continue
+        args = attnlab_args(command)
+        if args in (["--help"],):
+            continue
+        try:
+            ns = parser.parse_args(args)
+        except SystemExit as e:  # argparse exits 2 on an unknown option
+            raise AssertionError(f"README command does not parse: {command}") from e
+        if ns.command == "train" and ns.config:
+            assert (ROOT / ns.config).is_file(), command
+            load_config(ROOT / ns.config, ns.overrides)  # every override key exists and type-checks
+        if ns.command == "bench":
+            assert (ROOT / ns.matrix).is_file(), command
+        if ns.command == "report":
+            assert (ROOT / ns.results_dir / "runs.jsonl").is_file(), command
+
+
+def test_train_commands_use_their_own_run_names():
+    """`make demo` made runs/quick: a README train command must not write into it again."""
+    trains = [c for c in shell_commands() if " train --config " in c]
+    assert trains and all("name=" in c for c in trains), trains
+
+
+def test_the_python_block_runs():
+    (code,) = blocks("python")
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    logits, feats = scope["logits"], scope["feats"]
+    assert logits.shape == (2, 100) and len(feats["stages"]) == 3
+
+
+def test_the_environment_has_the_tools_the_readme_puts_on_path():
+    bin_dir = Path(sys.executable).parent
+    for tool in ("attnlab", "torchrun", "tensorboard"):
+        assert (bin_dir / tool).is_file(), f"{tool} is not in {bin_dir}"
+
+
+def run_files_in_readme():
+    section = README[README.index("### Where a run's files go"):]
+    table = section[section.index("| file |"):]
+    table = table[:table.index("\n\n")]
+    return [re.match(r"\| `([^`]+)`", row).group(1) for row in table.splitlines()[2:]]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="offline CIFAR-10 copy not found")
+def test_single_node_torchrun_command_as_written(tmp_path):
+    (command,) = [c for c in shell_commands() if c.startswith("torchrun --nproc_per_node 2")]
+    words = shlex.split(command)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    tiny = [f"out_dir={tmp_path}", f"data.cache_dir={tmp_path}/cache", "data.subset=20", "data.val_size=20",
+            "data.test_subset=10", "train.epochs=1", "train.batch_size=32", "train.eval_batch_size=50",
+            "debug.max_steps_per_epoch=2", "device=cpu"]
+    # PET_MASTER_PORT is torchrun's own environment default for --master_port: a free port, same command.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PET_MASTER_PORT=str(free_port()))
+    proc = subprocess.run([str(torchrun), *words[1:], *tiny], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name = next(w.split("=", 1)[1] for w in words if w.startswith("name="))
+    run_dir = tmp_path / name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2                              # two ranks trained together
+    assert "x 2 ranks" in proc.stdout and "of 32 " in proc.stdout   # the 32 is the global batch
+    for pattern in run_files_in_readme():                          # every file the README says a run writes
+        assert list(run_dir.glob(pattern)), f"{pattern} missing from {sorted(p.name for p in run_dir.iterdir())}"
