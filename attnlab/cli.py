@@ -5,6 +5,7 @@ Bad input (an AttnlabError) prints one line, ``attnlab: error: ...``, and exits 
 """
 import argparse
 import importlib
+import os
 import sys
 
 from . import __version__
@@ -72,4 +73,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("attnlab: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader went away (`attnlab bench --dry-run | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     sys.exit(result if isinstance(result, int) else 0)
