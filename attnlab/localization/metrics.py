@@ -232,6 +232,8 @@ def centre_gaussian(size, sigma_fraction: float = 0.25) -> np.ndarray:
 def prior_baselines(gt_boxes, size, thresholds, tau: float | None = None) -> dict:
     """The two priors every CAM number must be read against, on the same boxes and thresholds.
 
+    ``tau``: the Gaussian's threshold for GT-known Loc, chosen on a held-out split; None chooses it on these boxes.
+
     ``centre_gaussian``: the same centred Gaussian map for every image, through the full evaluator (MaxBoxAccV2,
     MaxBoxAcc, GT-known Loc). ``full_image``: the box (0, 0, W - 1, H - 1) for every image, % with IoU >= delta.
     """
@@ -242,6 +244,8 @@ def prior_baselines(gt_boxes, size, thresholds, tau: float | None = None) -> dic
     single_boxes = boxes_from_scoremap(gauss, thresholds, multi_contour=False)
     multi = np.stack([box_iou(b, gt).max(0) for b in multi_boxes], axis=1)
     single = np.stack([box_iou(b, gt).max(0) for b in single_boxes], axis=1)
+    if tau is None:
+        tau = select_threshold(single, thresholds)[1]
     full = box_iou([[0, 0, w - 1, h - 1]], gt)[0]
     full_acc = {str(d): float(100.0 * (full >= d / 100).mean()) for d in IOU_LEVELS}
     return {"centre_gaussian": summarize(multi, single, thresholds, tau=tau),
