@@ -15,6 +15,7 @@ import torch
 
 from ..errors import AttnlabError
 from .cam import METHODS, score_maps
+from ..data.boxes import split_boxes
 from .metrics import (BoxEvaluator, normalize_scoremaps, prior_baselines, require_cv2, select_threshold, summarize,
                       thresholds_grid)
 
@@ -56,7 +57,6 @@ def batches(model, split, bundle, batch_size: int):
 
 def split_curves(model, split, bundle, thresholds, batch_size: int = 250, method: str = "cam"):
     """(V2 IoU curves, V1 IoU curves, top-1 hits, top-5 hits) of the ground-truth-class maps of ``split``."""
-    from ..data.boxes import split_boxes
     boxes = split_boxes(split, bundle.name).numpy()
     size = tuple(split.images.shape[2:])
     ev = BoxEvaluator(thresholds)
@@ -87,7 +87,7 @@ def localize(model, bundle, splits=("val", "test"), interval: float = 0.001, bat
         res = summarize(multi, single, thresholds, hit1, hit5, tau=tau)
         res["top1"], res["top5"] = float(100 * hit1.mean()), float(100 * hit5.mean())
         out["splits"][name] = res
-        priors = prior_baselines(split.boxes.numpy(), split.images.shape[2:], thresholds, tau=prior_tau)
+        priors = prior_baselines(split_boxes(split, bundle.name).numpy(), split.images.shape[2:], thresholds, tau=prior_tau)
         prior_tau = priors["centre_gaussian"]["tau"]  # the prior's own tau, chosen on the first split too
         out["priors"][name] = priors
     out["tau"] = tau
