@@ -6,8 +6,8 @@ pytest.importorskip("cv2", reason="attnlab[wsol] (opencv-python-headless) not in
 
 from attnlab.errors import AttnlabError  # noqa: E402
 from attnlab.localization.metrics import (BoxEvaluator, box_iou, boxes_from_scoremap, iou_curves,  # noqa: E402
-                                          centre_gaussian, max_box_acc, normalize_scoremap, prior_baselines, select_threshold,
-                                          summarize, thresholds_grid)
+                                          centre_gaussian, max_box_acc, normalize_scoremap, prior_baselines,
+                                          select_threshold, summarize, thresholds_grid)
 
 UNIMODAL = np.array([[0, 0, 0, 0, 0], [0, .4, .4, .4, .6], [0, .4, 1, .8, .6], [0, .4, .4, .4, .6]])
 MULTIMODAL = np.array([[.4, 0, .2, .2, .2], [.4, .4, 0, .4, 0], [0, 0, 0, .4, 0], [1, .6, .8, .2, .2]])

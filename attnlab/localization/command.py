@@ -87,7 +87,8 @@ def localize(model, bundle, splits=("val", "test"), interval: float = 0.001, bat
         res = summarize(multi, single, thresholds, hit1, hit5, tau=tau)
         res["top1"], res["top5"] = float(100 * hit1.mean()), float(100 * hit5.mean())
         out["splits"][name] = res
-        priors = prior_baselines(split_boxes(split, bundle.name).numpy(), split.images.shape[2:], thresholds, tau=prior_tau)
+        boxes = split_boxes(split, bundle.name).numpy()
+        priors = prior_baselines(boxes, split.images.shape[2:], thresholds, tau=prior_tau)
         prior_tau = priors["centre_gaussian"]["tau"]  # the prior's own tau, chosen on the first split too
         out["priors"][name] = priors
     out["tau"] = tau
