@@ -1,0 +1,154 @@
+"""``attnlab localize --checkpoint RUN``: weakly-supervised localization metrics of a trained classifier.
+
+The CAM of the ground-truth class on the held-out ``val`` split (boxes from Tiny-ImageNet's train annotations)
+chooses the threshold tau (best GT-known Loc); the ``test`` split (Tiny-ImageNet's official val) is then scored
+once at that tau, and every metric is also given at its oracle tau (see ``metrics.py``). The centre-Gaussian and
+full-image-box priors are computed on the same boxes and printed beside the model. Results go to
+``localize.json`` next to the checkpoint (written atomically).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import AttnlabError
+from .cam import METHODS, score_maps
+from ..data.boxes import split_boxes
+from .metrics import (BoxEvaluator, normalize_scoremaps, prior_baselines, require_cv2, select_threshold, summarize,
+                      thresholds_grid)
+
+
+def open_run(checkpoint, device="auto", data_dir=None, use_ema: bool = True):
+    """(checkpoint path, checkpoint dict, dataset bundle, model in eval mode) of a training run."""
+    from ..data import load_dataset
+    from ..engine.checkpoint import load_checkpoint
+    from ..engine.distributed import resolve_device
+    from ..engine.evaluate import model_from_checkpoint
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        best = path / "checkpoint_best.pt"
+        path = best if best.is_file() else path / "checkpoint_last.pt"
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt or "model" not in ckpt:
+        raise AttnlabError(f"'{path}' is not an attnlab training checkpoint (no 'config' or 'model' entry)")
+    cfg = ckpt["config"]
+    data = cfg["data"]
+    bundle = load_dataset(data["name"], data_dir=data_dir or data["data_dir"], val_size=data["val_size"],
+                          subset=data["subset"], seed=cfg["seed"], cache_dir=data["cache_dir"],
+                          image_size=data["image_size"], test_subset=data.get("test_subset"))
+    dev = resolve_device(device)
+    return path, ckpt, bundle, model_from_checkpoint(ckpt, dev, use_ema=use_ema)
+
+
+def batches(model, split, bundle, batch_size: int):
+    """(start index, normalised images, labels) over ``split`` in order, on the model's device."""
+    from ..data.loader import BatchLoader
+    device = next(model.parameters()).device
+    loader = BatchLoader(split, batch_size=batch_size, shuffle=False, augment=False, mean=bundle.mean,
+                         std=bundle.std, device=device, seed=0, drop_last=False)
+    start = 0
+    for x, y in loader:
+        yield start, x, y
+        start += len(y)
+
+
+def split_curves(model, split, bundle, thresholds, batch_size: int = 250, method: str = "cam"):
+    """(V2 IoU curves, V1 IoU curves, top-1 hits, top-5 hits) of the ground-truth-class maps of ``split``."""
+    boxes = split_boxes(split, bundle.name).numpy()
+    size = tuple(split.images.shape[2:])
+    ev = BoxEvaluator(thresholds)
+    hit1, hit5 = [], []
+    for start, x, y in batches(model, split, bundle, batch_size):
+        maps, logits = score_maps(model, x, y, method)
+        ev.add(normalize_scoremaps(maps, size), boxes[start:start + len(y)])
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit1.append((top[:, 0] == y).cpu())
+        hit5.append((top == y[:, None]).any(1).cpu())
+    multi, single = ev.curves()
+    return multi, single, torch.cat(hit1).numpy(), torch.cat(hit5).numpy()
+
+
+def localize(model, bundle, splits=("val", "test"), interval: float = 0.001, batch_size: int = 250,
+             method: str = "cam") -> dict:
+    """Metrics of the model and of the priors on ``splits`` (the first one chooses tau for the others)."""
+    require_cv2()
+    thresholds = thresholds_grid(interval)
+    out = {"dataset": bundle.name, "method": method, "interval": float(interval),
+           "image_size": list(bundle.train.images.shape[2:]), "tau_split": splits[0], "splits": {}, "priors": {}}
+    tau = prior_tau = None
+    for name in splits:
+        split = getattr(bundle, name)
+        multi, single, hit1, hit5 = split_curves(model, split, bundle, thresholds, batch_size, method)
+        if tau is None:
+            tau = select_threshold(single, thresholds)[1]
+        res = summarize(multi, single, thresholds, hit1, hit5, tau=tau)
+        res["top1"], res["top5"] = float(100 * hit1.mean()), float(100 * hit5.mean())
+        out["splits"][name] = res
+        boxes = split_boxes(split, bundle.name).numpy()
+        priors = prior_baselines(boxes, split.images.shape[2:], thresholds, tau=prior_tau)
+        prior_tau = priors["centre_gaussian"]["tau"]  # the prior's own tau, chosen on the first split too
+        out["priors"][name] = priors
+    out["tau"] = tau
+    return out
+
+
+def _row(label, r):
+    iou = r["max_box_acc_v2_iou"]
+    loc = lambda key: (f"{r[key]['at_tau']:6.2f} ({r[key]['oracle']:5.2f})" if key in r and "at_tau" in r[key]
+                       else f"{r[key]['oracle']:6.2f} (oracle)" if key in r else f"{'-':>14}")
+    top1 = f"{r['top1']:6.2f}" if "top1" in r else f"{'-':>6}"
+    return (f"{label:<22}{top1}  {r['max_box_acc_v2']:6.2f} ({iou['30']:5.1f}/{iou['50']:5.1f}/{iou['70']:5.1f})"
+            f"  {r['max_box_acc']:6.2f}  {loc('gt_known_loc')}  {loc('top1_loc')}  {loc('top5_loc')}")
+
+
+def format_table(res: dict) -> str:
+    lines = [f"tau = {res['tau']:.3f} (chosen on {res['tau_split']}: best GT-known Loc); Loc columns: at tau "
+             f"(oracle tau)",
+             f"{'':<22}{'top-1':>6}  {'MaxBoxAccV2 (30/50/70)':<27}  {'V1':>6}  {'GT-known Loc':<14}  "
+             f"{'Top-1 Loc':<14}  {'Top-5 Loc':<14}"]
+    for name, r in res["splits"].items():
+        lines.append(_row(f"{name}: model", r))
+        p = res["priors"][name]
+        lines.append(_row(f"{name}: centre Gaussian", p["centre_gaussian"]))
+        f = p["full_image"]
+        lines.append(f"{name + ': full-image box':<22}{'-':>6}  {f['mean']:6.2f} ({f['iou']['30']:5.1f}/"
+                     f"{f['iou']['50']:5.1f}/{f['iou']['70']:5.1f})  {f['iou']['50']:6.2f}  {f['gt_known_loc']:6.2f}")
+    return "\n".join(lines)
+
+
+def add_arguments(p):
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (its checkpoint_best.pt)")
+    p.add_argument("--splits", default="val,test",
+                   help="comma-separated; the first (default val, held out of train) chooses tau (default: val,test)")
+    p.add_argument("--cam", choices=METHODS, default="cam", help="score map: cam (default) or gradcam")
+    p.add_argument("--interval", type=float, default=0.001, help="threshold grid step over [0, 1) (default 0.001)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: the run's)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run kept an EMA")
+    p.add_argument("--output", default=None, help="JSON path (default: localize.json next to the checkpoint)")
+
+
+def run(args):
+    from ..data.cache import write_json_atomic
+    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    if not splits or any(s not in ("val", "test") for s in splits) or len(set(splits)) != len(splits):
+        raise AttnlabError(f"--splits takes val and/or test, comma-separated, got '{args.splits}'")
+    if args.batch_size < 1:
+        raise AttnlabError(f"--batch-size must be >= 1, got {args.batch_size}")
+    require_cv2()
+    path, ckpt, bundle, model = open_run(args.checkpoint, args.device, args.data_dir, not args.no_ema)
+    start = time.perf_counter()
+    res = localize(model, bundle, splits, args.interval, args.batch_size, args.cam)
+    res.update(checkpoint=str(path), epoch=ckpt.get("epoch"), attention=ckpt["config"]["model"]["attention"],
+               model=ckpt["config"]["model"]["name"], ema=bool(ckpt.get("ema")) and not args.no_ema,
+               seconds=round(time.perf_counter() - start, 2))
+    dest = Path(args.output) if args.output else path.parent / "localize.json"
+    write_json_atomic(dest, res)
+    print(format_table(res))
+    print(f"-> {dest}")
+    return 0
+

@@ -1,0 +1,276 @@
+"""``attnlab show --checkpoint RUN``: PNG grids of where a trained network looks.
+
+Written to ``<run>/show/`` (or ``--out``), each atomically:
+  * ``cams.png``: per image, the picture with its ground-truth box (green, when the dataset has boxes), the CAM of
+    the ground-truth class with the box extracted at tau (red; largest contour, as GT-known Loc), and the CAM of
+    the top-1 predicted class;
+  * ``spatial_gates.png``: CBAM's spatial gate and TDAM's searchlight map sigmoid(sum_c S_c X'_c), last block of
+    each stage that has one (last modulation step), as heat maps;
+  * ``channel_gates.png``: SE / ECA / SPE / DIA / CBAM-channel / TDAM-searchlight channel gates, one panel per stage
+    (last block of the stage): mean over the shown images per channel, with the min-max band;
+  * ``tdam_steps.png``: TDAM's per-step CAMs side by side (step 1 = no feedback), each with its own top-1 class.
+Works without boxes (CIFAR-10): the box overlays are then left out. tau is read from ``localize.json`` next to the
+checkpoint when it exists (the threshold chosen on val), else ``--tau`` (default 0.25).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import AttnlabError
+
+DEFAULT_TAU = 0.25
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` through a temporary file, so a crash never leaves half a PNG."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    _plt().close(fig)
+    return path
+
+
+def pick_images(n_split: int, count: int, labels: torch.Tensor) -> list[int]:
+    """``count`` indices spread over the split, preferring distinct classes (deterministic)."""
+    count = max(1, min(count, n_split))
+    order = np.linspace(0, n_split - 1, num=min(n_split, count * 8)).round().astype(int)
+    chosen, seen = [], set()
+    for i in order:
+        c = int(labels[i])
+        if c not in seen:
+            chosen.append(int(i))
+            seen.add(c)
+        if len(chosen) == count:
+            return chosen
+    for i in order:  # fewer classes than images: fill up
+        if int(i) not in chosen:
+            chosen.append(int(i))
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def _hwc(image: torch.Tensor) -> np.ndarray:
+    return image.permute(1, 2, 0).cpu().numpy()
+
+
+def _box(ax, box, color):
+    from matplotlib.patches import Rectangle
+    x0, y0, x1, y1 = [float(v) for v in box]
+    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, edgecolor=color, lw=1.8))
+
+
+def _clean(ax):
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _short(name: str) -> str:
+    return name.split(",")[0][:16]
+
+
+def cam_figure(images, labels, class_names, gt_maps, pred_maps, preds, boxes, tau):
+    """Rows: image (+ GT box), GT-class CAM (+ its box at tau), predicted-class CAM; one column per image."""
+    from ..localization.metrics import box_iou, boxes_from_scoremap
+    plt = _plt()
+    n = len(images)
+    fig, axes = plt.subplots(3, n, figsize=(1.9 * n, 6.4), squeeze=False)
+    for j in range(n):
+        img = _hwc(images[j])
+        ax = axes[0, j]
+        ax.imshow(img)
+        ax.set_title(_short(class_names[int(labels[j])]), fontsize=8)
+        if boxes is not None:
+            _box(ax, boxes[j], "lime")
+        ax = axes[1, j]
+        ax.imshow(img)
+        ax.imshow(gt_maps[j], cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        if boxes is not None:
+            pred_box = boxes_from_scoremap(gt_maps[j], [tau], multi_contour=False)[0][0]
+            _box(ax, boxes[j], "lime")
+            _box(ax, pred_box, "red")
+            ax.set_title(f"IoU {box_iou(pred_box, boxes[j])[0, 0]:.2f}", fontsize=8)
+        ax = axes[2, j]
+        ax.imshow(img)
+        ax.imshow(pred_maps[j], cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        ok = int(preds[j]) == int(labels[j])
+        ax.set_title(("= " if ok else "x ") + _short(class_names[int(preds[j])]), fontsize=8,
+                     color="black" if ok else "crimson")
+    for ax in axes.flat:
+        _clean(ax)
+    axes[0, 0].set_ylabel("image, GT box", fontsize=8)
+    axes[1, 0].set_ylabel(f"CAM of GT class\nbox at tau={tau:.3f}" if boxes is not None else "CAM of GT class",
+                          fontsize=8)
+    axes[2, 0].set_ylabel("CAM of top-1 class", fontsize=8)
+    fig.suptitle("Class activation maps (green: ground truth, red: box from the CAM)" if boxes is not None
+                 else "Class activation maps", fontsize=10)
+    return fig
+
+
+def last_per_stage(gates, kind: str) -> dict:
+    """{stage: Gate} for the last block (and last step) of each stage that recorded a ``kind`` gate."""
+    out = {}
+    for g in gates:
+        if g.kind == kind:
+            out[g.block.split(".")[0]] = g  # records come in forward order: the last one wins
+    return out
+
+
+def spatial_figure(images, gates, attention):
+    plt = _plt()
+    per_stage = last_per_stage(gates, "spatial")
+    stages = list(per_stage)
+    n = len(images)
+    fig, axes = plt.subplots(n, 1 + len(stages), figsize=(1.9 * (1 + len(stages)), 1.9 * n), squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(_hwc(images[i]))
+        for k, stage in enumerate(stages):
+            g = per_stage[stage]
+            ax = axes[i, 1 + k]
+            v = g.values[i].numpy()
+            im = ax.imshow(v, cmap="magma", vmin=0, vmax=1)
+            if i == 0:
+                ax.set_title(f"{g.block} ({v.shape[0]}x{v.shape[1]})", fontsize=8)
+            ax.set_xlabel(f"{v.min():.2f}..{v.max():.2f}", fontsize=7)
+    for ax in axes.flat:
+        _clean(ax)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="gate")
+    fig.suptitle(f"{attention}: spatial gates, last block of each stage", fontsize=10)
+    return fig
+
+
+def channel_figure(gates, attention):
+    plt = _plt()
+    per_stage = last_per_stage(gates, "channel")
+    stages = list(per_stage)
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 2.8), squeeze=False)
+    for k, stage in enumerate(stages):
+        g = per_stage[stage]
+        v = g.values.numpy()  # (images, channels)
+        ax = axes[0, k]
+        x = np.arange(v.shape[1])
+        ax.fill_between(x, v.min(0), v.max(0), color="tab:blue", alpha=0.25, lw=0, label="min-max over images")
+        ax.plot(x, v.mean(0), color="tab:blue", lw=1.2, label="mean")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("channel", fontsize=8)
+        ax.set_title(f"{g.block} ({v.shape[1]} channels)", fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_ylabel("gate", fontsize=8)
+    axes[0, 0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"{attention}: channel gates, last block of each stage", fontsize=10, y=1.04)
+    return fig
+
+
+def steps_figure(images, step_maps, step_preds, labels, class_names):
+    plt = _plt()
+    n, steps = len(images), len(step_maps)
+    fig, axes = plt.subplots(n, 1 + steps, figsize=(1.9 * (1 + steps), 1.9 * n), squeeze=False)
+    for i in range(n):
+        img = _hwc(images[i])
+        axes[i, 0].imshow(img)
+        axes[i, 0].set_title(_short(class_names[int(labels[i])]), fontsize=8)
+        for t in range(steps):
+            ax = axes[i, 1 + t]
+            ax.imshow(img)
+            ax.imshow(step_maps[t][i], cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            p = int(step_preds[t][i])
+            ax.set_title(f"step {t + 1}: {_short(class_names[p])}", fontsize=7,
+                         color="black" if p == int(labels[i]) else "crimson")
+    for ax in axes.flat:
+        _clean(ax)
+    fig.suptitle("TDAM: CAM of each step's top-1 class (step 1 = no feedback)", fontsize=10)
+    return fig
+
+
+def _tau(path: Path, given):
+    if given is not None:
+        return float(given), "--tau"
+    loc = path.parent / "localize.json"
+    if loc.is_file():
+        try:
+            return float(json.loads(loc.read_text())["tau"]), str(loc)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return DEFAULT_TAU, "default"
+
+
+def show(model, bundle, split_name: str, out_dir: Path, count: int = 8, tau: float = DEFAULT_TAU,
+         method: str = "cam") -> list[Path]:
+    """Write the PNG grids for ``count`` images of the split; returns the files written."""
+    from ..data.boxes import has_boxes, split_boxes
+    from ..localization.cam import score_maps, tdam_modules, tdam_step_cams
+    from ..localization.metrics import normalize_scoremaps, require_cv2
+    from .gates import capture_gates
+    require_cv2()
+    split = getattr(bundle, split_name)
+    idx = pick_images(len(split), count, split.labels)
+    images = split.images[idx]
+    labels = split.labels[idx]
+    boxes = split_boxes(split, bundle.name)[idx].numpy() if has_boxes(split) else None
+    device = next(model.parameters()).device
+    mean = torch.tensor(bundle.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(bundle.std, device=device).view(1, 3, 1, 1)
+    x = (images.to(device).float() / 255 - mean) / std
+    size = tuple(images.shape[2:])
+    names = bundle.class_names or bundle.classes
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    with capture_gates(model) as gates:
+        gt_maps, logits = score_maps(model, x, labels.to(device), method)
+    preds = logits.argmax(1).cpu()
+    pred_maps = score_maps(model, x, preds.to(device), method)[0]
+    written = [save_figure(cam_figure(images, labels, names, normalize_scoremaps(gt_maps, size),
+                                      normalize_scoremaps(pred_maps, size), preds, boxes, tau), out_dir / "cams.png")]
+    attention = getattr(model, "attention", "?")
+    if any(g.kind == "spatial" for g in gates):
+        written.append(save_figure(spatial_figure(images, gates, attention), out_dir / "spatial_gates.png"))
+    if any(g.kind == "channel" for g in gates):
+        written.append(save_figure(channel_figure(gates, attention), out_dir / "channel_gates.png"))
+    if tdam_modules(model):
+        step_maps, step_logits = tdam_step_cams(model, x)
+        written.append(save_figure(steps_figure(images, [normalize_scoremaps(m, size) for m in step_maps],
+                                                step_logits.argmax(2).cpu(), labels, names),
+                                   out_dir / "tdam_steps.png"))
+    return written
+
+
+def add_arguments(p):
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (its checkpoint_best.pt)")
+    p.add_argument("--split", choices=("val", "test"), default="test")
+    p.add_argument("--images", type=int, default=8, help="images per grid (default 8)")
+    p.add_argument("--tau", type=float, default=None,
+                   help="box threshold (default: localize.json's, else 0.25)")
+    p.add_argument("--cam", choices=("cam", "gradcam"), default="cam")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: show/ next to the checkpoint)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: the run's)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run kept an EMA")
+
+
+def run(args):
+    from ..localization.command import open_run
+    from ..localization.metrics import require_cv2
+    if not 1 <= args.images <= 64:
+        raise AttnlabError(f"--images must be 1..64, got {args.images}")
+    if args.tau is not None and not 0 <= args.tau < 1:
+        raise AttnlabError(f"--tau must be in [0, 1), got {args.tau}")
+    require_cv2()
+    path, _, bundle, model = open_run(args.checkpoint, args.device, args.data_dir, not args.no_ema)
+    tau, source = _tau(path, args.tau)
+    out = Path(args.out) if args.out else path.parent / "show"
+    for f in show(model, bundle, args.split, out, args.images, tau, args.cam):
+        print(f"wrote {f}")
+    print(f"tau {tau:.3f} ({source})")
+    return 0

@@ -1,0 +1,73 @@
+"""``attnlab localize`` and ``attnlab show`` end to end on tiny checkpoints trained for one step on real data."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("cv2", reason="attnlab[wsol] (opencv-python-headless) not installed")
+
+from attnlab.cli import main  # noqa: E402
+from attnlab.data.sources import repo_root  # noqa: E402
+from attnlab.engine.config import load_config  # noqa: E402
+from attnlab.engine.train import train  # noqa: E402
+
+SHARED = repo_root().parent / "shared" / "data"
+RECIPE = repo_root() / "configs" / "tiny_imagenet_resnet20_cpu.yaml"
+
+
+def _run(tmp_path, name, attention, overrides=()):
+    cfg = load_config(RECIPE, [f"name={name}", f"out_dir={tmp_path}", "device=cpu", f"model.attention={attention}",
+                               "data.subset=3", "data.val_size=50", "data.test_subset=1", "train.epochs=1",
+                               "debug.max_steps_per_epoch=1", "train.batch_size=32", f"data.cache_dir={tmp_path}/c",
+                               *overrides])
+    train(cfg)
+    return tmp_path / name
+
+
+def _cli(*args):
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    return exc.value.code
+
+
+@pytest.mark.skipif(not (SHARED / "tiny-imagenet-50").is_dir(), reason="shared Tiny-ImageNet-50 not present")
+def test_localize_and_show_on_a_tdam_checkpoint(tmp_path, capsys):
+    run = _run(tmp_path, "tdam", "tdam")
+    assert _cli("localize", "--checkpoint", str(run), "--interval", "0.05") == 0
+    printed = capsys.readouterr().out
+    assert "centre Gaussian" in printed and "full-image box" in printed
+    res = json.loads((run / "localize.json").read_text())
+    val, test = res["splits"]["val"], res["splits"]["test"]
+    assert val["images"] == 50 and test["images"] == 50
+    # tau comes from val: there it is GT-known Loc's oracle; on test it is at most the oracle
+    assert val["gt_known_loc"]["at_tau"] == val["gt_known_loc"]["oracle"] and res["tau"] == val["tau"] == test["tau"]
+    for r in (val, test):
+        assert r["top1_loc"]["oracle"] <= min(r["top1"], r["gt_known_loc"]["oracle"]) + 1e-9
+        assert r["max_box_acc_v2"] == pytest.approx(np.mean(list(r["max_box_acc_v2_iou"].values())))
+    for split in ("val", "test"):
+        pri = res["priors"][split]
+        assert set(pri) == {"centre_gaussian", "full_image"}
+        assert pri["centre_gaussian"]["max_box_acc"] >= pri["full_image"]["iou"]["50"]  # tau = 0 floor
+
+    out = tmp_path / "pics"
+    assert _cli("show", "--checkpoint", str(run), "--images", "3", "--out", str(out)) == 0
+    assert "localize.json" in capsys.readouterr().out  # tau read from the localize step
+    for name in ("cams.png", "spatial_gates.png", "channel_gates.png", "tdam_steps.png"):
+        with Image.open(out / name) as im:
+            assert im.size[0] > 200 and im.size[1] > 150
+            assert np.asarray(im.convert("L")).std() > 10  # not blank
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10-jpeg").is_dir(), reason="shared CIFAR-10 not present")
+def test_show_works_on_cifar10_and_localize_says_there_are_no_boxes(tmp_path, capsys):
+    run = _run(tmp_path, "se", "se", ["data.name=cifar10", "data.image_size=null", "data.val_size=20",
+                                      "data.subset=6"])
+    out = tmp_path / "pics"
+    assert _cli("show", "--checkpoint", str(run), "--images", "4", "--out", str(out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cams.png", "channel_gates.png"]
+    assert _cli("localize", "--checkpoint", str(run)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["attnlab: error: dataset 'cifar10' has no bounding boxes (its val split has none; only "
+                   "tiny-imagenet has boxes), so localization metrics cannot be computed"]
+    assert not (run / "localize.json").exists()
