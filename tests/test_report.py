@@ -178,7 +178,7 @@ def test_claims_get_verdicts_with_both_intervals(results, tmp_path):
     _with_claims(results, tmp_path)
     rows = judge_all(summarize(results))
     assert [r["verdict"] for r in rows] == ["holds", "reversed", "not shown at this scale", "holds",
-                                            "not run yet (0 seeds of both)"]
+                                            "not run yet (needs 2 seeds of both, has 0)"]
     se = rows[0]
     assert se["welch"]["diff"] == pytest.approx(4.0) and se["n"] == 3
     assert se["paired"]["low"] == pytest.approx(4.0) and se["paired"]["high"] == pytest.approx(4.0)  # +4 each seed

@@ -22,7 +22,7 @@ def judge(claim: dict, methods: dict) -> dict:
     n = min(m["n"] if m else 0, b["n"] if b else 0)
     row = {**claim, "n": n, "welch": None, "paired": None, "latency_ratio": _latency_ratio(m, b)}
     if n < MIN_SEEDS:
-        row["verdict"] = f"not run yet ({n} seed{'s' if n != 1 else ''} of both)"
+        row["verdict"] = f"not run yet (needs {MIN_SEEDS} seeds of both, has {n})"
         return row
     row["welch"] = welch_interval(m["test_values"], b["test_values"])
     row["paired"] = paired_interval(m["test_by_seed"], b["test_by_seed"])
