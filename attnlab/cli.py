@@ -15,6 +15,7 @@ COMMANDS = {
     "export": ("attnlab.export", "export a checkpoint's model to ONNX (inference graph only)"),
     "bench": ("attnlab.bench", "run a benchmark matrix (methods x seeds) through the training engine"),
     "report": ("attnlab.report", "write report.md and plots for a benchmark matrix's results"),
+    "search": ("attnlab.search.pipeline", "EAN connection search: supernet -> search -> retrain (resumable)"),
 }
 
 
