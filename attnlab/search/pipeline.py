@@ -21,6 +21,7 @@ without searching. The search evaluates the supernet's final weights (checkpoint
 out of train (``data.val_size``); the test split is never read by the search.
 """
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class SearchSection:
     recal_batch_size: int = 128
     eval_batch_size: Optional[int] = None  # None: train.eval_batch_size
     table: bool = False  # evaluate every scheme first (up to 2^12) and write table.csv
+    dir: str = "search"  # sub-folder of the run for this search (variants, e.g. with recalibration, share the supernet)
     reward: RewardSection = field(default_factory=RewardSection)
 
 
@@ -107,6 +109,9 @@ def load_pipeline(path, overrides=()):
         sections = OmegaConf.merge(sections, OmegaConf.create(own), parse_overrides(mine))
     except OmegaConfBaseException as err:
         raise AttnlabError(f"bad search config in '{path}': {str(err).splitlines()[0]}") from None
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", sections.search.dir) or sections.search.dir in (".", "..", "supernet"):
+        raise AttnlabError(f"search.dir must be a plain folder name (not '.', '..' or 'supernet'), "
+                           f"got {sections.search.dir!r}")
     raw.setdefault("name", path.stem)
     cfg = load_config(None, engine, base=raw)
     _check_supernet_config(cfg)
@@ -138,7 +143,7 @@ def run(args):
         scheme = run_search_phase(cfg, sec, root)["chosen_blocks"]
     if "retrain" in phases:
         if scheme is None:
-            scheme = read_result(root)["chosen_blocks"]
+            scheme = read_result(root, sec.search.dir)["chosen_blocks"]
         run_retrain(cfg, sec, root, scheme)
     return 0
 
@@ -174,8 +179,8 @@ def _parameters(fn):
 
 # ---- phase 2 ---------------------------------------------------------------------------------------------------
 
-def read_result(root) -> dict:
-    path = Path(root) / "search" / "result.json"
+def read_result(root, sub: str = "search") -> dict:
+    path = Path(root) / sub / "result.json"
     if not path.is_file():
         raise AttnlabError(f"no search result at {path}: run the search phase first, or give --scheme")
     return json.loads(path.read_text())
@@ -232,9 +237,9 @@ def run_search_phase(cfg, sec, root, evaluator=None) -> dict:
     from .replay import write_json, write_table
     from .searchers import Oracle, make_searcher, run_search
 
-    out = Path(root) / "search"
+    out = Path(root) / sec.search.dir
     if (out / "result.json").is_file():
-        res = read_result(root)
+        res = read_result(root, sec.search.dir)
         print(f"search: done ({out / 'result.json'}); chosen {res['chosen_blocks']} ({res['select']}); skipped")
         return res
     out.mkdir(parents=True, exist_ok=True)
