@@ -216,6 +216,16 @@ def phase_report(a):
                         "best_reward": ranked[0][1]["reward"], "worst_reward": ranked[-1][1]["reward"],
                         "top1_all": next(r["top1"] for b, r in ranked if sum(b) == 9),
                         "top1_none": next(r["top1"] for b, r in ranked if sum(b) == 0)}
+    recal_path = search_root(a) / "search-recal20" / "table.csv"
+    if recal_path.is_file():  # the effect of per-scheme BN recalibration on the table
+        recal = read_table(recal_path)
+        keys = [b for b, _ in ranked]
+        plain_top1, recal_top1 = [dict(ranked)[b]["top1"] for b in keys], [recal[b]["top1"] for b in keys]
+        summary["bn_recalibration"] = {
+            "kendall_tau_top1_plain_vs_recal": kendall_tau(plain_top1, recal_top1),
+            "mean_top1_plain": statistics.fmean(plain_top1), "mean_top1_recal": statistics.fmean(recal_top1),
+            "best_plain": summary["table"]["best"],
+            "best_recal": "".join(map(str, max(recal, key=lambda b: recal[b]["reward"])))}
     stand = [r for r in read_runs(results / "ean_standalone" / "runs.jsonl") if r.get("status") == "ok"]
     if stand:
         table = dict(ranked)
@@ -255,18 +265,20 @@ def plots(a, ranked, res, results):
     rewards = [r["reward"] for _, r in ranked]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.hist(rewards, bins=40, color="0.7")
+    styles = {"mode": ("C0", "--"), "best_sampled": ("C1", "-"), "best_of_n": ("C2", ":")}
     for name, cand in res["candidates"].items():
-        ax.axvline(cand["reward"], linestyle="--", label=f"{res['searcher']} {name}")
+        color, ls = styles[name]
+        ax.axvline(cand["reward"], color=color, linestyle=ls, label=f"this search ({res['searcher']}): {name}")
     replay = results / "replay.json"
     if replay.is_file():  # each searcher's median pick (chosen rank) at the largest budget of the replay study
         study = json.loads(replay.read_text())
         budget = max(study["budgets"])
-        for s in study["summary"]:
-            if s["budget"] == budget:
-                x = rewards[max(0, int(s["chosen"]["median_rank"]) - 1)]
-                ax.axvline(x, color="k", alpha=0.3, linewidth=0.8)
-                ax.text(x, ax.get_ylim()[1] * 0.95, f"{s['searcher']} median pick @{budget}", rotation=90,
-                        fontsize=7, va="top")
+        top = ax.get_ylim()[1]
+        picks = [s for s in study["summary"] if s["budget"] == budget]
+        for i, s in enumerate(picks):
+            x = rewards[max(0, int(s["chosen"]["median_rank"]) - 1)]
+            ax.plot([x], [top * (0.92 - 0.07 * i)], marker="v", color=f"C{3 + i}", linestyle="none",
+                    label=f"replay {s['searcher']}: median pick, {budget} evals")
     ax.set_xlabel("reward = supernet val top-1 + 2 x fraction not connected")
     ax.set_ylabel("schemes")
     ax.legend(fontsize=7)

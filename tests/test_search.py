@@ -264,3 +264,30 @@ def test_bn_recalibration_is_deterministic_and_restores_the_supernet(supernet_mo
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(m.momentum == 0.1 for m in supernet_model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert "recal=3" in ev.context and "recal=0" in plain.context
+
+
+# ---- proof-run driver helpers ----------------------------------------------------------------------------------
+
+def _driver():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ean_resnet20.py"
+    spec = importlib.util.spec_from_file_location("ean_resnet20", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_driver_kendall_tau_spread_and_random_controls():
+    d = _driver()
+    assert d.kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert d.kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert d.kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    ranked = [((i,), None) for i in range(512)]
+    picks = d.spread_schemes(ranked)
+    assert picks[0] == (0,) and picks[-1] == (511,) and len(picks) == 8
+    controls = d.random_same_k(4, exclude={"111100000"})
+    assert len(controls) == 3 and len(set(controls)) == 3
+    assert all(sum(b) == 4 and "".join(map(str, b)) != "111100000" for b in controls)
+    assert controls == d.random_same_k(4, exclude={"111100000"})  # fixed before any retrain
+    assert d.blocks((1, 0, 1, 1, 1, 0, 0, 1, 1)) == "101-110-011"

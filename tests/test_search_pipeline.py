@@ -196,3 +196,17 @@ def test_whole_pipeline_runs_and_skips_done_phases(tmp_path, capsys):
         main(args)
     out = capsys.readouterr().out
     assert out.count("skipped") == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
+    (["--config", str(CONFIG), "--phases", "supernet,serch"], "unknown phase 'serch'"),
+    (["--config", str(CONFIG), "search.dir=../x"], "search.dir must be a plain folder name"),
+])
+def test_search_command_bad_input_is_one_line(args, message, capsys):
+    from attnlab.cli import main
+    with pytest.raises(SystemExit) as info:
+        main(["search", *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("attnlab: error: ") and message in err and "\n" not in err
