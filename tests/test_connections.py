@@ -49,6 +49,8 @@ def test_zero_bits_call_no_module(attention):
 
 @pytest.mark.parametrize("attention", SHAREABLE)
 def test_masked_supernet_equals_static_model_with_same_weights(attention):
+    # For DIA this is the state rule: the static model's unconnected blocks hold no module at all, so its LSTM
+    # state runs through the connected blocks only; the masked supernet must give exactly the same output.
     model = supernet(attention)
     x = torch.randn(3, 3, 32, 32)
     for mask in ("101-010-110", "000-111-001", "111-111-111", "000-000-000"):
@@ -60,20 +62,6 @@ def test_masked_supernet_equals_static_model_with_same_weights(attention):
         with torch.no_grad():
             set_connections(model, mask)
             assert torch.equal(model(x), static(x)), mask
-
-
-def test_dia_state_runs_through_connected_blocks_only():
-    # A skipped block must neither read nor update the LSTM state: moving the stage's one connected block
-    # changes the output, and "101" differs from "111" beyond the middle block's own scaling.
-    model = supernet("dia")
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        outs = {}
-        for mask in ("101-000-000", "111-000-000", "001-000-000"):
-            set_connections(model, mask)
-            outs[mask] = model(x)
-    assert not torch.allclose(outs["101-000-000"], outs["111-000-000"])
-    assert not torch.allclose(outs["101-000-000"], outs["001-000-000"])
 
 
 def test_masks_change_per_forward():
