@@ -202,19 +202,20 @@ def build_evaluator(cfg, sec, ckpt_path, cache_path):
     channels_last = cfg.train.channels_last is None or bool(cfg.train.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    d = cfg.data
-    b = load_dataset(d.name, data_dir=d.data_dir, val_size=d.val_size, subset=d.subset, seed=cfg.seed,
-                     cache_dir=d.cache_dir, image_size=d.image_size, test_subset=d.test_subset)
+    # The supernet's own data settings and seed: the val split must be the one held out of *its* training images.
+    d, seed = ck["config"]["data"], ck["config"]["seed"]
+    b = load_dataset(d["name"], data_dir=d["data_dir"], val_size=d["val_size"], subset=d["subset"], seed=seed,
+                     cache_dir=d["cache_dir"], image_size=d["image_size"], test_subset=d.get("test_subset"))
     if len(b.val) == 0:
         raise AttnlabError("the search evaluates on the val split held out of train: set data.val_size > 0")
-    common = dict(mean=b.mean, std=b.std, device=device, seed=cfg.seed)
+    common = dict(mean=b.mean, std=b.std, device=device, seed=seed)
     val = BatchLoader(b.val, sec.search.eval_batch_size or cfg.train.eval_batch_size, **common)
     recal = None
     if sec.search.recal_batches:
         recal = BatchLoader(b.train, sec.search.recal_batch_size, shuffle=True, augment=False, drop_last=True,
                             **common)
     return SchemeEvaluator(model, val, device, recal, sec.search.recal_batches, cache_path,
-                           checkpoint_context(ckpt_path), channels_last)
+                           f"{checkpoint_context(ckpt_path)}|data_seed={seed}", channels_last)
 
 
 def _reward(sec):
