@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/ean_resnet20.py PHASE [PHASE ...] [--tiny] [--runs runs] [--results results/ean]
 
 Phases, in order (docs/ean.md lists the CPU time of each):
-  supernet    `attnlab search --config configs/ean_resnet20_se.yaml --phases supernet,search`: the shared-SE
+  supernet    `attnlab search --config configs/search/ean_resnet20_se.yaml --phases supernet,search`: the shared-SE
               supernet (15 epochs), then all 512 schemes evaluated (search/table.csv) and the REINFORCE search
               (EAN preset) on that cache
   recal       the 512-scheme table again with SPOS-style BN recalibration (20 batches of 128), search-recal20/
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from attnlab.search.replay import read_table, replay_study, write_json  # noqa: E402
 
-CONFIG = ROOT / "configs" / "ean_resnet20_se.yaml"
+CONFIG = ROOT / "configs" / "search" / "ean_resnet20_se.yaml"
 RECIPE = "configs/cifar10_resnet20.yaml"
 PHASES = ("supernet", "recal", "replay", "standalone", "retrain", "report")
 NAME = "ean_resnet20_se"

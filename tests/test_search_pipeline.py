@@ -16,7 +16,7 @@ from attnlab.search.cache import read_jsonl
 from attnlab.search.evaluator import SchemeEvaluator
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "ean_resnet20_se.yaml"
+CONFIG = ROOT / "configs" / "search" / "ean_resnet20_se.yaml"
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="offline CIFAR-10 copy not found")
 HAS_HOOKS = "step_hooks" in inspect.signature(engine.train).parameters

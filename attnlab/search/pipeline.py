@@ -1,4 +1,4 @@
-"""``attnlab search --config configs/ean_resnet20_se.yaml``: supernet -> search -> retrain, each phase resumable.
+"""``attnlab search --config configs/search/ean_resnet20_se.yaml``: supernet -> search -> retrain, resumable.
 
 The YAML is an ordinary training recipe (its engine keys configure the supernet run) plus three sections of its own:
 
@@ -79,7 +79,7 @@ class PipelineSections:
 
 
 def add_arguments(p):
-    p.add_argument("--config", required=True, help="search recipe (e.g. configs/ean_resnet20_se.yaml)")
+    p.add_argument("--config", required=True, help="search recipe (e.g. configs/search/ean_resnet20_se.yaml)")
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of supernet,search,retrain")
     p.add_argument("--scheme", default=None, help="retrain this scheme (e.g. 101-110-011) instead of the searched one")
     p.add_argument("overrides", nargs="*", metavar="key=value",
