@@ -99,9 +99,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg, resume=None) -> dict:
+def train(cfg, resume=None, step_hooks=()) -> dict:
     """Train as ``cfg`` says (a DictConfig from load_config, or a plain dict merged onto the defaults).
 
+    ``step_hooks``: callables ``hook(trainer, epoch, step)`` run before the forward of every training step (epoch
+    0-based, step the global 0-based step index, the same after a resume); ``trainer.model`` is the unwrapped model,
+    so a training mode (e.g. a supernet drawing a new attention mask per step) can change it without its own loop.
     Returns the content of results.json. Under torchrun each rank calls this; rank 0 writes the files.
     """
     if not isinstance(cfg, DictConfig):
@@ -109,19 +112,20 @@ def train(cfg, resume=None) -> dict:
     d, device = setup(cfg.device)
     try:
         with _determinism(bool(cfg.train.deterministic), device):
-            return Trainer(cfg, d, device, resume).fit()
+            return Trainer(cfg, d, device, resume, step_hooks).fit()
     finally:
         cleanup(d)
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, d: Dist, device: torch.device, resume=None):
+    def __init__(self, cfg: DictConfig, d: Dist, device: torch.device, resume=None, step_hooks=()):
         from ..data import load_dataset
         from ..data.loader import BatchLoader
         from ..models import create_model
         from ..objectives import build_objectives, features_needed
 
         self.cfg, self.d, self.device = cfg, d, device
+        self.step_hooks = tuple(step_hooks)
         t = cfg.train
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.log = print if d.is_main else (lambda *a, **k: None)
@@ -237,6 +241,8 @@ class Trainer:
             step = epoch * self.steps_per_epoch + i
             if kill_at is not None and step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
+            for hook in self.step_hooks:
+                hook(self, epoch, step)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             lr = self.optimizer.param_groups[0]["lr"]
