@@ -13,8 +13,8 @@ COMMANDS = {
     "train": ("attnlab.engine.train", "train a model from a YAML recipe with key=value overrides"),
     "eval": ("attnlab.engine.evaluate", "evaluate a checkpoint on the val or test split"),
     "export": ("attnlab.export", "export a checkpoint's model to ONNX (inference graph only)"),
-    "bench": ("attnlab.bench", "run a benchmark matrix (methods x seeds) through the training engine"),
-    "report": ("attnlab.report", "write report.md and plots for a benchmark matrix's results"),
+    "bench": ("attnlab.bench.cli", "run a benchmark matrix (methods x seeds) through the training engine"),
+    "report": ("attnlab.bench.report", "write report.md and plots for a benchmark matrix's results"),
     "search": ("attnlab.search.pipeline", "EAN connection search: supernet -> search -> retrain (resumable)"),
 }
 

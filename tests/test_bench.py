@@ -1,5 +1,4 @@
 """attnlab bench: matrix files, cells, dry runs, runs.jsonl bookkeeping, and a tiny real matrix that resumes."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -7,12 +6,19 @@ import pytest
 
 import attnlab.attention
 from attnlab import cli
-from attnlab.bench import (append_line, cells, format_value, load_matrix, read_runs, run_matrix, slug)
+from attnlab.bench import (append_line, cells, fingerprint, format_value, load_matrix, read_runs, run_matrix,
+                           slug)
+from attnlab.bench.runner import parse_duration
+from attnlab.bench.runs import cell_lock
 from attnlab.errors import AttnlabError
 from matrix_helpers import tiny_matrix_text
 
 ROOT = Path(__file__).resolve().parents[1]
 MATRICES = ROOT / "benchmarks" / "matrices"
+
+
+def _counts(**given):
+    return {"total": 0, "skipped": 0, "ok": 0, "failed": 0, "deferred": 0, "interrupted": 0, "busy": 0, **given}
 
 
 def _write(tmp_path, text, name="m.yaml"):
@@ -26,14 +32,20 @@ def test_shipped_matrices_load_and_cover_every_method(tmp_path):
         load_matrix(path)  # every shipped matrix is valid (recipe found, keys known)
     for name in ("cpu_proxy", "cifar10_resnet18", "cifar10_resnet164"):
         m = load_matrix(MATRICES / f"{name}.yaml")
-        if importlib.util.find_spec("attnlab.engine.config"):  # every cell's config passes the engine's checks
-            assert run_matrix(m, dry_run=True, results_root=tmp_path, log=lambda s: None)["config_errors"] == 0
+        # every cell's config passes the engine's checks
+        assert run_matrix(m, dry_run=True, results_root=tmp_path, log=lambda s: None)["config_errors"] == 0
         assert m["name"] == name and len(m["seeds"]) == 3
         attentions = {meth["overrides"].get("model.attention", "none") for meth in m["methods"]}
         # Every registered attention module is benchmarked, plus SSIA alone and SSIA on top of SE.
         assert attentions == set(attnlab.attention.names()), name
         ssia = {meth["name"]: meth["overrides"].get("ssia.enabled") for meth in m["methods"]}
         assert ssia["ssia"] is True and ssia["ssia+se"] is True and not ssia["se"] and not ssia["none"]
+    # The evidence matrix: 3 seeds, every cell valid, and a claim for each paper the project is built on.
+    m = load_matrix(MATRICES / "cifar10_resnet20.yaml")
+    assert len(m["seeds"]) == 3 and m["overrides"]["train.epochs"] == 20
+    assert run_matrix(m, dry_run=True, results_root=tmp_path, log=lambda s: None)["config_errors"] == 0
+    assert {(c["method"], c["baseline"]) for c in m["claims"]} == {
+        ("ssia", "se"), ("ssia", "cbam"), ("spe", "se"), ("tdam", "se"), ("tdam", "cbam"), ("dia", "none")}
 
 
 def test_load_matrix_rejects_bad_files(tmp_path):
@@ -94,7 +106,6 @@ def test_dry_run_lists_cells_and_runs_nothing(tmp_path, capsys):
 
 
 def test_dry_run_flags_bad_config(tmp_path, capsys):
-    pytest.importorskip("attnlab.engine.config")
     path = _write(tmp_path, "methods: [{name: typo, overrides: {train.epoch: 1}}, "
                             "{name: bad, overrides: {model.attention: nope}}]\n")
     counts = run_matrix(load_matrix(path), dry_run=True, results_root=tmp_path / "res", runs_root=tmp_path / "runs")
@@ -105,12 +116,11 @@ def test_dry_run_flags_bad_config(tmp_path, capsys):
 
 
 def test_tiny_matrix_runs_records_failures_and_resumes(tmp_path, capsys):
-    pytest.importorskip("attnlab.engine.train")
     path = _write(tmp_path, tiny_matrix_text({"none": "none", "bogus": "nope", "se": "se"}))
     res, runs = tmp_path / "res", tmp_path / "runs"
     matrix = load_matrix(path)
     counts = run_matrix(matrix, results_root=res, runs_root=runs)
-    assert counts == {"total": 3, "skipped": 0, "ok": 2, "failed": 1}
+    assert counts == _counts(total=3, ok=2, failed=1)
     lines = read_runs(res / "tiny" / "runs.jsonl")
     assert [(r["method"], r["status"]) for r in lines] == [("none", "ok"), ("bogus", "failed"), ("se", "ok")]
     bogus = lines[1]
@@ -130,14 +140,155 @@ def test_tiny_matrix_runs_records_failures_and_resumes(tmp_path, capsys):
 
     # Again: every cell is finished (the failed one too), nothing runs, nothing is appended.
     counts = run_matrix(matrix, results_root=res, runs_root=runs)
-    assert counts == {"total": 3, "skipped": 3, "ok": 0, "failed": 0}
+    assert counts == _counts(total=3, skipped=3)
     assert len(read_runs(res / "tiny" / "runs.jsonl")) == 3
     assert "finished earlier" in capsys.readouterr().out
 
     # --retry-failed re-runs only the failed cell; a changed matrix is refused rather than mixed in.
     counts = run_matrix(matrix, results_root=res, runs_root=runs, retry_failed=True, latency=False)
-    assert counts == {"total": 3, "skipped": 2, "ok": 0, "failed": 1}
+    assert counts == _counts(total=3, skipped=2, failed=1)
     assert len(read_runs(res / "tiny" / "runs.jsonl")) == 4
     changed = load_matrix(_write(tmp_path, path.read_text().replace("train.epochs: 1", "train.epochs: 2")))
     with pytest.raises(AttnlabError, match="other settings"):
         run_matrix(changed, results_root=res, runs_root=runs)
+
+
+# ----------------------------------------------------------------------------------------------- issue 10
+def _append_many(args):
+    path, writer, n = args
+    for k in range(n):
+        append_line(path, {"method": f"w{writer}", "seed": k, "pad": "x" * 30000})  # far above one pipe write
+
+
+def test_concurrent_writers_keep_runs_jsonl_valid(tmp_path):
+    import multiprocessing
+    path = tmp_path / "runs.jsonl"
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        pool.map(_append_many, [(path, w, 40) for w in range(4)])
+    lines = path.read_text().splitlines()
+    assert len(lines) == 160 and len(read_runs(path)) == 160  # no line torn or interleaved
+    assert sorted((r["method"], r["seed"]) for r in read_runs(path)) == [(f"w{w}", k) for w in range(4)
+                                                                         for k in range(40)]
+
+
+def test_parse_duration():
+    assert parse_duration("150m") == 9000 and parse_duration("2h") == 7200 and parse_duration("1h30m") == 5400
+    assert parse_duration("90s") == 90
+    for bad in ("150", "soon", "2h x", ""):
+        with pytest.raises(AttnlabError, match="needs a unit"):
+            parse_duration(bad)
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--matrix", "x.yaml", "--budget", "150"])
+
+
+def _seed_record(matrix, method, seed, wall_time_s):
+    (cell,) = cells(matrix, seeds=[seed], only=[method])
+    return {"matrix": matrix["name"], "method": method, "seed": seed, "status": "ok", "wall_time_s": wall_time_s,
+            "fingerprint": fingerprint(matrix, cell), "test_top1": 10.0, "val_top1": 10.0}
+
+
+def test_budget_starts_only_cells_that_fit_and_adding_methods_runs_only_them(tmp_path, capsys):
+    path = _write(tmp_path, tiny_matrix_text({"none": "none", "se": "se"}).replace("seeds: [0]", "seeds: [0, 1]"))
+    res, runs = tmp_path / "res", tmp_path / "runs"
+    matrix = load_matrix(path)
+    runs_path = res / "tiny" / "runs.jsonl"
+    # Seed 0 already ran: `none` took 5 s, `se` 10,000 s. With a 60 s budget only none's seed 1 fits.
+    append_line(runs_path, _seed_record(matrix, "none", 0, 5.0))
+    append_line(runs_path, _seed_record(matrix, "se", 0, 10000.0))
+    gpu = dict(_seed_record(matrix, "none", 7, 99999.0), device="NVIDIA H200")  # another device: no estimate
+    append_line(runs_path, gpu)
+    counts = run_matrix(matrix, results_root=res, runs_root=runs, latency=False, budget_s=60)
+    assert counts == _counts(total=4, skipped=2, ok=1, deferred=1)
+    out = capsys.readouterr().out
+    assert "--budget 1m00s" in out and "se seed 1: not started, it would not finish within the budget" in out
+    assert "1 left for a later slice" in out
+    assert [(r["method"], r["seed"]) for r in read_runs(runs_path)][-1] == ("none", 1)
+
+    # A method added to the matrix runs alone; the finished cells (and the deferred one, not asked for) stay.
+    before = runs_path.read_text()
+    grown = load_matrix(_write(tmp_path, path.read_text().replace(
+        "methods:\n", "methods:\n  - {name: eca, overrides: {model.attention: eca}}\n"), "grown.yaml"))
+    counts = run_matrix(grown, seeds=[0], results_root=res, runs_root=runs, latency=False)
+    assert counts == _counts(total=3, skipped=2, ok=1)
+    assert runs_path.read_text().startswith(before)
+    assert [(r["method"], r["seed"]) for r in read_runs(runs_path)][-1] == ("eca", 0)
+
+
+def test_a_cell_locked_by_another_bench_is_skipped(tmp_path, capsys):
+    path = _write(tmp_path, tiny_matrix_text({"none": "none"}))
+    runs = tmp_path / "runs"
+    with cell_lock(runs / "tiny" / ".bench" / "locks" / "none-s0.lock") as held:
+        assert held
+        counts = run_matrix(load_matrix(path), results_root=tmp_path / "res", runs_root=runs, latency=False)
+    assert counts == _counts(total=1, busy=1)
+    assert "being trained by another attnlab bench" in capsys.readouterr().out
+    assert not (tmp_path / "res" / "tiny" / "runs.jsonl").exists()
+
+
+def _kill_worker(method):
+    """SIGKILL the worker process training ``method`` (found by its command line)."""
+    import os
+    import signal
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"attnlab.bench.worker" in cmd and method.encode() in cmd:
+            os.kill(int(pid), signal.SIGKILL)
+            return True
+    return False
+
+
+def test_workers_train_cells_in_processes_and_a_killed_one_resumes(tmp_path):
+    text = tiny_matrix_text({"none": "none", "se": "se"}).replace("train.epochs: 1", "train.epochs: 12")
+    matrix = load_matrix(_write(tmp_path, text))
+    res, runs = tmp_path / "res", tmp_path / "runs"
+    killed, out = [], []
+
+    def log(line):
+        out.append(line)
+        # Once `none` has an epoch checkpoint, kill its worker mid-run (the other cell goes on).
+        if not killed and (runs / "tiny" / "none-s0" / "checkpoint_last.pt").is_file() and "[none-s0]" in line:
+            killed.append(_kill_worker("none"))
+
+    counts = run_matrix(matrix, results_root=res, runs_root=runs, latency=False, workers=2, threads=1, log=log)
+    assert killed == [True]
+    assert counts == _counts(total=2, ok=1, interrupted=1)
+    text_out = "\n".join(out)
+    assert "none seed 0: worker killed by signal 9" in text_out and "[se-s0] epoch" in text_out
+    lines = read_runs(res / "tiny" / "runs.jsonl")
+    assert [(r["method"], r["status"], r["workers"], r["threads"]) for r in lines] == [("se", "ok", 2, 1)]
+
+    # The next run resumes the killed cell from its checkpoint and finishes it; the finished one is skipped.
+    out.clear()
+    counts = run_matrix(matrix, results_root=res, runs_root=runs, latency=False, workers=2, threads=1, log=out.append)
+    assert counts == _counts(total=2, skipped=1, ok=1)
+    assert any("[none-s0] resuming" in line for line in out)
+    none = read_runs(res / "tiny" / "runs.jsonl")[-1]
+    assert none["method"] == "none" and none["status"] == "ok" and len(none["val_curve"]) == 12
+    assert (runs / "tiny" / ".bench" / "logs" / "none-s0.log").is_file()
+    assert not list((runs / "tiny" / ".bench" / "records").glob("*.json"))
+
+
+def test_device_is_where_a_cell_runs_not_what_it_computes(tmp_path):
+    from attnlab.bench.matrix import same_settings
+    path = _write(tmp_path, tiny_matrix_text({"none": "none"}))
+    matrix = load_matrix(path)
+    (cell,) = cells(matrix)
+    fp = fingerprint(matrix, cell)
+    assert "device" not in json.loads(fp)["overrides"]
+    # A record written before the device left the fingerprint still counts as the same settings.
+    old = json.loads(fp)
+    old["overrides"]["device"] = "cpu"
+    assert same_settings(json.dumps(old, sort_keys=True), fp)
+    old["overrides"]["train.epochs"] = 9
+    assert not same_settings(json.dumps(old, sort_keys=True), fp) and not same_settings("{torn", fp)
+    # --device goes to every cell as the harness's own override, after the matrix's.
+    counts = run_matrix(matrix, dry_run=True, device="cpu", results_root=tmp_path / "r", runs_root=tmp_path / "runs",
+                        log=lambda s: None)
+    assert counts["config_errors"] == 0
+    from attnlab.bench.matrix import cell_overrides
+    assert cell_overrides(matrix, cell, "runs", "cuda")[-1] == "device=cuda"

@@ -56,3 +56,36 @@ def test_session_skips_the_matrix_when_the_budget_is_spent_and_rejects_unknown_p
     bad = _session(tmp_path, "latency", "benchmark", **env)  # checked before the latency phase would run
     assert bad.returncode == 2 and "unknown phase 'benchmark'" in bad.stderr
     assert not (tmp_path / "out" / "latency.log").exists()
+
+
+def _lane(tmp_path, name, methods):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(tiny_matrix_text(methods).replace("name: tiny", f"name: {name}"))
+    return path
+
+
+def test_slot_dry_run_checks_every_lane_and_trains_nothing(tmp_path):
+    a, b = _lane(tmp_path, "lane_a", {"none": "none"}), _lane(tmp_path, "lane_b", {"se": "se", "bad": "nope"})
+    done = _session(tmp_path, "slot", DRY_RUN=1, SLOT_CHECK=0, SLOT_DEVICE="cpu", SLOT_MATRICES=f"{a}:2 {b}:1",
+                    ATTNLAB_DATA=_data_root(), BUDGET_S=400)
+    assert done.returncode == 1, done.stdout + done.stderr  # lane_b has a config error
+    assert "lane_a: 1 cells (0 finished)" in done.stdout and "lane_b: 2 cells (0 finished)" in done.stdout
+    assert "CONFIG ERROR" in done.stdout and "device=cpu" in done.stdout
+    assert not (tmp_path / "state" / "runs").exists()
+
+
+def test_slot_runs_the_lanes_side_by_side_within_the_budget(tmp_path):
+    a, b = _lane(tmp_path, "lane_a", {"none": "none"}), _lane(tmp_path, "lane_b", {"se": "se", "eca": "eca"})
+    env = dict(SLOT_CHECK=0, SLOT_DEVICE="cpu", SLOT_MATRICES=f"{a}:1 {b}:2", ATTNLAB_DATA=_data_root(), BUDGET_S=400)
+    done = _session(tmp_path, "slot", **env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = tmp_path / "out"
+    for name, methods in (("lane_a", {"none"}), ("lane_b", {"se", "eca"})):
+        runs = [json.loads(line) for line in (out / f"{name}_runs.jsonl").read_text().splitlines()]
+        assert {r["method"] for r in runs} == methods and all(r["status"] == "ok" for r in runs)
+        assert "--budget" in (out / f"slot_{name}.log").read_text()
+    lane_b = [json.loads(line) for line in (out / "lane_b_runs.jsonl").read_text().splitlines()]
+    assert all(r["workers"] == 2 for r in lane_b)
+    # Too little budget left: the slot starts nothing and says so.
+    late = _session(tmp_path, "slot", **dict(env, BUDGET_S=30))
+    assert late.returncode == 0 and "nothing started" in late.stdout

@@ -7,8 +7,8 @@ import pytest
 
 from attnlab import cli
 from attnlab.errors import AttnlabError
-from attnlab.report import (PLOTS, readme_block, summarize, t_ppf, update_readme, welch_interval,
-                            write_report)
+from attnlab.bench.report import PLOTS, readme_block, summarize, update_readme, write_report
+from attnlab.bench.stats import t_ppf, welch_interval
 
 # Per-seed accuracies. `none` and `se` have equal spread and n, so Welch's df is exactly 2n - 2 = 4.
 VAL = {"none": [70.0, 71.0, 72.0], "se": [74.0, 75.0, 76.0], "ssia": [70.5, 72.5, 70.0]}
@@ -113,7 +113,7 @@ def test_report_markdown_and_plots(results):
     assert "74.00 ± 1.00" in md and "70.00 ± 1.00" in md  # se / none test top-1
     assert "Fake CPU" in md and "2 logical CPUs" in md
     assert "not measured yet" in md  # no GPU anywhere
-    assert "attnlab bench --matrix benchmarks/matrices/fake.yaml --threads 1 && attnlab report" in md
+    assert "attnlab bench --matrix benchmarks/matrices/fake.yaml --workers 1 --threads 1 && attnlab report" in md
     # Setup comes from the runs: shared overrides once, each method's own beside it.
     assert "`train.epochs=5`" in md and "`ssia` (ssia.enabled=true, model.attention=ssia)" in md
     assert "unknown attention 'tdamx'" in md
@@ -151,3 +151,72 @@ def test_cli_report_and_errors(results, tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("attnlab: error: no runs.jsonl") and "\n" not in err
+
+
+CLAIMS_MATRIX = """name: fake
+methods: [none, se, ssia, tdam]
+seeds: [0, 1, 2]
+claims:
+  - {claim: "SE beats none", source: "Hu et al. 2018", method: se, baseline: none, paper: "+1.5 top-1"}
+  - {claim: "none beats SE", method: none, baseline: se}
+  - {claim: "SSIA beats none", method: ssia, baseline: none}
+  - {claim: "SSIA keeps none's accuracy", method: ssia, baseline: none, kind: match, margin: 5}
+  - {claim: "TDAM beats SE", method: tdam, baseline: se}
+"""
+
+
+def _with_claims(results, tmp_path):
+    mfile = tmp_path / "fake.yaml"
+    mfile.write_text(CLAIMS_MATRIX)
+    path = results / "runs.jsonl"
+    lines = [dict(json.loads(line), matrix_file=str(mfile)) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_claims_get_verdicts_with_both_intervals(results, tmp_path):
+    from attnlab.bench.claims import judge_all
+    _with_claims(results, tmp_path)
+    rows = judge_all(summarize(results))
+    assert [r["verdict"] for r in rows] == ["holds", "reversed", "not shown at this scale", "holds",
+                                            "not run yet (0 seeds of both)"]
+    se = rows[0]
+    assert se["welch"]["diff"] == pytest.approx(4.0) and se["n"] == 3
+    assert se["paired"]["low"] == pytest.approx(4.0) and se["paired"]["high"] == pytest.approx(4.0)  # +4 each seed
+    assert se["latency_ratio"] == pytest.approx(3.0 / 2.0)  # bs 1: se 3 ms, none 2 ms
+    ssia = welch_interval(TEST["ssia"], TEST["none"])
+    assert rows[2]["welch"]["low"] == pytest.approx(ssia["low"]) and ssia["low"] < 0 < ssia["high"]
+
+    write_report(results, readme=None)
+    md = (results / "report.md").read_text()
+    assert "## The papers' claims" in md and "| SE beats none | Hu et al. 2018 | +1.5 top-1 | +4.00 (3) |" in md
+    assert "**reversed**" in md and "SSIA keeps none's accuracy (match within ±5)" in md
+    assert (results / "deltas.png").stat().st_size > 1000
+    assert "The papers' claims at this scale" in readme_block(summarize(results))
+
+
+def test_bad_claims_are_refused(tmp_path):
+    from attnlab.bench.matrix import load_matrix
+    bad = {"method: se, baseline: nonee": "baseline 'nonee' is not a method of this matrix",
+           "method: se, baseline: none, kind: equal": "kind must be one of better, match",
+           "method: se, baseline: none, margin: -1": "margin must be a non-negative",
+           "method: se, baseline: none, papers: x": "unknown key.*papers"}
+    for body, message in bad.items():
+        path = tmp_path / "m.yaml"
+        path.write_text(f"methods: [none, se]\nclaims:\n  - {{claim: c, {body}}}\n")
+        with pytest.raises(AttnlabError, match=message):
+            load_matrix(path)
+
+
+def test_readme_block_of_a_matrix_in_progress_goes_to_its_own_markers(results, tmp_path):
+    _with_claims(results, tmp_path)  # the matrix lists 4 methods x 3 seeds; tdam has only a failed cell
+    s = summarize(results)
+    block = readme_block(s)
+    assert "**In progress: 9 of 12 cells finished.** Not run yet: tdam." in block
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:begin -->\nheadline\n<!-- results:end -->\n"
+                      "<!-- results:fake:begin -->\nold\n<!-- results:fake:end -->\n")
+    update_readme(readme, block, "fake")
+    text = readme.read_text()
+    assert "headline" in text and "\nold\n" not in text and "In progress" in text
+    update_readme(readme, "other", "unlisted")  # no block of its own: the default block
+    assert "headline" not in readme.read_text() and "In progress" in readme.read_text()

@@ -99,9 +99,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg, resume=None) -> dict:
+def train(cfg, resume=None, step_hooks=()) -> dict:
     """Train as ``cfg`` says (a DictConfig from load_config, or a plain dict merged onto the defaults).
 
+    ``step_hooks``: callables ``hook(trainer, epoch, step)`` run before the forward of every training step (epoch
+    0-based, step the global 0-based step index, the same after a resume); ``trainer.model`` is the unwrapped model,
+    so a training mode (e.g. a supernet drawing a new attention mask per step) can change it without its own loop.
     Returns the content of results.json. Under torchrun each rank calls this; rank 0 writes the files.
     """
     if not isinstance(cfg, DictConfig):
@@ -109,19 +112,20 @@ def train(cfg, resume=None) -> dict:
     d, device = setup(cfg.device)
     try:
         with _determinism(bool(cfg.train.deterministic), device):
-            return Trainer(cfg, d, device, resume).fit()
+            return Trainer(cfg, d, device, resume, step_hooks).fit()
     finally:
         cleanup(d)
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, d: Dist, device: torch.device, resume=None):
+    def __init__(self, cfg: DictConfig, d: Dist, device: torch.device, resume=None, step_hooks=()):
         from ..data import load_dataset
         from ..data.loader import BatchLoader
         from ..models import create_model
         from ..objectives import build_objectives, features_needed
 
         self.cfg, self.d, self.device = cfg, d, device
+        self.step_hooks = tuple(step_hooks)
         t = cfg.train
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.log = print if d.is_main else (lambda *a, **k: None)
@@ -176,12 +180,15 @@ class Trainer:
         self.best_top5 = float("nan")  # val top-5 at the best top-1 epoch (reported, never selected on)
         self.elapsed = {"wall_s": 0.0, "train_s": 0.0, "train_images": 0}
         self.pending_rng = None
+        self._wall_mark = time.perf_counter()  # fit() restarts it; _tick_wall() adds the time since to wall_s
         if resume is not None and (Path(resume) / "checkpoint_last.pt").is_file():
             # Loaded on the CPU: load_state_dict moves model and optimizer state to their parameters' device.
             self._restore(load_checkpoint(Path(resume) / "checkpoint_last.pt", map_location="cpu"))
         elif resume is not None:
             self.log(f"{resume} has no checkpoint yet (stopped during epoch 1): starting from the beginning")
 
+        self.epochs_done = self.start_epoch  # epochs whose checkpoint is written (named in a non-finite loss error)
+        self.eval_model = self.ema.module if self.ema else self.model
         # Wrappers for the training forward only; state_dicts and evaluation use the plain module.
         self.forward = self.model
         if d.enabled:
@@ -214,169 +221,219 @@ class Trainer:
         self.pending_rng = ck["rng"]  # restored just before the first resumed epoch, as an uninterrupted run has it
         self.log(f"resuming {self.run_dir} after epoch {self.start_epoch} (best val top-1 {self.best:.2f}%)")
 
+    # ---- one training step ---------------------------------------------------------------------------------------
+
+    def _before_step(self, epoch: int, step: int) -> None:
+        if self.cfg.debug.kill_at_step is not None and step == self.cfg.debug.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        for hook in self.step_hooks:
+            hook(self, epoch, step)
+
+    def _forward_loss(self, x, y, epoch: int, step: int):
+        """(loss, logits, objective terms) of one batch."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_for(self.device, self.amp):
+            if self.features:
+                logits, feats = self.forward(x, features=self.features)
+            else:
+                logits, feats = self.forward(x), None
+            ce = F.cross_entropy(logits, y, label_smoothing=self.cfg.train.label_smoothing)
+            terms = {}
+            for obj in self.objectives:
+                terms.update(obj(model=self.model, logits=logits, targets=y, features=feats, epoch=epoch, step=step))
+            loss = ce + sum(terms.values()) if terms else ce
+        return loss, logits, terms
+
+    def _update(self, loss) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+
     # ---- one epoch -----------------------------------------------------------------------------------------------
 
     def _train_epoch(self, epoch: int) -> tuple[dict, float]:
+        """The epoch's training means (loss, top1, objective terms, n, lr) and its training seconds.
+
+        A non-finite loss is checked at once where a host sync is free (one CPU process: before the bad step touches
+        the weights), otherwise recorded on the device and raised after the epoch.
+        """
         from tqdm import tqdm
 
-        t, dev = self.cfg.train, self.device
+        dev = self.device
         self.model.train()
         self.train_loader.set_epoch(epoch)
         meter = Meter(dev)
         bad_step = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=dev)
-        check_now = dev.type == "cpu" and not self.d.enabled  # a host sync costs nothing here
-        kill_at = self.cfg.debug.kill_at_step
+        check_now = dev.type == "cpu" and not self.d.enabled
         show = self.d.is_main and sys.stderr.isatty()
         shown_loss = LazyScalar(dev)
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, disable=not show,
-                   dynamic_ncols=True)
         start, lr = time.perf_counter(), self.optimizer.param_groups[0]["lr"]
-        for i, (x, y) in enumerate(self.train_loader):
-            if i >= self.steps_per_epoch:
-                break
-            step = epoch * self.steps_per_epoch + i
-            if kill_at is not None and step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            lr = self.optimizer.param_groups[0]["lr"]
-            with autocast_for(dev, self.amp):
-                if self.features:
-                    logits, feats = self.forward(x, features=self.features)
-                else:
-                    logits, feats = self.forward(x), None
-                ce = F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
-                terms = {}
-                for obj in self.objectives:
-                    terms.update(obj(model=self.model, logits=logits, targets=y, features=feats, epoch=epoch,
-                                     step=step))
-                loss = ce + sum(terms.values()) if terms else ce
-            finite = torch.isfinite(loss.detach())
-            if check_now and not bool(finite):
-                bar.close()
-                raise self._nonfinite(loss, epoch, step)
-            bad_step = torch.where(finite, bad_step, torch.clamp(bad_step, max=step))
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update(self.model)
-            n = y.shape[0]
-            meter.add("loss", loss, n)
-            meter.add("top1", topk_hits(logits.detach(), y, ks=(1,))[0].sum(), 100.0)
-            for name, value in terms.items():
-                meter.add(name, value, n)
-            meter.count("n", n)
-            if show:
-                bar.update(1)
-                if i % 10 == 0:
-                    rate = (i + 1) * n * self.d.world_size / (time.perf_counter() - start)
-                    bar.set_postfix(loss=f"{shown_loss.read(loss):.3f}", img_s=f"{rate:.0f}")
-        bar.close()
-        if self.d.enabled:
-            torch.distributed.all_reduce(bad_step, op=torch.distributed.ReduceOp.MIN)
-        first_bad = int(bad_step)
-        if first_bad != NO_BAD_STEP:
-            raise self._nonfinite(None, epoch, first_bad)
+        with tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False,
+                  disable=not show, dynamic_ncols=True) as bar:
+            for i, (x, y) in enumerate(self.train_loader):
+                if i >= self.steps_per_epoch:
+                    break
+                step = epoch * self.steps_per_epoch + i
+                self._before_step(epoch, step)
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss, logits, terms = self._forward_loss(x, y, epoch, step)
+                finite = torch.isfinite(loss.detach())
+                if check_now and not bool(finite):
+                    raise self._nonfinite(loss, epoch, step)
+                bad_step = torch.where(finite, bad_step, torch.clamp(bad_step, max=step))
+                self._update(loss)
+                n = y.shape[0]
+                meter.add("loss", loss, n)
+                meter.add("top1", topk_hits(logits.detach(), y, ks=(1,))[0].sum(), 100.0)
+                for name, value in terms.items():
+                    meter.add(name, value, n)
+                meter.count("n", n)
+                if show:
+                    bar.update(1)
+                    if i % 10 == 0:
+                        rate = (i + 1) * n * self.d.world_size / (time.perf_counter() - start)
+                        bar.set_postfix(loss=f"{shown_loss.read(loss):.3f}", img_s=f"{rate:.0f}")
+        self._raise_first_bad_step(bad_step, epoch)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         stats = meter.result(self.d)
-        stats["lr"], stats["seconds"] = lr, seconds
+        stats["lr"] = lr
         return stats, seconds
+
+    def _raise_first_bad_step(self, bad_step, epoch: int) -> None:
+        if self.d.enabled:
+            torch.distributed.all_reduce(bad_step, op=torch.distributed.ReduceOp.MIN)
+        if int(bad_step) != NO_BAD_STEP:
+            raise self._nonfinite(None, epoch, int(bad_step))
 
     def _nonfinite(self, loss, epoch, step) -> AttnlabError:
         what = f"{float(loss.detach())}" if loss is not None else "non-finite"
-        kept = (f"checkpoint_last.pt from epoch {self.start_or_done} is kept" if self.start_or_done
+        kept = (f"checkpoint_last.pt from epoch {self.epochs_done} is kept" if self.epochs_done
                 else "no checkpoint was written")
         return AttnlabError(f"loss became {what} at epoch {epoch + 1}, step {step} (global step; "
                             f"{step - epoch * self.steps_per_epoch} within the epoch); training stopped and {kept}; "
                             "try a lower train.lr or check the data")
 
+    def _validate(self) -> dict:
+        sync_buffers(self.eval_model, self.d)  # every rank evaluates (and later tests) rank 0's BN statistics
+        if self.val_loader is None:
+            return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan")}
+        return evaluate(self.eval_model, self.val_loader, self.device, self.amp, self.channels_last, self.d)
+
+    def _run_epoch(self, epoch: int) -> tuple[dict, list]:
+        """Train and validate one epoch: (its metrics.csv row, the objective-term names in it)."""
+        e0 = time.perf_counter()
+        stats, seconds = self._train_epoch(epoch)
+        val = self._validate()
+        terms = [k for k in stats if k not in ("loss", "top1", "n", "lr")]
+        images = int(stats["n"])
+        self.elapsed["train_s"] += seconds
+        self.elapsed["train_images"] += images
+        self.elapsed["rates"] = list(self.elapsed.get("rates", [])) + [images / seconds]
+        row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["loss"], "train_top1": stats["top1"],
+               "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+               **{k: stats[k] for k in terms},
+               "epoch_time_s": time.perf_counter() - e0, "images_per_s": images / seconds}
+        return row, terms
+
+    def _track_best(self, row: dict) -> bool:
+        """Whether this epoch is the new best (always, without a validation split); updates the best fields."""
+        improved = self.val_loader is None or row["val_top1"] > self.best
+        if improved:
+            self.best, self.best_top5, self.best_epoch = row["val_top1"], row["val_top5"], row["epoch"]
+        return improved
+
+    # ---- files ---------------------------------------------------------------------------------------------------
+
+    def _tick_wall(self) -> None:
+        """Add the wall time since the last tick to elapsed["wall_s"] (so a checkpoint carries it)."""
+        now = time.perf_counter()
+        self.elapsed["wall_s"] += now - self._wall_mark
+        self._wall_mark = now
+
+    def _save_epoch(self, log, row: dict, terms: list, improved: bool) -> None:
+        """metrics.csv row and checkpoints (rank 0), then every rank learns whether that worked."""
+        self._tick_wall()
+        failed = self._write_epoch_files(log, row, terms, improved) if self.d.is_main else None
+        self._stop_if_rank0_failed(failed)
+        self.epochs_done = row["epoch"]
+
+    def _write_epoch_files(self, log, row: dict, terms: list, improved: bool) -> AttnlabError | None:
+        try:
+            log.write(row, terms)  # before the checkpoint: a crash in between replays this epoch
+            state = self._state(row["epoch"])
+            atomic_save(state, self.run_dir / "checkpoint_last.pt")
+            if improved:
+                atomic_save(state, self.run_dir / "checkpoint_best.pt")
+        except AttnlabError as err:
+            return err
+        except OSError as err:
+            return AttnlabError(f"could not write to {self.run_dir}: {err}")
+        return None
+
+    def _stop_if_rank0_failed(self, failed: AttnlabError | None) -> None:
+        """Raise rank 0's write error on every rank (instead of the others waiting for it forever)."""
+        message = broadcast_object(None if failed is None else str(failed), self.d)
+        if failed is not None:
+            raise failed
+        if message is not None:
+            raise AttnlabError(f"rank 0 stopped: {message}")
+
+    def _start_run_dir(self) -> None:
+        if self.d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+        barrier(self.d)
+
     # ---- the run -------------------------------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        cfg, t, d = self.cfg, self.cfg.train, self.d
-        wall0 = time.perf_counter()
-        if d.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        barrier(d)
-        log = RunLog(self.run_dir, self.start_epoch) if d.is_main else None
-        eval_model = self.ema.module if self.ema else self.model
-        self.log(f"{cfg.name}: {cfg.model.name} ({cfg.model.attention}) on {self.bundle.summary()}; "
-                 f"{t.epochs} epochs x {self.steps_per_epoch} steps of {t.batch_size} on {_device_name(self.device)}"
-                 f"{f' x {d.world_size} ranks' if d.enabled else ''}; run dir {self.run_dir}")
+        self._wall_mark = time.perf_counter()
+        self._start_run_dir()
+        log = RunLog(self.run_dir, self.start_epoch) if self.d.is_main else None
+        self._announce()
         if self.pending_rng is not None:
             set_rng_state(self.pending_rng)
-        self.start_or_done = self.start_epoch
-        term_names = []
         try:
-            for epoch in range(self.start_epoch, t.epochs):
-                e0 = time.perf_counter()
-                stats, seconds = self._train_epoch(epoch)
-                terms = [k for k in stats if k not in ("loss", "top1", "n", "lr", "seconds")]
-                term_names = term_names or terms
-                sync_buffers(eval_model, d)
-                if self.val_loader is not None:
-                    val = evaluate(eval_model, self.val_loader, self.device, self.amp, self.channels_last, d)
-                else:
-                    val = {"loss": float("nan"), "top1": float("nan"), "top5": float("nan")}
-                images = int(stats["n"])
-                self.elapsed["train_s"] += seconds
-                self.elapsed["train_images"] += images
-                self.elapsed["rates"] = list(self.elapsed.get("rates", [])) + [images / seconds]
-                row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["loss"],
-                       "train_top1": stats["top1"], "val_loss": val["loss"], "val_top1": val["top1"],
-                       "val_top5": val["top5"], **{k: stats[k] for k in terms},
-                       "epoch_time_s": time.perf_counter() - e0, "images_per_s": images / seconds}
-                improved = self.val_loader is None or val["top1"] > self.best
-                if improved:
-                    self.best, self.best_top5, self.best_epoch = val["top1"], val["top5"], epoch + 1
-                self.elapsed["wall_s"] += time.perf_counter() - wall0
-                wall0 = time.perf_counter()
-                failed = None
-                if d.is_main:
-                    try:
-                        log.write(row, term_names)  # before the checkpoint: a crash in between replays this epoch
-                        state = self._state(epoch + 1)
-                        atomic_save(state, self.run_dir / "checkpoint_last.pt")
-                        if improved:
-                            atomic_save(state, self.run_dir / "checkpoint_best.pt")
-                    except AttnlabError as err:
-                        failed = err
-                    except OSError as err:
-                        failed = AttnlabError(f"could not write to {self.run_dir}: {err}")
-                # Every rank learns whether rank 0's writes worked (instead of waiting for it forever).
-                message = broadcast_object(None if failed is None else str(failed), d)
-                if failed is not None:
-                    raise failed
-                if message is not None:
-                    raise AttnlabError(f"rank 0 stopped: {message}")
-                self.start_or_done = epoch + 1
-                extra = "".join(f"  {k} {stats[k]:.4f}" for k in terms)
-                self.log(f"epoch {epoch + 1:>3}/{t.epochs}  lr {stats['lr']:.4f}  train loss {stats['loss']:.4f} "
-                         f"top-1 {stats['top1']:5.2f}%{extra}  val loss {val['loss']:.4f} top-1 {val['top1']:5.2f}% "
-                         f"top-5 {val['top5']:5.2f}%  {row['epoch_time_s']:.1f}s  {row['images_per_s']:.0f} img/s",
-                         flush=True)
+            for epoch in range(self.start_epoch, self.cfg.train.epochs):
+                row, terms = self._run_epoch(epoch)
+                improved = self._track_best(row)
+                self._save_epoch(log, row, terms, improved)
+                self._print_epoch(row, terms)
         finally:
             if log is not None:
                 log.close()
-        return self._finish(wall0)
+        return self._finish()
 
-    def _finish(self, wall0) -> dict:
+    def _announce(self) -> None:
+        cfg, t, d = self.cfg, self.cfg.train, self.d
+        self.log(f"{cfg.name}: {cfg.model.name} ({cfg.model.attention}) on {self.bundle.summary()}; "
+                 f"{t.epochs} epochs x {self.steps_per_epoch} steps of {t.batch_size} on {_device_name(self.device)}"
+                 f"{f' x {d.world_size} ranks' if d.enabled else ''}; run dir {self.run_dir}")
+
+    def _print_epoch(self, row: dict, terms: list) -> None:
+        extra = "".join(f"  {k} {row[k]:.4f}" for k in terms)
+        self.log(f"epoch {row['epoch']:>3}/{self.cfg.train.epochs}  lr {row['lr']:.4f}  train loss "
+                 f"{row['train_loss']:.4f} top-1 {row['train_top1']:5.2f}%{extra}  val loss {row['val_loss']:.4f} "
+                 f"top-1 {row['val_top1']:5.2f}% top-5 {row['val_top5']:5.2f}%  {row['epoch_time_s']:.1f}s  "
+                 f"{row['images_per_s']:.0f} img/s", flush=True)
+
+    def _finish(self) -> dict:
+        """Test accuracy of checkpoint_best.pt, written to results.json (rank 0) and returned."""
         cfg, d = self.cfg, self.d
-        best_path = self.run_dir / "checkpoint_best.pt"
         barrier(d)
-        ck = load_checkpoint(best_path, map_location=self.device)
+        ck = load_checkpoint(self.run_dir / "checkpoint_best.pt", map_location=self.device)
         best_model = model_from_checkpoint(ck, self.device, use_ema=True)
         if self.channels_last:
             best_model = best_model.to(memory_format=torch.channels_last)
         test = evaluate(best_model, self.test_loader, self.device, self.amp, self.channels_last, d)
-        self.elapsed["wall_s"] += time.perf_counter() - wall0
-        image_size = self.bundle.image_size
+        self._tick_wall()
         results = {
             "name": cfg.name, "model": cfg.model.name, "attention": cfg.model.attention, "dataset": self.bundle.name,
             "epochs": cfg.train.epochs, "best_epoch": int(ck["best_epoch"]),
@@ -384,7 +441,7 @@ class Trainer:
             "best_val_top5": _number(ck.get("best_val_top5", float("nan"))),
             "test_top1": test["top1"], "test_top5": test["top5"],
             "test_loss": test["loss"], "params": sum(p.numel() for p in self.model.parameters()),
-            "flops": _flops(self.model, image_size), "wall_time_s": round(self.elapsed["wall_s"], 2),
+            "flops": _flops(self.model, self.bundle.image_size), "wall_time_s": round(self.elapsed["wall_s"], 2),
             "train_images_per_s": self.elapsed["train_images"] / max(self.elapsed["train_s"], 1e-9),
             # The median epoch leaves out a first epoch slowed by torch.compile's warm-up.
             "train_images_per_s_median_epoch": float(np.median(self.elapsed["rates"])) if self.elapsed.get("rates")

@@ -10,122 +10,17 @@ import math
 import re
 from pathlib import Path
 
-from .errors import AttnlabError
+from ..errors import AttnlabError
+from .claims import claims_table, judge_all
+from .stats import isnan, mean_std, paired_interval, welch_interval
 
-PLOTS = ("acc_vs_latency.png", "acc_vs_params.png", "val_curves.png")
-
-
-# ----------------------------------------------------------------------------------------------- statistics
-def _betacf(a, b, x):
-    # Continued fraction of the regularized incomplete beta function (modified Lentz's method).
-    tiny, eps = 1e-300, 3e-16
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        m2 = 2 * m
-        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < eps:
-            break
-    return h
-
-
-def betainc(a, b, x):
-    """Regularized incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t, df):
-    """CDF of Student's t with ``df`` (real, > 0) degrees of freedom."""
-    t2 = t * t
-    if t2 < df:  # near 0 the other form of the same integral keeps its precision
-        half = 0.5 * betainc(0.5, df / 2.0, t2 / (df + t2))
-        return 0.5 + half if t > 0 else 0.5 - half
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t2))
-    return 1.0 - tail if t > 0 else tail
-
-
-def t_ppf(q, df):
-    """Quantile of Student's t (bisection on the CDF; plenty fast for a report)."""
-    if not 0.0 < q < 1.0:
-        raise ValueError("q must be in (0, 1)")
-    lo, hi = -1e4, 1e4
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < q:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
-
-
-def mean_std(values):
-    """(mean, sample std with ddof=1 or nan for one value, n)."""
-    vals = [float(v) for v in values if v is not None and not _isnan(v)]
-    n = len(vals)
-    if n == 0:
-        return float("nan"), float("nan"), 0
-    mean = sum(vals) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else float("nan")
-    return mean, std, n
-
-
-def welch_interval(a, b, level=0.95):
-    """Difference mean(a) - mean(b) with its Welch t interval (unequal variances, Welch-Satterthwaite df).
-
-    Returns dict(diff, low, high, df); low/high are nan when either side has fewer than 2 values.
-    """
-    ma, sa, na = mean_std(a)
-    mb, sb, nb = mean_std(b)
-    diff = ma - mb
-    if na < 2 or nb < 2:
-        return {"diff": diff, "low": float("nan"), "high": float("nan"), "df": float("nan")}
-    va, vb = sa * sa / na, sb * sb / nb
-    se = math.sqrt(va + vb)
-    if se == 0.0:  # every seed identical on both sides: no spread to build an interval from
-        return {"diff": diff, "low": diff, "high": diff, "df": float("inf")}
-    df = (va + vb) ** 2 / ((va * va / (na - 1) if va else 0.0) + (vb * vb / (nb - 1) if vb else 0.0))
-    half = t_ppf(0.5 + level / 2.0, df) * se
-    return {"diff": diff, "low": diff - half, "high": diff + half, "df": df}
-
-
-def paired_interval(a: dict, b: dict, level=0.95):
-    """Mean of the per-seed differences a[seed] - b[seed] over the seeds both have, with its t interval (n - 1 df).
-
-    Each seed draws the data subset and the validation hold-out, so pairing by seed removes that shared noise.
-    """
-    diffs = [a[k] - b[k] for k in sorted(set(a) & set(b)) if not _isnan(a[k]) and not _isnan(b[k])]
-    mean, std, n = mean_std(diffs)
-    if n < 2:
-        return {"diff": mean, "low": float("nan"), "high": float("nan"), "df": float("nan"), "n": n}
-    half = t_ppf(0.5 + level / 2.0, n - 1) * std / math.sqrt(n)
-    return {"diff": mean, "low": mean - half, "high": mean + half, "df": n - 1, "n": n}
-
-
-def _isnan(v):
-    try:
-        return math.isnan(float(v))
-    except (TypeError, ValueError):
-        return True
+PLOTS = ("acc_vs_latency.png", "acc_vs_params.png", "val_curves.png", "deltas.png")
 
 
 # ----------------------------------------------------------------------------------------------- loading
 def load_results(results_dir):
     """(records: last line per (method, seed), all lines, latency dict) of a results/<matrix>/ folder."""
-    from .bench import latest_by_cell, read_runs
+    from .runs import latest_by_cell, read_runs
 
     results_dir = Path(results_dir)
     runs_path = results_dir / "runs.jsonl"
@@ -141,7 +36,7 @@ def load_results(results_dir):
 
 def read_curve(record):
     """val top-1 per epoch: the run dir's metrics.csv when it is still there, else the copy kept in runs.jsonl."""
-    from .bench import read_curve as read_metrics_curve
+    from .runs import read_curve as read_metrics_curve
 
     curve = read_metrics_curve(record["run_dir"]) if record.get("run_dir") else None
     if curve:
@@ -152,7 +47,7 @@ def read_curve(record):
 
 def summarize(results_dir, baseline="none"):
     """Everything report.md and the README block show, as one dict."""
-    from .bench import load_matrix
+    from .matrix import load_matrix
 
     results_dir = Path(results_dir)
     records, lines, latency = load_results(results_dir)
@@ -221,7 +116,7 @@ def summarize(results_dir, baseline="none"):
 
 def _setup(records, order):
     """Recipe, shared and per-method overrides, seeds and threads, as recorded in runs.jsonl."""
-    from .bench import format_value
+    from .matrix import format_value
 
     with_ov = [r for r in records if isinstance(r.get("overrides"), dict)]
     if not with_ov:
@@ -236,7 +131,8 @@ def _setup(records, order):
     return {"recipe": with_ov[0].get("recipe"), "shared": {k: format_value(v) for k, v in shared.items()},
             "methods": methods, "seeds": sorted({r["seed"] for r in records}),
             "threads": sorted({r.get("threads") or (r.get("host") or {}).get("torch_threads") for r in records}
-                              - {None})}
+                              - {None}),
+            "workers": sorted({r.get("workers", 1) for r in records if r.get("status") == "ok"})}
 
 
 def _first(runs, key):
@@ -251,13 +147,13 @@ def _mean_curve(curves):
         return None
     out = []
     for i in range(max(len(c) for c in curves)):
-        vals = [c[i] for c in curves if i < len(c) and not _isnan(c[i])]
+        vals = [c[i] for c in curves if i < len(c) and not isnan(c[i])]
         out.append(sum(vals) / len(vals) if vals else float("nan"))
     return out
 
 
 def _verdict(d, baseline):
-    if _isnan(d["low"]):
+    if isnan(d["low"]):
         return f"no interval (needs at least 2 seeds of it and of {baseline})"
     if d["low"] > 0:
         return f"beats {baseline}: the whole 95% interval is above 0"
@@ -268,7 +164,7 @@ def _verdict(d, baseline):
 
 # ----------------------------------------------------------------------------------------------- formatting
 def _f(v, digits=2):
-    return "n/a" if v is None or _isnan(v) else f"{float(v):.{digits}f}"
+    return "n/a" if v is None or isnan(v) else f"{float(v):.{digits}f}"
 
 
 def _pm(ms):
@@ -279,13 +175,13 @@ def _pm(ms):
 
 
 def _signed(v):
-    return "n/a" if v is None or _isnan(v) else f"{float(v):+.2f}"
+    return "n/a" if v is None or isnan(v) else f"{float(v):+.2f}"
 
 
 def _delta(d):
     if d is None:
         return "—"
-    if _isnan(d["low"]):
+    if isnan(d["low"]):
         return f"{_signed(d['diff'])} (no interval)"
     return f"{_signed(d['diff'])} [{_signed(d['low'])}, {_signed(d['high'])}]"
 
@@ -340,8 +236,10 @@ def hardware_line(summary) -> str:
 
 def reproduce_command(summary) -> str:
     mf = summary["matrix_file"] or f"benchmarks/matrices/{summary['matrix']}.yaml"
-    threads = (summary["setup"] or {}).get("threads") or []
-    opt = f" --threads {threads[0]}" if len(threads) == 1 else ""
+    setup = summary["setup"] or {}
+    threads, workers = setup.get("threads") or [], setup.get("workers") or []
+    opt = f" --workers {workers[0]}" if len(workers) == 1 else ""
+    opt += f" --threads {threads[0]}" if len(threads) == 1 else ""
     return f"attnlab bench --matrix {mf}{opt} && attnlab report {summary['results_dir']}"
 
 
@@ -407,6 +305,16 @@ def render_markdown(summary) -> str:
             ". Train img/s: training throughput "
             "as the engine measured it (mean over seeds); noisy when the machine is shared with other work.", ""]
 
+    claim_rows = judge_all(s)
+    if claim_rows:
+        out += ["## The papers' claims", ""] + claims_table(claim_rows) + ["",
+                "Ours: difference of mean test top-1 (points) over the seeds both methods have. Verdict: *holds* "
+                "when the whole 95% Welch interval is above 0 (for a match claim: within ± the margin), *reversed* "
+                "when it is entirely on the wrong side, otherwise *not shown at this scale*. Latency ratio: method "
+                "over baseline, CPU median at the smallest batch timed. The paper's figure is from its own setting "
+                "(usually ImageNet or a long CIFAR schedule), so it says which way the claim points, not what "
+                "this matrix should reach.", ""]
+
     if base is not None:
         out += [f"## Against the baseline (`{base}`, test top-1)", ""]
         for m in s["methods"]:
@@ -414,9 +322,9 @@ def render_markdown(summary) -> str:
                 continue
             paired = m.get("paired_test")
             extra = (f" (paired by seed, n={paired['n']}: {_delta(paired)})"
-                     if paired and not _isnan(paired["low"]) else "")
+                     if paired and not isnan(paired["low"]) else "")
             out.append(f"- `{m['name']}`: {_delta(m['delta_test'])} points: {m['verdict']}.{extra}")
-        winners = [m["name"] for m in s["methods"] if m.get("delta_test") and not _isnan(m["delta_test"]["low"])
+        winners = [m["name"] for m in s["methods"] if m.get("delta_test") and not isnan(m["delta_test"]["low"])
                    and m["delta_test"]["low"] > 0]
         out += ["", (f"Methods whose interval is entirely above the baseline: {', '.join(winners)}." if winners else
                      f"No method beats `{base}` with a 95% interval entirely above 0 in this matrix."), "",
@@ -435,7 +343,8 @@ def render_markdown(summary) -> str:
     out += ["## Plots", "",
             "![test top-1 vs CPU latency](acc_vs_latency.png)", "",
             "![test top-1 vs parameters](acc_vs_params.png)", "",
-            "![validation top-1 per epoch](val_curves.png)", ""]
+            "![validation top-1 per epoch](val_curves.png)", "",
+            f"![test top-1 difference to {base} with 95% intervals](deltas.png)", ""]
     return "\n".join(out)
 
 
@@ -458,9 +367,9 @@ def write_plots(summary, out_dir) -> list[Path]:
         drawn = 0
         for m in methods:
             x = xkey(m)
-            if x is None or _isnan(x) or _isnan(m["test"][0]):
+            if x is None or isnan(x) or isnan(m["test"][0]):
                 continue
-            yerr = 0.0 if _isnan(m["test"][1]) else m["test"][1]
+            yerr = 0.0 if isnan(m["test"][1]) else m["test"][1]
             ax.errorbar([x], [m["test"][0]], yerr=[yerr], fmt="o", capsize=3, color=colors[m["name"]],
                         label=m["name"])
             ax.annotate(m["name"], (x, m["test"][0]), textcoords="offset points", xytext=(5, 4), fontsize=8)
@@ -502,11 +411,55 @@ def write_plots(summary, out_dir) -> list[Path]:
     fig.savefig(out_dir / PLOTS[2], dpi=110)
     plt.close(fig)
     paths.append(out_dir / PLOTS[2])
+    paths.append(_plot_deltas(summary, out_dir / PLOTS[3], plt))
     return paths
+
+
+def _plot_deltas(summary, path, plt):
+    """Each method's test top-1 minus the baseline's, with the Welch (thick) and paired (thin) 95% intervals."""
+    rows = [m for m in summary["methods"] if m.get("delta_test")]
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * max(len(rows), 3) + 1.4))
+    for k, m in enumerate(rows):
+        y = len(rows) - 1 - k
+        d, p = m["delta_test"], m.get("paired_test")
+        if not isnan(d["low"]):
+            ax.plot([d["low"], d["high"]], [y, y], color="tab:blue", linewidth=4, alpha=0.5,
+                    label="Welch 95%" if k == 0 else None)
+        if p and not isnan(p["low"]):
+            ax.plot([p["low"], p["high"]], [y - 0.18, y - 0.18], color="tab:orange", linewidth=1.5,
+                    label="paired 95%" if k == 0 else None)
+        ax.plot([d["diff"]], [y], "o", color="black")
+    ax.axvline(0.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(rows)), [m["name"] for m in reversed(rows)])
+    ax.set_xlabel(f"test top-1 minus {summary['baseline']} (points)")
+    ax.set_title(f"{summary['matrix']}: difference to {summary['baseline']} (n = seeds)")
+    if rows:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no baseline runs yet", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------- README block
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _progress(summary) -> list[str]:
+    """'In progress: 4 of 30 cells finished ...' for a matrix still being run (nothing when it is complete)."""
+    spec = summary["matrix_spec"]
+    if not spec:
+        return []
+    total = len(spec["methods"]) * len(spec["seeds"])
+    if summary["n_ok"] + summary["n_failed"] >= total:
+        return []
+    missing = [m["name"] for m in spec["methods"]
+               if not any(x["name"] == m["name"] and x["n"] for x in summary["methods"])]
+    return [f"**In progress: {summary['n_ok']} of {total} cells finished.**"
+            + (f" Not run yet: {', '.join(missing)}." if missing else ""), ""]
 
 
 def readme_block(summary) -> str:
@@ -522,6 +475,7 @@ def readme_block(summary) -> str:
              f"Generated by `attnlab report {s['results_dir']} --readme README.md` from "
              f"[{s['results_dir']}/report.md]({s['results_dir']}/report.md), which has the setup, plots and "
              f"paired intervals; GPU numbers: {'see the report' if _gpu_used(s) else 'not measured yet'}.", "",
+             *_progress(s),
              f"| method | test top-1 | Δ vs {base} [95% CI] | params | FLOPs | CPU ms (bs {bs}) |",
              "|---|---:|---:|---:|---:|---:|"]
     for m in s["methods"]:
@@ -531,22 +485,36 @@ def readme_block(summary) -> str:
                      f"| {_count(m['flops'])} | {_f(_lat(m, 'cpu', bs)) if bs else 'n/a'} |")
     if base is not None:
         losers = [m["name"] for m in s["methods"] if m.get("delta_test") and not
-                  (not _isnan(m["delta_test"]["low"]) and m["delta_test"]["low"] > 0)]
+                  (not isnan(m["delta_test"]["low"]) and m["delta_test"]["low"] > 0)]
         if losers:
             lines += ["", f"Not better than `{base}` at 95% (interval includes or is below 0): "
                       f"{', '.join(losers)}."]
+    claim_rows = judge_all(s)
+    if claim_rows:
+        lines += ["", "The papers' claims at this scale (Δ test top-1 with paired and Welch 95% intervals; "
+                  "verdict on Welch):", ""] + claims_table(claim_rows)
     return "\n".join(lines)
 
 
-def update_readme(readme_path, block: str) -> None:
+def markers(matrix_name: str | None = None) -> tuple[str, str]:
+    """A README block's markers: ``<!-- results:begin -->`` or, for one matrix, ``<!-- results:NAME:begin -->``."""
+    tag = f"results:{matrix_name}" if matrix_name else "results"
+    return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+
+
+def update_readme(readme_path, block: str, matrix_name: str | None = None) -> None:
+    """Replace the matrix's own block (``<!-- results:NAME:begin -->``) if the README has one, else the default."""
     path = Path(readme_path)
     if not path.is_file():
         raise AttnlabError(f"README not found: {path}")
     text = path.read_text()
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
+    for begin, end in ([markers(matrix_name)] if matrix_name else []) + [markers()]:
+        pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+        if pattern.search(text):
+            break
+    else:
         raise AttnlabError(f"{path} has no '{BEGIN}' ... '{END}' block to replace")
-    text = pattern.sub(lambda _: f"{BEGIN}\n{block}\n{END}", text, count=1)
+    text = pattern.sub(lambda _: f"{begin}\n{block}\n{end}", text, count=1)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -559,7 +527,7 @@ def write_report(results_dir, baseline="none", readme=None) -> dict:
     (out_dir / "report.md").write_text(render_markdown(summary))
     write_plots(summary, out_dir)
     if readme:
-        update_readme(readme, readme_block(summary))
+        update_readme(readme, readme_block(summary), summary["matrix"])
     return summary
 
 

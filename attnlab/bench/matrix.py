@@ -1,0 +1,200 @@
+"""A benchmark matrix file: a base recipe, overrides shared by every cell, methods, seeds, latency and claims.
+
+    name: cpu_proxy                    # results/<name>/ and runs/<name>/ (default: the file's stem)
+    recipe: configs/quick.yaml         # a configs/*.yaml path, or null for the engine's defaults
+    overrides: {model.name: resnet20, train.epochs: 4}
+    methods:
+      - {name: none, overrides: {model.attention: none}}
+      - {name: ssia+se, overrides: {model.attention: se, ssia.enabled: true}}
+    seeds: [0, 1, 2]
+    latency: {batch_sizes: [1, 32], warmup: 5, repeats: 20}
+    claims:                            # what the papers say, checked by `attnlab report`
+      - {claim: "SSIA beats SE", source: "Wu et al. 2022", method: ssia, baseline: se, paper: "qualitative"}
+
+A cell is one (method, seed). Its result depends only on the recipe and its merged overrides (its fingerprint), so
+methods and claims can be added to a matrix that already has results without touching the finished cells.
+"""
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from ..errors import AttnlabError, unknown
+
+MATRIX_KEYS = {"name", "description", "recipe", "overrides", "methods", "seeds", "latency", "claims"}
+METHOD_KEYS = {"name", "overrides"}
+CLAIM_KEYS = {"claim", "source", "method", "baseline", "paper", "kind", "margin"}
+CLAIM_KINDS = ("better", "match")
+LATENCY_DEFAULTS = {"batch_sizes": [1, 32], "gpu_batch_sizes": [1, 256], "warmup": 5, "repeats": 20, "rounds": 5}
+
+
+def load_matrix(path) -> dict:
+    """Read and check a matrix YAML; returns a dict with name, recipe, overrides, methods, seeds, latency, claims."""
+    path = Path(path)
+    if not path.is_file():
+        raise AttnlabError(f"matrix file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise AttnlabError(f"matrix {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(raw, dict):
+        raise AttnlabError(f"matrix {path} must be a mapping with 'methods' and 'seeds'")
+    _no_extra_keys(raw, MATRIX_KEYS, f"matrix {path}")
+    name = str(raw.get("name") or path.stem)
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise AttnlabError(f"matrix name '{name}' may hold only letters, digits, '.', '_' and '-'")
+    methods = _methods(raw.get("methods"), path)
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise AttnlabError(f"matrix {path}: 'seeds' must be a non-empty list of integers")
+    latency = dict(LATENCY_DEFAULTS)
+    latency.update(_mapping(raw.get("latency") or {}, f"matrix {path}: 'latency'"))
+    return {"name": name, "path": str(path), "description": raw.get("description", ""), "recipe": raw.get("recipe"),
+            "recipe_path": _recipe_path(raw.get("recipe"), path),
+            "overrides": _mapping(raw.get("overrides") or {}, f"matrix {path}: 'overrides'"),
+            "methods": methods, "seeds": list(seeds), "latency": latency,
+            "claims": _claims(raw.get("claims") or [], [m["name"] for m in methods], path)}
+
+
+def _recipe_path(recipe, matrix_path: Path):
+    if recipe is None:
+        return None
+    # Relative to the working directory, else to a folder above the matrix file (the repository root).
+    candidates = [Path(recipe)] + [p / recipe for p in matrix_path.resolve().parents]
+    found = next((str(c) for c in candidates if c.is_file()), None)
+    if found is None:
+        raise AttnlabError(f"matrix {matrix_path}: recipe '{recipe}' not found")
+    return found
+
+
+def _methods(methods, path) -> list[dict]:
+    if not isinstance(methods, list) or not methods:
+        raise AttnlabError(f"matrix {path}: 'methods' must be a non-empty list of {{name, overrides}}")
+    out, seen = [], set()
+    for i, m in enumerate(methods):
+        if isinstance(m, str):
+            m = {"name": m}
+        if not isinstance(m, dict) or "name" not in m:
+            raise AttnlabError(f"matrix {path}: method #{i + 1} needs a 'name'")
+        _no_extra_keys(m, METHOD_KEYS, f"matrix {path}: method '{m['name']}'")
+        name = str(m["name"])
+        if name in seen:
+            raise AttnlabError(f"matrix {path}: method '{name}' listed twice")
+        seen.add(name)
+        out.append({"name": name, "overrides": _mapping(m.get("overrides") or {}, f"method '{name}' overrides")})
+    return out
+
+
+def _claims(claims, method_names, path) -> list[dict]:
+    """Each claim: the text, its source, the method and baseline it compares, and the paper's own figure."""
+    if not isinstance(claims, list):
+        raise AttnlabError(f"matrix {path}: 'claims' must be a list of {{claim, source, method, baseline, paper}}")
+    out = []
+    for i, c in enumerate(claims, 1):
+        where = f"matrix {path}: claim #{i}"
+        if not isinstance(c, dict):
+            raise AttnlabError(f"{where} must be a mapping with claim, source, method, baseline, paper")
+        _no_extra_keys(c, CLAIM_KEYS, where)
+        missing = [k for k in ("claim", "method", "baseline") if not c.get(k)]
+        if missing:
+            raise AttnlabError(f"{where} needs {', '.join(missing)}")
+        for key in ("method", "baseline"):
+            if str(c[key]) not in method_names:
+                raise AttnlabError(f"{where}: {key} '{c[key]}' is not a method of this matrix; methods: "
+                                   f"{', '.join(method_names)}")
+        kind = str(c.get("kind", "better"))
+        if kind not in CLAIM_KINDS:
+            raise AttnlabError(f"{where}: kind must be one of {', '.join(CLAIM_KINDS)}, got '{kind}'")
+        margin = c.get("margin", 0.5 if kind == "match" else 0.0)
+        if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin < 0:
+            raise AttnlabError(f"{where}: margin must be a non-negative number of points, got {margin!r}")
+        out.append({"claim": str(c["claim"]), "source": str(c.get("source", "")), "method": str(c["method"]),
+                    "baseline": str(c["baseline"]), "paper": str(c.get("paper", "")), "kind": kind,
+                    "margin": float(margin)})
+    return out
+
+
+def _no_extra_keys(d: dict, allowed: set, where: str) -> None:
+    extra = set(d) - allowed
+    if extra:
+        raise AttnlabError(f"{where}: unknown key(s) {', '.join(sorted(map(str, extra)))}; "
+                           f"valid keys: {', '.join(sorted(allowed))}")
+
+
+def _mapping(value, what) -> dict:
+    if not isinstance(value, dict):
+        raise AttnlabError(f"{what} must be a mapping of dotted keys to values")
+    return {str(k): v for k, v in value.items()}
+
+
+def format_value(value) -> str:
+    """A YAML value as the right-hand side of a dotted ``key=value`` override."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def slug(method: str) -> str:
+    """A file-name-safe form of a method name: 'ssia+se' -> 'ssia_se'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", method)
+
+
+def cells(matrix, seeds=None, only=None) -> list[dict]:
+    """The matrix's cells in run order, as dicts with method, seed, run_name and the merged overrides."""
+    seeds = matrix["seeds"] if seeds is None else seeds
+    methods = matrix["methods"]
+    if only is not None:
+        names = [m["name"] for m in methods]
+        for name in only:
+            if name not in names:
+                raise unknown("method", name, names)
+        methods = [m for m in methods if m["name"] in only]
+    out = []
+    for seed in seeds:  # seed-major: an interrupted matrix has every method at the first seed before the second
+        for m in methods:
+            out.append({"method": m["name"], "seed": seed, "run_name": f"{slug(m['name'])}-s{seed}",
+                        "overrides": {**matrix["overrides"], **m["overrides"]}})
+    return out
+
+
+def method_overrides(matrix, method: dict) -> list[str]:
+    """Dotted overrides that build one method's config (the matrix's, then the method's own)."""
+    return [f"{k}={format_value(v)}" for k, v in {**matrix["overrides"], **method["overrides"]}.items()]
+
+
+def cell_overrides(matrix, cell, runs_root, device=None) -> list[str]:
+    """Dotted overrides for one cell: the matrix's, the method's, then the harness's own (name, seed, out_dir and
+    the device when ``--device`` names one)."""
+    pairs = [f"{k}={format_value(v)}" for k, v in cell["overrides"].items()]
+    pairs += [f"name={cell['run_name']}", f"seed={cell['seed']}", f"out_dir={runs_root}"]
+    return pairs + ([f"device={device}"] if device else [])
+
+
+# Harness settings that say where a cell runs, not what it computes: `attnlab bench --device` may change them.
+PLACEMENT_KEYS = ("device",)
+
+
+def fingerprint(matrix, cell) -> str:
+    """What a recorded result depends on, so a changed matrix is not silently mixed with old results."""
+    overrides = {k: v for k, v in cell["overrides"].items() if k not in PLACEMENT_KEYS}
+    return json.dumps({"recipe": matrix["recipe"], "overrides": overrides}, sort_keys=True, default=str)
+
+
+def same_settings(recorded: str | None, current: str) -> bool:
+    """Whether a recorded fingerprint names the same settings as ``current`` (older records kept the device)."""
+    if recorded is None:
+        return True
+    try:
+        old = json.loads(recorded)
+        for key in PLACEMENT_KEYS:
+            old.get("overrides", {}).pop(key, None)
+        return json.dumps(old, sort_keys=True, default=str) == current
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        return False

@@ -1,0 +1,488 @@
+"""Running a matrix: every unfinished cell through the training engine, K cells at a time, within a time budget.
+
+Each cell trains into ``runs/<matrix>/<method>-s<seed>/`` and gets one line in ``results/<matrix>/runs.jsonl``.
+A cell whose line is there is skipped, so an interrupted matrix resumes where it stopped, and methods added to a
+matrix run alone; a cell that raises is recorded as failed with its one-line error and the matrix goes on.
+
+Workers. With one worker a cell trains in this process. With K > 1 each cell trains in its own process
+(``python -m attnlab.bench.worker``), K at once: on a CPU each gets cores / K torch threads; on CUDA the K
+processes share the GPU, or take the visible GPUs in turn. This process stays the one writer of runs.jsonl (which
+is also locked per line, for two ``attnlab bench`` runs on one matrix). A cell holds a lock file while it trains,
+so a second run skips it instead of training it twice. A worker that dies (kill -9, out of memory) leaves no
+line: the next run resumes its cell from the run's last epoch checkpoint.
+
+Budget. With ``budget_s`` a cell starts only if its estimated duration fits in the time left: the median wall time
+of the same method's finished cells, else the slowest method's median; with no finished cell at all there is no
+estimate and the cell starts. Cells that do not fit are left for the next slice (``--budget`` again).
+"""
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import AttnlabError
+from .matrix import cell_overrides, cells, fingerprint, same_settings
+from .runs import append_line, cell_lock, host_info, latest_by_cell, one_line, read_curve, read_runs
+
+HARNESS_DIR = ".bench"  # runs/<matrix>/.bench/{locks,logs,records}: the harness's own bookkeeping
+
+
+# ----------------------------------------------------------------------------------------------- one cell
+def run_cell(matrix, cell, runs_root, *, load_config, train, device=None) -> dict:
+    """Train one cell and return its runs.jsonl record (status 'ok' or 'failed')."""
+    run_dir = Path(runs_root) / cell["run_name"]
+    record = {"matrix": matrix["name"], "matrix_file": matrix["path"], "method": cell["method"], "seed": cell["seed"],
+              "run_dir": str(run_dir), "overrides": cell["overrides"], "recipe": matrix["recipe"],
+              "fingerprint": fingerprint(matrix, cell)}
+    start = time.time()
+    try:
+        cfg = load_config(matrix["recipe_path"], overrides=cell_overrides(matrix, cell, runs_root, device))
+        results = train(cfg, resume=prepare_run_dir(run_dir, record["fingerprint"]))
+    except Exception as err:  # one bad cell must not stop the matrix: record it and move on
+        record.update(status="failed", error=one_line(err), wall_time_s=round(time.time() - start, 2))
+        return record
+    results = dict(results or {})
+    record.update(
+        status="ok",
+        val_top1=results.get("best_val_top1"),
+        val_top5=results.get("best_val_top5"),
+        test_top1=results.get("test_top1"),
+        test_top5=results.get("test_top5"),
+        params=results.get("params"),
+        flops=results.get("flops"),
+        train_images_per_s=results.get("train_images_per_s"),
+        wall_time_s=results.get("wall_time_s", round(time.time() - start, 2)),
+        device=results.get("device"),
+        git_commit=results.get("git_commit"),
+        epochs=_get(cfg, "train.epochs"),
+        val_curve=read_curve(run_dir),
+    )
+    return record
+
+
+def stamp(record: dict, threads: int, workers: int) -> dict:
+    """What the harness adds to a cell's record: how it ran, on what, by which code, and when."""
+    record.update(threads=threads, workers=workers, host=host_info(), harness_commit=git_commit(),
+                  finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return record
+
+
+def prepare_run_dir(run_dir: Path, fp: str):
+    """The run dir to resume from (this cell was interrupted mid-training), or None after clearing a stale one.
+
+    The harness owns runs/<matrix>/<cell>/: bench_cell.json records the settings the run was started with, so only
+    a run of the same settings is continued; anything else there is removed so metrics.csv and TensorBoard start
+    clean.
+    """
+    import shutil
+    marker = run_dir / "bench_cell.json"
+    if (run_dir / "checkpoint_last.pt").is_file() and marker.is_file():
+        try:
+            if same_settings(json.loads(marker.read_text()).get("fingerprint"), fp):
+                return run_dir
+        except (OSError, json.JSONDecodeError):
+            pass
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    marker.write_text(json.dumps({"fingerprint": fp}) + "\n")
+    return None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _get(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        try:
+            node = node[part]
+        except (KeyError, TypeError, AttributeError):
+            return None
+    return node
+
+
+# ----------------------------------------------------------------------------------------------- planning
+def parse_duration(text) -> float:
+    """'150m', '2h', '1h30m', '90s' -> seconds."""
+    import re
+    s = str(text).strip().lower()
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", s)
+    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([hms])", "", s).strip():
+        raise AttnlabError(f"a duration needs a unit, like 150m, 2h, 1h30m or 90s; got '{text}'")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Estimates:
+    """Expected wall time of a method's cell: the median of its finished cells on the same kind of device (CPU or
+    GPU: a CPU cell says nothing about a GPU one), else the slowest method's median."""
+
+    def __init__(self, records, device_kind: str = "cpu"):
+        self.times: dict[str, list[float]] = {}
+        self.device_kind = device_kind
+        for r in records:
+            if r.get("status") == "ok" and r.get("wall_time_s") and device_kind_of(r.get("device")) == device_kind:
+                self.add(r["method"], float(r["wall_time_s"]))
+
+    def add(self, method: str, seconds: float) -> None:
+        self.times.setdefault(method, []).append(seconds)
+
+    def __call__(self, method: str) -> float | None:
+        if method in self.times:
+            return statistics.median(self.times[method])
+        medians = [statistics.median(t) for t in self.times.values()]
+        return max(medians) if medians else None
+
+
+def device_kind_of(device) -> str:
+    """'cpu' for the engine's CPU description ('cpu (x86_64, 1 threads)'), 'cuda' for a GPU's name."""
+    return "cpu" if device is None or str(device).startswith("cpu") else "cuda"
+
+
+def planned_device_kind(matrix, device=None) -> str:
+    import torch
+    wanted = str(device or matrix["overrides"].get("device", "auto"))
+    return "cuda" if wanted in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
+
+
+def default_workers() -> int:
+    """2 on a CPU with two or more cores (2 processes x 1 thread trained ~1.15x faster than 1 x 2 on the 2-core
+    machine: results/bench_workers_cpu.json); one per visible GPU on CUDA."""
+    import torch
+    if torch.cuda.is_available():
+        return max(1, torch.cuda.device_count())
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+# ----------------------------------------------------------------------------------------------- the matrix
+@dataclass
+class Job:
+    index: int
+    cell: dict
+    started: float
+    stack: ExitStack
+    proc: subprocess.Popen | None = None
+    record_path: Path | None = None
+    reader: threading.Thread | None = None
+    env: dict = field(default_factory=dict)
+
+
+def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="results", runs_root="runs",
+               latency=True, retry_failed=False, workers=1, threads=None, budget_s=None, device=None,
+               log=print) -> dict:
+    """Run every unfinished cell of ``matrix``; returns counts {'total', 'skipped', 'ok', 'failed', 'deferred',
+    'interrupted', 'busy'} (busy: being trained by another process)."""
+    results_dir = Path(results_root) / matrix["name"]
+    runs_dir = Path(runs_root) / matrix["name"]
+    runs_path = results_dir / "runs.jsonl"
+    records = read_runs(runs_path)
+    pending = _pending(matrix, cells(matrix, seeds, only), latest_by_cell(records), runs_path, retry_failed)
+    n_total = len(pending)
+    n_skip = sum(1 for _, prev in pending if prev is not None)
+    if dry_run:
+        return _dry_run(matrix, pending, runs_dir, runs_path, log, device)
+
+    from ..engine.config import load_config
+    from ..engine.train import train
+
+    if latency:
+        from .latency import measure_latencies
+        methods = [m for m in matrix["methods"] if only is None or m["name"] in only]
+        measure_latencies(matrix, methods, results_dir / "latency.json", load_config=load_config, device=device,
+                          log=log)
+
+    counts = {"total": n_total, "skipped": n_skip, "ok": 0, "failed": 0, "deferred": 0, "interrupted": 0, "busy": 0}
+    for i, (c, prev) in enumerate(pending, 1):
+        if prev is not None:
+            log(f"[{i}/{n_total}] {c['method']} seed {c['seed']}: finished earlier ({prev.get('status')}), skipped")
+    queue = [(i, c) for i, (c, prev) in enumerate(pending, 1) if prev is None]
+    if threads is None and workers > 1:
+        threads = threads_per_worker(workers)
+    deadline = time.monotonic() + budget_s if budget_s else None
+    log(f"matrix {matrix['name']}: {len(queue)} of {n_total} cells to run, --workers {workers}"
+        + (f" x {threads} thread(s)" if threads else "")
+        + (f", --budget {fmt_duration(budget_s)}" if budget_s else ""))
+    runner = _Runner(matrix, runs_dir, runs_path, n_total, workers, threads, deadline,
+                     Estimates(records, planned_device_kind(matrix, device)), counts,
+                     log, load_config=load_config, train=train, device=device)
+    runner.run(queue)
+    _summary(matrix, counts, runs_path, log)
+    return counts
+
+
+def _pending(matrix, todo, done, runs_path, retry_failed):
+    out = []
+    for c in todo:
+        prev = done.get((c["method"], c["seed"]))
+        if prev is not None and not same_settings(prev.get("fingerprint"), fingerprint(matrix, c)):
+            raise AttnlabError(
+                f"{runs_path} holds method '{c['method']}' seed {c['seed']} run with other settings than "
+                f"{matrix['path']} now gives; move that file away (or rename the matrix) before re-running")
+        finished = prev is not None and (prev.get("status") == "ok" or not retry_failed)
+        out.append((c, prev if finished else None))
+    return out
+
+
+def _summary(matrix, counts, runs_path, log):
+    line = (f"matrix {matrix['name']}: {counts['ok']} ran, {counts['failed']} failed, {counts['skipped']} skipped; "
+            f"results in {runs_path}")
+    if counts["deferred"]:
+        line += f"; {counts['deferred']} left for a later slice (the budget)"
+    if counts["interrupted"]:
+        line += f"; {counts['interrupted']} interrupted (they resume from their checkpoints on the next run)"
+    if counts["busy"]:
+        line += f"; {counts['busy']} being trained by another attnlab bench"
+    log(line)
+    if counts["total"] and counts["skipped"] == counts["total"]:
+        log(f"every cell already has a result in {runs_path} (results committed there are reused); to run the "
+            f"matrix afresh, give --results-root <an empty folder> or move that file away")
+
+
+def _dry_run(matrix, pending, runs_dir, runs_path, log, device=None) -> dict:
+    from ..attention import get
+    from ..engine.config import load_config
+
+    n_total = len(pending)
+    n_skip = sum(1 for _, prev in pending if prev is not None)
+    log(f"matrix {matrix['name']}: {n_total} cells ({n_skip} finished), recipe {matrix['recipe']}, "
+        f"results -> {runs_path}")
+    bad = 0
+    for i, (c, prev) in enumerate(pending, 1):
+        state = f"done ({prev.get('status')})" if prev else "to run"
+        overrides = cell_overrides(matrix, c, runs_dir, device)
+        problem = None
+        if prev is None:
+            try:
+                get(load_config(matrix["recipe_path"], overrides=overrides).model.attention)
+            except Exception as err:  # reported per cell: a dry run lists every problem at once
+                problem = one_line(err)
+        bad += problem is not None
+        log(f"[{i}/{n_total}] {c['method']} seed {c['seed']}: {state}; overrides: {' '.join(overrides)}"
+            + (f"; CONFIG ERROR: {problem}" if problem else ""))
+    return {"total": n_total, "skipped": n_skip, "ok": 0, "failed": 0, "config_errors": bad}
+
+
+class _Runner:
+    """Starts cells while slots are free and the budget allows, and records each as it ends."""
+
+    def __init__(self, matrix, runs_dir, runs_path, n_total, workers, threads, deadline, estimates, counts, log,
+                 *, load_config, train, device=None):
+        self.matrix, self.runs_dir, self.runs_path, self.n_total = matrix, runs_dir, runs_path, n_total
+        self.workers, self.threads, self.deadline, self.est = workers, threads, deadline, estimates
+        self.counts, self.log, self.load_config, self.train = counts, log, load_config, train
+        self.device = device
+        self.running: list[Job] = []
+        self.gpus = _visible_gpus() if workers > 1 else []
+
+    # ---- the loop
+    def run(self, queue):
+        self.queue = queue
+        previous = _raise_on_sigterm()
+        try:
+            while queue or self.running:
+                while queue and len(self.running) < self.workers:
+                    item = self._next_that_fits(queue)
+                    if item is None:
+                        break
+                    self._start(*item)
+                if not self.running:
+                    break
+                self._wait_one()
+            for i, c in queue:
+                self.log(f"[{i}/{self.n_total}] {c['method']} seed {c['seed']}: not started, it would not finish "
+                         f"within the budget (estimate {fmt_duration(self.est(c['method']) or 0)})")
+            self.counts["deferred"] += len(queue)
+        finally:
+            self._stop_all()
+            signal.signal(signal.SIGTERM, previous) if previous is not None else None
+
+    def _next_that_fits(self, queue):
+        """Pop the first queued cell whose estimate fits in the budget (None when none does)."""
+        now = time.monotonic()
+        for k, (i, c) in enumerate(queue):
+            estimate = self.est(c["method"])
+            if self.deadline is None or (now < self.deadline and (estimate is None or now + estimate <= self.deadline)):
+                return queue.pop(k)
+        return None
+
+    def _start(self, i, c):
+        stack = ExitStack()
+        name = f"{c['method']} seed {c['seed']}"
+        if not stack.enter_context(cell_lock(self.runs_dir / HARNESS_DIR / "locks" / f"{c['run_name']}.lock")):
+            stack.close()
+            self.counts["busy"] += 1
+            self.log(f"[{i}/{self.n_total}] {name}: being trained by another attnlab bench, skipped")
+            return
+        prev = latest_by_cell(read_runs(self.runs_path)).get((c["method"], c["seed"]))
+        if prev is not None and prev.get("status") == "ok":  # another process finished it meanwhile
+            stack.close()
+            self.counts["skipped"] += 1
+            self.log(f"[{i}/{self.n_total}] {name}: finished by another attnlab bench, skipped")
+            return
+        job = Job(i, c, time.time(), stack)
+        self.log(f"[{i}/{self.n_total}] {name}: running{self._eta()}")
+        if self.workers == 1:
+            self._finish(job, run_cell(self.matrix, c, self.runs_dir, load_config=self.load_config,
+                                       train=self.train, device=self.device))
+            return
+        self._spawn(job)
+        self.running.append(job)
+
+    def _spawn(self, job):
+        c = job.cell
+        bench_dir = self.runs_dir / HARNESS_DIR
+        (bench_dir / "records").mkdir(parents=True, exist_ok=True)
+        (bench_dir / "logs").mkdir(parents=True, exist_ok=True)
+        job.record_path = bench_dir / "records" / f"{c['run_name']}.json"
+        job.record_path.unlink(missing_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        package_root = str(Path(__file__).resolve().parents[2])  # the children import this very attnlab
+        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        if len(self.gpus) > 1:  # spread over the visible GPUs: the slot that is free now takes the next one
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[(job.index - 1) % len(self.gpus)]
+        cmd = [sys.executable, "-m", "attnlab.bench.worker", "--matrix", self.matrix["path"], "--method",
+               c["method"], "--seed", str(c["seed"]), "--runs-root", str(self.runs_dir), "--record",
+               str(job.record_path), "--workers", str(self.workers)]
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
+        if self.device:
+            cmd += ["--device", self.device]
+        log_path = bench_dir / "logs" / f"{c['run_name']}.log"
+        job.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    bufsize=1)
+        job.reader = threading.Thread(target=self._forward, args=(job.proc, log_path, c["run_name"]), daemon=True)
+        job.reader.start()
+
+    def _forward(self, proc, log_path, tag):
+        """Copy a worker's output to its log file and, prefixed with its cell, to the progress output."""
+        with open(log_path, "a") as f:
+            for line in proc.stdout:
+                f.write(line)
+                f.flush()
+                self.log(f"  [{tag}] {line.rstrip()}")
+
+    def _wait_one(self):
+        while True:
+            for job in self.running:
+                if job.proc.poll() is not None:
+                    self.running.remove(job)
+                    job.reader.join(timeout=10)
+                    self._collect(job)
+                    return
+            time.sleep(0.5)
+
+    def _collect(self, job):
+        record = None
+        if job.record_path.is_file():
+            try:
+                record = json.loads(job.record_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                record = None
+        if record is None:
+            code = job.proc.returncode
+            why = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            job.stack.close()
+            self.counts["interrupted"] += 1
+            self.log(f"[{job.index}/{self.n_total}] {job.cell['method']} seed {job.cell['seed']}: worker {why} after "
+                     f"{fmt_duration(time.time() - job.started)}; not recorded, the next run resumes it from its "
+                     f"last checkpoint (log: {self.runs_dir / HARNESS_DIR / 'logs' / (job.cell['run_name'] + '.log')})")
+            return
+        self._finish(job, record, stamped=True)
+        job.record_path.unlink(missing_ok=True)
+
+    def _finish(self, job, record, stamped=False):
+        c, duration = job.cell, time.time() - job.started
+        if not stamped:
+            import torch
+            stamp(record, torch.get_num_threads(), self.workers)
+        append_line(self.runs_path, record)
+        job.stack.close()
+        self.counts[record["status"]] += 1
+        name = f"[{job.index}/{self.n_total}] {c['method']} seed {c['seed']}"
+        if record["status"] == "ok":
+            if device_kind_of(record.get("device")) == self.est.device_kind:
+                self.est.add(c["method"], float(record.get("wall_time_s") or duration))
+            self.log(f"{name}: val top-1 {_pct(record['val_top1'])}, test top-1 {_pct(record['test_top1'])} in "
+                     f"{fmt_duration(duration)}")
+        else:
+            self.log(f"{name}: FAILED: {record['error']}")
+
+    def _eta(self) -> str:
+        """' (ETA 1h05m, budget left 2h10m)': the queued and running cells' estimated time over the workers."""
+        parts = []
+        now = time.time()
+        left = [self.est(c["method"]) for _, c in self.queue]
+        left += [max(0.0, (self.est(j.cell["method"]) or 0.0) - (now - j.started)) for j in self.running]
+        if left and all(e is not None for e in left):
+            parts.append(f"{len(self.queue)} queued, ETA {fmt_duration(sum(left) / self.workers)}")
+        if self.deadline is not None:
+            parts.append(f"budget left {fmt_duration(max(0.0, self.deadline - time.monotonic()))}")
+        return f" ({', '.join(parts)})" if parts else ""
+
+    def _stop_all(self):
+        """On an interruption: stop the workers (their cells resume from their checkpoints next time)."""
+        for job in self.running:
+            if job.proc.poll() is None:
+                job.proc.terminate()
+        for job in self.running:
+            try:
+                job.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                job.proc.kill()
+                job.proc.wait()
+            job.stack.close()
+        self.running.clear()
+
+
+def _visible_gpus() -> list[str]:
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return []
+        listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = [x.strip() for x in listed.split(",") if x.strip()] if listed else None
+        return ids if ids else [str(k) for k in range(torch.cuda.device_count())]
+    except Exception:  # no usable CUDA: the workers run on the CPU
+        return []
+
+
+def _raise_on_sigterm():
+    """SIGTERM (a `timeout`, a scheduler) stops the matrix like Ctrl-C, so the workers are stopped too."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _pct(v) -> str:
+    import math
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.2f}"

@@ -1,0 +1,49 @@
+"""One matrix cell in its own process, started by the runner when ``--workers`` is above 1.
+
+    python -m attnlab.bench.worker --matrix M.yaml --method se --seed 0 --runs-root runs/M --record out.json
+
+Trains the cell (resuming it from its checkpoint if an earlier worker was killed) and writes its runs.jsonl record
+to ``--record`` atomically; the runner appends it to runs.jsonl. No record means the worker died.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m attnlab.bench.worker", description=__doc__.splitlines()[0])
+    p.add_argument("--matrix", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--runs-root", required=True, help="runs/<matrix>/: the cell trains in <runs-root>/<cell>/")
+    p.add_argument("--record", required=True, help="where the cell's record goes (JSON)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or auto instead of the matrix's device")
+    p.add_argument("--workers", type=int, default=1, help="how many cells run at once (recorded with the result)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from ..engine.config import load_config
+    from ..engine.train import train
+    from ..profiler import set_threads
+    from .matrix import cells, load_matrix
+    from .runner import run_cell, stamp
+
+    set_threads(args.threads)
+    matrix = load_matrix(args.matrix)
+    (cell,) = cells(matrix, seeds=[args.seed], only=[args.method])
+    record = stamp(run_cell(matrix, cell, args.runs_root, load_config=load_config, train=train,
+                            device=args.device),
+                   torch.get_num_threads(), args.workers)
+    out = Path(args.record)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(record, default=str) + "\n")
+    os.replace(tmp, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
