@@ -179,12 +179,25 @@ def test_supernet_phase_resumes_exactly(tmp_path):
 
 
 @needs_hooks
-def test_whole_pipeline_runs_and_skips_done_phases(tmp_path, capsys):
+def test_whole_pipeline_runs_and_skips_done_phases(tmp_path, capsys, monkeypatch):
     from attnlab.cli import main
+    from attnlab.models.connections import get_connections, scheme_bits
+    from attnlab.search.supernet import SupernetHook
+    seen, original = [], SupernetHook.__call__
+
+    def recording(self, trainer, epoch, step):
+        original(self, trainer, epoch, step)
+        seen.append((step, scheme_bits(get_connections(trainer.model))))
+
+    monkeypatch.setattr(SupernetHook, "__call__", recording)
     args = ["search", "--config", str(CONFIG), *tiny(tmp_path, **{"train.epochs": 1})]
     with pytest.raises(SystemExit) as info:
         main(args)
     assert info.value.code == 0
+    # The engine called the hook before every training step, and each step trained under that step's own mask.
+    assert [s for s, _ in seen] == list(range(len(seen))) and len(seen) >= 4
+    assert all(bits == SupernetHook(0.5, 0).mask(s, 9) for s, bits in seen)
+    assert len({bits for _, bits in seen}) > 1
     root = tmp_path / "ean"
     res = json.loads((root / "search" / "result.json").read_text())
     retrain = json.loads((root / "retrain-s0" / "results.json").read_text())
