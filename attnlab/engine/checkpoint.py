@@ -1,37 +1,22 @@
 """Atomic checkpoint files and the RNG state that resume restores.
 
-A checkpoint is written to a temp file in the destination's directory and ``os.replace``-d over the old one, so a
-crash or a failed write (full disk, an exception mid-save) leaves the previous checkpoint intact.
+A checkpoint is written by ``attnlab.files.atomic_write``: a temp file in the destination's directory,
+``os.replace``-d over the old one, so a crash or a failed write (full disk, an exception mid-save) leaves the
+previous checkpoint intact.
 """
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import AttnlabError
+from ..files import atomic_write
 
 
 def atomic_save(obj, path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(err, Exception):
-            raise AttnlabError(f"could not write checkpoint {path} ({type(err).__name__}: {err}); "
-                               "the previous checkpoint is kept") from err
-        raise
+    """torch.save ``obj`` to ``path`` through the one atomic writer (temp file beside it, fsync, os.replace)."""
+    atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint")
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import AttnlabError
+from ..files import (atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stale_temps, write_error,
+                     writable_dir)
 from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from .config import load_config, to_dict
 from .distributed import Dist, barrier, broadcast_object, cleanup, setup, sync_buffers
@@ -39,11 +41,21 @@ from .metrics import Meter, RunLog, topk_hits
 from .optim import build_optimizer, build_scheduler
 
 NO_BAD_STEP = 2 ** 62  # "no non-finite loss yet" (min-reduced across ranks)
+# Config keys a resume may change. The schedule is a pure function of the step and the config, so from the first
+# resumed epoch: train.epochs re-spreads the cosine (or multistep) schedule over the new length, train.lr scales it.
+# Every other key defines the run (model, data, seed, optimiser, ...): changing it is a new run, not a resume.
+RESUMABLE_CHANGES = ("train.epochs", "train.lr", "train.eval_batch_size", "data.data_dir", "data.cache_dir",
+                     "device", "debug.kill_at_step", "name", "out_dir")
+BENCH_MARKER = "bench_cell.json"  # written by attnlab bench into a fresh run dir before it calls train()
+RUN_FILES = ("config.yaml", "metrics.csv", "events.out.tfevents.*", "checkpoint_*.pt", "results.json", "eval_*.json")
 
 
 def add_arguments(p):
     p.add_argument("--config", help="YAML recipe (e.g. configs/quick.yaml)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint_last.pt")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint_last.pt "
+                   f"(overrides allowed on resume: {', '.join(RESUMABLE_CHANGES)})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an existing run of the same name (otherwise that is an error)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=0.05")
 
 
@@ -51,12 +63,14 @@ def run(args):
     if args.resume:
         if args.config:
             raise AttnlabError("--resume takes the run's own config.yaml; give changes as key=value overrides")
+        if args.overwrite:
+            raise AttnlabError("--resume continues a run and --overwrite replaces it: give one of them")
         cfg = resume_config(args.resume, args.overrides)
         train(cfg, resume=args.resume)
     else:
         if not args.config and not args.overrides:
             raise AttnlabError("give --config configs/<recipe>.yaml (and/or key=value overrides), or --resume RUN_DIR")
-        train(load_config(args.config, args.overrides))
+        train(load_config(args.config, args.overrides), overwrite=args.overwrite)
     return 0
 
 
@@ -99,22 +113,48 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg, resume=None, step_hooks=()) -> dict:
+def train(cfg, resume=None, step_hooks=(), overwrite=False) -> dict:
     """Train as ``cfg`` says (a DictConfig from load_config, or a plain dict merged onto the defaults).
 
     ``step_hooks``: callables ``hook(trainer, epoch, step)`` run before the forward of every training step (epoch
     0-based, step the global 0-based step index, the same after a resume); ``trainer.model`` is the unwrapped model,
     so a training mode (e.g. a supernet drawing a new attention mask per step) can change it without its own loop.
+    A fresh run (``resume=None``) refuses a run dir that already holds a run unless ``overwrite`` (then that run's
+    files are removed first); a dir holding only bench's bench_cell.json counts as empty.
     Returns the content of results.json. Under torchrun each rank calls this; rank 0 writes the files.
     """
     if not isinstance(cfg, DictConfig):
         cfg = load_config(base=cfg)
+    if resume is None:
+        _claim_run_dir(Path(cfg.out_dir) / str(cfg.name), overwrite)
     d, device = setup(cfg.device)
     try:
         with _determinism(bool(cfg.train.deterministic), device):
             return Trainer(cfg, d, device, resume, step_hooks).fit()
     finally:
         cleanup(d)
+
+
+def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to train a fresh run into a dir that holds another run's files, or remove them with ``overwrite``."""
+    if not run_dir.is_dir():
+        return
+    held = sorted(p for p in run_dir.iterdir() if p.name != BENCH_MARKER)
+    if not held:
+        return
+    if not overwrite:
+        raise AttnlabError(f"run dir {run_dir} already holds a run ({', '.join(p.name for p in held[:3])}"
+                           f"{', ...' if len(held) > 3 else ''}); continue it with --resume {run_dir}, train under a "
+                           "new name=..., or pass --overwrite to replace it")
+    for pattern in RUN_FILES:
+        for p in run_dir.glob(pattern):
+            try:
+                p.unlink()
+            except FileNotFoundError:  # another DDP rank removed it first
+                pass
+            except OSError as err:
+                raise write_error(err, p, "run file") from None
+    remove_stale_temps(run_dir)
 
 
 class Trainer:
@@ -180,6 +220,7 @@ class Trainer:
         self.best_top5 = float("nan")  # val top-5 at the best top-1 epoch (reported, never selected on)
         self.elapsed = {"wall_s": 0.0, "train_s": 0.0, "train_images": 0}
         self.pending_rng = None
+        self.resume_note = None  # what a resume changed, recorded at the top of config.yaml
         self._wall_mark = time.perf_counter()  # fit() restarts it; _tick_wall() adds the time since to wall_s
         if resume is not None and (Path(resume) / "checkpoint_last.pt").is_file():
             # Loaded on the CPU: load_state_dict moves model and optimizer state to their parameters' device.
@@ -208,6 +249,7 @@ class Trainer:
                 "rng": rng_state(), "config": to_dict(self.cfg)}
 
     def _restore(self, ck: dict) -> None:
+        changes = _config_changes(ck["config"], to_dict(self.cfg))
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -220,6 +262,23 @@ class Trainer:
         self.elapsed = dict(ck.get("elapsed", self.elapsed))
         self.pending_rng = ck["rng"]  # restored just before the first resumed epoch, as an uninterrupted run has it
         self.log(f"resuming {self.run_dir} after epoch {self.start_epoch} (best val top-1 {self.best:.2f}%)")
+        if changes:
+            self._apply_resume_changes(changes)
+
+    def _apply_resume_changes(self, changes: dict) -> None:
+        """Continue the schedule with the changed epochs/lr from the first resumed step (see RESUMABLE_CHANGES)."""
+        if "train.lr" in changes:
+            self.scheduler.base_lrs = [float(self.cfg.train.lr)] * len(self.optimizer.param_groups)
+            for g in self.optimizer.param_groups:
+                g["initial_lr"] = float(self.cfg.train.lr)
+        if "train.lr" in changes or "train.epochs" in changes:
+            step = self.scheduler.last_epoch
+            for g, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+                g["lr"] = base * factor(step)
+        self.resume_note = (f"resumed after epoch {self.start_epoch} with "
+                            + ", ".join(f"{k}={new} (was {old})" for k, (old, new) in changes.items())
+                            + f"; from epoch {self.start_epoch + 1} the schedule follows the new values")
+        self.log(self.resume_note)
 
     # ---- one training step ---------------------------------------------------------------------------------------
 
@@ -373,8 +432,8 @@ class Trainer:
                 atomic_save(state, self.run_dir / "checkpoint_best.pt")
         except AttnlabError as err:
             return err
-        except OSError as err:
-            return AttnlabError(f"could not write to {self.run_dir}: {err}")
+        except OSError as err:  # metrics.csv and TensorBoard are appended in place
+            return write_error(err, self.run_dir / "metrics.csv", "metrics")
         return None
 
     def _stop_if_rank0_failed(self, failed: AttnlabError | None) -> None:
@@ -386,16 +445,78 @@ class Trainer:
             raise AttnlabError(f"rank 0 stopped: {message}")
 
     def _start_run_dir(self) -> None:
+        """Create the run dir, drop temp files a kill left, write config.yaml; every rank learns if that failed."""
+        failed = None
         if self.d.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
-        barrier(self.d)
+            try:
+                writable_dir(self.run_dir, "run dir")
+                remove_stale_temps(self.run_dir)
+                atomic_write_text(self.run_dir / "config.yaml", self._config_text(), "config")
+            except AttnlabError as err:
+                failed = err
+        self._stop_if_rank0_failed(failed)
+
+    def _config_text(self) -> str:
+        """The resolved config, under comment lines saying what each resume changed (kept from before)."""
+        path = self.run_dir / "config.yaml"
+        notes = [line for line in path.read_text().splitlines() if line.startswith("# resumed")] \
+            if self.start_epoch > 0 and path.is_file() else []
+        if self.resume_note:
+            notes.append(f"# {self.resume_note}")
+        return "".join(n + "\n" for n in notes) + OmegaConf.to_yaml(self.cfg)
+
+    def _reconcile_best(self) -> None:
+        """On resume: checkpoint_best.pt must be the epoch checkpoint_last.pt records as best.
+
+        checkpoint_last is written first, so a kill while checkpoint_best is written for an improving epoch leaves
+        last saying best_epoch == its own epoch while best holds an older one; last is then that best state.
+        """
+        if self.start_epoch == 0:
+            return
+        failed = None
+        if self.d.is_main:
+            try:
+                self._fix_best_file()
+            except AttnlabError as err:
+                failed = err
+        self._stop_if_rank0_failed(failed)
+
+    def _fix_best_file(self) -> None:
+        best_path, last_path = self.run_dir / "checkpoint_best.pt", self.run_dir / "checkpoint_last.pt"
+        try:
+            best_epoch = int(load_checkpoint(best_path)["epoch"]) if best_path.is_file() else None
+        except AttnlabError:
+            best_epoch = None  # unreadable: re-derive it like a missing one
+        if best_epoch == self.best_epoch:
+            return
+        if self.best_epoch != self.start_epoch:
+            raise AttnlabError(f"{best_path} holds epoch {best_epoch} but {last_path.name} records epoch "
+                               f"{self.best_epoch} as the best, which no file holds any more; start the run again")
+        atomic_write_bytes(best_path, last_path.read_bytes(), "checkpoint")
+        self.log(f"checkpoint_best.pt re-derived from checkpoint_last.pt (epoch {self.best_epoch}, the best; "
+                 "the previous attempt stopped while writing it)")
+
+    def _completed_results(self) -> dict | None:
+        """The saved results.json when this resume has nothing left to do (all epochs trained and tested)."""
+        if self.start_epoch < self.cfg.train.epochs:
+            return None
+        try:
+            saved = json.loads((self.run_dir / "results.json").read_text())
+        except (OSError, ValueError):
+            return None  # killed before results.json: test the best checkpoint now
+        return saved if saved.get("epochs") == self.cfg.train.epochs else None
 
     # ---- the run -------------------------------------------------------------------------------------------------
 
     def fit(self) -> dict:
+        done = self._completed_results()
+        if done is not None:
+            self.log(f"{self.run_dir} is complete ({self.cfg.train.epochs} epochs, results.json written); nothing "
+                     f"changed. To train longer: --resume {self.run_dir} train.epochs=N")
+            return done
         self._wall_mark = time.perf_counter()
         self._start_run_dir()
+        self._reconcile_best()
         log = RunLog(self.run_dir, self.start_epoch) if self.d.is_main else None
         self._announce()
         if self.pending_rng is not None:
@@ -450,7 +571,7 @@ class Trainer:
             "git_commit": _git_commit(), "seed": cfg.seed,
         }
         if d.is_main:
-            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            atomic_write_json(self.run_dir / "results.json", results, "results")
             print(results_table(results, self.run_dir), flush=True)
         return results
 
@@ -495,6 +616,31 @@ def results_table(r: dict, run_dir) -> str:
 def _number(x):
     x = float(x)
     return None if x != x or x in (float("inf"), float("-inf")) else x  # JSON has no NaN
+
+
+def _config_changes(saved: dict, now: dict) -> dict:
+    """{dotted key: (saved value, new value)} for the keys a resume changes; a change to a key outside
+    RESUMABLE_CHANGES is an AttnlabError naming every such key."""
+    a, b = _flatten(saved), _flatten(now)
+    changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    fixed = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if fixed:
+        raise AttnlabError("cannot change on resume: " + ", ".join(f"{k} ({changed[k][0]} -> {changed[k][1]})"
+                                                                   for k in fixed)
+                           + f"; they define the run (resume may change {', '.join(RESUMABLE_CHANGES[:4])}); train "
+                           "a new run under a new name=... instead")
+    return {k: v for k, v in changed.items() if k not in ("name", "out_dir", "debug.kill_at_step")}
+
+
+def _flatten(node, prefix="") -> dict:
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    if not node and prefix:
+        return {prefix[:-1]: {}}
+    out = {}
+    for k, v in node.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
 
 
 def _plain(node):
