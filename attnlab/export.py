@@ -11,14 +11,13 @@ exporter (``--exporter dynamo``, needs onnxscript), which we also support. ``--e
 while torch still ships it.
 """
 import inspect
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from .errors import AttnlabError
+from .files import atomic_path, writable_dir
 
 MODEL_KEYS = ("name", "num_classes", "attention", "attention_kwargs", "blocks", "share")
 
@@ -104,12 +103,16 @@ def export_onnx(model, path, input_size: int, opset: int | None = None, exporter
     if opset is None:
         opset = 17 if exporter == "legacy" else 18  # 18: the dynamo exporter's lowest native opset
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    writable_dir(path.parent, "export folder")
     model = model.eval()
     device = next(model.parameters()).device
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
-    os.close(fd)
+    with atomic_path(path, "ONNX file") as tmp:
+        _export(model, x, tmp, exporter, opset, has_flag)
+    return path
+
+
+def _export(model, x, tmp, exporter: str, opset: int, has_flag: bool) -> None:
     try:
         kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=opset)
         if exporter == "legacy":
@@ -121,17 +124,14 @@ def export_onnx(model, path, input_size: int, opset: int | None = None, exporter
             kwargs.update(dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
-            torch.onnx.export(model, (x,), tmp, **kwargs)
-        os.replace(tmp, path)
+            torch.onnx.export(model, (x,), str(tmp), **kwargs)
     except AttnlabError:
         raise
+    except OSError:
+        raise  # a disk error: atomic_path names the destination
     except Exception as err:
         raise AttnlabError(f"ONNX export with the {exporter} exporter failed: "
                            f"{str(err).splitlines()[0] if str(err) else err!r}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def check_onnx(model, path, input_size: int, batch_size: int = 2, seed: int = 0):
