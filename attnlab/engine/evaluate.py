@@ -54,17 +54,6 @@ def evaluate(model, loader, device, amp: str = "off", channels_last: bool = Fals
     return meter.result(d)
 
 
-def model_from_checkpoint(ckpt: dict, device, use_ema: bool = True) -> torch.nn.Module:
-    """The checkpoint's model (its EMA weights when present and ``use_ema``), on ``device``, in eval mode."""
-    from ..models import create_model
-    m = ckpt["config"]["model"]
-    model = create_model(m["name"], num_classes=m["num_classes"], attention=m["attention"],
-                         attention_kwargs=dict(m["attention_kwargs"] or {}), blocks=m["blocks"], share=m["share"])
-    state = ckpt["ema"]["module"] if use_ema and ckpt.get("ema") else ckpt["model"]
-    model.load_state_dict(state)
-    return model.to(device).eval()
-
-
 def add_arguments(p):
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (its checkpoint_best.pt)")
     p.add_argument("--split", choices=("val", "test"), default="test")
@@ -79,15 +68,13 @@ def add_arguments(p):
 def run(args):
     from ..data import load_dataset
     from ..data.loader import BatchLoader
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_training_checkpoint, model_from_checkpoint
     from .distributed import resolve_device
 
     path = Path(args.checkpoint)
     if path.is_dir():
         path = path / "checkpoint_best.pt"
-    ckpt = load_checkpoint(path)
-    if "config" not in ckpt or "model" not in ckpt:
-        raise AttnlabError(f"'{path}' is not an attnlab training checkpoint (no 'config' or 'model' entry)")
+    ckpt = load_training_checkpoint(path)
     cfg = ckpt["config"]
     device = resolve_device(args.device)
     data = cfg["data"]

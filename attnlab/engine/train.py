@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import signal
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -30,13 +29,14 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import AttnlabError
-from ..files import (atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stale_temps, write_error,
-                     writable_dir)
-from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from ..files import (atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit, remove_stale_temps,
+                     writable_dir, write_error)
+from .checkpoint import (atomic_save, load_checkpoint, model_from_checkpoint, model_from_config, rng_state,
+                         set_rng_state)
 from .config import load_config, to_dict
 from .distributed import Dist, barrier, broadcast_object, cleanup, setup, sync_buffers
 from .ema import EMA
-from .evaluate import autocast_for, evaluate, model_from_checkpoint
+from .evaluate import autocast_for, evaluate
 from .metrics import Meter, RunLog, topk_hits
 from .optim import build_optimizer, build_scheduler
 
@@ -161,7 +161,6 @@ class Trainer:
     def __init__(self, cfg: DictConfig, d: Dist, device: torch.device, resume=None, step_hooks=()):
         from ..data import load_dataset
         from ..data.loader import BatchLoader
-        from ..models import create_model
         from ..objectives import build_objectives, features_needed
 
         self.cfg, self.d, self.device = cfg, d, device
@@ -204,10 +203,7 @@ class Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, int(cfg.debug.max_steps_per_epoch))
 
         # Model, objectives, optimisation state.
-        m = cfg.model
-        self.model = create_model(m.name, num_classes=m.num_classes, attention=m.attention,
-                                  attention_kwargs=to_dict(m.attention_kwargs), blocks=_plain(m.blocks),
-                                  share=m.share, zero_init_residual=m.zero_init_residual).to(device)
+        self.model = model_from_config(cfg.model).to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.objectives = build_objectives(cfg, self.model)
@@ -568,7 +564,7 @@ class Trainer:
             "train_images_per_s_median_epoch": float(np.median(self.elapsed["rates"])) if self.elapsed.get("rates")
             else None,
             "device": _device_name(self.device), "world_size": d.world_size, "torch": torch.__version__,
-            "git_commit": _git_commit(), "seed": cfg.seed,
+            "git_commit": git_commit(), "seed": cfg.seed,
         }
         if d.is_main:
             atomic_write_json(self.run_dir / "results.json", results, "results")
@@ -643,36 +639,17 @@ def _flatten(node, prefix="") -> dict:
     return out
 
 
-def _plain(node):
-    return OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
-
-
 def _flops(model, image_size) -> int:
-    """FLOPs (2 x MACs) of one image, on a CPU copy of the model."""
+    """FLOPs (2 x MACs) of one image, counted by the profiler on a CPU copy of the model."""
     import copy
+
+    from ..profiler import count_flops
     size = image_size if isinstance(image_size, int) else tuple(image_size)
     probe = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
-    try:
-        from ..profiler import count_flops
-        return int(count_flops(probe, size, batch_size=1))
-    except ImportError:
-        from torch.utils.flop_counter import FlopCounterMode
-        h, w = (size, size) if isinstance(size, int) else size
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            probe(torch.zeros(1, 3, h, w))
-        return int(counter.get_total_flops())
+    return int(count_flops(probe, size, batch_size=1))
 
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
