@@ -142,13 +142,18 @@ def test_resume_refuses_keys_that_define_the_run_and_changes_nothing(tmp_path, c
 
 
 def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
-    train(load_config(None, args(tmp_path, "done", epochs=1)))
+    train(load_config(None, args(tmp_path, "done", epochs=2)))
     capsys.readouterr()
     run_dir = tmp_path / "done"
     before = snapshot(run_dir)
     code, out, _ = cli(["train", "--resume", str(run_dir)], capsys)
     assert code == 0 and "is complete" in out and "train.epochs=" in out
     assert snapshot(run_dir) == before  # no new TensorBoard file, results.json untouched
+    # Overrides that would apply to no epoch, or fewer epochs than trained, are refused rather than recorded.
+    for override, words in (("train.lr=0.01", "would apply to none"), ("train.epochs=1", "fewer than the 2")):
+        code, _, err = cli(["train", "--resume", str(run_dir), override], capsys)
+        assert code == 2 and words in err and err.count("\n") == 1
+    assert snapshot(run_dir) == before
 
 
 # ---- 5: temp files and permissions --------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ channels_last; ``train.compile`` wraps the model in ``torch.compile``.
 Resume: checkpoint_last.pt holds the model, optimizer, scheduler, grad scaler, EMA and RNG states after each epoch.
 The data order and augmentation are a pure function of (seed, epoch), so a resumed run replays the interrupted
 epoch from its start and, with ``train.deterministic`` on CPU, ends with the same weights as an uninterrupted one.
+Every file is written atomically (``attnlab.files``); checkpoint_last.pt is written before checkpoint_best.pt, and a
+resume re-derives checkpoint_best.pt when a kill came between the two. A resume may change only RESUMABLE_CHANGES
+(more epochs, another lr: from the first resumed epoch), records what it changed at the top of config.yaml, and
+changes nothing when the run is complete. A fresh run refuses a run dir that holds a run unless told to overwrite.
 """
 import json
 import os
@@ -263,6 +267,13 @@ class Trainer:
 
     def _apply_resume_changes(self, changes: dict) -> None:
         """Continue the schedule with the changed epochs/lr from the first resumed step (see RESUMABLE_CHANGES)."""
+        epochs = int(self.cfg.train.epochs)
+        if epochs < self.start_epoch:
+            raise AttnlabError(f"train.epochs={epochs} is fewer than the {self.start_epoch} epochs {self.run_dir} "
+                               "has already trained")
+        if "train.lr" in changes and epochs == self.start_epoch:
+            raise AttnlabError(f"{self.run_dir} has trained all {epochs} epochs, so train.lr would apply to none; "
+                               "add train.epochs=N to train longer")
         if "train.lr" in changes:
             self.scheduler.base_lrs = [float(self.cfg.train.lr)] * len(self.optimizer.param_groups)
             for g in self.optimizer.param_groups:
