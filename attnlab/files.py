@@ -82,8 +82,8 @@ def write_error(err: Exception, path, what: str = "file") -> Exception:
         return AttnlabError(f"cannot write {path}: {os.strerror(code).lower()} (choose a writable location)")
     if isinstance(err, OSError):
         return AttnlabError(f"could not write {what} {path} ({err.strerror or err}); {kept}")
-    return AttnlabError(f"could not write {what} {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                        f"{kept}")
+    first = str(err).splitlines()[0] if str(err) else ""
+    return AttnlabError(f"could not write {what} {path} ({type(err).__name__}: {first}); {kept}")
 
 
 def writable_dir(folder, what: str = "output directory") -> Path:

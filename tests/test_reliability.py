@@ -103,7 +103,8 @@ def test_a_dir_holding_only_bench_cell_json_counts_as_empty(tmp_path):
     run_dir.mkdir()
     (run_dir / "bench_cell.json").write_text('{"fingerprint": "x"}\n')
     train(load_config(None, args(tmp_path, "cell", epochs=1)))
-    assert (run_dir / "results.json").is_file() and (run_dir / "bench_cell.json").read_text() == '{"fingerprint": "x"}\n'
+    assert (run_dir / "results.json").is_file()
+    assert (run_dir / "bench_cell.json").read_text() == '{"fingerprint": "x"}\n'
 
 
 # ---- 3 and 4: resume with overrides, resume of a finished run --------------------------------------------------

@@ -98,8 +98,8 @@ def run(args):
     try:
         atomic_write_json(dest, out, "evaluation")
     except AttnlabError as err:
-        raise AttnlabError(f"{err}; evaluated {args.split} top-1 {out['top1']:.2f}%; write it elsewhere with --out PATH") \
-            from None
+        raise AttnlabError(f"{err}; evaluated {args.split} top-1 {out['top1']:.2f}%; write it elsewhere with "
+                           "--out PATH") from None
     print(f"{args.split}: top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%  loss {out['loss']:.4f}  "
           f"({out['images']} images, epoch {out['epoch']})  -> {dest}")
     return 0

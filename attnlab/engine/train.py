@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import AttnlabError
-from ..files import (atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit, remove_stale_temps,
-                     writable_dir, write_error)
+from ..files import (TEMP_SUFFIX, atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit,
+                     remove_stale_temps, writable_dir, write_error)
 from .checkpoint import (atomic_save, load_checkpoint, model_from_checkpoint, model_from_config, rng_state,
                          set_rng_state)
 from .config import load_config, to_dict
@@ -84,9 +84,10 @@ def resume_config(run_dir, overrides=()) -> DictConfig:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise AttnlabError(f"cannot resume: '{saved}' does not exist")
-    cfg = load_config(None, overrides, base=OmegaConf.load(saved))
+    base = OmegaConf.load(saved)
+    OmegaConf.update(base, "debug.kill_at_step", None, force_add=True)  # a debugging kill: that attempt's only
+    cfg = load_config(None, overrides, base=base)
     cfg.out_dir, cfg.name = str(run_dir.parent), run_dir.name
-    cfg.debug.kill_at_step = None  # a debugging kill applies to the first attempt only
     return cfg
 
 
@@ -143,7 +144,7 @@ def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Refuse to train a fresh run into a dir that holds another run's files, or remove them with ``overwrite``."""
     if not run_dir.is_dir():
         return
-    held = sorted(p for p in run_dir.iterdir() if p.name != BENCH_MARKER)
+    held = sorted(p for p in run_dir.iterdir() if p.name != BENCH_MARKER and not _is_temp(p))
     if not held:
         return
     if not overwrite:
@@ -159,6 +160,11 @@ def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
             except OSError as err:
                 raise write_error(err, p, "run file") from None
     remove_stale_temps(run_dir)
+
+
+def _is_temp(p: Path) -> bool:
+    """A temp file a killed atomic write left (removed when training starts)."""
+    return p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)
 
 
 class Trainer:
