@@ -82,6 +82,7 @@ def test_resume_config_points_at_the_run_and_takes_overrides(tmp_path):
     cfg = resume_config(run_dir, ["train.epochs=5"])
     assert (cfg.out_dir, cfg.name) == (str(run_dir.parent), "myrun")
     assert cfg.train.epochs == 5 and cfg.debug.kill_at_step is None
+    assert resume_config(run_dir, ["debug.kill_at_step=9"]).debug.kill_at_step == 9  # a kill asked for this attempt
     from attnlab.errors import AttnlabError
     with pytest.raises(AttnlabError, match="config.yaml"):
         resume_config(tmp_path / "nothing-here")
