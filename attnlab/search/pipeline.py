@@ -191,9 +191,8 @@ def build_evaluator(cfg, sec, ckpt_path, cache_path):
     import torch
     from ..data import load_dataset
     from ..data.loader import BatchLoader
-    from ..engine.checkpoint import load_checkpoint
+    from ..engine.checkpoint import load_checkpoint, model_from_checkpoint
     from ..engine.distributed import resolve_device
-    from ..engine.evaluate import model_from_checkpoint
     from .evaluator import SchemeEvaluator, checkpoint_context
 
     device = resolve_device(cfg.device)
