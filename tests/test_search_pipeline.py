@@ -153,8 +153,9 @@ def test_the_table_holds_every_scheme_and_the_search_reuses_it(tmp_path, superne
 
 
 @needs_hooks
-def test_supernet_phase_resumes_exactly(tmp_path):
-    """Killed after its first epoch and resumed, the supernet run ends with the weights of an uninterrupted one."""
+@pytest.mark.parametrize("kill_at", [2, 7])  # in epoch 1 (no checkpoint yet) and in epoch 2
+def test_supernet_phase_resumes_exactly(tmp_path, kill_at):
+    """Killed mid-run and resumed, the supernet run ends with the weights of an uninterrupted one."""
     from attnlab.cli import main
     whole = tiny(tmp_path, "whole")
     with pytest.raises(SystemExit) as info:
@@ -168,7 +169,7 @@ def test_supernet_phase_resumes_exactly(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     cut = tiny(tmp_path, "cut")
     proc = subprocess.run([sys.executable, "-m", "attnlab", "search", "--config", str(CONFIG), "--phases",
-                           "supernet", *cut, "debug.kill_at_step=7"], env=env, capture_output=True, text=True,
+                           "supernet", *cut, f"debug.kill_at_step={kill_at}"], env=env, capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == -9, proc.stderr[-2000:]
     with pytest.raises(SystemExit):

@@ -167,7 +167,9 @@ def run_supernet(cfg, sec, root):
     scfg = cfg.copy()
     scfg.out_dir, scfg.name = str(root), "supernet"
     hook = SupernetHook(sec.supernet.p, cfg.seed, sec.supernet.eval_mask)
-    resume = run_dir if (run_dir / "checkpoint_last.pt").is_file() else None
+    # An existing dir is always resumed (the engine refuses to start a fresh run over it); without a checkpoint
+    # yet (killed in epoch 1) the engine starts that run from the beginning.
+    resume = run_dir if run_dir.is_dir() else None
     print(f"supernet: {'resuming' if resume else 'training'} {run_dir} (each bit on with p={hook.p})", flush=True)
     engine.train(scfg, resume=resume, step_hooks=[hook])
 
@@ -350,7 +352,7 @@ def run_retrain(cfg, sec, root, scheme: str):
         if (run_dir / "results.json").is_file():
             print(f"retrain: done ({run_dir}); skipped", flush=True)
             continue
-        resume = run_dir if (run_dir / "checkpoint_last.pt").is_file() else None
+        resume = run_dir if run_dir.is_dir() else None  # as the supernet: an existing dir is resumed
         print(f"retrain: {'resuming' if resume else 'training'} {run_dir}: model.share=true "
               f"model.blocks={rcfg.model.blocks} seed {seed}", flush=True)
         engine.train(rcfg, resume=resume)
