@@ -19,6 +19,7 @@ COMMANDS = {
     "export": ("attnlab.export", "export a checkpoint's model to ONNX (inference graph only)"),
     "bench": ("attnlab.bench.cli", "run a benchmark matrix (methods x seeds) through the training engine"),
     "report": ("attnlab.bench.report", "write report.md and plots for a benchmark matrix's results"),
+    "search": ("attnlab.search.pipeline", "EAN connection search: supernet -> search -> retrain (resumable)"),
     "localize": ("attnlab.localization.command", "weakly-supervised localization (CAM box) metrics of a checkpoint"),
     "show": ("attnlab.viz.command", "PNG grids of CAMs, boxes and attention gates of a checkpoint"),
 }

@@ -11,17 +11,15 @@ exporter (``--exporter dynamo``, needs onnxscript), which we also support. ``--e
 while torch still ships it.
 """
 import inspect
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from .engine.checkpoint import load_training_checkpoint, model_from_checkpoint
+from .engine.checkpoint import load_training_checkpoint as load_checkpoint  # noqa: F401 (older name, tests use it)
 from .errors import AttnlabError
-
-MODEL_KEYS = ("name", "num_classes", "attention", "attention_kwargs", "blocks", "share")
-
+from .files import atomic_path, writable_dir
 
 def add_arguments(p):
     p.add_argument("--checkpoint", required=True, metavar="PATH",
@@ -50,40 +48,10 @@ def run(args):
     return 0
 
 
-def load_checkpoint(path) -> dict:
-    from .engine.checkpoint import load_checkpoint as load
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint_best.pt"
-    ckpt = load(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("config"), dict) \
-            or not isinstance(ckpt["config"].get("model"), dict):
-        raise AttnlabError(f"'{path}' is not an attnlab checkpoint (needs 'model' weights and a 'config' with a "
-                           "'model' section)")
-    return ckpt
-
-
-def build_model(model_cfg: dict, state_dict=None):
-    """``create_model`` from a config's model section; ``state_dict`` is loaded with strict=True."""
-    from .models import create_model
-    kwargs = {k: model_cfg[k] for k in MODEL_KEYS if k in model_cfg}
-    model = create_model(kwargs.pop("name"), **kwargs)
-    if state_dict is not None:
-        missing, unexpected = _key_mismatch(model, state_dict)
-        if missing or unexpected:
-            raise AttnlabError(f"checkpoint weights do not match model '{model_cfg['name']}': "
-                               f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        model.load_state_dict(state_dict, strict=True)
-    return model.eval()
-
-
 def load_checkpoint_model(path, use_ema: bool = True):
     """(model in eval mode with the checkpoint's weights, the checkpoint's config dict)."""
-    ckpt = load_checkpoint(path)
-    ema = ckpt.get("ema")
-    state = ema["module"] if use_ema and isinstance(ema, dict) and "module" in ema else ckpt["model"]
-    return build_model(ckpt["config"]["model"], state), ckpt["config"]
+    ckpt = load_training_checkpoint(path)
+    return model_from_checkpoint(ckpt, "cpu", use_ema), ckpt["config"]
 
 
 def input_size_for(cfg: dict) -> int:
@@ -104,12 +72,16 @@ def export_onnx(model, path, input_size: int, opset: int | None = None, exporter
     if opset is None:
         opset = 17 if exporter == "legacy" else 18  # 18: the dynamo exporter's lowest native opset
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    writable_dir(path.parent, "export folder")
     model = model.eval()
     device = next(model.parameters()).device
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
-    os.close(fd)
+    with atomic_path(path, "ONNX file") as tmp:
+        _export(model, x, tmp, exporter, opset, has_flag)
+    return path
+
+
+def _export(model, x, tmp, exporter: str, opset: int, has_flag: bool) -> None:
     try:
         kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=opset)
         if exporter == "legacy":
@@ -121,17 +93,14 @@ def export_onnx(model, path, input_size: int, opset: int | None = None, exporter
             kwargs.update(dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
-            torch.onnx.export(model, (x,), tmp, **kwargs)
-        os.replace(tmp, path)
+            torch.onnx.export(model, (x,), str(tmp), **kwargs)
     except AttnlabError:
         raise
+    except OSError:
+        raise  # a disk error: atomic_path names the destination
     except Exception as err:
         raise AttnlabError(f"ONNX export with the {exporter} exporter failed: "
                            f"{str(err).splitlines()[0] if str(err) else err!r}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def check_onnx(model, path, input_size: int, batch_size: int = 2, seed: int = 0):
@@ -148,8 +117,3 @@ def check_onnx(model, path, input_size: int, batch_size: int = 2, seed: int = 0)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     return float((torch.from_numpy(out) - ref).abs().max())
-
-
-def _key_mismatch(model, state_dict):
-    want, have = set(model.state_dict()), set(state_dict)
-    return sorted(want - have), sorted(have - want)

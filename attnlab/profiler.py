@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 import weakref
 
@@ -316,19 +315,10 @@ def format_table(name: str, result: dict) -> str:
 
 
 def write_json(path: str, data: dict):
-    """Atomically: a temp file in the same folder, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Atomically (``attnlab.files``), creating the folder."""
+    from .files import atomic_write_json
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_json(path, data, "profile")
 
 
 def set_threads(threads):
@@ -340,7 +330,8 @@ def set_threads(threads):
 
 
 def run(args):
-    from .models import create_model, default_input_size
+    from .engine.checkpoint import model_from_config
+    from .models import default_input_size
 
     device = check_device(args.device)
     set_threads(args.threads)
@@ -349,8 +340,8 @@ def run(args):
     if args.input_size is not None and args.input_size < 1:
         raise AttnlabError(f"input size must be >= 1, got {args.input_size}")
     kwargs = parse_kwargs(args.attention_kwargs)
-    model = create_model(args.model, num_classes=args.num_classes, attention=args.attention,
-                         attention_kwargs=kwargs, blocks=parse_blocks(args.blocks), share=args.share)
+    model = model_from_config({"name": args.model, "num_classes": args.num_classes, "attention": args.attention,
+                               "attention_kwargs": kwargs, "blocks": parse_blocks(args.blocks), "share": args.share})
     size = args.input_size or default_input_size(args.model)
     result = profile_model(model, size, device, args.batch_sizes, args.warmup, args.repeats)
     result = {"model": args.model, "attention": args.attention, "attention_kwargs": kwargs, "blocks": args.blocks,

@@ -164,10 +164,35 @@ def test_atomic_save_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt_mod.torch, "save", broken_save)
-    with pytest.raises(AttnlabError, match="could not write checkpoint.*No space left.*previous checkpoint is kept"):
+    with pytest.raises(AttnlabError, match="no space left on device writing .*checkpoint_last.pt; the previous "
+                                           "checkpoint is kept"):
         atomic_save({"w": torch.zeros(5)}, path)
     assert path.read_bytes() == before
     assert list(tmp_path.iterdir()) == [path]  # the partial temp file is gone
+
+
+def test_a_full_disk_under_torch_save_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    # The OS refuses a write with ENOSPC half-way through a real torch.save (torch itself then raises its own
+    # "enforce fail ... unexpected pos" RuntimeError): the message is about the disk, the old file stays.
+    import errno
+    from attnlab import files
+    path = tmp_path / "checkpoint_last.pt"
+    atomic_save({"w": torch.arange(5)}, path)
+    before = path.read_bytes()
+    real_write, calls = files._write_bytes, []
+
+    def disk_full_after_a_while(fd, data):
+        calls.append(len(data))
+        if sum(calls) > 100_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(files, "_write_bytes", disk_full_after_a_while)
+    with pytest.raises(AttnlabError) as info:
+        atomic_save({"w": torch.randn(3_000_000)}, path)
+    assert str(info.value) == f"no space left on device writing {path}; the previous checkpoint is kept"
+    assert path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [path]
 
 
 def test_a_failed_checkpoint_write_stops_training_and_keeps_the_previous_one(tmp_path, monkeypatch):

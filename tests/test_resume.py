@@ -82,6 +82,7 @@ def test_resume_config_points_at_the_run_and_takes_overrides(tmp_path):
     cfg = resume_config(run_dir, ["train.epochs=5"])
     assert (cfg.out_dir, cfg.name) == (str(run_dir.parent), "myrun")
     assert cfg.train.epochs == 5 and cfg.debug.kill_at_step is None
+    assert resume_config(run_dir, ["debug.kill_at_step=9"]).debug.kill_at_step == 9  # a kill asked for this attempt
     from attnlab.errors import AttnlabError
     with pytest.raises(AttnlabError, match="config.yaml"):
         resume_config(tmp_path / "nothing-here")
@@ -98,3 +99,51 @@ def test_metrics_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["epoch"], r["lr"]) for r in rows] == [("1", "0.1"), ("2", "0.1"), ("3", "0.05")]
+
+
+HOOK_CHILD = """
+import json, sys
+from attnlab.engine.config import load_config
+from attnlab.engine.train import train
+log = open(sys.argv[1], "a")
+def hook(trainer, epoch, step):
+    log.write(json.dumps([epoch, step, type(trainer.model).__name__]) + "\\n"); log.flush()
+train(load_config(None, sys.argv[2:]), step_hooks=[hook])
+"""
+
+
+def test_step_hooks_see_every_step_once_per_attempt_with_the_same_numbers_after_resume(tmp_path):
+    short = ["train.epochs=3", "debug.max_steps_per_epoch=3"]
+    whole = []
+    train(load_config(None, overrides(tmp_path, "whole") + short),
+          step_hooks=[lambda tr, epoch, step: whole.append((epoch, step, type(tr.model).__name__))])
+    assert whole == [(e, e * 3 + i, "ResNet") for e in range(3) for i in range(3)]
+
+    # A child run killed at the second step of epoch 2, then resumed here: epoch 2 replays from its first step.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    log = tmp_path / "hooks.jsonl"
+    proc = subprocess.run([sys.executable, "-c", HOOK_CHILD, str(log), *overrides(tmp_path, "cut"), *short,
+                           "debug.kill_at_step=4"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    first = [tuple(__import__("json").loads(line)) for line in log.read_text().splitlines()]
+    assert first == whole[:4]  # the kill comes before step 4's hook
+    resumed = []
+    train(resume_config(tmp_path / "cut"), resume=tmp_path / "cut",
+          step_hooks=[lambda tr, epoch, step: resumed.append((epoch, step, type(tr.model).__name__))])
+    assert resumed == whole[3:]
+
+
+def test_a_hook_that_changes_the_model_changes_training(tmp_path):
+    short = ["train.epochs=1", "debug.max_steps_per_epoch=3"]
+
+    def zero_first_conv(trainer, epoch, step):
+        if step == 1:
+            with torch.no_grad():
+                trainer.model.conv1.weight.zero_()
+
+    train(load_config(None, overrides(tmp_path, "plain") + short))
+    train(load_config(None, overrides(tmp_path, "hooked") + short), step_hooks=[zero_first_conv])
+    a = load_checkpoint(tmp_path / "plain" / "checkpoint_last.pt")["model"]
+    b = load_checkpoint(tmp_path / "hooked" / "checkpoint_last.pt")["model"]
+    assert max_diff(a, b) > 1e-3
+    assert not torch.allclose(a["conv1.weight"], b["conv1.weight"])

@@ -1,37 +1,25 @@
-"""Atomic checkpoint files and the RNG state that resume restores.
+"""Checkpoint files (atomic saves, safe loads), the RNG state that resume restores, and the one home for building a
+model: ``model_from_config`` (a config's model section -> a fresh model) and ``model_from_checkpoint`` (a checkpoint
+file, run dir or loaded dict -> the trained model in eval mode). Trainer, ``attnlab eval``, ``attnlab export``,
+bench's latency model and ``attnlab profile`` all build through them.
 
-A checkpoint is written to a temp file in the destination's directory and ``os.replace``-d over the old one, so a
-crash or a failed write (full disk, an exception mid-save) leaves the previous checkpoint intact.
+A checkpoint is written by ``attnlab.files.atomic_write``: a temp file in the destination's directory,
+``os.replace``-d over the old one, so a crash or a failed write (full disk, an exception mid-save) leaves the
+previous checkpoint intact.
 """
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import AttnlabError
+from ..files import atomic_write
 
 
 def atomic_save(obj, path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(err, Exception):
-            raise AttnlabError(f"could not write checkpoint {path} ({type(err).__name__}: {err}); "
-                               "the previous checkpoint is kept") from err
-        raise
+    """torch.save ``obj`` to ``path`` through the one atomic writer (temp file beside it, fsync, os.replace)."""
+    atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint")
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -46,6 +34,54 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     except Exception as err:
         raise AttnlabError(f"cannot read checkpoint '{path}': {type(err).__name__}: {str(err).splitlines()[0]}") \
             from None
+
+
+MODEL_KEYS = ("name", "num_classes", "attention", "attention_kwargs", "blocks", "share", "zero_init_residual")
+
+
+def model_from_config(model_cfg):
+    """``create_model`` from a config's ``model`` section (a dict or DictConfig; missing keys take create_model's
+    defaults), freshly initialised, on the CPU, in training mode."""
+    from omegaconf import OmegaConf
+
+    from ..models import create_model
+    if OmegaConf.is_config(model_cfg):
+        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    kwargs = {k: model_cfg[k] for k in MODEL_KEYS if k in model_cfg and model_cfg[k] is not None}
+    if "attention_kwargs" in kwargs:
+        kwargs["attention_kwargs"] = dict(kwargs["attention_kwargs"])
+    return create_model(kwargs.pop("name"), **kwargs)
+
+
+def load_training_checkpoint(path) -> dict:
+    """A checkpoint written by ``attnlab train`` (a run directory stands for its checkpoint_best.pt), checked to
+    have the model weights and the config they were trained with."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint_best.pt"
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("config"), dict) \
+            or not isinstance(ckpt["config"].get("model"), dict):
+        raise AttnlabError(f"'{path}' is not an attnlab checkpoint (needs 'model' weights and a 'config' "
+                           "with a 'model' section)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, device="cpu", use_ema: bool = True):
+    """The trained model of ``ckpt`` (a loaded dict, a checkpoint file or a run dir) on ``device``, in eval mode:
+    its EMA weights when the run kept an EMA and ``use_ema``, loaded strictly (a mismatch is a one-line error)."""
+    if not isinstance(ckpt, dict):
+        ckpt = load_training_checkpoint(ckpt)
+    model_cfg = ckpt["config"]["model"]
+    model = model_from_config(model_cfg)
+    ema = ckpt.get("ema")
+    state = ema["module"] if use_ema and isinstance(ema, dict) and "module" in ema else ckpt["model"]
+    want, have = set(model.state_dict()), set(state)
+    if want != have:
+        raise AttnlabError(f"checkpoint weights do not match model '{model_cfg['name']}': missing "
+                           f"{sorted(want - have)[:3]}, unexpected {sorted(have - want)[:3]}")
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
 
 
 def rng_state() -> dict:

@@ -3,7 +3,6 @@
 Accuracies are percentages (0-100). The command rebuilds the model from the checkpoint's own config, evaluates the
 EMA weights when the run kept them, prints top-1/top-5 and writes ``eval_<split>.json`` next to the checkpoint.
 """
-import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AttnlabError
+from ..files import atomic_write_json
 from .distributed import Dist
 from .metrics import Meter, topk_hits
 
@@ -54,17 +54,6 @@ def evaluate(model, loader, device, amp: str = "off", channels_last: bool = Fals
     return meter.result(d)
 
 
-def model_from_checkpoint(ckpt: dict, device, use_ema: bool = True) -> torch.nn.Module:
-    """The checkpoint's model (its EMA weights when present and ``use_ema``), on ``device``, in eval mode."""
-    from ..models import create_model
-    m = ckpt["config"]["model"]
-    model = create_model(m["name"], num_classes=m["num_classes"], attention=m["attention"],
-                         attention_kwargs=dict(m["attention_kwargs"] or {}), blocks=m["blocks"], share=m["share"])
-    state = ckpt["ema"]["module"] if use_ema and ckpt.get("ema") else ckpt["model"]
-    model.load_state_dict(state)
-    return model.to(device).eval()
-
-
 def add_arguments(p):
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (its checkpoint_best.pt)")
     p.add_argument("--split", choices=("val", "test"), default="test")
@@ -72,20 +61,20 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=None, help="evaluation batch (default: the run's)")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the run's)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if the run kept an EMA")
+    p.add_argument("--out", metavar="PATH", default=None,
+                   help="where to write the JSON (default: eval_<split>.json beside the checkpoint)")
 
 
 def run(args):
     from ..data import load_dataset
     from ..data.loader import BatchLoader
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_training_checkpoint, model_from_checkpoint
     from .distributed import resolve_device
 
     path = Path(args.checkpoint)
     if path.is_dir():
         path = path / "checkpoint_best.pt"
-    ckpt = load_checkpoint(path)
-    if "config" not in ckpt or "model" not in ckpt:
-        raise AttnlabError(f"'{path}' is not an attnlab training checkpoint (no 'config' or 'model' entry)")
+    ckpt = load_training_checkpoint(path)
     cfg = ckpt["config"]
     device = resolve_device(args.device)
     data = cfg["data"]
@@ -105,8 +94,12 @@ def run(args):
     out = {"checkpoint": str(path), "split": args.split, "epoch": ckpt.get("epoch"),
            "ema": bool(ckpt.get("ema")) and not args.no_ema, "top1": res["top1"], "top5": res["top5"],
            "loss": res["loss"], "images": int(res["n"]), "seconds": round(time.perf_counter() - start, 3)}
-    dest = path.parent / f"eval_{args.split}.json"
-    dest.write_text(json.dumps(out, indent=2) + "\n")
+    dest = Path(args.out) if args.out else path.parent / f"eval_{args.split}.json"
+    try:
+        atomic_write_json(dest, out, "evaluation")
+    except AttnlabError as err:
+        raise AttnlabError(f"{err}; evaluated {args.split} top-1 {out['top1']:.2f}%; write it elsewhere with "
+                           "--out PATH") from None
     print(f"{args.split}: top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%  loss {out['loss']:.4f}  "
           f"({out['images']} images, epoch {out['epoch']})  -> {dest}")
     return 0

@@ -13,12 +13,15 @@ channels_last; ``train.compile`` wraps the model in ``torch.compile``.
 Resume: checkpoint_last.pt holds the model, optimizer, scheduler, grad scaler, EMA and RNG states after each epoch.
 The data order and augmentation are a pure function of (seed, epoch), so a resumed run replays the interrupted
 epoch from its start and, with ``train.deterministic`` on CPU, ends with the same weights as an uninterrupted one.
+Every file is written atomically (``attnlab.files``); checkpoint_last.pt is written before checkpoint_best.pt, and a
+resume re-derives checkpoint_best.pt when a kill came between the two. A resume may change only RESUMABLE_CHANGES
+(more epochs, another lr: from the first resumed epoch), records what it changed at the top of config.yaml, and
+changes nothing when the run is complete. A fresh run refuses a run dir that holds a run unless told to overwrite.
 """
 import json
 import os
 import platform
 import signal
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -30,20 +33,33 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import AttnlabError
-from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from ..files import (TEMP_SUFFIX, atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit,
+                     remove_stale_temps, writable_dir, write_error)
+from .checkpoint import (atomic_save, load_checkpoint, model_from_checkpoint, model_from_config, rng_state,
+                         set_rng_state)
 from .config import load_config, to_dict
 from .distributed import Dist, barrier, broadcast_object, cleanup, setup, sync_buffers
 from .ema import EMA
-from .evaluate import autocast_for, evaluate, model_from_checkpoint
+from .evaluate import autocast_for, evaluate
 from .metrics import Meter, RunLog, topk_hits
 from .optim import build_optimizer, build_scheduler
 
 NO_BAD_STEP = 2 ** 62  # "no non-finite loss yet" (min-reduced across ranks)
+# Config keys a resume may change. The schedule is a pure function of the step and the config, so from the first
+# resumed epoch: train.epochs re-spreads the cosine (or multistep) schedule over the new length, train.lr scales it.
+# Every other key defines the run (model, data, seed, optimiser, ...): changing it is a new run, not a resume.
+RESUMABLE_CHANGES = ("train.epochs", "train.lr", "train.eval_batch_size", "data.data_dir", "data.cache_dir",
+                     "device", "debug.kill_at_step", "name", "out_dir")
+BENCH_MARKER = "bench_cell.json"  # written by attnlab bench into a fresh run dir before it calls train()
+RUN_FILES = ("config.yaml", "metrics.csv", "events.out.tfevents.*", "checkpoint_*.pt", "results.json", "eval_*.json")
 
 
 def add_arguments(p):
     p.add_argument("--config", help="YAML recipe (e.g. configs/quick.yaml)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint_last.pt")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint_last.pt "
+                   f"(overrides allowed on resume: {', '.join(RESUMABLE_CHANGES)})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an existing run of the same name (otherwise that is an error)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=0.05")
 
 
@@ -51,12 +67,14 @@ def run(args):
     if args.resume:
         if args.config:
             raise AttnlabError("--resume takes the run's own config.yaml; give changes as key=value overrides")
+        if args.overwrite:
+            raise AttnlabError("--resume continues a run and --overwrite replaces it: give one of them")
         cfg = resume_config(args.resume, args.overrides)
         train(cfg, resume=args.resume)
     else:
         if not args.config and not args.overrides:
             raise AttnlabError("give --config configs/<recipe>.yaml (and/or key=value overrides), or --resume RUN_DIR")
-        train(load_config(args.config, args.overrides))
+        train(load_config(args.config, args.overrides), overwrite=args.overwrite)
     return 0
 
 
@@ -66,9 +84,10 @@ def resume_config(run_dir, overrides=()) -> DictConfig:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise AttnlabError(f"cannot resume: '{saved}' does not exist")
-    cfg = load_config(None, overrides, base=OmegaConf.load(saved))
+    base = OmegaConf.load(saved)
+    OmegaConf.update(base, "debug.kill_at_step", None, force_add=True)  # a debugging kill: that attempt's only
+    cfg = load_config(None, overrides, base=base)
     cfg.out_dir, cfg.name = str(run_dir.parent), run_dir.name
-    cfg.debug.kill_at_step = None  # a debugging kill applies to the first attempt only
     return cfg
 
 
@@ -99,29 +118,63 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg, resume=None) -> dict:
+def train(cfg, resume=None, step_hooks=(), overwrite=False) -> dict:
     """Train as ``cfg`` says (a DictConfig from load_config, or a plain dict merged onto the defaults).
 
+    ``step_hooks``: callables ``hook(trainer, epoch, step)`` run before the forward of every training step (epoch
+    0-based, step the global 0-based step index, the same after a resume); ``trainer.model`` is the unwrapped model,
+    so a training mode (e.g. a supernet drawing a new attention mask per step) can change it without its own loop.
+    A fresh run (``resume=None``) refuses a run dir that already holds a run unless ``overwrite`` (then that run's
+    files are removed first); a dir holding only bench's bench_cell.json counts as empty.
     Returns the content of results.json. Under torchrun each rank calls this; rank 0 writes the files.
     """
     if not isinstance(cfg, DictConfig):
         cfg = load_config(base=cfg)
+    if resume is None:
+        _claim_run_dir(Path(cfg.out_dir) / str(cfg.name), overwrite)
     d, device = setup(cfg.device)
     try:
         with _determinism(bool(cfg.train.deterministic), device):
-            return Trainer(cfg, d, device, resume).fit()
+            return Trainer(cfg, d, device, resume, step_hooks).fit()
     finally:
         cleanup(d)
 
 
+def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to train a fresh run into a dir that holds another run's files, or remove them with ``overwrite``."""
+    if not run_dir.is_dir():
+        return
+    held = sorted(p for p in run_dir.iterdir() if p.name != BENCH_MARKER and not _is_temp(p))
+    if not held:
+        return
+    if not overwrite:
+        raise AttnlabError(f"run dir {run_dir} already holds a run ({', '.join(p.name for p in held[:3])}"
+                           f"{', ...' if len(held) > 3 else ''}); continue it with --resume {run_dir}, train under a "
+                           "new name=..., or pass --overwrite to replace it")
+    for pattern in RUN_FILES:
+        for p in run_dir.glob(pattern):
+            try:
+                p.unlink()
+            except FileNotFoundError:  # another DDP rank removed it first
+                pass
+            except OSError as err:
+                raise write_error(err, p, "run file") from None
+    remove_stale_temps(run_dir)
+
+
+def _is_temp(p: Path) -> bool:
+    """A temp file a killed atomic write left (removed when training starts)."""
+    return p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)
+
+
 class Trainer:
-    def __init__(self, cfg: DictConfig, d: Dist, device: torch.device, resume=None):
+    def __init__(self, cfg: DictConfig, d: Dist, device: torch.device, resume=None, step_hooks=()):
         from ..data import load_dataset
         from ..data.loader import BatchLoader
-        from ..models import create_model
         from ..objectives import build_objectives, features_needed
 
         self.cfg, self.d, self.device = cfg, d, device
+        self.step_hooks = tuple(step_hooks)
         t = cfg.train
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.log = print if d.is_main else (lambda *a, **k: None)
@@ -160,10 +213,7 @@ class Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, int(cfg.debug.max_steps_per_epoch))
 
         # Model, objectives, optimisation state.
-        m = cfg.model
-        self.model = create_model(m.name, num_classes=m.num_classes, attention=m.attention,
-                                  attention_kwargs=to_dict(m.attention_kwargs), blocks=_plain(m.blocks),
-                                  share=m.share, zero_init_residual=m.zero_init_residual).to(device)
+        self.model = model_from_config(cfg.model).to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.objectives = build_objectives(cfg, self.model)
@@ -176,12 +226,16 @@ class Trainer:
         self.best_top5 = float("nan")  # val top-5 at the best top-1 epoch (reported, never selected on)
         self.elapsed = {"wall_s": 0.0, "train_s": 0.0, "train_images": 0}
         self.pending_rng = None
+        self.resume_note = None  # what a resume changed, recorded at the top of config.yaml
+        self._wall_mark = time.perf_counter()  # fit() restarts it; _tick_wall() adds the time since to wall_s
         if resume is not None and (Path(resume) / "checkpoint_last.pt").is_file():
             # Loaded on the CPU: load_state_dict moves model and optimizer state to their parameters' device.
             self._restore(load_checkpoint(Path(resume) / "checkpoint_last.pt", map_location="cpu"))
         elif resume is not None:
             self.log(f"{resume} has no checkpoint yet (stopped during epoch 1): starting from the beginning")
 
+        self.epochs_done = self.start_epoch  # epochs whose checkpoint is written (named in a non-finite loss error)
+        self.eval_model = self.ema.module if self.ema else self.model
         # Wrappers for the training forward only; state_dicts and evaluation use the plain module.
         self.forward = self.model
         if d.enabled:
@@ -201,6 +255,7 @@ class Trainer:
                 "rng": rng_state(), "config": to_dict(self.cfg)}
 
     def _restore(self, ck: dict) -> None:
+        changes = _config_changes(ck["config"], to_dict(self.cfg))
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -213,170 +268,306 @@ class Trainer:
         self.elapsed = dict(ck.get("elapsed", self.elapsed))
         self.pending_rng = ck["rng"]  # restored just before the first resumed epoch, as an uninterrupted run has it
         self.log(f"resuming {self.run_dir} after epoch {self.start_epoch} (best val top-1 {self.best:.2f}%)")
+        if changes:
+            self._apply_resume_changes(changes)
+
+    def _apply_resume_changes(self, changes: dict) -> None:
+        """Continue the schedule with the changed epochs/lr from the first resumed step (see RESUMABLE_CHANGES)."""
+        epochs = int(self.cfg.train.epochs)
+        if epochs < self.start_epoch:
+            raise AttnlabError(f"train.epochs={epochs} is fewer than the {self.start_epoch} epochs {self.run_dir} "
+                               "has already trained")
+        if "train.lr" in changes and epochs == self.start_epoch:
+            raise AttnlabError(f"{self.run_dir} has trained all {epochs} epochs, so train.lr would apply to none; "
+                               "add train.epochs=N to train longer")
+        if "train.lr" in changes:
+            self.scheduler.base_lrs = [float(self.cfg.train.lr)] * len(self.optimizer.param_groups)
+            for g in self.optimizer.param_groups:
+                g["initial_lr"] = float(self.cfg.train.lr)
+        if "train.lr" in changes or "train.epochs" in changes:
+            step = self.scheduler.last_epoch
+            for g, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+                g["lr"] = base * factor(step)
+        self.resume_note = (f"resumed after epoch {self.start_epoch} with "
+                            + ", ".join(f"{k}={new} (was {old})" for k, (old, new) in changes.items())
+                            + f"; from epoch {self.start_epoch + 1} the schedule follows the new values")
+        self.log(self.resume_note)
+
+    # ---- one training step ---------------------------------------------------------------------------------------
+
+    def _before_step(self, epoch: int, step: int) -> None:
+        if self.cfg.debug.kill_at_step is not None and step == self.cfg.debug.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        for hook in self.step_hooks:
+            hook(self, epoch, step)
+
+    def _forward_loss(self, x, y, epoch: int, step: int):
+        """(loss, logits, objective terms) of one batch."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_for(self.device, self.amp):
+            if self.features:
+                logits, feats = self.forward(x, features=self.features)
+            else:
+                logits, feats = self.forward(x), None
+            ce = F.cross_entropy(logits, y, label_smoothing=self.cfg.train.label_smoothing)
+            terms = {}
+            for obj in self.objectives:
+                terms.update(obj(model=self.model, logits=logits, targets=y, features=feats, epoch=epoch, step=step))
+            loss = ce + sum(terms.values()) if terms else ce
+        return loss, logits, terms
+
+    def _update(self, loss) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
 
     # ---- one epoch -----------------------------------------------------------------------------------------------
 
     def _train_epoch(self, epoch: int) -> tuple[dict, float]:
+        """The epoch's training means (loss, top1, objective terms, n, lr) and its training seconds.
+
+        A non-finite loss is checked at once where a host sync is free (one CPU process: before the bad step touches
+        the weights), otherwise recorded on the device and raised after the epoch.
+        """
         from tqdm import tqdm
 
-        t, dev = self.cfg.train, self.device
+        dev = self.device
         self.model.train()
         self.train_loader.set_epoch(epoch)
         meter = Meter(dev)
         bad_step = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=dev)
-        check_now = dev.type == "cpu" and not self.d.enabled  # a host sync costs nothing here
-        kill_at = self.cfg.debug.kill_at_step
+        check_now = dev.type == "cpu" and not self.d.enabled
         show = self.d.is_main and sys.stderr.isatty()
         shown_loss = LazyScalar(dev)
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, disable=not show,
-                   dynamic_ncols=True)
         start, lr = time.perf_counter(), self.optimizer.param_groups[0]["lr"]
-        for i, (x, y) in enumerate(self.train_loader):
-            if i >= self.steps_per_epoch:
-                break
-            step = epoch * self.steps_per_epoch + i
-            if kill_at is not None and step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            lr = self.optimizer.param_groups[0]["lr"]
-            with autocast_for(dev, self.amp):
-                if self.features:
-                    logits, feats = self.forward(x, features=self.features)
-                else:
-                    logits, feats = self.forward(x), None
-                ce = F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
-                terms = {}
-                for obj in self.objectives:
-                    terms.update(obj(model=self.model, logits=logits, targets=y, features=feats, epoch=epoch,
-                                     step=step))
-                loss = ce + sum(terms.values()) if terms else ce
-            finite = torch.isfinite(loss.detach())
-            if check_now and not bool(finite):
-                bar.close()
-                raise self._nonfinite(loss, epoch, step)
-            bad_step = torch.where(finite, bad_step, torch.clamp(bad_step, max=step))
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update(self.model)
-            n = y.shape[0]
-            meter.add("loss", loss, n)
-            meter.add("top1", topk_hits(logits.detach(), y, ks=(1,))[0].sum(), 100.0)
-            for name, value in terms.items():
-                meter.add(name, value, n)
-            meter.count("n", n)
-            if show:
-                bar.update(1)
-                if i % 10 == 0:
-                    rate = (i + 1) * n * self.d.world_size / (time.perf_counter() - start)
-                    bar.set_postfix(loss=f"{shown_loss.read(loss):.3f}", img_s=f"{rate:.0f}")
-        bar.close()
-        if self.d.enabled:
-            torch.distributed.all_reduce(bad_step, op=torch.distributed.ReduceOp.MIN)
-        first_bad = int(bad_step)
-        if first_bad != NO_BAD_STEP:
-            raise self._nonfinite(None, epoch, first_bad)
+        with tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False,
+                  disable=not show, dynamic_ncols=True) as bar:
+            for i, (x, y) in enumerate(self.train_loader):
+                if i >= self.steps_per_epoch:
+                    break
+                step = epoch * self.steps_per_epoch + i
+                self._before_step(epoch, step)
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss, logits, terms = self._forward_loss(x, y, epoch, step)
+                finite = torch.isfinite(loss.detach())
+                if check_now and not bool(finite):
+                    raise self._nonfinite(loss, epoch, step)
+                bad_step = torch.where(finite, bad_step, torch.clamp(bad_step, max=step))
+                self._update(loss)
+                n = y.shape[0]
+                meter.add("loss", loss, n)
+                meter.add("top1", topk_hits(logits.detach(), y, ks=(1,))[0].sum(), 100.0)
+                for name, value in terms.items():
+                    meter.add(name, value, n)
+                meter.count("n", n)
+                if show:
+                    bar.update(1)
+                    if i % 10 == 0:
+                        rate = (i + 1) * n * self.d.world_size / (time.perf_counter() - start)
+                        bar.set_postfix(loss=f"{shown_loss.read(loss):.3f}", img_s=f"{rate:.0f}")
+        self._raise_first_bad_step(bad_step, epoch)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         stats = meter.result(self.d)
-        stats["lr"], stats["seconds"] = lr, seconds
+        stats["lr"] = lr
         return stats, seconds
+
+    def _raise_first_bad_step(self, bad_step, epoch: int) -> None:
+        if self.d.enabled:
+            torch.distributed.all_reduce(bad_step, op=torch.distributed.ReduceOp.MIN)
+        if int(bad_step) != NO_BAD_STEP:
+            raise self._nonfinite(None, epoch, int(bad_step))
 
     def _nonfinite(self, loss, epoch, step) -> AttnlabError:
         what = f"{float(loss.detach())}" if loss is not None else "non-finite"
-        kept = (f"checkpoint_last.pt from epoch {self.start_or_done} is kept" if self.start_or_done
+        kept = (f"checkpoint_last.pt from epoch {self.epochs_done} is kept" if self.epochs_done
                 else "no checkpoint was written")
         return AttnlabError(f"loss became {what} at epoch {epoch + 1}, step {step} (global step; "
                             f"{step - epoch * self.steps_per_epoch} within the epoch); training stopped and {kept}; "
                             "try a lower train.lr or check the data")
 
+    def _validate(self) -> dict:
+        sync_buffers(self.eval_model, self.d)  # every rank evaluates (and later tests) rank 0's BN statistics
+        if self.val_loader is None:
+            return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan")}
+        return evaluate(self.eval_model, self.val_loader, self.device, self.amp, self.channels_last, self.d)
+
+    def _run_epoch(self, epoch: int) -> tuple[dict, list]:
+        """Train and validate one epoch: (its metrics.csv row, the objective-term names in it)."""
+        e0 = time.perf_counter()
+        stats, seconds = self._train_epoch(epoch)
+        val = self._validate()
+        terms = [k for k in stats if k not in ("loss", "top1", "n", "lr")]
+        images = int(stats["n"])
+        self.elapsed["train_s"] += seconds
+        self.elapsed["train_images"] += images
+        self.elapsed["rates"] = list(self.elapsed.get("rates", [])) + [images / seconds]
+        row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["loss"], "train_top1": stats["top1"],
+               "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+               **{k: stats[k] for k in terms},
+               "epoch_time_s": time.perf_counter() - e0, "images_per_s": images / seconds}
+        return row, terms
+
+    def _track_best(self, row: dict) -> bool:
+        """Whether this epoch is the new best (always, without a validation split); updates the best fields."""
+        improved = self.val_loader is None or row["val_top1"] > self.best
+        if improved:
+            self.best, self.best_top5, self.best_epoch = row["val_top1"], row["val_top5"], row["epoch"]
+        return improved
+
+    # ---- files ---------------------------------------------------------------------------------------------------
+
+    def _tick_wall(self) -> None:
+        """Add the wall time since the last tick to elapsed["wall_s"] (so a checkpoint carries it)."""
+        now = time.perf_counter()
+        self.elapsed["wall_s"] += now - self._wall_mark
+        self._wall_mark = now
+
+    def _save_epoch(self, log, row: dict, terms: list, improved: bool) -> None:
+        """metrics.csv row and checkpoints (rank 0), then every rank learns whether that worked."""
+        self._tick_wall()
+        failed = self._write_epoch_files(log, row, terms, improved) if self.d.is_main else None
+        self._stop_if_rank0_failed(failed)
+        self.epochs_done = row["epoch"]
+
+    def _write_epoch_files(self, log, row: dict, terms: list, improved: bool) -> AttnlabError | None:
+        try:
+            log.write(row, terms)  # before the checkpoint: a crash in between replays this epoch
+            state = self._state(row["epoch"])
+            atomic_save(state, self.run_dir / "checkpoint_last.pt")
+            if improved:
+                atomic_save(state, self.run_dir / "checkpoint_best.pt")
+        except AttnlabError as err:
+            return err
+        except OSError as err:  # metrics.csv and TensorBoard are appended in place
+            return write_error(err, self.run_dir / "metrics.csv", "metrics")
+        return None
+
+    def _stop_if_rank0_failed(self, failed: AttnlabError | None) -> None:
+        """Raise rank 0's write error on every rank (instead of the others waiting for it forever)."""
+        message = broadcast_object(None if failed is None else str(failed), self.d)
+        if failed is not None:
+            raise failed
+        if message is not None:
+            raise AttnlabError(f"rank 0 stopped: {message}")
+
+    def _start_run_dir(self) -> None:
+        """Create the run dir, drop temp files a kill left, write config.yaml; every rank learns if that failed."""
+        failed = None
+        if self.d.is_main:
+            try:
+                writable_dir(self.run_dir, "run dir")
+                remove_stale_temps(self.run_dir)
+                atomic_write_text(self.run_dir / "config.yaml", self._config_text(), "config")
+            except AttnlabError as err:
+                failed = err
+        self._stop_if_rank0_failed(failed)
+
+    def _config_text(self) -> str:
+        """The resolved config, under comment lines saying what each resume changed (kept from before)."""
+        path = self.run_dir / "config.yaml"
+        notes = [line for line in path.read_text().splitlines() if line.startswith("# resumed")] \
+            if self.start_epoch > 0 and path.is_file() else []
+        if self.resume_note:
+            notes.append(f"# {self.resume_note}")
+        return "".join(n + "\n" for n in notes) + OmegaConf.to_yaml(self.cfg)
+
+    def _reconcile_best(self) -> None:
+        """On resume: checkpoint_best.pt must be the epoch checkpoint_last.pt records as best.
+
+        checkpoint_last is written first, so a kill while checkpoint_best is written for an improving epoch leaves
+        last saying best_epoch == its own epoch while best holds an older one; last is then that best state.
+        """
+        if self.start_epoch == 0:
+            return
+        failed = None
+        if self.d.is_main:
+            try:
+                self._fix_best_file()
+            except AttnlabError as err:
+                failed = err
+        self._stop_if_rank0_failed(failed)
+
+    def _fix_best_file(self) -> None:
+        best_path, last_path = self.run_dir / "checkpoint_best.pt", self.run_dir / "checkpoint_last.pt"
+        try:
+            best_epoch = int(load_checkpoint(best_path)["epoch"]) if best_path.is_file() else None
+        except AttnlabError:
+            best_epoch = None  # unreadable: re-derive it like a missing one
+        if best_epoch == self.best_epoch:
+            return
+        if self.best_epoch != self.start_epoch:
+            raise AttnlabError(f"{best_path} holds epoch {best_epoch} but {last_path.name} records epoch "
+                               f"{self.best_epoch} as the best, which no file holds any more; start the run again")
+        atomic_write_bytes(best_path, last_path.read_bytes(), "checkpoint")
+        self.log(f"checkpoint_best.pt re-derived from checkpoint_last.pt (epoch {self.best_epoch}, the best; "
+                 "the previous attempt stopped while writing it)")
+
+    def _completed_results(self) -> dict | None:
+        """The saved results.json when this resume has nothing left to do (all epochs trained and tested)."""
+        if self.start_epoch < self.cfg.train.epochs:
+            return None
+        try:
+            saved = json.loads((self.run_dir / "results.json").read_text())
+        except (OSError, ValueError):
+            return None  # killed before results.json: test the best checkpoint now
+        return saved if saved.get("epochs") == self.cfg.train.epochs else None
+
     # ---- the run -------------------------------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        cfg, t, d = self.cfg, self.cfg.train, self.d
-        wall0 = time.perf_counter()
-        if d.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        barrier(d)
-        log = RunLog(self.run_dir, self.start_epoch) if d.is_main else None
-        eval_model = self.ema.module if self.ema else self.model
-        self.log(f"{cfg.name}: {cfg.model.name} ({cfg.model.attention}) on {self.bundle.summary()}; "
-                 f"{t.epochs} epochs x {self.steps_per_epoch} steps of {t.batch_size} on {_device_name(self.device)}"
-                 f"{f' x {d.world_size} ranks' if d.enabled else ''}; run dir {self.run_dir}")
+        done = self._completed_results()
+        if done is not None:
+            self.log(f"{self.run_dir} is complete ({self.cfg.train.epochs} epochs, results.json written); nothing "
+                     f"changed. To train longer: --resume {self.run_dir} train.epochs=N")
+            return done
+        self._wall_mark = time.perf_counter()
+        self._start_run_dir()
+        self._reconcile_best()
+        log = RunLog(self.run_dir, self.start_epoch) if self.d.is_main else None
+        self._announce()
         if self.pending_rng is not None:
             set_rng_state(self.pending_rng)
-        self.start_or_done = self.start_epoch
-        term_names = []
         try:
-            for epoch in range(self.start_epoch, t.epochs):
-                e0 = time.perf_counter()
-                stats, seconds = self._train_epoch(epoch)
-                terms = [k for k in stats if k not in ("loss", "top1", "n", "lr", "seconds")]
-                term_names = term_names or terms
-                sync_buffers(eval_model, d)
-                if self.val_loader is not None:
-                    val = evaluate(eval_model, self.val_loader, self.device, self.amp, self.channels_last, d)
-                else:
-                    val = {"loss": float("nan"), "top1": float("nan"), "top5": float("nan")}
-                images = int(stats["n"])
-                self.elapsed["train_s"] += seconds
-                self.elapsed["train_images"] += images
-                self.elapsed["rates"] = list(self.elapsed.get("rates", [])) + [images / seconds]
-                row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["loss"],
-                       "train_top1": stats["top1"], "val_loss": val["loss"], "val_top1": val["top1"],
-                       "val_top5": val["top5"], **{k: stats[k] for k in terms},
-                       "epoch_time_s": time.perf_counter() - e0, "images_per_s": images / seconds}
-                improved = self.val_loader is None or val["top1"] > self.best
-                if improved:
-                    self.best, self.best_top5, self.best_epoch = val["top1"], val["top5"], epoch + 1
-                self.elapsed["wall_s"] += time.perf_counter() - wall0
-                wall0 = time.perf_counter()
-                failed = None
-                if d.is_main:
-                    try:
-                        log.write(row, term_names)  # before the checkpoint: a crash in between replays this epoch
-                        state = self._state(epoch + 1)
-                        atomic_save(state, self.run_dir / "checkpoint_last.pt")
-                        if improved:
-                            atomic_save(state, self.run_dir / "checkpoint_best.pt")
-                    except AttnlabError as err:
-                        failed = err
-                    except OSError as err:
-                        failed = AttnlabError(f"could not write to {self.run_dir}: {err}")
-                # Every rank learns whether rank 0's writes worked (instead of waiting for it forever).
-                message = broadcast_object(None if failed is None else str(failed), d)
-                if failed is not None:
-                    raise failed
-                if message is not None:
-                    raise AttnlabError(f"rank 0 stopped: {message}")
-                self.start_or_done = epoch + 1
-                extra = "".join(f"  {k} {stats[k]:.4f}" for k in terms)
-                self.log(f"epoch {epoch + 1:>3}/{t.epochs}  lr {stats['lr']:.4f}  train loss {stats['loss']:.4f} "
-                         f"top-1 {stats['top1']:5.2f}%{extra}  val loss {val['loss']:.4f} top-1 {val['top1']:5.2f}% "
-                         f"top-5 {val['top5']:5.2f}%  {row['epoch_time_s']:.1f}s  {row['images_per_s']:.0f} img/s",
-                         flush=True)
+            for epoch in range(self.start_epoch, self.cfg.train.epochs):
+                row, terms = self._run_epoch(epoch)
+                improved = self._track_best(row)
+                self._save_epoch(log, row, terms, improved)
+                self._print_epoch(row, terms)
         finally:
             if log is not None:
                 log.close()
-        return self._finish(wall0)
+        return self._finish()
 
-    def _finish(self, wall0) -> dict:
+    def _announce(self) -> None:
+        cfg, t, d = self.cfg, self.cfg.train, self.d
+        self.log(f"{cfg.name}: {cfg.model.name} ({cfg.model.attention}) on {self.bundle.summary()}; "
+                 f"{t.epochs} epochs x {self.steps_per_epoch} steps of {t.batch_size} on {_device_name(self.device)}"
+                 f"{f' x {d.world_size} ranks' if d.enabled else ''}; run dir {self.run_dir}")
+
+    def _print_epoch(self, row: dict, terms: list) -> None:
+        extra = "".join(f"  {k} {row[k]:.4f}" for k in terms)
+        self.log(f"epoch {row['epoch']:>3}/{self.cfg.train.epochs}  lr {row['lr']:.4f}  train loss "
+                 f"{row['train_loss']:.4f} top-1 {row['train_top1']:5.2f}%{extra}  val loss {row['val_loss']:.4f} "
+                 f"top-1 {row['val_top1']:5.2f}% top-5 {row['val_top5']:5.2f}%  {row['epoch_time_s']:.1f}s  "
+                 f"{row['images_per_s']:.0f} img/s", flush=True)
+
+    def _finish(self) -> dict:
+        """Test accuracy of checkpoint_best.pt, written to results.json (rank 0) and returned."""
         cfg, d = self.cfg, self.d
-        best_path = self.run_dir / "checkpoint_best.pt"
         barrier(d)
-        ck = load_checkpoint(best_path, map_location=self.device)
+        ck = load_checkpoint(self.run_dir / "checkpoint_best.pt", map_location=self.device)
         best_model = model_from_checkpoint(ck, self.device, use_ema=True)
         if self.channels_last:
             best_model = best_model.to(memory_format=torch.channels_last)
         test = evaluate(best_model, self.test_loader, self.device, self.amp, self.channels_last, d)
-        self.elapsed["wall_s"] += time.perf_counter() - wall0
-        image_size = self.bundle.image_size
+        self._tick_wall()
         results = {
             "name": cfg.name, "model": cfg.model.name, "attention": cfg.model.attention, "dataset": self.bundle.name,
             "epochs": cfg.train.epochs, "best_epoch": int(ck["best_epoch"]),
@@ -384,16 +575,16 @@ class Trainer:
             "best_val_top5": _number(ck.get("best_val_top5", float("nan"))),
             "test_top1": test["top1"], "test_top5": test["top5"],
             "test_loss": test["loss"], "params": sum(p.numel() for p in self.model.parameters()),
-            "flops": _flops(self.model, image_size), "wall_time_s": round(self.elapsed["wall_s"], 2),
+            "flops": _flops(self.model, self.bundle.image_size), "wall_time_s": round(self.elapsed["wall_s"], 2),
             "train_images_per_s": self.elapsed["train_images"] / max(self.elapsed["train_s"], 1e-9),
             # The median epoch leaves out a first epoch slowed by torch.compile's warm-up.
             "train_images_per_s_median_epoch": float(np.median(self.elapsed["rates"])) if self.elapsed.get("rates")
             else None,
             "device": _device_name(self.device), "world_size": d.world_size, "torch": torch.__version__,
-            "git_commit": _git_commit(), "seed": cfg.seed,
+            "git_commit": git_commit(), "seed": cfg.seed,
         }
         if d.is_main:
-            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            atomic_write_json(self.run_dir / "results.json", results, "results")
             print(results_table(results, self.run_dir), flush=True)
         return results
 
@@ -440,36 +631,42 @@ def _number(x):
     return None if x != x or x in (float("inf"), float("-inf")) else x  # JSON has no NaN
 
 
-def _plain(node):
-    return OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+def _config_changes(saved: dict, now: dict) -> dict:
+    """{dotted key: (saved value, new value)} for the keys a resume changes; a change to a key outside
+    RESUMABLE_CHANGES is an AttnlabError naming every such key."""
+    a, b = _flatten(saved), _flatten(now)
+    changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    fixed = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if fixed:
+        raise AttnlabError("cannot change on resume: " + ", ".join(f"{k} ({changed[k][0]} -> {changed[k][1]})"
+                                                                   for k in fixed)
+                           + f"; they define the run (resume may change {', '.join(RESUMABLE_CHANGES[:4])}); train "
+                           "a new run under a new name=... instead")
+    return {k: v for k, v in changed.items() if k not in ("name", "out_dir", "debug.kill_at_step")}
+
+
+def _flatten(node, prefix="") -> dict:
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    if not node and prefix:
+        return {prefix[:-1]: {}}
+    out = {}
+    for k, v in node.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
 
 
 def _flops(model, image_size) -> int:
-    """FLOPs (2 x MACs) of one image, on a CPU copy of the model."""
+    """FLOPs (2 x MACs) of one image, counted by the profiler on a CPU copy of the model."""
     import copy
+
+    from ..profiler import count_flops
     size = image_size if isinstance(image_size, int) else tuple(image_size)
     probe = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
-    try:
-        from ..profiler import count_flops
-        return int(count_flops(probe, size, batch_size=1))
-    except ImportError:
-        from torch.utils.flop_counter import FlopCounterMode
-        h, w = (size, size) if isinstance(size, int) else size
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            probe(torch.zeros(1, 3, h, w))
-        return int(counter.get_total_flops())
+    return int(count_flops(probe, size, batch_size=1))
 
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None

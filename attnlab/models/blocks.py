@@ -46,6 +46,7 @@ class Block(nn.Module):
     """What both block types share: the slot, the shortcut and the final ReLU."""
     expansion = 1
     shortcut_kind = "B"  # see projection(); CifarBasicBlock uses "A"
+    connected = True  # set per block by models.connections.set_connections; a class default keeps state_dict as is
 
     def __init__(self, inplanes, planes, stride, attn):
         super().__init__()
@@ -61,9 +62,12 @@ class Block(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
     def forward(self, x):
-        if getattr(self.attn, "wraps_block", False):
+        if not self.connected:  # a 0 bit of a run-time connection mask (models/connections.py): no module call
+            out = self.branch(x)
+        elif getattr(self.attn, "wraps_block", False):
             return self.attn.forward_block(self, x)
-        out = self.attn(self.branch(x))
+        else:
+            out = self.attn(self.branch(x))
         out += self.shortcut(x)  # in place, as torchvision and timm: one block-sized tensor less alive
         return self.relu(out)
 

@@ -80,11 +80,9 @@ def get_objective(name: str) -> type:
 
 
 def _import_all():
-    # Objectives live one per file; importing registers them. Missing files are skipped while they are written.
+    """Import every module of this package (one objective per file; importing registers it). No list to keep in
+    step and no error swallowed: a module that fails to import fails loudly."""
     import importlib
-    for mod in ("ssia", "spe_reg"):
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{mod}":
-                raise
+    import pkgutil
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")

@@ -1,0 +1,358 @@
+"""``attnlab search --config configs/search/ean_resnet20_se.yaml``: supernet -> search -> retrain, resumable.
+
+The YAML is an ordinary training recipe (its engine keys configure the supernet run) plus three sections of its own:
+
+    supernet: {p: 0.5, eval_mask: all}
+    search:   {searcher: reinforce, seed: 0, budget: null, select: best_sampled, derive_samples: 20,
+               recal_batches: 0, table: false, reward: {alpha: 2.0, beta: 0.0, latency_table: null}, ...}
+    retrain:  {seeds: [0], overrides: {train.epochs: 30}}
+
+Everything goes under ``<out_dir>/<name>/``:
+  supernet/        a normal engine run (config.yaml, metrics.csv, checkpoint_last.pt, results.json) trained with the
+                   ``SupernetHook``; an interrupted one resumes from its checkpoint_last.pt;
+  search/plan.json the searcher, seed, budget and selection rule, written before the first evaluation; a rerun
+                   with a different plan is refused (the rule is fixed before the search);
+  search/evaluations.jsonl  every real evaluation (the cache; survives restarts); search.jsonl  every query of this
+                   search run, in order; table.csv  all schemes (``search.table: true``); result.json  the three
+                   candidates, the chosen scheme and the counts;
+  retrain-s<seed>/ normal engine runs of the chosen scheme, ``model.share=true model.blocks=<scheme>``.
+A phase whose output is complete is skipped; ``--phases`` picks phases, ``--scheme`` retrains a given scheme
+without searching. The search evaluates the supernet's final weights (checkpoint_last.pt) on the val split held
+out of train (``data.val_size``); the test split is never read by the search.
+"""
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..errors import AttnlabError
+
+PHASES = ("supernet", "search", "retrain")
+
+
+@dataclass
+class SupernetSection:
+    p: float = 0.5
+    eval_mask: str = "all"
+
+
+@dataclass
+class RewardSection:
+    alpha: float = 2.0
+    beta: float = 0.0
+    latency_table: Optional[str] = None
+
+
+@dataclass
+class SearchSection:
+    searcher: str = "reinforce"
+    options: Dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    budget: Optional[int] = None  # distinct evaluations; None: the searcher's own end (random needs one)
+    select: str = "best_sampled"
+    derive_samples: int = 20
+    recal_batches: int = 0
+    recal_batch_size: int = 128
+    eval_batch_size: Optional[int] = None  # None: train.eval_batch_size
+    table: bool = False  # evaluate every scheme first (up to 2^12) and write table.csv
+    dir: str = "search"  # sub-folder of the run for this search (variants, e.g. with recalibration, share the supernet)
+    reward: RewardSection = field(default_factory=RewardSection)
+
+
+@dataclass
+class RetrainSection:
+    seeds: List[int] = field(default_factory=lambda: [0])
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineSections:
+    supernet: SupernetSection = field(default_factory=SupernetSection)
+    search: SearchSection = field(default_factory=SearchSection)
+    retrain: RetrainSection = field(default_factory=RetrainSection)
+
+
+def add_arguments(p):
+    p.add_argument("--config", required=True, help="search recipe (e.g. configs/search/ean_resnet20_se.yaml)")
+    p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of supernet,search,retrain")
+    p.add_argument("--scheme", default=None, help="retrain this scheme (e.g. 101-110-011) instead of the searched one")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides: engine keys (train.epochs=2) or supernet./search./retrain. keys")
+
+
+def load_pipeline(path, overrides=()):
+    """(engine config of the supernet run, the pipeline's own sections) from the recipe and overrides."""
+    from ..engine.config import load_config, parse_overrides
+    path = Path(path)
+    if not path.is_file():
+        raise AttnlabError(f"config file '{path}' does not exist")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:  # YAML syntax errors come in several types
+        raise AttnlabError(f"cannot read config '{path}': {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise AttnlabError(f"config '{path}' must be a mapping of keys to values")
+    own = {k: raw.pop(k) for k in PHASES if k in raw}
+    mine = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in PHASES]
+    engine = [o for o in overrides if o not in mine]
+    sections = OmegaConf.structured(PipelineSections)
+    OmegaConf.set_struct(sections, True)
+    OmegaConf.set_struct(sections.search.options, False)
+    OmegaConf.set_struct(sections.retrain.overrides, False)
+    try:
+        sections = OmegaConf.merge(sections, OmegaConf.create(own), parse_overrides(mine))
+    except OmegaConfBaseException as err:
+        raise AttnlabError(f"bad search config in '{path}': {str(err).splitlines()[0]}") from None
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", sections.search.dir) or sections.search.dir in (".", "..", "supernet"):
+        raise AttnlabError(f"search.dir must be a plain folder name (not '.', '..' or 'supernet'), "
+                           f"got {sections.search.dir!r}")
+    raw.setdefault("name", path.stem)
+    cfg = load_config(None, engine, base=raw)
+    _check_supernet_config(cfg)
+    return cfg, sections
+
+
+def _check_supernet_config(cfg):
+    m = cfg.model
+    if m.attention == "none" or m.share is not True or m.blocks not in (None, "all"):
+        raise AttnlabError("a search recipe trains a supernet: it needs model.attention (not none), "
+                           "model.share=true and model.blocks=all (or unset)")
+    if cfg.train.compile:
+        raise AttnlabError("train.compile must be false for a supernet (every new mask would recompile)")
+    if cfg.train.ema.enabled:
+        raise AttnlabError("train.ema.enabled must be false for a supernet (the search reads the raw weights)")
+
+
+def run(args):
+    cfg, sec = load_pipeline(args.config, args.overrides)
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    for p in phases:
+        if p not in PHASES:
+            raise AttnlabError(f"unknown phase '{p}'; valid phases: {', '.join(PHASES)}")
+    root = Path(cfg.out_dir) / cfg.name
+    scheme = args.scheme
+    if "supernet" in phases:
+        run_supernet(cfg, sec, root)
+    if "search" in phases and scheme is None:
+        scheme = run_search_phase(cfg, sec, root)["chosen_blocks"]
+    if "retrain" in phases:
+        if scheme is None:
+            scheme = read_result(root, sec.search.dir)["chosen_blocks"]
+        run_retrain(cfg, sec, root, scheme)
+    return 0
+
+
+# ---- phase 1 ---------------------------------------------------------------------------------------------------
+
+def supernet_dir(root) -> Path:
+    return Path(root) / "supernet"
+
+
+def run_supernet(cfg, sec, root):
+    from ..engine import train as engine
+    from .supernet import SupernetHook
+    run_dir = supernet_dir(root)
+    if (run_dir / "results.json").is_file():
+        print(f"supernet: done ({run_dir}); skipped", flush=True)
+        return
+    if "step_hooks" not in _parameters(engine.train):
+        raise AttnlabError("this engine's train() has no step_hooks argument yet (merge the engine branch that adds "
+                           "it); the supernet phase needs it")
+    scfg = cfg.copy()
+    scfg.out_dir, scfg.name = str(root), "supernet"
+    hook = SupernetHook(sec.supernet.p, cfg.seed, sec.supernet.eval_mask)
+    # An existing dir is always resumed (the engine refuses to start a fresh run over it); without a checkpoint
+    # yet (killed in epoch 1) the engine starts that run from the beginning.
+    resume = run_dir if run_dir.is_dir() else None
+    print(f"supernet: {'resuming' if resume else 'training'} {run_dir} (each bit on with p={hook.p})", flush=True)
+    engine.train(scfg, resume=resume, step_hooks=[hook])
+
+
+def _parameters(fn):
+    import inspect
+    return inspect.signature(fn).parameters
+
+
+# ---- phase 2 ---------------------------------------------------------------------------------------------------
+
+def read_result(root, sub: str = "search") -> dict:
+    path = Path(root) / sub / "result.json"
+    if not path.is_file():
+        raise AttnlabError(f"no search result at {path}: run the search phase first, or give --scheme")
+    return json.loads(path.read_text())
+
+
+def build_evaluator(cfg, sec, ckpt_path, cache_path):
+    """The supernet's final weights on the held-out val split, as a cached SchemeEvaluator."""
+    import torch
+    from ..data import load_dataset
+    from ..data.loader import BatchLoader
+    from ..engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from ..engine.distributed import resolve_device
+    from .evaluator import SchemeEvaluator, checkpoint_context
+
+    device = resolve_device(cfg.device)
+    ck = load_checkpoint(ckpt_path, map_location="cpu")
+    model = model_from_checkpoint(ck, device, use_ema=False)
+    channels_last = cfg.train.channels_last is None or bool(cfg.train.channels_last)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # The supernet's own data settings and seed: the val split must be the one held out of *its* training images.
+    d, seed = ck["config"]["data"], ck["config"]["seed"]
+    b = load_dataset(d["name"], data_dir=d["data_dir"], val_size=d["val_size"], subset=d["subset"], seed=seed,
+                     cache_dir=d["cache_dir"], image_size=d["image_size"], test_subset=d.get("test_subset"))
+    if len(b.val) == 0:
+        raise AttnlabError("the search evaluates on the val split held out of train: set data.val_size > 0")
+    common = dict(mean=b.mean, std=b.std, device=device, seed=seed)
+    val = BatchLoader(b.val, sec.search.eval_batch_size or cfg.train.eval_batch_size, **common)
+    recal = None
+    if sec.search.recal_batches:
+        recal = BatchLoader(b.train, sec.search.recal_batch_size, shuffle=True, augment=False, drop_last=True,
+                            **common)
+    return SchemeEvaluator(model, val, device, recal, sec.search.recal_batches, cache_path,
+                           f"{checkpoint_context(ckpt_path)}|data_seed={seed}", channels_last)
+
+
+def _reward(sec):
+    from .reward import LatencyTable, Reward
+    r = sec.search.reward
+    table = LatencyTable.load(r.latency_table) if r.latency_table else None
+    return Reward(alpha=r.alpha, beta=r.beta, latency=table)
+
+
+def _plan(sec) -> dict:
+    s = sec.search
+    return {"searcher": s.searcher, "options": OmegaConf.to_container(s.options), "seed": s.seed,
+            "budget": s.budget, "select": s.select, "derive_samples": s.derive_samples,
+            "recal_batches": s.recal_batches, "reward": OmegaConf.to_container(s.reward)}
+
+
+def run_search_phase(cfg, sec, root, evaluator=None) -> dict:
+    from ..models.connections import bits_to_blocks
+    from .cache import JsonlLog
+    from .replay import write_json, write_table
+    from .searchers import Oracle, make_searcher, run_search
+
+    out = Path(root) / sec.search.dir
+    if (out / "result.json").is_file():
+        res = read_result(root, sec.search.dir)
+        print(f"search: done ({out / 'result.json'}); chosen {res['chosen_blocks']} ({res['select']}); skipped")
+        return res
+    out.mkdir(parents=True, exist_ok=True)
+    plan = _plan(sec)
+    plan_path = out / "plan.json"
+    if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
+        raise AttnlabError(f"{plan_path} records a different plan (searcher, budget, selection rule or reward); "
+                           "the rule is fixed before the search: restore those settings or use a new run name")
+    write_json(plan_path, plan)
+    searcher = make_searcher(sec.search.searcher, **plan["options"])
+    reward = _reward(sec)
+    if evaluator is None:
+        ckpt = supernet_dir(root) / "checkpoint_last.pt"
+        if not ckpt.is_file():
+            raise AttnlabError(f"no supernet checkpoint at {ckpt}: run the supernet phase first")
+        evaluator = build_evaluator(cfg, sec, ckpt, out / "evaluations.jsonl")
+    depths = evaluator.model.depths
+    n_bits = sum(depths)
+    t0 = time.perf_counter()
+    progress = _Progress(sec.search.budget)
+
+    def evaluate(bits):
+        res = evaluator(bits)
+        progress.evaluated(res["cached"])
+        return {**reward.terms(bits, res["top1"]), "loss": res["loss"]}
+
+    if sec.search.table:
+        table = {}
+        table_oracle = Oracle(evaluate)
+        from .searchers import all_schemes
+        if n_bits > 12:
+            raise AttnlabError(f"search.table evaluates all 2^{n_bits} schemes; allowed up to 12 blocks")
+        for bits in all_schemes(n_bits):
+            table[tuple(bits)] = table_oracle.record(bits)
+        write_table(out / "table.csv", {b: {**r, "connected": sum(b)} for b, r in table.items()}, depths)
+    log = JsonlLog(out / "search.jsonl", truncate=True)
+    oracle = Oracle(evaluate, budget=sec.search.budget, on_query=log.append)
+    outcome = run_search(searcher, oracle, n_bits, sec.search.seed, sec.search.select, sec.search.derive_samples)
+    progress.close()
+    res = outcome.to_dict()
+    res.update(chosen_blocks=bits_to_blocks(outcome.chosen, depths), depths=list(depths),
+               real_evaluations=evaluator.evaluations, seconds=round(time.perf_counter() - t0, 1),
+               evaluation_split=f"val ({evaluator.val_loader.n} images held out of train)",
+               bn_recalibration=sec.search.recal_batches, context=evaluator.context,
+               reward_definition=f"top1 + {reward.alpha} x fraction not connected"
+               + (f" - {reward.beta} x latency overhead %" if reward.latency else ""))
+    write_json(out / "result.json", res)
+    c = outcome.candidates
+    print(f"search: {outcome.searcher} seed {outcome.seed}: {outcome.distinct_evaluations} distinct evaluations, "
+          f"{outcome.queries} queries, {outcome.derive_evaluations} for the candidates; mode {c['mode']['scheme']} "
+          f"({c['mode']['reward']:.3f}), best sampled {c['best_sampled']['scheme']} "
+          f"({c['best_sampled']['reward']:.3f}), best of {sec.search.derive_samples} {c['best_of_n']['scheme']} "
+          f"({c['best_of_n']['reward']:.3f}); rule {outcome.select} -> {res['chosen_blocks']}", flush=True)
+    return res
+
+
+class _Progress:
+    """A tqdm bar of evaluations on a terminal; a line every 50 evaluations otherwise."""
+
+    def __init__(self, total):
+        from tqdm import tqdm
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc="search", unit="eval", disable=not self.tty, dynamic_ncols=True)
+        self.real = self.hits = 0
+        self.t0 = time.perf_counter()
+
+    def evaluated(self, cached: bool):
+        self.hits += cached
+        self.real += not cached
+        self.bar.update(1)
+        self.bar.set_postfix(real=self.real, cached=self.hits)
+        n = self.real + self.hits
+        if not self.tty and n % 50 == 0:
+            print(f"search: {n} evaluations ({self.real} run, {self.hits} from the cache), "
+                  f"{time.perf_counter() - self.t0:.0f} s", flush=True)
+
+    def close(self):
+        self.bar.close()
+
+
+# ---- phase 3 ---------------------------------------------------------------------------------------------------
+
+def retrain_config(cfg, sec, root, scheme: str, seed: int):
+    from ..engine.config import load_config
+    from ..models.connections import bits_to_blocks
+    blocks = bits_to_blocks(scheme, cfg_depths(cfg))
+    overrides = [f"{k}={_value(v)}" for k, v in OmegaConf.to_container(sec.retrain.overrides).items()]
+    rcfg = load_config(None, overrides + [f"model.blocks={blocks}", "model.share=true", f"seed={seed}"],
+                       base=OmegaConf.to_container(cfg))
+    rcfg.out_dir, rcfg.name = str(root), f"retrain-s{seed}"
+    return rcfg
+
+
+def cfg_depths(cfg):
+    from ..models import create_model
+    return create_model(cfg.model.name, num_classes=2).depths
+
+
+def _value(v):
+    return json.dumps(v) if isinstance(v, (list, dict)) else ("null" if v is None else str(v))
+
+
+def run_retrain(cfg, sec, root, scheme: str):
+    from ..engine import train as engine
+    for seed in sec.retrain.seeds:
+        rcfg = retrain_config(cfg, sec, root, scheme, seed)
+        run_dir = Path(rcfg.out_dir) / rcfg.name
+        if (run_dir / "results.json").is_file():
+            print(f"retrain: done ({run_dir}); skipped", flush=True)
+            continue
+        resume = run_dir if run_dir.is_dir() else None  # as the supernet: an existing dir is resumed
+        print(f"retrain: {'resuming' if resume else 'training'} {run_dir}: model.share=true "
+              f"model.blocks={rcfg.model.blocks} seed {seed}", flush=True)
+        engine.train(rcfg, resume=resume)

@@ -1,0 +1,219 @@
+"""Nothing lost, nothing silent (issue 11): kills inside checkpoint writes, existing run dirs, changed and finished
+resumes, leftover temp files and permissions, read-only destinations. Tiny real CIFAR-10 runs (3 steps an epoch)."""
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnlab.cli import main
+from attnlab.engine.checkpoint import load_checkpoint
+from attnlab.engine.config import load_config
+from attnlab.engine.optim import lr_factor
+from attnlab.engine.train import resume_config, train
+from attnlab.errors import AttnlabError
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="offline CIFAR-10 copy not found")
+STEPS = 3
+TIMING = {"wall_time_s", "train_images_per_s", "train_images_per_s_median_epoch", "device", "name", "git_commit"}
+
+
+def args(tmp, name, epochs=3):
+    return [f"name={name}", f"out_dir={tmp}", f"data.cache_dir={tmp}/cache", "data.subset=20", "data.test_subset=10",
+            f"train.epochs={epochs}", "train.batch_size=32", "train.eval_batch_size=64", "train.lr=0.1",
+            "train.warmup_epochs=0.5", "train.deterministic=true", f"debug.max_steps_per_epoch={STEPS}"]
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: bytes} of every file under ``folder`` (the decode cache left out)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and "cache" not in p.parts}
+
+
+def cli(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+def child(argv, env_extra):
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), **env_extra)
+    return subprocess.run([sys.executable, "-m", "attnlab", *argv], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def improving_epochs(run_dir: Path) -> list[int]:
+    import csv
+    with open(run_dir / "metrics.csv", newline="") as f:
+        val = [float(r["val_top1"]) for r in csv.DictReader(f)]
+    best, out = float("-inf"), []
+    for epoch, v in enumerate(val, 1):
+        if v > best:
+            best, out = v, out + [epoch]
+    return out
+
+
+def comparable(results: dict) -> dict:
+    return {k: v for k, v in results.items() if k not in TIMING}
+
+
+# ---- 1: a kill while checkpoint_best.pt is written ----------------------------------------------------------------
+
+def test_kill_while_the_best_checkpoint_is_written_never_reports_an_older_best(tmp_path):
+    whole = train(load_config(None, args(tmp_path, "whole")))
+    improving = improving_epochs(tmp_path / "whole")
+    # Kill inside the last improving epoch's checkpoint_best.pt write (after checkpoint_last.pt recorded it).
+    proc = child(["train", *args(tmp_path, "cut")], {"ATTNLAB_KILL_IN_WRITE": f"checkpoint_best.pt:{len(improving)}"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    cut = tmp_path / "cut"
+    assert list(cut.glob(".checkpoint_best.pt.*.tmp"))  # killed mid-write: the temp file is there
+    resumed = train(resume_config(cut), resume=cut)
+    assert comparable(resumed) == pytest.approx(comparable(whole))
+    assert resumed["best_epoch"] == improving[-1]
+    assert load_checkpoint(cut / "checkpoint_best.pt")["epoch"] == improving[-1]
+    assert not list(cut.glob(".*.tmp"))  # item 5: the kill's temp file is cleaned up on resume
+
+
+# ---- 2: an existing run dir ---------------------------------------------------------------------------------------
+
+def test_training_into_an_existing_run_refuses_and_changes_nothing(tmp_path, capsys):
+    train(load_config(None, args(tmp_path, "quick", epochs=1)))
+    before = snapshot(tmp_path / "quick")
+    code, _, err = cli(["train", *args(tmp_path, "quick", epochs=1), "model.attention=eca"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "already holds a run" in err and f"--resume {tmp_path / 'quick'}" in err and "name=" in err \
+        and "--overwrite" in err
+    assert snapshot(tmp_path / "quick") == before
+    # --overwrite replaces it: one fresh metrics row, one TensorBoard file, the new attention in the checkpoint.
+    code, _, _ = cli(["train", *args(tmp_path, "quick", epochs=1), "model.attention=eca", "--overwrite"], capsys)
+    assert code == 0
+    assert len(list((tmp_path / "quick").glob("events.out.tfevents.*"))) == 1
+    assert load_checkpoint(tmp_path / "quick" / "checkpoint_last.pt")["config"]["model"]["attention"] == "eca"
+
+
+def test_a_dir_holding_only_bench_cell_json_counts_as_empty(tmp_path):
+    run_dir = tmp_path / "cell"
+    run_dir.mkdir()
+    (run_dir / "bench_cell.json").write_text('{"fingerprint": "x"}\n')
+    train(load_config(None, args(tmp_path, "cell", epochs=1)))
+    assert (run_dir / "results.json").is_file()
+    assert (run_dir / "bench_cell.json").read_text() == '{"fingerprint": "x"}\n'
+
+
+# ---- 3 and 4: resume with overrides, resume of a finished run --------------------------------------------------
+
+def test_resume_applies_epochs_and_lr_and_records_them(tmp_path, capsys):
+    train(load_config(None, args(tmp_path, "r", epochs=2)))
+    run_dir = tmp_path / "r"
+    code, out, _ = cli(["train", "--resume", str(run_dir), "train.epochs=3", "train.lr=0.02"], capsys)
+    assert code == 0 and "train.lr=0.02 (was 0.1)" in out
+    last = load_checkpoint(run_dir / "checkpoint_last.pt")
+    assert last["epoch"] == 3
+    # Epoch 3's first step ran at 0.02 x the 3-epoch schedule's factor at step 6; the next lr continues from there.
+    t = load_config(None, args(tmp_path, "r", epochs=3) + ["train.lr=0.02"]).train
+    import csv
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert float(rows[2]["lr"]) == pytest.approx(0.02 * lr_factor(3 * STEPS - 1, STEPS, t), rel=1e-4)
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.02 * lr_factor(3 * STEPS, STEPS, t))
+    saved = (run_dir / "config.yaml").read_text()
+    assert saved.startswith("# resumed after epoch 2 with train.epochs=3 (was 2), train.lr=0.02 (was 0.1)")
+    assert "lr: 0.02" in saved and "epochs: 3" in saved
+    assert json.loads((run_dir / "results.json").read_text())["epochs"] == 3
+
+
+def test_resume_refuses_keys_that_define_the_run_and_changes_nothing(tmp_path, capsys):
+    train(load_config(None, args(tmp_path, "r", epochs=1)))
+    run_dir = tmp_path / "r"
+    (run_dir / "results.json").unlink()  # not finished: it would resume
+    before = snapshot(run_dir)
+    code, _, err = cli(["train", "--resume", str(run_dir), "model.attention=se", "seed=3", "train.epochs=2"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "cannot change on resume: model.attention (none -> se), seed (0 -> 3)" in err
+    assert "train.epochs" not in err.split(";")[0]
+    assert snapshot(run_dir) == before
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
+    train(load_config(None, args(tmp_path, "done", epochs=2)))
+    capsys.readouterr()
+    run_dir = tmp_path / "done"
+    before = snapshot(run_dir)
+    code, out, _ = cli(["train", "--resume", str(run_dir)], capsys)
+    assert code == 0 and "is complete" in out and "train.epochs=" in out
+    assert snapshot(run_dir) == before  # no new TensorBoard file, results.json untouched
+    # Overrides that would apply to no epoch, or fewer epochs than trained, are refused rather than recorded.
+    for override, words in (("train.lr=0.01", "would apply to none"), ("train.epochs=1", "fewer than the 2")):
+        code, _, err = cli(["train", "--resume", str(run_dir), override], capsys)
+        assert code == 2 and words in err and err.count("\n") == 1
+    assert snapshot(run_dir) == before
+
+
+# ---- 5: temp files and permissions --------------------------------------------------------------------------------
+
+def test_leftover_temps_are_removed_and_files_get_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        run_dir = tmp_path / "p"
+        train(load_config(None, args(tmp_path, "p", epochs=1)))
+        (run_dir / "results.json").unlink()
+        stale = run_dir / ".checkpoint_last.pt.dead.tmp"
+        stale.write_bytes(b"half")
+        train(resume_config(run_dir), resume=run_dir)
+        assert not stale.exists()
+        for name in ("checkpoint_last.pt", "checkpoint_best.pt", "results.json", "config.yaml"):
+            assert (run_dir / name).stat().st_mode & 0o777 == 0o644, name
+        from attnlab.export import export_onnx, load_checkpoint_model
+        model, _ = load_checkpoint_model(run_dir)
+        out = export_onnx(model, tmp_path / "m.onnx", 32)
+        assert out.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+
+
+# ---- 9: read-only destinations ------------------------------------------------------------------------------------
+
+def read_only(monkeypatch, root: Path):
+    """The OS answers EROFS to creating anything under ``root`` (we run as root, so chmod would not stop us)."""
+    real_open, real_mkdir = os.open, os.mkdir
+    inside = lambda p: Path(os.path.abspath(p)).is_relative_to(root)  # noqa: E731
+
+    def ro_open(path, flags, *a, **k):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and inside(path):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *a, **k)
+
+    def ro_mkdir(path, *a, **k):
+        if inside(path):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_mkdir(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", ro_open)
+    monkeypatch.setattr(os, "mkdir", ro_mkdir)
+
+
+def test_read_only_destinations_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    train(load_config(None, args(tmp_path, "src", epochs=1)))
+    ckpt = tmp_path / "src" / "checkpoint_best.pt"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    before = snapshot(tmp_path)
+    read_only(monkeypatch, ro)
+    code, _, err = cli(["train", *args(tmp_path, "x", epochs=1), f"out_dir={ro}"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "read-only file system" in err and str(ro / "x") in err
+    code, _, err = cli(["export", "--checkpoint", str(ckpt), "--onnx", str(ro / "m.onnx")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "read-only file system" in err and str(ro / "m.onnx") in err
+    monkeypatch.undo()
+    read_only(monkeypatch, tmp_path / "src")
+    code, _, err = cli(["eval", "--checkpoint", str(ckpt)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "read-only file system" in err and "--out" in err
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before

@@ -1,0 +1,226 @@
+"""`attnlab search`: config split and checks, the search phase on a real (tiny) supernet checkpoint, its resume
+through the evaluation cache, the fixed plan, the retrain config, and (with the engine's step hooks) the supernet
+phase's exact resume and the whole pipeline."""
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnlab.engine import train as engine
+from attnlab.engine.checkpoint import load_checkpoint
+from attnlab.errors import AttnlabError
+from attnlab.search import pipeline
+from attnlab.search.cache import read_jsonl
+from attnlab.search.evaluator import SchemeEvaluator
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "search" / "ean_resnet20_se.yaml"
+DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="offline CIFAR-10 copy not found")
+HAS_HOOKS = "step_hooks" in inspect.signature(engine.train).parameters
+needs_hooks = pytest.mark.skipif(not HAS_HOOKS, reason="engine.train has no step_hooks yet (h-engine not merged)")
+
+
+def tiny(tmp, name="ean", **extra):
+    over = {"name": name, "out_dir": str(tmp), "data.cache_dir": f"{tmp}/cache", "data.subset": 20,
+            "data.val_size": 40, "data.test_subset": 5, "train.epochs": 2, "train.batch_size": 32,
+            "train.eval_batch_size": 64, "train.warmup_epochs": 0, "train.deterministic": True,
+            "search.searcher": "random", "search.budget": 6, "search.table": False, "search.derive_samples": 3,
+            "retrain.seeds": "[0]", "retrain.overrides": "{train.epochs: 1}", **extra}
+    return [f"{k}={v}" for k, v in over.items()]
+
+
+def test_the_recipe_splits_into_an_engine_config_and_pipeline_sections():
+    cfg, sec = pipeline.load_pipeline(CONFIG)
+    assert cfg.model.share is True and cfg.model.attention == "se" and cfg.name == "ean_resnet20_se"
+    assert "search" not in cfg and sec.search.searcher == "reinforce" and sec.search.reward.alpha == 2.0
+    assert sec.search.select == "best_sampled" and sec.supernet.p == 0.5
+    with pytest.raises(AttnlabError, match="model.share=true"):
+        pipeline.load_pipeline(CONFIG, ["model.share=false"])
+    with pytest.raises(AttnlabError, match="compile"):
+        pipeline.load_pipeline(CONFIG, ["train.compile=true"])
+    with pytest.raises(AttnlabError, match="bad search config"):
+        pipeline.load_pipeline(CONFIG, ["search.budgett=3"])
+    with pytest.raises(AttnlabError, match="unknown config key"):
+        pipeline.load_pipeline(CONFIG, ["train.epochz=3"])
+
+
+def test_retrain_is_a_normal_run_of_the_scheme(tmp_path):
+    cfg, sec = pipeline.load_pipeline(CONFIG, tiny(tmp_path))
+    rcfg = pipeline.retrain_config(cfg, sec, tmp_path / "ean", "101110011", seed=2)
+    assert rcfg.model.blocks == "101-110-011" and rcfg.model.share is True and rcfg.seed == 2
+    assert rcfg.train.epochs == 1 and rcfg.name == "retrain-s2"
+
+
+@pytest.fixture(scope="module")
+def supernet_ckpt(tmp_path_factory):
+    """A tiny share=True, blocks=all run (plain engine run; the search phase only needs its checkpoint)."""
+    tmp = tmp_path_factory.mktemp("sn")
+    cfg, sec = pipeline.load_pipeline(CONFIG, tiny(tmp, **{"train.epochs": 1}))
+    root = tmp / cfg.name
+    scfg = cfg.copy()
+    scfg.out_dir, scfg.name = str(root), "supernet"
+    engine.train(scfg)
+    return root / "supernet" / "checkpoint_last.pt"
+
+
+class Interrupting(SchemeEvaluator):
+    """Stops (like a kill) after ``limit`` real evaluations."""
+    limit = 3
+
+    def __call__(self, bits):
+        if self.evaluations >= self.limit and "".join(map(str, bits)) not in self.cache:
+            raise KeyboardInterrupt
+        return super().__call__(bits)
+
+
+def _search_root(tmp, ckpt, name):
+    root = tmp / name
+    (root / "supernet").mkdir(parents=True)
+    (root / "supernet" / "checkpoint_last.pt").write_bytes(ckpt.read_bytes())
+    return root
+
+
+def test_search_phase_resumes_from_its_cache_with_the_same_result(tmp_path, supernet_ckpt):
+    cfg, sec = pipeline.load_pipeline(CONFIG, tiny(tmp_path, **{"search.searcher": "reinforce",
+                                                                "search.options": "{steps: 4}",
+                                                                "search.budget": "null"}))
+    whole = _search_root(tmp_path, supernet_ckpt, "whole")
+    ref = pipeline.run_search_phase(cfg, sec, whole)
+    assert ref["real_evaluations"] == ref["distinct_evaluations"] + ref["derive_evaluations"]
+    log = read_jsonl(whole / "search" / "search.jsonl")
+    assert len(log) == ref["queries"] + 1 + 3 and all("top1" in r and "reward" in r for r in log)
+
+    cut = _search_root(tmp_path, supernet_ckpt, "cut")
+    ev = pipeline.build_evaluator(cfg, sec, cut / "supernet" / "checkpoint_last.pt",
+                                  cut / "search" / "evaluations.jsonl")
+    ev.__class__ = Interrupting
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_search_phase(cfg, sec, cut, evaluator=ev)
+    assert len(read_jsonl(cut / "search" / "evaluations.jsonl")) == 3
+    assert not (cut / "search" / "result.json").exists()
+    res = pipeline.run_search_phase(cfg, sec, cut)
+    assert res["real_evaluations"] == ref["real_evaluations"] - 3  # the first three came from the cache
+    keep = ("candidates", "chosen", "chosen_blocks", "distinct_evaluations", "queries", "policy", "info")
+    assert {k: res[k] for k in keep} == {k: ref[k] for k in keep}
+    again = pipeline.run_search_phase(cfg, sec, cut)  # done: skipped, same result
+    assert again["chosen"] == res["chosen"]
+
+
+def test_the_selection_rule_cannot_change_after_the_search_started(tmp_path, supernet_ckpt):
+    cfg, sec = pipeline.load_pipeline(CONFIG, tiny(tmp_path))
+    root = _search_root(tmp_path, supernet_ckpt, "rule")
+    ev = pipeline.build_evaluator(cfg, sec, root / "supernet" / "checkpoint_last.pt",
+                                  root / "search" / "evaluations.jsonl")
+    ev.__class__ = Interrupting
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_search_phase(cfg, sec, root, evaluator=ev)
+    _, other = pipeline.load_pipeline(CONFIG, tiny(tmp_path, **{"search.select": "mode"}))
+    with pytest.raises(AttnlabError, match="different plan"):
+        pipeline.run_search_phase(cfg, other, root)
+
+
+class SyntheticAccuracy(SchemeEvaluator):
+    """The real evaluator's bookkeeping with a synthetic accuracy table instead of 512 supernet forwards."""
+    table = None
+
+    def __call__(self, bits):
+        from attnlab.search.replay import synthetic_table
+        key = "".join(map(str, bits))
+        if key in self.cache:
+            return {**self.cache[key], "cached": True}
+        SyntheticAccuracy.table = SyntheticAccuracy.table or synthetic_table(9, seed=1)
+        self.evaluations += 1
+        self.cache[key] = {"top1": self.table[tuple(bits)]["top1"], "loss": 0.0, "n": 1, "seconds": 0.0}
+        return {**self.cache[key], "cached": False}
+
+
+def test_the_table_holds_every_scheme_and_the_search_reuses_it(tmp_path, supernet_ckpt):
+    from attnlab.search.replay import read_table
+    cfg, sec = pipeline.load_pipeline(CONFIG, tiny(tmp_path, **{"search.table": True, "search.budget": 50}))
+    root = _search_root(tmp_path, supernet_ckpt, "table")
+    ev = pipeline.build_evaluator(cfg, sec, root / "supernet" / "checkpoint_last.pt", None)
+    ev.__class__ = SyntheticAccuracy
+    res = pipeline.run_search_phase(cfg, sec, root, evaluator=ev)
+    table = read_table(root / "search" / "table.csv")
+    assert len(table) == 512 and res["real_evaluations"] == 512  # the search itself ran on cached numbers
+    assert all(table[b]["top1"] == pytest.approx(SyntheticAccuracy.table[b]["top1"], rel=1e-5) for b in table)
+    assert all(table[b]["connected"] == sum(b) for b in table)
+    best = max(table.values(), key=lambda r: r["reward"])["reward"]
+    assert res["candidates"]["best_sampled"]["reward"] <= best + 1e-4
+
+
+@needs_hooks
+@pytest.mark.parametrize("kill_at", [2, 7])  # in epoch 1 (no checkpoint yet) and in epoch 2
+def test_supernet_phase_resumes_exactly(tmp_path, kill_at):
+    """Killed mid-run and resumed, the supernet run ends with the weights of an uninterrupted one."""
+    from attnlab.cli import main
+    whole = tiny(tmp_path, "whole")
+    with pytest.raises(SystemExit) as info:
+        main(["search", "--config", str(CONFIG), "--phases", "supernet", *whole])
+    assert info.value.code == 0
+    steps = load_checkpoint(tmp_path / "whole" / "supernet" / "checkpoint_last.pt")["epoch"]
+    assert steps == 2
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    cut = tiny(tmp_path, "cut")
+    proc = subprocess.run([sys.executable, "-m", "attnlab", "search", "--config", str(CONFIG), "--phases",
+                           "supernet", *cut, f"debug.kill_at_step={kill_at}"], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    with pytest.raises(SystemExit):
+        main(["search", "--config", str(CONFIG), "--phases", "supernet", *cut])
+    a = load_checkpoint(tmp_path / "whole" / "supernet" / "checkpoint_last.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "supernet" / "checkpoint_last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_hooks
+def test_whole_pipeline_runs_and_skips_done_phases(tmp_path, capsys, monkeypatch):
+    from attnlab.cli import main
+    from attnlab.models.connections import get_connections, scheme_bits
+    from attnlab.search.supernet import SupernetHook
+    seen, original = [], SupernetHook.__call__
+
+    def recording(self, trainer, epoch, step):
+        original(self, trainer, epoch, step)
+        seen.append((step, scheme_bits(get_connections(trainer.model))))
+
+    monkeypatch.setattr(SupernetHook, "__call__", recording)
+    args = ["search", "--config", str(CONFIG), *tiny(tmp_path, **{"train.epochs": 1})]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 0
+    # The engine called the hook before every training step, and each step trained under that step's own mask.
+    assert [s for s, _ in seen] == list(range(len(seen))) and len(seen) >= 4
+    assert all(bits == SupernetHook(0.5, 0).mask(s, 9) for s, bits in seen)
+    assert len({bits for _, bits in seen}) > 1
+    root = tmp_path / "ean"
+    res = json.loads((root / "search" / "result.json").read_text())
+    retrain = json.loads((root / "retrain-s0" / "results.json").read_text())
+    assert retrain["attention"] == "se"
+    saved = (root / "retrain-s0" / "config.yaml").read_text()
+    assert res["chosen_blocks"] in saved
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(args)
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
+    (["--config", str(CONFIG), "--phases", "supernet,serch"], "unknown phase 'serch'"),
+    (["--config", str(CONFIG), "search.dir=../x"], "search.dir must be a plain folder name"),
+])
+def test_search_command_bad_input_is_one_line(args, message, capsys):
+    from attnlab.cli import main
+    with pytest.raises(SystemExit) as info:
+        main(["search", *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("attnlab: error: ") and message in err and "\n" not in err
