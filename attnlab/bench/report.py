@@ -6,7 +6,6 @@ validation curves as PNGs. ``--readme README.md`` replaces the block between ``<
 ``<!-- results:end -->`` with a compact table generated from the same summary.
 """
 import json
-import math
 import re
 from pathlib import Path
 

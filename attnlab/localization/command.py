@@ -23,17 +23,14 @@ from .metrics import (BoxEvaluator, normalize_scoremaps, prior_baselines, requir
 def open_run(checkpoint, device="auto", data_dir=None, use_ema: bool = True):
     """(checkpoint path, checkpoint dict, dataset bundle, model in eval mode) of a training run."""
     from ..data import load_dataset
-    from ..engine.checkpoint import load_checkpoint
+    from ..engine.checkpoint import load_training_checkpoint, model_from_checkpoint
     from ..engine.distributed import resolve_device
-    from ..engine.evaluate import model_from_checkpoint
 
     path = Path(checkpoint)
     if path.is_dir():
         best = path / "checkpoint_best.pt"
         path = best if best.is_file() else path / "checkpoint_last.pt"
-    ckpt = load_checkpoint(path)
-    if "config" not in ckpt or "model" not in ckpt:
-        raise AttnlabError(f"'{path}' is not an attnlab training checkpoint (no 'config' or 'model' entry)")
+    ckpt = load_training_checkpoint(path)
     cfg = ckpt["config"]
     data = cfg["data"]
     bundle = load_dataset(data["name"], data_dir=data_dir or data["data_dir"], val_size=data["val_size"],
