@@ -49,17 +49,6 @@ def child(argv, env_extra):
                           timeout=300)
 
 
-def improving_epochs(run_dir: Path) -> list[int]:
-    import csv
-    with open(run_dir / "metrics.csv", newline="") as f:
-        val = [float(r["val_top1"]) for r in csv.DictReader(f)]
-    best, out = float("-inf"), []
-    for epoch, v in enumerate(val, 1):
-        if v > best:
-            best, out = v, out + [epoch]
-    return out
-
-
 def comparable(results: dict) -> dict:
     return {k: v for k, v in results.items() if k not in TIMING}
 
@@ -67,17 +56,21 @@ def comparable(results: dict) -> dict:
 # ---- 1: a kill while checkpoint_best.pt is written ----------------------------------------------------------------
 
 def test_kill_while_the_best_checkpoint_is_written_never_reports_an_older_best(tmp_path):
-    whole = train(load_config(None, args(tmp_path, "whole")))
-    improving = improving_epochs(tmp_path / "whole")
-    # Kill inside the last improving epoch's checkpoint_best.pt write (after checkpoint_last.pt recorded it).
-    proc = child(["train", *args(tmp_path, "cut")], {"ATTNLAB_KILL_IN_WRITE": f"checkpoint_best.pt:{len(improving)}"})
+    # Without a validation split every epoch is the new best, so the last epoch writes checkpoint_best.pt too: a kill
+    # inside that write leaves checkpoint_last.pt saying "best: epoch 3" beside a checkpoint_best.pt of epoch 2, the
+    # state in which resume used to report epoch 2's model.
+    no_val = ["data.val_size=0"]
+    whole = train(load_config(None, args(tmp_path, "whole") + no_val))
+    assert whole["best_epoch"] == 3
+    proc = child(["train", *args(tmp_path, "cut"), *no_val], {"ATTNLAB_KILL_IN_WRITE": "checkpoint_best.pt:3"})
     assert proc.returncode == -9, proc.stderr[-2000:]
     cut = tmp_path / "cut"
+    assert load_checkpoint(cut / "checkpoint_best.pt")["epoch"] == 2
+    assert load_checkpoint(cut / "checkpoint_last.pt")["best_epoch"] == 3
     assert list(cut.glob(".checkpoint_best.pt.*.tmp"))  # killed mid-write: the temp file is there
     resumed = train(resume_config(cut), resume=cut)
     assert comparable(resumed) == pytest.approx(comparable(whole))
-    assert resumed["best_epoch"] == improving[-1]
-    assert load_checkpoint(cut / "checkpoint_best.pt")["epoch"] == improving[-1]
+    assert resumed["best_epoch"] == 3 and load_checkpoint(cut / "checkpoint_best.pt")["epoch"] == 3
     assert not list(cut.glob(".*.tmp"))  # item 5: the kill's temp file is cleaned up on resume
 
 
