@@ -22,8 +22,9 @@ $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-demo: $(VENV)/.installed
-	$(PY) -m attnlab train --config configs/quick.yaml
+demo: $(VENV)/.installed  # a second `make demo` continues runs/quick (or says it is complete): nothing is overwritten
+	if [ -f runs/quick/config.yaml ]; then $(PY) -m attnlab train --resume runs/quick; \
+	else $(PY) -m attnlab train --config configs/quick.yaml; fi
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest tests

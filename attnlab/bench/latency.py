@@ -1,9 +1,9 @@
 """Inference latency of each method of a matrix, timed round-robin into ``results/<matrix>/latency.json``."""
 import json
-import os
 import statistics
 from pathlib import Path
 
+from ..files import atomic_write_json
 from .matrix import method_overrides
 from .runs import cpu_name, host_info, one_line
 
@@ -12,15 +12,12 @@ def latency_model(matrix, method, load_config, device=None):
     """(model in eval mode, input size, whether CUDA applies) for one method, as its training cells build it."""
     import torch
 
-    from ..models import create_model, default_input_size
+    from ..engine.checkpoint import model_from_config
+    from ..models import default_input_size
 
     cfg = load_config(matrix["recipe_path"], overrides=method_overrides(matrix, method))
     mc = cfg.model
-    kwargs = dict(mc.attention_kwargs) if mc.get("attention_kwargs") else None
-    blocks = mc.get("blocks")
-    blocks = list(blocks) if blocks is not None and not isinstance(blocks, str) else blocks
-    model = create_model(mc.name, num_classes=mc.get("num_classes"), attention=mc.attention,
-                         attention_kwargs=kwargs, blocks=blocks, share=mc.get("share"))
+    model = model_from_config(mc)
     want_cuda = torch.cuda.is_available() and str(device or cfg.get("device", "auto")) in ("auto", "cuda")
     return model.eval(), default_input_size(mc.name), want_cuda
 
@@ -87,8 +84,6 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
         data["note"] = ("median over repeated forward passes in eval mode under torch.inference_mode, random weights, "
                         f"methods timed round-robin in {rounds} rounds; training-only objectives (ssia) do not "
                         "change the inference model")
-        tmp = latency_path.with_suffix(".json.tmp")
         latency_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, latency_path)
+        atomic_write_json(latency_path, data, "latency results")
     return data

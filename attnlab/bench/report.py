@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from ..errors import AttnlabError
+from ..files import atomic_write_text
 from .claims import claims_table, judge_all
 from .stats import isnan, mean_std, paired_interval, welch_interval
 
@@ -518,16 +519,14 @@ def update_readme(readme_path, block: str, matrix_name: str | None = None) -> No
     else:
         raise AttnlabError(f"{path} has no '{BEGIN}' ... '{END}' block to replace")
     text = pattern.sub(lambda _: f"{begin}\n{block}\n{end}", text, count=1)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text, "README")
 
 
 # ----------------------------------------------------------------------------------------------- CLI
 def write_report(results_dir, baseline="none", readme=None) -> dict:
     summary = summarize(results_dir, baseline=baseline)
     out_dir = Path(results_dir)
-    (out_dir / "report.md").write_text(render_markdown(summary))
+    atomic_write_text(out_dir / "report.md", render_markdown(summary), "report")
     write_plots(summary, out_dir)
     if readme:
         update_readme(readme, readme_block(summary), summary["matrix"])

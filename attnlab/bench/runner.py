@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import AttnlabError
+from ..files import git_commit
 from .matrix import cell_overrides, cells, fingerprint, same_settings
 from .runs import append_line, cell_lock, host_info, latest_by_cell, one_line, read_curve, read_runs
 
@@ -70,7 +71,7 @@ def run_cell(matrix, cell, runs_root, *, load_config, train, device=None) -> dic
 
 def stamp(record: dict, threads: int, workers: int) -> dict:
     """What the harness adds to a cell's record: how it ran, on what, by which code, and when."""
-    record.update(threads=threads, workers=workers, host=host_info(), harness_commit=git_commit(),
+    record.update(threads=threads, workers=workers, host=host_info(), harness_commit=git_commit(short=True),
                   finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return record
 
@@ -95,15 +96,6 @@ def prepare_run_dir(run_dir: Path, fp: str):
     run_dir.mkdir(parents=True)
     marker.write_text(json.dumps({"fingerprint": fp}) + "\n")
     return None
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _get(cfg, dotted):

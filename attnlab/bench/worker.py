@@ -7,9 +7,7 @@ to ``--record`` atomically; the runner appends it to runs.jsonl. No record means
 """
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -27,6 +25,7 @@ def main(argv=None) -> int:
     import torch
 
     from ..engine.config import load_config
+    from ..files import atomic_write_text
     from ..engine.train import train
     from ..profiler import set_threads
     from .matrix import cells, load_matrix
@@ -38,10 +37,7 @@ def main(argv=None) -> int:
     record = stamp(run_cell(matrix, cell, args.runs_root, load_config=load_config, train=train,
                             device=args.device),
                    torch.get_num_threads(), args.workers)
-    out = Path(args.record)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(record, default=str) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(args.record, json.dumps(record, default=str) + "\n", "the cell's record")
     return 0
 
 
