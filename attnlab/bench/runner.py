@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import AttnlabError
-from ..files import git_commit
+from ..files import atomic_write_text, git_commit
 from .matrix import cell_overrides, cells, fingerprint, same_settings
 from .runs import append_line, cell_lock, host_info, latest_by_cell, one_line, read_curve, read_runs
 
@@ -94,7 +94,7 @@ def prepare_run_dir(run_dir: Path, fp: str):
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    marker.write_text(json.dumps({"fingerprint": fp}) + "\n")
+    atomic_write_text(marker, json.dumps({"fingerprint": fp}) + "\n", "cell marker")
     return None
 
 
@@ -159,8 +159,13 @@ def planned_device_kind(matrix, device=None) -> str:
 
 
 def default_workers() -> int:
-    """2 on a CPU with two or more cores (2 processes x 1 thread trained ~1.15x faster than 1 x 2 on the 2-core
-    machine: results/bench_workers_cpu.json); one per visible GPU on CUDA."""
+    """2 on a CPU with two or more cores; one per visible GPU on CUDA.
+
+    Measured on the 2-core machine (results/bench_workers_cpu.json, benchmarks/bench_workers.py): two ResNet-20
+    cells side by side with 1 thread each trained 1.32x the images per second of the same cells one after another
+    with 2 threads (median of 3 rotated rounds), because 2 threads make one cell only ~1.4x faster than 1 thread.
+    A single run still does best with every core (383 against 269 images/s), which is torch's default. Larger
+    machines were not measured: give --workers there."""
     import torch
     if torch.cuda.is_available():
         return max(1, torch.cuda.device_count())

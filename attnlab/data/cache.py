@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AttnlabError
+from ..files import atomic_write
 
 CACHE_VERSION = 1
 POOL_THRESHOLD = 4096  # below this many images a process pool costs more than it saves
@@ -141,23 +142,6 @@ def decode_images(root: Path, files: list[str], image_size, out: np.ndarray | No
     return out, sizes
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def cached_images(root: Path, files: list[str], image_size, cache_dir, tag: str):
     """Memory-mapped uint8 images for ``files`` (decoding them first if no valid cache entry exists).
 
@@ -187,7 +171,7 @@ def cached_images(root: Path, files: list[str], image_size, cache_dir, tag: str)
         except (OSError, ValueError):
             pass  # unreadable entry: rebuild it below
     images, sizes = decode_images(root, files, image_size, desc=tag)
-    _atomic_save(img_path, images)
-    _atomic_save(size_path, sizes)
+    atomic_write(img_path, lambda f: np.save(f, images), "image cache")
+    atomic_write(size_path, lambda f: np.save(f, sizes), "image cache")
     STATS["builds"] += 1
     return np.load(img_path, mmap_mode="c"), sizes, stem

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import AttnlabError, unknown
+from ..files import atomic_write_json
 from . import cache as _cache
 from .sources import Pool, Source, open_source
 from .splits import _TEST_SUBSET, per_class_subset, stratified_split, val_count
@@ -112,8 +113,8 @@ def _stats(images: np.ndarray, stem: Path | None, index: np.ndarray):
     mean, std = channel_stats(images)
     table[key] = {"mean": mean, "std": std}
     try:
-        _cache.write_json_atomic(path, table)
-    except OSError:
+        atomic_write_json(path, table, "channel statistics")
+    except AttnlabError:
         pass  # statistics are cheap to recompute; a read-only cache is fine
     return mean, std
 

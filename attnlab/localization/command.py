@@ -130,7 +130,7 @@ def add_arguments(p):
 
 
 def run(args):
-    from ..data.cache import write_json_atomic
+    from ..files import atomic_write_json
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     if not splits or any(s not in ("val", "test") for s in splits) or len(set(splits)) != len(splits):
         raise AttnlabError(f"--splits takes val and/or test, comma-separated, got '{args.splits}'")
@@ -144,7 +144,7 @@ def run(args):
                model=ckpt["config"]["model"]["name"], ema=bool(ckpt.get("ema")) and not args.no_ema,
                seconds=round(time.perf_counter() - start, 2))
     dest = Path(args.output) if args.output else path.parent / "localize.json"
-    write_json_atomic(dest, res)
+    atomic_write_json(dest, res, "localization results")
     print(format_table(res))
     print(f"-> {dest}")
     return 0

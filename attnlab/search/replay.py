@@ -11,6 +11,7 @@ queries. ``synthetic_table`` makes the nearly additive table of ean_search.md §
 on it is labelled ``"synthetic": true`` in its JSON.
 """
 import csv
+import io
 import json
 import math
 import statistics
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AttnlabError
+from ..files import atomic_write_text
 from .reward import Reward
 from .searchers import Oracle, all_schemes, make_searcher, run_search
 
@@ -50,15 +52,14 @@ def write_table(path, table: dict[tuple, dict], depths=None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = sorted({k for rec in table.values() for k in rec})
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["scheme"] + (["blocks"] if depths else []) + keys)
-        for bits in sorted(table):
-            rec = table[bits]
-            w.writerow(["".join(map(str, bits))] + ([bits_to_blocks(bits, depths)] if depths else [])
-                       + [_fmt(rec.get(k)) for k in keys])
-    tmp.replace(path)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["scheme"] + (["blocks"] if depths else []) + keys)
+    for bits in sorted(table):
+        rec = table[bits]
+        w.writerow(["".join(map(str, bits))] + ([bits_to_blocks(bits, depths)] if depths else [])
+                   + [_fmt(rec.get(k)) for k in keys])
+    atomic_write_text(path, buf.getvalue(), "scheme table")
 
 
 def _fmt(v):
@@ -141,9 +142,7 @@ def _share(ranks_sorted, k):
 def write_json(path, data) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_default) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=_default) + "\n", "search results")
 
 
 def _default(o):
