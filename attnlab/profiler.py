@@ -17,7 +17,6 @@ Conventions (printed with every table and stored in the JSON):
     returns (e.g. oneDNN scratch buffers), so it is a lower bound on the process's RSS growth.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -62,15 +61,20 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def cpu_name() -> str:
+def cpu_model() -> str:
+    """The CPU's model name ('AMD EPYC ...'), from /proc/cpuinfo where there is one."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_name() -> str:
+    return f"{cpu_model()} ({os.cpu_count()} cores)"
 
 
 def count_params(model: nn.Module) -> int:

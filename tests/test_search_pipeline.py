@@ -94,11 +94,7 @@ def test_search_phase_resumes_from_its_cache_with_the_same_result(tmp_path, supe
     assert len(log) == ref["queries"] + 1 + 3 and all("top1" in r and "reward" in r for r in log)
 
     cut = _search_root(tmp_path, supernet_ckpt, "cut")
-    ev = pipeline.build_evaluator(cfg, sec, cut / "supernet" / "checkpoint_last.pt",
-                                  cut / "search" / "evaluations.jsonl")
-    ev.__class__ = Interrupting
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.run_search_phase(cfg, sec, cut, evaluator=ev)
+    _interrupt_search(cfg, sec, cut)
     assert len(read_jsonl(cut / "search" / "evaluations.jsonl")) == 3
     assert not (cut / "search" / "result.json").exists()
     res = pipeline.run_search_phase(cfg, sec, cut)
@@ -109,14 +105,19 @@ def test_search_phase_resumes_from_its_cache_with_the_same_result(tmp_path, supe
     assert again["chosen"] == res["chosen"]
 
 
-def test_the_selection_rule_cannot_change_after_the_search_started(tmp_path, supernet_ckpt):
-    cfg, sec = pipeline.load_pipeline(CONFIG, tiny(tmp_path))
-    root = _search_root(tmp_path, supernet_ckpt, "rule")
+def _interrupt_search(cfg, sec, root):
+    """Start the search phase under ``root`` with an evaluator that stops it (KeyboardInterrupt) mid-search."""
     ev = pipeline.build_evaluator(cfg, sec, root / "supernet" / "checkpoint_last.pt",
                                   root / "search" / "evaluations.jsonl")
     ev.__class__ = Interrupting
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_search_phase(cfg, sec, root, evaluator=ev)
+
+
+def test_the_selection_rule_cannot_change_after_the_search_started(tmp_path, supernet_ckpt):
+    cfg, sec = pipeline.load_pipeline(CONFIG, tiny(tmp_path))
+    root = _search_root(tmp_path, supernet_ckpt, "rule")
+    _interrupt_search(cfg, sec, root)
     _, other = pipeline.load_pipeline(CONFIG, tiny(tmp_path, **{"search.select": "mode"}))
     with pytest.raises(AttnlabError, match="different plan"):
         pipeline.run_search_phase(cfg, other, root)

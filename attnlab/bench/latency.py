@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..files import atomic_write_json
 from .matrix import method_overrides
-from .runs import cpu_name, host_info, one_line
+from .runs import host_info, one_line
 
 
 def latency_model(matrix, method, load_config, device=None):
@@ -75,7 +75,7 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
                 per_bs[str(bs)] = {"median_ms": med, "images_per_s": bs / (med / 1e3), "n": len(times[(name, bs)])}
             data["methods"][name][device] = {
                 "batch": per_bs, "input_size": size, "threads": torch.get_num_threads() if device == "cpu" else None,
-                "name": torch.cuda.get_device_name(0) if device == "cuda" else cpu_name()}
+                "name": torch.cuda.get_device_name(0) if device == "cuda" else profiler.cpu_model()}
             changed = True
             log(f"[latency] {name} {device}: "
                 + ", ".join(f"bs{bs} {v['median_ms']:.2f} ms" for bs, v in per_bs.items()))

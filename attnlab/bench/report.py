@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import AttnlabError
 from ..files import atomic_write_text
-from .claims import claims_table, judge_all
+from .claims import claims_table, judge_all, verdict
 from .stats import isnan, mean_std, paired_interval, welch_interval
 
 PLOTS = ("acc_vs_latency.png", "acc_vs_params.png", "val_curves.png", "deltas.png")
@@ -153,13 +153,13 @@ def _mean_curve(curves):
 
 
 def _verdict(d, baseline):
+    """The per-method sentence, by the same rule as a claim's verdict (claims.verdict, kind 'better')."""
     if isnan(d["low"]):
         return f"no interval (needs at least 2 seeds of it and of {baseline})"
-    if d["low"] > 0:
-        return f"beats {baseline}: the whole 95% interval is above 0"
-    if d["high"] < 0:
-        return f"worse than {baseline}: the whole 95% interval is below 0"
-    return f"does not beat {baseline}: the 95% interval includes 0, so the difference is within seed-to-seed noise"
+    return {"holds": f"beats {baseline}: the whole 95% interval is above 0",
+            "reversed": f"worse than {baseline}: the whole 95% interval is below 0"}.get(
+        verdict(d), f"does not beat {baseline}: the 95% interval includes 0, so the difference is within "
+                    "seed-to-seed noise")
 
 
 # ----------------------------------------------------------------------------------------------- formatting

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -186,7 +186,6 @@ class Job:
     proc: subprocess.Popen | None = None
     record_path: Path | None = None
     reader: threading.Thread | None = None
-    env: dict = field(default_factory=dict)
 
 
 def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="results", runs_root="runs",

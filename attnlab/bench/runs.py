@@ -102,7 +102,9 @@ def read_curve(run_dir) -> list[float] | None:
 
 def host_info() -> dict:
     import torch
-    info = {"platform": platform.platform(), "machine": platform.machine(), "processor": cpu_name(),
+
+    from ..profiler import cpu_model
+    info = {"platform": platform.platform(), "machine": platform.machine(), "processor": cpu_model(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__}
     if torch.cuda.is_available():
@@ -110,16 +112,6 @@ def host_info() -> dict:
         info["gpu_count"] = torch.cuda.device_count()
         info["cuda"] = torch.version.cuda
     return info
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def one_line(err: BaseException) -> str:
