@@ -315,7 +315,8 @@ class _Runner:
             self.counts["deferred"] += len(queue)
         finally:
             self._stop_all()
-            signal.signal(signal.SIGTERM, previous) if previous is not None else None
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def _next_that_fits(self, queue):
         """Pop the first queued cell whose estimate fits in the budget (None when none does)."""

@@ -36,16 +36,14 @@ def append_line(path, record: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.dumps(record, sort_keys=False, default=_json_default)
-    with open(path, "ab") as f:
+    with open(path, "a+b") as f:  # appends always go to the end; reading the last byte needs the "+"
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             # A torn previous line (killed mid-write) must not swallow this one: start on a fresh line.
-            size = f.seek(0, os.SEEK_END)
             prefix = b""
-            if size:
-                with open(path, "rb") as r:
-                    r.seek(size - 1)
-                    prefix = b"" if r.read(1) == b"\n" else b"\n"
+            if f.seek(0, os.SEEK_END):
+                f.seek(-1, os.SEEK_END)
+                prefix = b"" if f.read(1) == b"\n" else b"\n"
             f.write(prefix + data.encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
