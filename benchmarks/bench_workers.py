@@ -29,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attnlab.bench.runs import host_info, read_runs  # noqa: E402
+from attnlab.bench.runs import host_info  # noqa: E402
+from attnlab.jsonl import read_jsonl  # noqa: E402
 from attnlab.profiler import write_json  # noqa: E402
 
 BATCH = 128
@@ -66,7 +67,7 @@ def run_bench(tmp: Path, tag: str, methods, steps, workers, threads, cache_dir) 
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         sys.exit(f"bench_workers: {tag} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    records = read_runs(tmp / "results" / name / "runs.jsonl")
+    records = read_jsonl(tmp / "results" / name / "runs.jsonl")
     images = len(records) * steps * BATCH
     return {"wall_s": round(wall, 2), "images": images, "images_per_s_wall": round(images / wall, 1),
             "cell_train_images_per_s": [r.get("train_images_per_s") for r in records],

@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from attnlab.jsonl import read_jsonl  # noqa: E402
 from attnlab.search.replay import read_table, replay_study, write_json  # noqa: E402
 
 CONFIG = ROOT / "configs" / "search" / "ean_resnet20_se.yaml"
@@ -195,12 +196,6 @@ def kendall_tau(x, y) -> float:
     return (conc - disc) / denom if denom else float("nan")
 
 
-def read_runs(path):
-    if not Path(path).is_file():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def phase_report(a):
     results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -226,18 +221,18 @@ def phase_report(a):
             "mean_top1_plain": statistics.fmean(plain_top1), "mean_top1_recal": statistics.fmean(recal_top1),
             "best_plain": summary["table"]["best"],
             "best_recal": "".join(map(str, max(recal, key=lambda b: recal[b]["reward"])))}
-    stand = [r for r in read_runs(results / "ean_standalone" / "runs.jsonl") if r.get("status") == "ok"]
+    stand = [r for r in read_jsonl(results / "ean_standalone" / "runs.jsonl") if r.get("status") == "ok"]
     if stand:
         table = dict(ranked)
         pairs = [(table[tuple(int(c) for c in r["method"][1:])]["top1"], r["test_top1"]) for r in stand]
-        sd_runs = read_runs(results / "ean_standalone_sd" / "runs.jsonl")
+        sd_runs = read_jsonl(results / "ean_standalone_sd" / "runs.jsonl")
         sd_methods = {r["method"] for r in sd_runs}
         sd = [r["test_top1"] for r in sd_runs + [r for r in stand if r["method"] in sd_methods]
               if r.get("status") == "ok"]
         summary["standalone"] = {"schemes": len(pairs), "kendall_tau_supernet_vs_standalone_test":
                                  kendall_tau([p[0] for p in pairs], [p[1] for p in pairs]),
                                  "pairs": pairs, "seed_sd_one_scheme": statistics.stdev(sd) if len(sd) > 1 else None}
-    retrain = [r for r in read_runs(results / "ean_retrain" / "runs.jsonl") if r.get("status") == "ok"]
+    retrain = [r for r in read_jsonl(results / "ean_retrain" / "runs.jsonl") if r.get("status") == "ok"]
     if retrain:
         by = {}
         for r in retrain:

@@ -38,7 +38,7 @@ COLUMNS = [("test top-1", lambda r: r["top1"]),
            ("Top-1 Loc oracle", lambda r: r["top1_loc"]["oracle"])]
 
 
-def read_runs(runs: Path) -> dict:
+def read_localizations(runs: Path) -> dict:
     """{method: {seed: localize.json dict}}."""
     out = {}
     for path in sorted(runs.glob("*-s*/localize.json")):
@@ -115,7 +115,7 @@ def copy_pictures(runs: Path, results: dict) -> list[str]:
 
 
 def report(runs: Path) -> str:
-    results = read_runs(runs)
+    results = read_localizations(runs)
     head = ["# Weakly-supervised localization on Tiny-ImageNet-50 (ResNet-20, 32x32, CPU)", "",
             "Recipe `configs/tiny_imagenet_resnet20_cpu.yaml`, matrix `benchmarks/matrices/wsol_tiny_imagenet.yaml`;",
             "metrics as defined in `docs/wsol.md` (wsolevaluation's definitions; tau chosen on val = held out of",

@@ -6,11 +6,11 @@ import pytest
 
 import attnlab.attention
 from attnlab import cli
-from attnlab.bench import (append_line, cells, fingerprint, format_value, load_matrix, read_runs, run_matrix,
-                           slug)
+from attnlab.bench import cells, fingerprint, format_value, load_matrix, run_matrix, slug
 from attnlab.bench.runner import parse_duration
 from attnlab.bench.runs import cell_lock
 from attnlab.errors import AttnlabError
+from attnlab.jsonl import append_jsonl, read_jsonl
 from matrix_helpers import tiny_matrix_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,16 +82,6 @@ seeds: [0, 1]
         cells(m, only=["sse"])
 
 
-def test_append_line_survives_a_torn_last_line(tmp_path):
-    path = tmp_path / "r" / "runs.jsonl"
-    append_line(path, {"method": "a", "seed": 0})
-    with open(path, "a") as f:
-        f.write('{"method": "b", "se')  # the process died mid-write
-    assert [r["method"] for r in read_runs(path)] == ["a"]
-    append_line(path, {"method": "c", "seed": 0})
-    assert [r["method"] for r in read_runs(path)] == ["a", "c"]
-
-
 def test_dry_run_lists_cells_and_runs_nothing(tmp_path, capsys):
     path = _write(tmp_path, "name: tiny\nmethods: [none, {name: se, overrides: {model.attention: se}}]\n"
                             "seeds: [0, 1]\n")
@@ -121,7 +111,7 @@ def test_tiny_matrix_runs_records_failures_and_resumes(tmp_path, capsys):
     matrix = load_matrix(path)
     counts = run_matrix(matrix, results_root=res, runs_root=runs)
     assert counts == _counts(total=3, ok=2, failed=1)
-    lines = read_runs(res / "tiny" / "runs.jsonl")
+    lines = read_jsonl(res / "tiny" / "runs.jsonl")
     assert [(r["method"], r["status"]) for r in lines] == [("none", "ok"), ("bogus", "failed"), ("se", "ok")]
     bogus = lines[1]
     assert "nope" in bogus["error"] and "\n" not in bogus["error"]
@@ -141,36 +131,19 @@ def test_tiny_matrix_runs_records_failures_and_resumes(tmp_path, capsys):
     # Again: every cell is finished (the failed one too), nothing runs, nothing is appended.
     counts = run_matrix(matrix, results_root=res, runs_root=runs)
     assert counts == _counts(total=3, skipped=3)
-    assert len(read_runs(res / "tiny" / "runs.jsonl")) == 3
+    assert len(read_jsonl(res / "tiny" / "runs.jsonl")) == 3
     assert "finished earlier" in capsys.readouterr().out
 
     # --retry-failed re-runs only the failed cell; a changed matrix is refused rather than mixed in.
     counts = run_matrix(matrix, results_root=res, runs_root=runs, retry_failed=True, latency=False)
     assert counts == _counts(total=3, skipped=2, failed=1)
-    assert len(read_runs(res / "tiny" / "runs.jsonl")) == 4
+    assert len(read_jsonl(res / "tiny" / "runs.jsonl")) == 4
     changed = load_matrix(_write(tmp_path, path.read_text().replace("train.epochs: 1", "train.epochs: 2")))
     with pytest.raises(AttnlabError, match="other settings"):
         run_matrix(changed, results_root=res, runs_root=runs)
 
 
 # ----------------------------------------------------------------------------------------------- issue 10
-def _append_many(args):
-    path, writer, n = args
-    for k in range(n):
-        append_line(path, {"method": f"w{writer}", "seed": k, "pad": "x" * 30000})  # far above one pipe write
-
-
-def test_concurrent_writers_keep_runs_jsonl_valid(tmp_path):
-    import multiprocessing
-    path = tmp_path / "runs.jsonl"
-    with multiprocessing.get_context("fork").Pool(4) as pool:
-        pool.map(_append_many, [(path, w, 40) for w in range(4)])
-    lines = path.read_text().splitlines()
-    assert len(lines) == 160 and len(read_runs(path)) == 160  # no line torn or interleaved
-    assert sorted((r["method"], r["seed"]) for r in read_runs(path)) == [(f"w{w}", k) for w in range(4)
-                                                                         for k in range(40)]
-
-
 def test_parse_duration():
     assert parse_duration("150m") == 9000 and parse_duration("2h") == 7200 and parse_duration("1h30m") == 5400
     assert parse_duration("90s") == 90
@@ -193,16 +166,16 @@ def test_budget_starts_only_cells_that_fit_and_adding_methods_runs_only_them(tmp
     matrix = load_matrix(path)
     runs_path = res / "tiny" / "runs.jsonl"
     # Seed 0 already ran: `none` took 5 s, `se` 10,000 s. With a 60 s budget only none's seed 1 fits.
-    append_line(runs_path, _seed_record(matrix, "none", 0, 5.0))
-    append_line(runs_path, _seed_record(matrix, "se", 0, 10000.0))
+    append_jsonl(runs_path, _seed_record(matrix, "none", 0, 5.0))
+    append_jsonl(runs_path, _seed_record(matrix, "se", 0, 10000.0))
     gpu = dict(_seed_record(matrix, "none", 7, 99999.0), device="NVIDIA H200")  # another device: no estimate
-    append_line(runs_path, gpu)
+    append_jsonl(runs_path, gpu)
     counts = run_matrix(matrix, results_root=res, runs_root=runs, latency=False, budget_s=60)
     assert counts == _counts(total=4, skipped=2, ok=1, deferred=1)
     out = capsys.readouterr().out
     assert "--budget 1m00s" in out and "se seed 1: not started, it would not finish within the budget" in out
     assert "1 left for a later slice" in out
-    assert [(r["method"], r["seed"]) for r in read_runs(runs_path)][-1] == ("none", 1)
+    assert [(r["method"], r["seed"]) for r in read_jsonl(runs_path)][-1] == ("none", 1)
 
     # A method added to the matrix runs alone; the finished cells (and the deferred one, not asked for) stay.
     before = runs_path.read_text()
@@ -211,7 +184,7 @@ def test_budget_starts_only_cells_that_fit_and_adding_methods_runs_only_them(tmp
     counts = run_matrix(grown, seeds=[0], results_root=res, runs_root=runs, latency=False)
     assert counts == _counts(total=3, skipped=2, ok=1)
     assert runs_path.read_text().startswith(before)
-    assert [(r["method"], r["seed"]) for r in read_runs(runs_path)][-1] == ("eca", 0)
+    assert [(r["method"], r["seed"]) for r in read_jsonl(runs_path)][-1] == ("eca", 0)
 
 
 def test_a_cell_locked_by_another_bench_is_skipped(tmp_path, capsys):
@@ -259,7 +232,7 @@ def test_workers_train_cells_in_processes_and_a_killed_one_resumes(tmp_path):
     assert counts == _counts(total=2, ok=1, interrupted=1)
     text_out = "\n".join(out)
     assert "none seed 0: worker killed by signal 9" in text_out and "[se-s0] epoch" in text_out
-    lines = read_runs(res / "tiny" / "runs.jsonl")
+    lines = read_jsonl(res / "tiny" / "runs.jsonl")
     assert [(r["method"], r["status"], r["workers"], r["threads"]) for r in lines] == [("se", "ok", 2, 1)]
 
     # The next run resumes the killed cell from its checkpoint and finishes it; the finished one is skipped.
@@ -267,7 +240,7 @@ def test_workers_train_cells_in_processes_and_a_killed_one_resumes(tmp_path):
     counts = run_matrix(matrix, results_root=res, runs_root=runs, latency=False, workers=2, threads=1, log=out.append)
     assert counts == _counts(total=2, skipped=1, ok=1)
     assert any("[none-s0] resuming" in line for line in out)
-    none = read_runs(res / "tiny" / "runs.jsonl")[-1]
+    none = read_jsonl(res / "tiny" / "runs.jsonl")[-1]
     assert none["method"] == "none" and none["status"] == "ok" and len(none["val_curve"]) == 12
     assert (runs / "tiny" / ".bench" / "logs" / "none-s0.log").is_file()
     assert not list((runs / "tiny" / ".bench" / "records").glob("*.json"))

@@ -11,7 +11,6 @@ from attnlab.data.loader import BatchLoader
 from attnlab.errors import AttnlabError
 from attnlab.models import create_model
 from attnlab.models.connections import get_connections, scheme_bits
-from attnlab.search.cache import JsonlLog, read_jsonl
 from attnlab.search.evaluator import SchemeEvaluator
 from attnlab.search.replay import ranks, read_table, replay_study, synthetic_table, write_table
 from attnlab.search.reward import LatencyTable, Reward
@@ -58,22 +57,6 @@ def test_latency_term_reads_the_per_block_table(tmp_path):
         Reward(beta=1.0)
     with pytest.raises(AttnlabError, match="3 blocks"):
         r((1, 0), 90.0)
-
-
-# ---- cache -----------------------------------------------------------------------------------------------------
-
-def test_jsonl_log_survives_a_partial_last_line(tmp_path):
-    path = tmp_path / "cache.jsonl"
-    log = JsonlLog(path)
-    log.append({"scheme": "101", "top1": 50.0})
-    with open(path, "a") as f:
-        f.write('{"scheme": "11')  # a crash in the middle of a write
-    assert read_jsonl(path) == [{"scheme": "101", "top1": 50.0}]
-    JsonlLog(path).append({"scheme": "111", "top1": 60.0})
-    assert [r["scheme"] for r in read_jsonl(path)] == ["101", "111"]
-    path.write_text('{"a": 1}\nnot json\n{"b": 2}\n')
-    with pytest.raises(AttnlabError, match="line 2"):
-        read_jsonl(path)
 
 
 # ---- searchers on a known table --------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from attnlab.engine import train as engine
 from attnlab.engine.checkpoint import load_checkpoint
 from attnlab.errors import AttnlabError
 from attnlab.search import pipeline
-from attnlab.search.cache import read_jsonl
+from attnlab.jsonl import read_jsonl
 from attnlab.search.evaluator import SchemeEvaluator
 
 ROOT = Path(__file__).resolve().parents[1]

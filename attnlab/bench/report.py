@@ -20,13 +20,14 @@ PLOTS = ("acc_vs_latency.png", "acc_vs_params.png", "val_curves.png", "deltas.pn
 # ----------------------------------------------------------------------------------------------- loading
 def load_results(results_dir):
     """(records: last line per (method, seed), all lines, latency dict) of a results/<matrix>/ folder."""
-    from .runs import latest_by_cell, read_runs
+    from ..jsonl import read_jsonl
+    from .runs import latest_by_cell
 
     results_dir = Path(results_dir)
     runs_path = results_dir / "runs.jsonl"
     if not runs_path.is_file():
         raise AttnlabError(f"no runs.jsonl in {results_dir}: run `attnlab bench --matrix ...` first")
-    lines = read_runs(runs_path)
+    lines = read_jsonl(runs_path)
     if not lines:
         raise AttnlabError(f"{runs_path} holds no runs yet")
     latency_path = results_dir / "latency.json"

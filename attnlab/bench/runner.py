@@ -31,7 +31,8 @@ from pathlib import Path
 from ..errors import AttnlabError
 from ..files import atomic_write_text, git_commit
 from .matrix import cell_overrides, cells, fingerprint, same_settings
-from .runs import append_line, cell_lock, host_info, latest_by_cell, one_line, read_curve, read_runs
+from ..jsonl import append_jsonl, read_jsonl
+from .runs import cell_lock, host_info, latest_by_cell, one_line, read_curve
 
 HARNESS_DIR = ".bench"  # runs/<matrix>/.bench/{locks,logs,records}: the harness's own bookkeeping
 
@@ -196,7 +197,7 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
     results_dir = Path(results_root) / matrix["name"]
     runs_dir = Path(runs_root) / matrix["name"]
     runs_path = results_dir / "runs.jsonl"
-    records = read_runs(runs_path)
+    records = read_jsonl(runs_path)
     pending = _pending(matrix, cells(matrix, seeds, only), latest_by_cell(records), runs_path, retry_failed)
     n_total = len(pending)
     n_skip = sum(1 for _, prev in pending if prev is not None)
@@ -335,7 +336,7 @@ class _Runner:
             self.counts["busy"] += 1
             self.log(f"[{i}/{self.n_total}] {name}: being trained by another attnlab bench, skipped")
             return
-        prev = latest_by_cell(read_runs(self.runs_path)).get((c["method"], c["seed"]))
+        prev = latest_by_cell(read_jsonl(self.runs_path)).get((c["method"], c["seed"]))
         if prev is not None and prev.get("status") == "ok":  # another process finished it meanwhile
             stack.close()
             self.counts["skipped"] += 1
@@ -419,7 +420,7 @@ class _Runner:
         if not stamped:
             import torch
             stamp(record, torch.get_num_threads(), self.workers)
-        append_line(self.runs_path, record)
+        append_jsonl(self.runs_path, record)
         job.stack.close()
         self.counts[record["status"]] += 1
         name = f"[{job.index}/{self.n_total}] {c['method']} seed {c['seed']}"

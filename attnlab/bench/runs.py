@@ -1,60 +1,14 @@
-"""``results/<matrix>/runs.jsonl``: one JSON line per finished cell, shared by the runner and the report.
+"""``results/<matrix>/runs.jsonl`` and a cell's run folder: what the runner and the report read and write.
 
-Lines are only ever appended, each in one ``write`` under an exclusive ``flock`` and fsynced, so several writers
-(the runner's workers, or two ``attnlab bench`` processes on one matrix) never interleave. A crash leaves at most
-a torn last line, which :func:`read_runs` skips (its cell then counts as not run and runs again).
+runs.jsonl holds one JSON line per finished cell, read and appended through :mod:`attnlab.jsonl` (locked appends,
+so several writers never interleave; a torn line is skipped, and its cell counts as not run and runs again).
 """
 import csv
 import fcntl
-import json
 import os
 import platform
-import sys
 from contextlib import contextmanager
 from pathlib import Path
-
-
-def read_runs(path) -> list[dict]:
-    """Every line of a runs.jsonl, skipping (with a warning) a line torn by a process killed mid-write."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    out = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            print(f"attnlab: warning: {path} line {i + 1} is not valid JSON (a torn write?); ignored",
-                  file=sys.stderr)
-    return out
-
-
-def append_line(path, record: dict) -> None:
-    """Append one JSON line under an exclusive lock and fsync it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.dumps(record, sort_keys=False, default=_json_default)
-    with open(path, "a+b") as f:  # appends always go to the end; reading the last byte needs the "+"
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            # A torn previous line (killed mid-write) must not swallow this one: start on a fresh line.
-            prefix = b""
-            if f.seek(0, os.SEEK_END):
-                f.seek(-1, os.SEEK_END)
-                prefix = b"" if f.read(1) == b"\n" else b"\n"
-            f.write(prefix + data.encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _json_default(obj):
-    if hasattr(obj, "item"):
-        return obj.item()
-    return str(obj)
 
 
 def latest_by_cell(records) -> dict:

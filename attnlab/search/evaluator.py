@@ -10,7 +10,7 @@
     statistics back. SPOS keeps BN's momentum (an EMA); here momentum is None while recalibrating, a cumulative
     average that does not depend on batch order. EAN never recalibrates (its search reads the supernet's running
     statistics as they are), which is ``recal_batches: 0``, the default;
-  * cache: every evaluation is one line of a JSONL file (``cache.JsonlLog``) keyed by the scheme and a context
+  * cache: every evaluation is one line of a JSONL file (``attnlab.jsonl``) keyed by the scheme and a context
     string (the checkpoint's SHA-256, the recalibration setting, the val split's size), so a restarted search
     reads what was done and a changed supernet or setting never reuses stale numbers.
 """
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..models.connections import bits_to_blocks, set_connections
-from .cache import JsonlLog, read_jsonl
+from ..jsonl import append_jsonl, read_jsonl
 
 
 def file_sha256(path) -> str:
@@ -45,13 +45,12 @@ class SchemeEvaluator:
         self.channels_last = channels_last
         self.context = f"{context}|recal={self.recal_batches}|val={val_loader.n}"
         self.cache: dict[str, dict] = {}
-        self.log = None
+        self.cache_path = cache_path
         self.evaluations = 0  # real (uncached) evaluations by this instance
         if cache_path is not None:
             for rec in read_jsonl(cache_path):
                 if rec.get("context") == self.context:
                     self.cache[rec["scheme"]] = rec
-            self.log = JsonlLog(cache_path)
 
     def __call__(self, bits) -> dict:
         key = "".join(str(int(b)) for b in bits)
@@ -69,8 +68,8 @@ class SchemeEvaluator:
                "n": int(res["n"]), "seconds": round(time.perf_counter() - t0, 3)}
         self.evaluations += 1
         self.cache[key] = rec
-        if self.log is not None:
-            self.log.append(rec)
+        if self.cache_path is not None:
+            append_jsonl(self.cache_path, rec, sort_keys=True)
         return {**_public(rec), "cached": False}
 
     @torch.no_grad()

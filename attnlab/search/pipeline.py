@@ -235,7 +235,8 @@ def _plan(sec) -> dict:
 
 def run_search_phase(cfg, sec, root, evaluator=None) -> dict:
     from ..models.connections import bits_to_blocks
-    from .cache import JsonlLog
+    from ..files import atomic_write_bytes
+    from ..jsonl import append_jsonl
     from .replay import write_json, write_table
     from .searchers import Oracle, make_searcher, run_search
 
@@ -277,8 +278,8 @@ def run_search_phase(cfg, sec, root, evaluator=None) -> dict:
         for bits in all_schemes(n_bits):
             table[tuple(bits)] = table_oracle.record(bits)
         write_table(out / "table.csv", {b: {**r, "connected": sum(b)} for b, r in table.items()}, depths)
-    log = JsonlLog(out / "search.jsonl", truncate=True)
-    oracle = Oracle(evaluate, budget=sec.search.budget, on_query=log.append)
+    log = atomic_write_bytes(out / "search.jsonl", b"", "search log")  # the search re-runs whole from the cache
+    oracle = Oracle(evaluate, budget=sec.search.budget, on_query=lambda rec: append_jsonl(log, rec, sort_keys=True))
     outcome = run_search(searcher, oracle, n_bits, sec.search.seed, sec.search.select, sec.search.derive_samples)
     progress.close()
     res = outcome.to_dict()

@@ -1,0 +1,60 @@
+"""One home for append-only JSONL files: bench's runs.jsonl, the EAN evaluation cache and search log.
+
+Every record is one line, appended in one ``write`` under an exclusive ``flock`` and fsynced before the call
+returns, so concurrent writers (bench's workers, two processes on one matrix) never interleave and a record that
+was reported written is on disk. A process killed mid-write leaves a torn line. Nothing ever rewrites what is
+already in the file ("a crash never changes a result"): the next append starts on a fresh line, so the torn line
+stays alone, and readers skip it with a warning naming the file and line. A skipped line only means its work is
+done again (a bench cell re-runs, a search scheme is re-evaluated).
+"""
+import fcntl
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def read_jsonl(path) -> list[dict]:
+    """Every record of ``path`` in order ([] if it does not exist), skipping lines that are not JSON objects."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for i, line in enumerate(path.read_bytes().split(b"\n")):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if isinstance(record, dict):
+            out.append(record)
+        else:
+            print(f"attnlab: warning: {path} line {i + 1} is not a JSON record (a torn write?); ignored",
+                  file=sys.stderr)
+    return out
+
+
+def append_jsonl(path, record: dict, sort_keys: bool = False) -> None:
+    """Append ``record`` as one line of ``path`` (created with its folder), under an exclusive lock, fsynced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(record, sort_keys=sort_keys, default=_json_default).encode()
+    with open(path, "a+b") as f:  # appends always go to the end; reading the last byte needs the "+"
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            prefix = b""
+            if f.seek(0, os.SEEK_END):  # a torn previous line must not swallow this one
+                f.seek(-1, os.SEEK_END)
+                prefix = b"" if f.read(1) == b"\n" else b"\n"
+            f.write(prefix + data + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):  # numpy and torch scalars
+        return obj.item()
+    return str(obj)

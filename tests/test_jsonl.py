@@ -1,0 +1,49 @@
+"""attnlab.jsonl: the append-only record files (bench's runs.jsonl, EAN's evaluation cache and search log)."""
+import multiprocessing
+
+from attnlab.jsonl import append_jsonl, read_jsonl
+
+
+def test_a_torn_line_is_skipped_kept_and_never_swallows_the_next(tmp_path, capsys):
+    path = tmp_path / "r" / "runs.jsonl"
+    append_jsonl(path, {"method": "a", "seed": 0})
+    with open(path, "a") as f:
+        f.write('{"method": "b", "se')  # the process died mid-write
+    assert read_jsonl(path) == [{"method": "a", "seed": 0}]
+    assert "line 2 is not a JSON record" in capsys.readouterr().err
+    before = path.read_bytes()
+    append_jsonl(path, {"method": "c", "seed": 0})
+    assert path.read_bytes().startswith(before)  # nothing already written is rewritten
+    assert [r["method"] for r in read_jsonl(path)] == ["a", "c"]
+
+
+def test_lines_that_are_not_records_are_skipped_with_their_line_numbers(tmp_path, capsys):
+    path = tmp_path / "cache.jsonl"
+    path.write_bytes(b'{"a": 1}\nnot json\n[1, 2]\n\xff\xfe\n\n{"b": 2}\n')
+    assert read_jsonl(path) == [{"a": 1}, {"b": 2}]
+    err = capsys.readouterr().err
+    assert all(f"line {n} is not a JSON record" in err for n in (2, 3, 4)) and "line 5" not in err
+    assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_sort_keys_and_numpy_like_scalars(tmp_path):
+    import torch
+    path = tmp_path / "x.jsonl"
+    append_jsonl(path, {"z": 1, "a": torch.tensor(2.5)}, sort_keys=True)
+    assert path.read_text() == '{"a": 2.5, "z": 1}\n'
+
+
+def _append_many(args):
+    path, writer, n = args
+    for k in range(n):
+        append_jsonl(path, {"method": f"w{writer}", "seed": k, "pad": "x" * 30000})  # far above one pipe write
+
+
+def test_concurrent_writers_never_tear_or_interleave_lines(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        pool.map(_append_many, [(path, w, 40) for w in range(4)])
+    lines = path.read_text().splitlines()
+    assert len(lines) == 160 and len(read_jsonl(path)) == 160
+    assert sorted((r["method"], r["seed"]) for r in read_jsonl(path)) == [(f"w{w}", k) for w in range(4)
+                                                                         for k in range(40)]
