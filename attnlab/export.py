@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from .engine.checkpoint import load_training_checkpoint, model_from_checkpoint
-from .engine.checkpoint import load_training_checkpoint as load_checkpoint  # noqa: F401 (older name, tests use it)
 from .errors import AttnlabError
 from .files import atomic_path, writable_dir
 

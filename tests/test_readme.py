@@ -1,7 +1,6 @@
 """The README's commands work as written: every `attnlab` line parses and its recipe and overrides load, the
 Python block runs, the single-node torchrun line trains (2 CPU ranks, gloo) at tiny size with the files the
 README's table lists, and the tools the README puts on PATH are in the environment's bin/."""
-import argparse
 import importlib
 import json
 import os

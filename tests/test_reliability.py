@@ -15,7 +15,6 @@ from attnlab.engine.checkpoint import load_checkpoint
 from attnlab.engine.config import load_config
 from attnlab.engine.optim import lr_factor
 from attnlab.engine.train import resume_config, train
-from attnlab.errors import AttnlabError
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"

@@ -297,7 +297,7 @@ def test_engine_run_logs_the_term_after_warmup_and_saves_a_plain_model(tmp_path)
 
     from attnlab.engine.config import load_config
     from attnlab.engine.train import train
-    from attnlab.export import load_checkpoint
+    from attnlab.engine.checkpoint import load_training_checkpoint
 
     cfg = load_config(overrides=[
         "device=cpu", f"out_dir={tmp_path / 'runs'}", "name=ssia", "model.name=resnet20", "model.attention=se",
@@ -308,7 +308,7 @@ def test_engine_run_logs_the_term_after_warmup_and_saves_a_plain_model(tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "runs" / "ssia" / "metrics.csv")))
     assert [float(r["ssia"]) for r in rows][0] == 0.0  # epoch 1 is the warm-up
     assert float(rows[1]["ssia"]) > 0
-    ckpt = load_checkpoint(tmp_path / "runs" / "ssia" / "checkpoint_last.pt")
+    ckpt = load_training_checkpoint(tmp_path / "runs" / "ssia" / "checkpoint_last.pt")
     assert ckpt["config"]["ssia"]["enabled"] is True
     attnlab.create_model("resnet20", attention="se").load_state_dict(ckpt["model"], strict=True)
 

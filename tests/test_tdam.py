@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attn_helpers import (attention_params, backbone_cases, check_output_shape, n_params, tiny_cifar,
-                          train_losses)
+from attn_helpers import (attention_params_with_gradients, backbone_cases, check_output_shape, check_short_run_learns,
+                          n_params)
 from attnlab import attention
 from attnlab.errors import AttnlabError
 from attnlab.models import BasicBlock, Bottleneck, create_model
@@ -197,12 +197,9 @@ def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
     # reduction 2: with C_top // 16 = 2 hidden units, both can be dead ReLUs for a whole batch by chance
     model = create_model("resnet20", attention="tdam", attention_kwargs={"m": 2, "reduction": 2})
-    F.cross_entropy(model(torch.randn(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3])).backward()
-    params = attention_params(model)
+    params = attention_params_with_gradients(model)
     assert {n.split(".", 1)[1] for n, _ in params} == {
         "w_top.weight", "w_bottom.weight", "w_s.weight", "bn1_1.weight", "bn1_1.bias", "bn2_1.weight", "bn2_1.bias"}
-    for name, p in params:
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize("name,size", backbone_cases())
@@ -211,10 +208,8 @@ def test_output_shapes(name, size):
 
 
 def test_short_training_run_decreases_loss():
-    x, y = tiny_cifar(32)
     torch.manual_seed(0)
-    losses = train_losses(create_model("resnet20", attention="tdam"), x, y, steps=20, lr=0.1)
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.15, losses
+    check_short_run_learns(create_model("resnet20", attention="tdam"))
 
 
 def test_imagenet_recipe_starts_residual_branches_at_zero_like_the_official_code(tmp_path):
