@@ -144,6 +144,38 @@ def test_tiny_matrix_runs_records_failures_and_resumes(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------- issue 10
+def test_cells_with_the_settings_of_another_matrix_reuse_its_results(tmp_path, capsys):
+    src = tmp_path / "results" / "earlier"
+    text = tiny_matrix_text({"plain": "none", "se": "se"}) + f"reuse: [{src}]\n"
+    with pytest.raises(AttnlabError, match="reuse folder .* not found"):
+        load_matrix(_write(tmp_path, text))
+    src.mkdir(parents=True)
+    matrix = load_matrix(_write(tmp_path, text))
+    plain, se = cells(matrix)
+    # "none" there is "plain" here: the settings and the seed decide, not the name. A failed cell or one with
+    # other settings is never reused.
+    append_jsonl(src / "runs.jsonl", {"method": "none", "seed": 0, "status": "ok", "test_top1": 41.0,
+                                      "fingerprint": fingerprint(matrix, plain)})
+    append_jsonl(src / "runs.jsonl", {"method": "se", "seed": 0, "status": "failed",
+                                      "fingerprint": fingerprint(matrix, se)})
+    other = fingerprint(matrix, se).replace('"train.epochs": 1', '"train.epochs": 2')
+    append_jsonl(src / "runs.jsonl", {"method": "se", "seed": 0, "status": "ok", "fingerprint": other})
+    res, runs = tmp_path / "res", tmp_path / "runs"
+    run_matrix(matrix, dry_run=True, results_root=res, runs_root=runs)
+    out = capsys.readouterr().out
+    assert f"plain seed 0: done in {src / 'runs.jsonl'} (same settings and seed: reused)" in out
+    assert "se seed 0: to run" in out and not (res / "tiny" / "runs.jsonl").exists()
+
+    counts = run_matrix(matrix, only=["plain"], results_root=res, runs_root=runs, latency=False)
+    assert counts == _counts(total=1, skipped=1) and not runs.exists()  # nothing trained
+    [rec] = read_jsonl(res / "tiny" / "runs.jsonl")
+    assert (rec["method"], rec["matrix"], rec["test_top1"], rec["reused_from"]) == ("plain", "tiny", 41.0,
+                                                                                   str(src / "runs.jsonl"))
+    assert "its result is used" in capsys.readouterr().out
+    run_matrix(matrix, only=["plain"], results_root=res, runs_root=runs, latency=False)
+    assert len(read_jsonl(res / "tiny" / "runs.jsonl")) == 1  # taken once
+
+
 def test_parse_duration():
     assert parse_duration("150m") == 9000 and parse_duration("2h") == 7200 and parse_duration("1h30m") == 5400
     assert parse_duration("90s") == 90

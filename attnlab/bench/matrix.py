@@ -10,6 +10,8 @@
     latency: {batch_sizes: [1, 32], warmup: 5, repeats: 20}
     claims:                            # what the papers say, checked by `attnlab report`
       - {claim: "SSIA beats SE", source: "Wu et al. 2022", method: ssia, baseline: se, paper: "qualitative"}
+    reuse: [results/cifar10_resnet20]  # other matrices' results folders: a cell with the same settings and seed
+                                       # finished there is copied into this runs.jsonl instead of trained again
 
 A cell is one (method, seed). Its result depends only on the recipe and its merged overrides (its fingerprint), so
 methods and claims can be added to a matrix that already has results without touching the finished cells.
@@ -22,7 +24,7 @@ import yaml
 
 from ..errors import AttnlabError, unknown
 
-MATRIX_KEYS = {"name", "description", "recipe", "overrides", "methods", "seeds", "latency", "claims"}
+MATRIX_KEYS = {"name", "description", "recipe", "overrides", "methods", "seeds", "latency", "claims", "reuse"}
 METHOD_KEYS = {"name", "overrides"}
 CLAIM_KEYS = {"claim", "source", "method", "baseline", "paper", "kind", "margin"}
 CLAIM_KINDS = ("better", "match")
@@ -54,18 +56,37 @@ def load_matrix(path) -> dict:
             "recipe_path": _recipe_path(raw.get("recipe"), path),
             "overrides": _mapping(raw.get("overrides") or {}, f"matrix {path}: 'overrides'"),
             "methods": methods, "seeds": list(seeds), "latency": latency,
-            "claims": _claims(raw.get("claims") or [], [m["name"] for m in methods], path)}
+            "claims": _claims(raw.get("claims") or [], [m["name"] for m in methods], path),
+            "reuse": _reuse_sources(raw.get("reuse") or [], path)}
 
 
 def _recipe_path(recipe, matrix_path: Path):
     if recipe is None:
         return None
-    # Relative to the working directory, else to a folder above the matrix file (the repository root).
-    candidates = [Path(recipe)] + [p / recipe for p in matrix_path.resolve().parents]
-    found = next((str(c) for c in candidates if c.is_file()), None)
+    found = _find(recipe, matrix_path, Path.is_file)
     if found is None:
         raise AttnlabError(f"matrix {matrix_path}: recipe '{recipe}' not found")
-    return found
+    return str(found)
+
+
+def _reuse_sources(reuse, matrix_path: Path) -> list[Path]:
+    """The results folders named by ``reuse:`` (each holds, or will hold, a runs.jsonl)."""
+    if not isinstance(reuse, list) or not all(isinstance(r, str) and r for r in reuse):
+        raise AttnlabError(f"matrix {matrix_path}: 'reuse' must be a list of results folders, e.g. "
+                           "[results/cifar10_resnet20]")
+    out = []
+    for r in reuse:
+        found = _find(r, matrix_path, Path.is_dir)
+        if found is None:
+            raise AttnlabError(f"matrix {matrix_path}: reuse folder '{r}' not found")
+        out.append(found)
+    return out
+
+
+def _find(name, matrix_path: Path, test):
+    """``name`` relative to the working directory, else to a folder above the matrix file (the repository root)."""
+    candidates = [Path(name)] + [p / name for p in matrix_path.resolve().parents]
+    return next((c for c in candidates if test(c)), None)
 
 
 def _methods(methods, path) -> list[dict]:
@@ -189,12 +210,15 @@ def fingerprint(matrix, cell) -> str:
 
 def same_settings(recorded: str | None, current: str) -> bool:
     """Whether a recorded fingerprint names the same settings as ``current`` (older records kept the device)."""
-    if recorded is None:
-        return True
+    return recorded is None or settings_of(recorded) == current
+
+
+def settings_of(recorded: str | None) -> str | None:
+    """A recorded fingerprint in the form :func:`fingerprint` gives now (None if it is missing or unreadable)."""
     try:
         old = json.loads(recorded)
         for key in PLACEMENT_KEYS:
             old.get("overrides", {}).pop(key, None)
-        return json.dumps(old, sort_keys=True, default=str) == current
+        return json.dumps(old, sort_keys=True, default=str)
     except (json.JSONDecodeError, AttributeError, TypeError):
-        return False
+        return None

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..errors import AttnlabError
 from ..files import atomic_write_text, git_commit
-from .matrix import cell_overrides, cells, fingerprint, same_settings
+from .matrix import cell_overrides, cells, fingerprint, same_settings, settings_of
 from ..jsonl import append_jsonl, read_jsonl
 from .runs import cell_lock, host_info, latest_by_cell, one_line, read_curve
 
@@ -199,6 +199,7 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
     runs_path = results_dir / "runs.jsonl"
     records = read_jsonl(runs_path)
     pending = _pending(matrix, cells(matrix, seeds, only), latest_by_cell(records), runs_path, retry_failed)
+    pending = _reuse(matrix, pending, runs_path, write=not dry_run)
     n_total = len(pending)
     n_skip = sum(1 for _, prev in pending if prev is not None)
     if dry_run:
@@ -215,7 +216,10 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
 
     counts = {"total": n_total, "skipped": n_skip, "ok": 0, "failed": 0, "deferred": 0, "interrupted": 0, "busy": 0}
     for i, (c, prev) in enumerate(pending, 1):
-        if prev is not None:
+        if prev is not None and prev.get("reused_from"):
+            log(f"[{i}/{n_total}] {c['method']} seed {c['seed']}: same settings and seed as a finished cell of "
+                f"{prev['reused_from']}; its result is used, skipped")
+        elif prev is not None:
             log(f"[{i}/{n_total}] {c['method']} seed {c['seed']}: finished earlier ({prev.get('status')}), skipped")
     queue = [(i, c) for i, (c, prev) in enumerate(pending, 1) if prev is None]
     if threads is None and workers > 1:
@@ -245,6 +249,30 @@ def _pending(matrix, todo, done, runs_path, retry_failed):
     return out
 
 
+def _reuse(matrix, pending, runs_path, write=True):
+    """Cells not yet run here whose settings and seed match a finished (ok) cell of a ``reuse:`` matrix take its
+    result: the record is appended to this runs.jsonl (when ``write``) with ``reused_from`` naming its file."""
+    if not matrix.get("reuse") or all(prev is not None for _, prev in pending):
+        return pending
+    found = {}
+    for folder in matrix["reuse"]:
+        for r in read_jsonl(Path(folder) / "runs.jsonl"):
+            key = settings_of(r.get("fingerprint"))
+            if r.get("status") == "ok" and key is not None:
+                found[(key, r.get("seed"))] = (Path(folder) / "runs.jsonl", r)
+    out = []
+    for c, prev in pending:
+        hit = found.get((fingerprint(matrix, c), c["seed"])) if prev is None else None
+        if hit is not None:
+            source, r = hit
+            prev = {**r, "matrix": matrix["name"], "matrix_file": matrix["path"], "method": c["method"],
+                    "reused_from": str(source)}
+            if write:
+                append_jsonl(runs_path, prev)
+        out.append((c, prev))
+    return out
+
+
 def _summary(matrix, counts, runs_path, log):
     line = (f"matrix {matrix['name']}: {counts['ok']} ran, {counts['failed']} failed, {counts['skipped']} skipped; "
             f"results in {runs_path}")
@@ -271,6 +299,8 @@ def _dry_run(matrix, pending, runs_dir, runs_path, log, device=None) -> dict:
     bad = 0
     for i, (c, prev) in enumerate(pending, 1):
         state = f"done ({prev.get('status')})" if prev else "to run"
+        if prev and prev.get("reused_from"):
+            state = f"done in {prev['reused_from']} (same settings and seed: reused)"
         overrides = cell_overrides(matrix, c, runs_dir, device)
         problem = None
         if prev is None:
