@@ -219,6 +219,24 @@ def test_budget_starts_only_cells_that_fit_and_adding_methods_runs_only_them(tmp
     assert [(r["method"], r["seed"]) for r in read_jsonl(runs_path)][-1] == ("eca", 0)
 
 
+def test_budget_counts_only_the_epochs_an_interrupted_cell_has_left(tmp_path, capsys):
+    text = tiny_matrix_text({"none": "none"}).replace("seeds: [0]", "seeds: [0, 1, 2]")
+    path = _write(tmp_path, text.replace("train.epochs: 1", "train.epochs: 4"))
+    res, runs = tmp_path / "res", tmp_path / "runs"
+    matrix = load_matrix(path)
+    append_jsonl(res / "tiny" / "runs.jsonl", _seed_record(matrix, "none", 0, 400.0))  # a whole cell: 400 s
+    # Seed 1 stopped after 3 of its 4 epochs in an earlier slice (its metrics.csv says so); seed 2 never started.
+    (runs / "tiny" / "none-s1").mkdir(parents=True)
+    (runs / "tiny" / "none-s1" / "metrics.csv").write_text("epoch,val_top1\n1,10\n2,11\n3,12\n")
+    counts = run_matrix(matrix, dry_run=False, results_root=res, runs_root=runs, latency=False, budget_s=150,
+                        only=["none"], seeds=[2, 1])
+    out = capsys.readouterr().out
+    # Seed 2 (400 s) does not fit in 150 s; seed 1, queued after it, has 100 s left and starts (its folder holds
+    # no checkpoint, so it trains afresh here).
+    assert counts["ok"] == 1 and counts["deferred"] == 1
+    assert "none seed 1: running (1 queued, ETA 6m40s" in out and "none seed 2: not started" in out
+
+
 def test_a_cell_locked_by_another_bench_is_skipped(tmp_path, capsys):
     path = _write(tmp_path, tiny_matrix_text({"none": "none"}))
     runs = tmp_path / "runs"

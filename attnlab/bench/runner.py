@@ -12,8 +12,9 @@ so a second run skips it instead of training it twice. A worker that dies (kill 
 line: the next run resumes its cell from the run's last epoch checkpoint.
 
 Budget. With ``budget_s`` a cell starts only if its estimated duration fits in the time left: the median wall time
-of the same method's finished cells, else the slowest method's median; with no finished cell at all there is no
-estimate and the cell starts. Cells that do not fit are left for the next slice (``--budget`` again).
+of the same method's finished cells, else the slowest method's median, scaled to the epochs a cell interrupted in
+an earlier slice still has to train; with no finished cell at all there is no estimate and the cell starts. Cells
+that do not fit are left for the next slice (``--budget`` again).
 """
 import json
 import os
@@ -184,6 +185,7 @@ class Job:
     cell: dict
     started: float
     stack: ExitStack
+    estimate: float | None = None  # of this cell's time to train, when it started
     proc: subprocess.Popen | None = None
     record_path: Path | None = None
     reader: threading.Thread | None = None
@@ -324,6 +326,7 @@ class _Runner:
         self.counts, self.log, self.load_config, self.train = counts, log, load_config, train
         self.device = device
         self.running: list[Job] = []
+        self.epochs: dict[str, int] = {}  # run name -> train.epochs, read once
         self.gpus = _visible_gpus() if workers > 1 else []
 
     # ---- the loop
@@ -342,7 +345,7 @@ class _Runner:
                 self._wait_one()
             for i, c in queue:
                 self.log(f"[{i}/{self.n_total}] {c['method']} seed {c['seed']}: not started, it would not finish "
-                         f"within the budget (estimate {fmt_duration(self.est(c['method']) or 0)})")
+                         f"within the budget (estimate {fmt_duration(self._estimate(c) or 0)})")
             self.counts["deferred"] += len(queue)
         finally:
             self._stop_all()
@@ -353,10 +356,22 @@ class _Runner:
         """Pop the first queued cell whose estimate fits in the budget (None when none does)."""
         now = time.monotonic()
         for k, (i, c) in enumerate(queue):
-            estimate = self.est(c["method"])
+            estimate = self._estimate(c)
             if self.deadline is None or (now < self.deadline and (estimate is None or now + estimate <= self.deadline)):
                 return queue.pop(k)
         return None
+
+    def _estimate(self, c) -> float | None:
+        """The method's cell estimate times the fraction of its epochs this cell has still to train (a cell
+        stopped in an earlier slice resumes from its last epoch, as its metrics.csv shows)."""
+        full = self.est(c["method"])
+        done = len(read_curve(self.runs_dir / c["run_name"]) or [])
+        if full is None or not done:
+            return full
+        if c["run_name"] not in self.epochs:
+            cfg = self.load_config(self.matrix["recipe_path"], overrides=cell_overrides(self.matrix, c, self.runs_dir))
+            self.epochs[c["run_name"]] = int(cfg.train.epochs)
+        return full * max(0.0, 1.0 - done / self.epochs[c["run_name"]])
 
     def _start(self, i, c):
         stack = ExitStack()
@@ -372,7 +387,7 @@ class _Runner:
             self.counts["skipped"] += 1
             self.log(f"[{i}/{self.n_total}] {name}: finished by another attnlab bench, skipped")
             return
-        job = Job(i, c, time.time(), stack)
+        job = Job(i, c, time.time(), stack, estimate=self._estimate(c))
         self.log(f"[{i}/{self.n_total}] {name}: running{self._eta()}")
         if self.workers == 1:
             self._finish(job, run_cell(self.matrix, c, self.runs_dir, load_config=self.load_config,
@@ -466,8 +481,8 @@ class _Runner:
         """' (ETA 1h05m, budget left 2h10m)': the queued and running cells' estimated time over the workers."""
         parts = []
         now = time.time()
-        left = [self.est(c["method"]) for _, c in self.queue]
-        left += [max(0.0, (self.est(j.cell["method"]) or 0.0) - (now - j.started)) for j in self.running]
+        left = [self._estimate(c) for _, c in self.queue]
+        left += [max(0.0, (j.estimate or 0.0) - (now - j.started)) for j in self.running]
         if left and all(e is not None for e in left):
             parts.append(f"{len(self.queue)} queued, ETA {fmt_duration(sum(left) / self.workers)}")
         if self.deadline is not None:
