@@ -16,7 +16,6 @@ Pause background jobs while it runs (kill -STOP), it compares rates.
 """
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
