@@ -31,8 +31,8 @@ from pathlib import Path
 
 from ..errors import AttnlabError
 from ..files import atomic_write_text, git_commit
-from .matrix import cell_overrides, cells, fingerprint, same_settings, settings_of
 from ..jsonl import append_jsonl, read_jsonl
+from .matrix import cell_overrides, cells, fingerprint, same_settings, settings_of
 from .runs import cell_lock, host_info, latest_by_cell, one_line, read_curve
 
 HARNESS_DIR = ".bench"  # runs/<matrix>/.bench/{locks,logs,records}: the harness's own bookkeeping
@@ -258,10 +258,11 @@ def _reuse(matrix, pending, runs_path, write=True):
         return pending
     found = {}
     for folder in matrix["reuse"]:
-        for r in read_jsonl(Path(folder) / "runs.jsonl"):
+        source = Path(folder) / "runs.jsonl"
+        for r in read_jsonl(source):
             key = settings_of(r.get("fingerprint"))
             if r.get("status") == "ok" and key is not None:
-                found[(key, r.get("seed"))] = (Path(folder) / "runs.jsonl", r)
+                found[(key, r.get("seed"))] = (source, r)
     out = []
     for c, prev in pending:
         hit = found.get((fingerprint(matrix, c), c["seed"])) if prev is None else None
@@ -300,9 +301,12 @@ def _dry_run(matrix, pending, runs_dir, runs_path, log, device=None) -> dict:
         f"results -> {runs_path}")
     bad = 0
     for i, (c, prev) in enumerate(pending, 1):
-        state = f"done ({prev.get('status')})" if prev else "to run"
-        if prev and prev.get("reused_from"):
+        if prev is None:
+            state = "to run"
+        elif prev.get("reused_from"):
             state = f"done in {prev['reused_from']} (same settings and seed: reused)"
+        else:
+            state = f"done ({prev.get('status')})"
         overrides = cell_overrides(matrix, c, runs_dir, device)
         problem = None
         if prev is None:
