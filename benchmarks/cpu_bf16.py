@@ -69,10 +69,12 @@ def rate(attention, precision, threads, steps, batch=128):
 
 
 def real_batch(n=256):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from attn_helpers import tiny_cifar  # the first n CIFAR-10 training images, normalised
-    x, y = tiny_cifar(n)
-    return x.contiguous(memory_format=torch.channels_last), y
+    """n CIFAR-10 training images (an equal number per class, seed 0) normalised by the train statistics."""
+    from attnlab.data import load_dataset
+    bundle = load_dataset("cifar10", subset=-(-n // 10), val_size=0, test_subset=1, cache_dir=None)
+    x = bundle.train.images[:n].float() / 255
+    mean, std = torch.tensor(bundle.mean).view(1, 3, 1, 1), torch.tensor(bundle.std).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last), bundle.train.labels[:n]
 
 
 def main():
