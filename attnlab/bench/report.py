@@ -538,7 +538,8 @@ def add_arguments(p):
     p.add_argument("results_dir", help="a results/<matrix>/ folder holding runs.jsonl (and latency.json)")
     p.add_argument("--baseline", default="none", help="method the others are compared with (default: none)")
     p.add_argument("--readme", default=None,
-                   help=f"also replace the {BEGIN} ... {END} block of this README with a results table")
+                   help="also replace this README's block for the matrix (<!-- results:<matrix>:begin --> ... :end -->), "
+                        f"else its default {BEGIN} ... {END} block, with a results table")
 
 
 def run(args):

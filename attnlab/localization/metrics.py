@@ -39,7 +39,7 @@ def require_cv2():
     try:
         import cv2
     except ImportError:
-        raise AttnlabError("localization needs OpenCV's contour functions: pip install 'attnlab[wsol]' "
+        raise AttnlabError("localization needs OpenCV's contour functions: pip install -e '.[wsol]' "
                            "(opencv-python-headless)") from None
     return cv2
 

@@ -30,7 +30,7 @@ SLOT_MATRICES=${SLOT_MATRICES:-"cifar10_resnet20:6 cifar10_resnet18:2"}
 SLOT_DEVICE=${SLOT_DEVICE:-cuda}                           # tests run the slot on the CPU
 SLOT_CHECK=${SLOT_CHECK:-1}                                # 0: no check/throughput lane (tests on the CPU)
 DRY_RUN=${DRY_RUN:-0}
-PY=${PYTHON:-python3}
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}  # .venv here; python3 on the device
 mkdir -p "$OUT" "$STATE/results"
 export PYTHONUNBUFFERED=1
 log() { echo "[session $(( SECONDS - START ))s] $*"; }
