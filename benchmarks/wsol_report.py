@@ -35,20 +35,17 @@ done
 .venv/bin/python benchmarks/wsol_report.py
 ```"""
 CLAIMED_TOP1_LOC_GAIN = 4.93  # TDAM's poster: ResNet-50 57.04 -> TDtop 61.97 Top-1 Loc (research/tdam.md)
-JUDGED = [("test top-1", lambda t: t["top1"]),
-          ("MaxBoxAccV2", lambda t: t["max_box_acc_v2"]),
-          ("GT-known Loc @tau", lambda t: t["gt_known_loc"]["at_tau"]),
-          ("Top-1 Loc @tau", lambda t: t["top1_loc"]["at_tau"])]
 COLUMNS = [("test top-1", lambda r: r["top1"]),
            ("MaxBoxAccV2", lambda r: r["max_box_acc_v2"]),
-           ("IoU30/50/70", None),
+           ("IoU30/50/70", lambda r: r["max_box_acc_v2_iou"]),
            ("MaxBoxAcc (V1)", lambda r: r["max_box_acc"]),
            ("GT-known Loc @tau", lambda r: r["gt_known_loc"]["at_tau"]),
            ("Top-1 Loc @tau", lambda r: r["top1_loc"]["at_tau"]),
            ("Top-5 Loc @tau", lambda r: r["top5_loc"]["at_tau"]),
            ("GT-known Loc oracle", lambda r: r["gt_known_loc"]["oracle"]),
            ("Top-1 Loc oracle", lambda r: r["top1_loc"]["oracle"])]
-
+# the metrics judged against none (and shown in the README)
+JUDGED = [c for c in COLUMNS if c[0] in ("test top-1", "MaxBoxAccV2", "GT-known Loc @tau", "Top-1 Loc @tau")]
 
 def collect(runs: Path) -> None:
     """Copy each run's localize.json to ``localize/<run>.json`` here, so the report can be rebuilt from committed
@@ -69,40 +66,49 @@ def read_localizations(folder: Path) -> dict:
     return out
 
 
+def _methods(results: dict) -> list[str]:
+    """The methods with results: the matrix's order first, then any others by name."""
+    return [m for m in METHODS if m in results] + sorted(set(results) - set(METHODS))
+
+
+def _any_run(results: dict) -> dict:
+    return next(iter(next(iter(results.values())).values()))
+
+
 def _cell(values) -> str:
+    if isinstance(values[0], dict):  # MaxBoxAccV2 per IoU threshold: means only
+        return "/".join(f"{statistics.mean(v[d] for v in values):.1f}" for d in ("30", "50", "70"))
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def table(results: dict) -> list[str]:
-    lines = ["| method | seeds | " + " | ".join(c for c, _ in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 2) + "|"]
-    order = [m for m in METHODS if m in results] + sorted(m for m in results if m not in METHODS)
-    for method in order:
+def _row(label: str, seeds, splits: list[dict], columns) -> str:
+    """One table row over ``splits`` (one per seed); a metric a split lacks (a prior has no top-1) shows '-'."""
+    cells = []
+    for _, get in columns:
+        try:
+            cells.append(_cell([get(t) for t in splits]))
+        except KeyError:
+            cells.append("-")
+    return f"| {label} | {seeds} | " + " | ".join(cells) + " |"
+
+
+def _full_image_split(f: dict) -> dict:
+    """The full-image prior in a split's shape: one box per image, so MaxBoxAcc and GT-known Loc are its IoU-50
+    accuracy at every tau."""
+    return {"max_box_acc_v2": f["mean"], "max_box_acc_v2_iou": f["iou"], "max_box_acc": f["gt_known_loc"],
+            "gt_known_loc": {"at_tau": f["gt_known_loc"], "oracle": f["gt_known_loc"]}}
+
+
+def table(results: dict, columns=COLUMNS) -> list[str]:
+    lines = ["| method | seeds | " + " | ".join(c for c, _ in columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for method in _methods(results):
         test = [r["splits"]["test"] for r in results[method].values()]
-        cells = []
-        for name, get in COLUMNS:
-            if get is None:
-                cells.append("/".join(f"{statistics.mean(t['max_box_acc_v2_iou'][d] for t in test):.1f}"
-                                      for d in ("30", "50", "70")))
-            else:
-                cells.append(_cell([get(t) for t in test]))
-        lines.append(f"| {method} | {len(test)} | " + " | ".join(cells) + " |")
-    any_run = next(iter(next(iter(results.values())).values()))
-    pri = any_run["priors"]["test"]
-    g, f = pri["centre_gaussian"], pri["full_image"]
-    blank = ["-"] * len(COLUMNS)
-    gauss = blank.copy()
-    gauss[1], gauss[2] = f"{g['max_box_acc_v2']:.2f}", "/".join(f"{g['max_box_acc_v2_iou'][d]:.1f}"
-                                                                 for d in ("30", "50", "70"))
-    gauss[3], gauss[4], gauss[7] = (f"{g['max_box_acc']:.2f}", f"{g['gt_known_loc']['at_tau']:.2f}",
-                                    f"{g['gt_known_loc']['oracle']:.2f}")
-    full = blank.copy()
-    full[1], full[2] = f"{f['mean']:.2f}", "/".join(f"{f['iou'][d]:.1f}" for d in ("30", "50", "70"))
-    full[3] = full[4] = full[7] = f"{f['gt_known_loc']:.2f}"
-    lines.append("| prior: centre Gaussian | - | " + " | ".join(gauss) + " |")
-    lines.append("| prior: full-image box | - | " + " | ".join(full) + " |")
+        lines.append(_row(method, len(test), test, columns))
+    pri = _any_run(results)["priors"]["test"]
+    lines.append(_row("prior: centre Gaussian", "-", [pri["centre_gaussian"]], columns))
+    lines.append(_row("prior: full-image box", "-", [_full_image_split(pri["full_image"])], columns))
     return lines
 
 
@@ -131,7 +137,7 @@ def _ci(d: dict) -> str:
 def comparisons(results: dict, base: str = "none") -> list[dict]:
     """Every method against ``base`` on each judged metric: Welch and paired 95% intervals and the verdict."""
     rows = []
-    for method in [m for m in METHODS if m in results and m != base] + sorted(set(results) - set(METHODS)):
+    for method in [m for m in _methods(results) if m != base]:
         for name, get in JUDGED:
             a, b = _test_by_seed(results, method, get), _test_by_seed(results, base, get)
             welch = welch_interval(list(a.values()), list(b.values()))
@@ -170,9 +176,9 @@ def tdam_verdict(results: dict, rows: list[dict]) -> list[str]:
              f"On MaxBoxAccV2 (GT-known, the box quality alone) tdam - none = {_ci(box['welch'])} "
              f"({box['verdict']}). Top-1 Loc needs the class right too, so it moves with top-1 accuracy: "
              f"tdam - none top-1 = {_ci(by[('tdam', 'test top-1')]['welch'])}.", ""]
-    gauss = next(iter(next(iter(results.values())).values()))["priors"]["test"]["centre_gaussian"]["max_box_acc_v2"]
+    gauss = _any_run(results)["priors"]["test"]["centre_gaussian"]["max_box_acc_v2"]
     gaps = {m: statistics.mean(_test_by_seed(results, m, lambda t: t["max_box_acc_v2"]).values()) - gauss
-            for m in [m for m in METHODS if m in results] + sorted(set(results) - set(METHODS))}
+            for m in _methods(results)}
     listed = ", ".join(f"{m} {g:+.2f}" for m, g in gaps.items())
     beaten = [m for m, g in gaps.items() if g > 0]
     lines.append(f"**Against the centre-Gaussian prior** (MaxBoxAccV2 {gauss:.2f}, the same map for every image), "
@@ -186,7 +192,7 @@ def tdam_verdict(results: dict, rows: list[dict]) -> list[str]:
 def copy_pictures(runs: Path, results: dict) -> list[str]:
     """Copy each method's first-seed PNG grids (when its run is still here) and link whatever pictures/ holds."""
     lines = []
-    for method in [m for m in METHODS if m in results] + sorted(set(results) - set(METHODS)):
+    for method in _methods(results):
         src = runs / f"{method}-s{min(results[method])}" / "show"
         dest = HERE / "pictures" / method
         for png in sorted(src.glob("*.png")) if src.is_dir() else []:
@@ -208,7 +214,7 @@ def report(runs: Path) -> tuple[str, str | None]:
     if not results:
         shown = runs.relative_to(ROOT) if runs.is_relative_to(ROOT) else runs
         return "\n".join(head + [f"No runs found under `{shown}` yet: run the commands above.", ""]), None
-    first = next(iter(next(iter(results.values())).values()))
+    first = _any_run(results)
     rows = comparisons(results)
     body = [f"Threshold grid step {first['interval']}, images {first['image_size'][0]}x{first['image_size'][1]}, "
             f"CAM method `{first['method']}`. Columns are % on the test split, mean ± std over seeds.", "",
@@ -220,22 +226,14 @@ def report(runs: Path) -> tuple[str, str | None]:
     return "\n".join(head + body), readme_block(results, rows)
 
 
-def _columns(line: str, keep: list[int]) -> str:
-    cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    return "| " + " | ".join(cells[k] for k in keep) + " |"
-
-
 def readme_block(results: dict, rows: list[dict]) -> str:
-    """The README's localization table (method, seeds and four metrics of the full table), the verdict's first
-    paragraph and one picture."""
-    shown = ("test top-1", "MaxBoxAccV2", "GT-known Loc @tau", "Top-1 Loc @tau")
-    keep = [0, 1] + [k + 2 for k, (name, _) in enumerate(COLUMNS) if name in shown]
-    full = table(results)
+    """The README's localization table (the judged metrics), the verdict's first paragraph and one picture."""
+    short = table(results, JUDGED)
+    short[1] = "|---|---:|" + "---:|" * len(JUDGED)
     lines = ["Generated by `.venv/bin/python benchmarks/wsol_report.py --readme README.md` from "
              "[results/wsol_tiny_imagenet/report.md](results/wsol_tiny_imagenet/report.md) (commands, every "
              "metric, intervals, all pictures). % on the 2,500 test images, mean ± std over seeds.", "",
-             _columns(full[0], keep), "|---|---:|" + "---:|" * (len(keep) - 2),
-             *[_columns(line, keep) for line in full[2:]], "", tdam_verdict(results, rows)[0]]
+             *short, "", tdam_verdict(results, rows)[0]]
     picture = HERE / "pictures" / "tdam" / "cams.png"
     if picture.is_file():
         lines += ["", "TDAM's CAMs on test images (ground-truth box green, the box from the CAM at the val-chosen "
