@@ -16,6 +16,17 @@ Phases, in order (docs/ean.md lists the CPU time of each):
               the searched scheme's number of connections; latency round-robin by `attnlab bench`
   report      results/ean/summary.json and plots (reward histogram with each searcher's pick, controller curve,
               connection probability per block)
+  search      when a search folder has no result.json (runs/ was lost with the live search's folder), the same
+              search (EAN preset, seed 0, best_sampled) re-run on the committed table with `attnlab search
+              --table`: the live search read every scheme from the evaluation cache that built the table, so the
+              lookups give it the same rewards
+  save        copy the supernet run's small files (its 2.2 MB checkpoint_last.pt included) and each search folder
+              but its table (evaluation cache, plan, search log, result) to results/ean/resnet20_se/, the tables to
+              results/ean/table_resnet20_se*.csv. Runs after supernet, recal and search; run it by hand after
+              killing a phase, so its evaluation cache is kept.
+runs/ does not survive between sessions, so every phase first restores into runs/ what results/ean/ holds and
+runs/ lacks (never overwriting a file runs/ has): a later session resumes a partial recal table from its committed
+cache, and the standalone, retrain and report phases read the committed tables and results.
 --tiny runs every phase at toy size (a CIFAR-10 subset, 1 epoch, few seeds) to check the machinery; its numbers
 mean nothing. The standalone and retrain phases go through `attnlab bench` matrices written under
 <runs>/ean_resnet20/matrices/.
@@ -23,7 +34,6 @@ mean nothing. The standalone and retrain phases go through `attnlab bench` matri
 import argparse
 import json
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -32,12 +42,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from attnlab.files import atomic_write_bytes  # noqa: E402
 from attnlab.jsonl import read_jsonl  # noqa: E402
 from attnlab.search.replay import read_table, replay_study, write_json  # noqa: E402
 
 CONFIG = ROOT / "configs" / "search" / "ean_resnet20_se.yaml"
 RECIPE = "configs/cifar10_resnet20.yaml"
-PHASES = ("supernet", "recal", "replay", "standalone", "retrain", "report")
+PHASES = ("supernet", "recal", "replay", "search", "standalone", "retrain", "report", "save")
+SAVED = {"supernet": ("checkpoint_last.pt", "config.yaml", "metrics.csv", "results.json"),
+         "search": None, "search-recal20": None}  # None: every file of the folder but its table.csv
+TABLES = {"search": "table_resnet20_se.csv", "search-recal20": "table_resnet20_se_recal20.csv"}
 NAME = "ean_resnet20_se"
 TINY = ["data.subset=30", "data.val_size=60", "data.test_subset=10", "train.epochs=1", "train.batch_size=32",
         "train.eval_batch_size=100", "train.warmup_epochs=0", "search.options={steps: 5}"]
@@ -57,25 +71,72 @@ def common(a):
     return [f"out_dir={a.runs}", f"name={NAME}"] + (TINY if a.tiny else [])
 
 
+def evidence_root(a) -> Path:
+    return Path(a.results) / "resnet20_se"
+
+
+def _copy(src: Path, dst: Path, overwrite: bool) -> int:
+    """Copy one file atomically (1) unless src is missing or, without ``overwrite``, dst exists (0)."""
+    if not src.is_file() or (dst.is_file() and not overwrite):
+        return 0
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dst, src.read_bytes(), f"copy of {src}")
+    return 1
+
+
+def _kept_files(folder: Path, names):
+    """The files of ``folder`` that `save` keeps: ``names`` (None: all but table.csv), no hidden files."""
+    if not folder.is_dir():
+        return []
+    return [f.name for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")
+            and (f.name in names if names is not None else f.name != "table.csv")]
+
+
+def _pairs(a, listed_in: str):
+    """(file under runs/, its copy under results/) for what `save` keeps, listed from the "runs" or "kept" side."""
+    run, kept = search_root(a), evidence_root(a)
+    pairs = [(run / sub / "table.csv", Path(a.results) / name) for sub, name in TABLES.items()]
+    for sub, names in SAVED.items():
+        for name in _kept_files((run if listed_in == "runs" else kept) / sub, names):
+            pairs.append((run / sub / name, kept / sub / name))
+    return pairs
+
+
+def phase_save(a):
+    n = sum(_copy(live, kept, overwrite=True) for live, kept in _pairs(a, "runs"))
+    print(f"save: {n} files -> {a.results}", flush=True)
+
+
+def restore(a):
+    n = sum(_copy(kept, live, overwrite=False) for live, kept in _pairs(a, "kept"))
+    if n:
+        print(f"restore: {n} files from {a.results} -> {search_root(a)}", flush=True)
+
+
+def search_overrides(a, sub):
+    """The overrides that make search folder ``sub``: the plain search or the recalibrated table's."""
+    return [] if sub == "search" else [f"search.dir={sub}", f"search.recal_batches={2 if a.tiny else 20}"]
+
+
 def phase_supernet(a):
     attnlab("search", "--config", CONFIG, "--phases", "supernet,search", *common(a))
+    phase_save(a)
 
 
 def phase_recal(a):
-    attnlab("search", "--config", CONFIG, "--phases", "search", *common(a), "search.dir=search-recal20",
-            f"search.recal_batches={2 if a.tiny else 20}")
+    attnlab("search", "--config", CONFIG, "--phases", "search", *common(a), *search_overrides(a, "search-recal20"))
+    phase_save(a)
 
 
 def phase_replay(a):
     results = Path(a.results)
-    for sub, tag in (("search", ""), ("search-recal20", "_recal20")):
+    for sub, name in TABLES.items():
         table_path = search_root(a) / sub / "table.csv"
-        out = results / f"replay{tag}.json"
+        out = results / name.replace("table_resnet20_se", "replay").replace(".csv", ".json")
         if not table_path.is_file():
             print(f"replay: no {table_path}; skipped", flush=True)
             continue
-        results.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(table_path, results / f"table_resnet20_se{tag}.csv")
+        _copy(table_path, results / name, overwrite=True)
         if out.is_file():
             print(f"replay: {out} exists; skipped", flush=True)
             continue
@@ -84,6 +145,16 @@ def phase_replay(a):
         study["table"] = str(table_path)
         write_json(out, study)
         print(f"replay: wrote {out}", flush=True)
+
+
+def phase_search(a):
+    for sub, name in TABLES.items():
+        table = Path(a.results) / name
+        if (search_root(a) / sub / "result.json").is_file() or not table.is_file():
+            continue
+        attnlab("search", "--config", CONFIG, "--phases", "search", "--table", table, *common(a),
+                *search_overrides(a, sub))
+    phase_save(a)
 
 
 def table_with_rewards(a, sub="search"):
@@ -131,7 +202,7 @@ def tiny_overrides(a):
 
 def bench(a, matrix, latency):
     attnlab("bench", "--matrix", matrix, "--results-root", a.results, "--runs-root", a.runs,
-            *([] if latency else ["--no-latency"]))
+            *([] if latency else ["--no-latency"]), *(["--budget", a.budget] if getattr(a, "budget", None) else []))
 
 
 def phase_standalone(a):
@@ -238,6 +309,10 @@ def phase_report(a):
         summary["standalone"] = {"schemes": len(pairs), "kendall_tau_supernet_vs_standalone_test":
                                  kendall_tau([p[0] for p in pairs], [p[1] for p in pairs]),
                                  "pairs": pairs, "seed_sd_one_scheme": statistics.stdev(sd) if len(sd) > 1 else None}
+        if recal_path.is_file():  # does recalibration make the supernet's ranking closer to the standalone one?
+            schemes = [tuple(int(c) for c in r["method"][1:]) for r in stand]
+            summary["standalone"]["kendall_tau_recal_supernet_vs_standalone_test"] = kendall_tau(
+                [recal[b]["top1"] for b in schemes], [p[1] for p in pairs])
     retrain = [r for r in read_jsonl(results / "ean_retrain" / "runs.jsonl") if r.get("status") == "ok"]
     if retrain:
         by = {}
@@ -308,12 +383,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("phases", nargs="+", choices=PHASES + ("all",))
     p.add_argument("--tiny", action="store_true", help="toy sizes, to check the machinery (numbers mean nothing)")
-    p.add_argument("--runs", default="runs", help="runs root (default: runs)")
-    p.add_argument("--results", default="results/ean", help="results folder (default: results/ean)")
+    p.add_argument("--runs", default=None, help="runs root (default: runs; runs/ean_tiny with --tiny)")
+    p.add_argument("--results", default=None,
+                   help="results folder (default: results/ean; runs/ean_tiny/results with --tiny, so a toy run "
+                        "never overwrites the committed evidence)")
+    p.add_argument("--budget", default=None,
+                   help="passed to `attnlab bench` by standalone and retrain (e.g. 2h): start no cell that cannot "
+                        "finish in time; the rest waits for the next run")
     a = p.parse_args(argv)
+    a.runs = a.runs or ("runs/ean_tiny" if a.tiny else "runs")
+    a.results = a.results or ("runs/ean_tiny/results" if a.tiny else "results/ean")
     phases = PHASES if "all" in a.phases else [ph for ph in PHASES if ph in a.phases]
     for ph in phases:
         print(f"== {ph}", flush=True)
+        restore(a)
         globals()[f"phase_{ph}"](a)
 
 

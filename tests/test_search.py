@@ -274,3 +274,33 @@ def test_driver_kendall_tau_spread_and_random_controls():
     assert all(sum(b) == 4 and "".join(map(str, b)) != "111100000" for b in controls)
     assert controls == d.random_same_k(4, exclude={"111100000"})  # fixed before any retrain
     assert d.blocks((1, 0, 1, 1, 1, 0, 0, 1, 1)) == "101-110-011"
+
+
+def test_driver_save_then_restore_into_a_lost_runs_folder(tmp_path, capsys):
+    """runs/ does not survive a session: `save` copies the supernet's small files, each search folder and the
+    tables to results/, and each phase first copies back what runs/ lacks, never overwriting what runs/ has."""
+    import argparse
+    import shutil
+    d = _driver()
+    a = argparse.Namespace(runs=str(tmp_path / "runs"), results=str(tmp_path / "results"), tiny=True)
+    run = d.search_root(a)
+    (run / "supernet").mkdir(parents=True)
+    (run / "search-recal20").mkdir()
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt", "results.json", "events.out.tfevents.1"):
+        (run / "supernet" / name).write_bytes(name.encode())
+    (run / "search-recal20" / "evaluations.jsonl").write_text('{"scheme": "000000000"}\n')
+    (run / "search-recal20" / "table.csv").write_text("scheme,top1\n")
+    d.phase_save(a)
+    saved = d.evidence_root(a)
+    assert sorted(p.name for p in (saved / "supernet").iterdir()) == ["checkpoint_last.pt", "results.json"]
+    assert sorted(p.name for p in (saved / "search-recal20").iterdir()) == ["evaluations.jsonl"]
+    assert (tmp_path / "results" / "table_resnet20_se_recal20.csv").read_text() == "scheme,top1\n"
+    shutil.rmtree(tmp_path / "runs")
+    d.restore(a)
+    assert (run / "supernet" / "checkpoint_last.pt").read_bytes() == b"checkpoint_last.pt"
+    assert not (run / "supernet" / "checkpoint_best.pt").exists()
+    assert (run / "search-recal20" / "table.csv").read_text() == "scheme,top1\n"
+    (run / "search-recal20" / "evaluations.jsonl").write_text("longer cache\n")  # the live copy wins
+    d.restore(a)
+    assert (run / "search-recal20" / "evaluations.jsonl").read_text() == "longer cache\n"
+    assert "restore: 4 files" in capsys.readouterr().out

@@ -153,6 +153,49 @@ def test_the_table_holds_every_scheme_and_the_search_reuses_it(tmp_path, superne
     assert res["candidates"]["best_sampled"]["reward"] <= best + 1e-4
 
 
+class ValAccuracy(SyntheticAccuracy):
+    """Synthetic accuracies as a val split gives them: multiples of 100 / 5000 images (exact in table.csv)."""
+
+    def __call__(self, bits):
+        out = super().__call__(bits)
+        return {**out, "top1": round(out["top1"] * 50) / 50}
+
+
+def test_a_search_on_the_committed_table_repeats_the_live_search(tmp_path, supernet_ckpt, capsys):
+    """`attnlab search --table` (lookups, no supernet) gives the search that built the table the same rewards, so
+    its candidates, policy and chosen scheme are the live search's; a wrong table or phase is one clear error."""
+    from attnlab.cli import main
+    over = tiny(tmp_path, **{"search.table": True, "search.searcher": "reinforce", "search.options": "{steps: 20}",
+                             "search.budget": "null"})
+    cfg, sec = pipeline.load_pipeline(CONFIG, over)
+    live = _search_root(tmp_path, supernet_ckpt, "ean")  # the name tiny() gives the run
+    ev = pipeline.build_evaluator(cfg, sec, live / "supernet" / "checkpoint_last.pt", None)
+    ev.__class__ = ValAccuracy
+    ref = pipeline.run_search_phase(cfg, sec, live, evaluator=ev)
+    table = tmp_path / "committed.csv"
+    table.write_bytes((live / "search" / "table.csv").read_bytes())
+    replayed = over + ["search.dir=from-table"]
+    with pytest.raises(SystemExit) as info:
+        main(["search", "--config", str(CONFIG), "--phases", "search", "--table", str(table), *replayed])
+    assert info.value.code == 0
+    res = json.loads((live / "from-table" / "result.json").read_text())
+    keep = ("candidates", "chosen", "chosen_blocks", "distinct_evaluations", "queries", "policy", "info")
+    assert {k: res[k] for k in keep} == json.loads(json.dumps({k: ref[k] for k in keep}))
+    assert res["real_evaluations"] == 0 and res["context"].startswith("table=committed.csv|sha256=")
+    assert (live / "from-table" / "table.csv").read_bytes() == table.read_bytes()
+    for phases, bad, message in (("supernet,search", table, "--table replaces"),
+                                 ("search", tmp_path / "missing.csv", "does not exist")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            main(["search", "--config", str(CONFIG), "--phases", phases, "--table", str(bad), *replayed])
+        assert info.value.code != 0 and message in capsys.readouterr().err
+    short = tmp_path / "short.csv"
+    short.write_text("".join(table.read_text().splitlines(keepends=True)[:100]))
+    with pytest.raises(SystemExit):
+        main(["search", "--config", str(CONFIG), "--phases", "search", "--table", str(short), *replayed])
+    assert "needs all 512 schemes" in capsys.readouterr().err
+
+
 @needs_hooks
 @pytest.mark.parametrize("kill_at", [2, 7])  # in epoch 1 (no checkpoint yet) and in epoch 2
 def test_supernet_phase_resumes_exactly(tmp_path, kill_at):

@@ -47,6 +47,8 @@ class SchemeEvaluator:
         self.cache: dict[str, dict] = {}
         self.cache_path = cache_path
         self.evaluations = 0  # real (uncached) evaluations by this instance
+        self.depths = tuple(model.depths)
+        self.split = f"val ({val_loader.n} images held out of train)"
         if cache_path is not None:
             for rec in read_jsonl(cache_path):
                 if rec.get("context") == self.context:
@@ -95,6 +97,29 @@ class SchemeEvaluator:
                 bn.momentum = m
             self.model.eval()
         return saved
+
+
+class TableEvaluator:
+    """The same interface answered from a committed scheme table (``attnlab search --table``): each scheme's
+    ``top1`` and ``loss`` are looked up, nothing is evaluated. It re-runs a search (another searcher, seed or
+    selection rule, or a search whose folder was lost) on the numbers a supernet already produced; the result
+    records the table's path and SHA-256 as its context."""
+
+    def __init__(self, path, depths):
+        from .replay import read_table
+        self.table = read_table(path)
+        self.depths = tuple(depths)
+        n_bits = len(next(iter(self.table)))
+        if n_bits != sum(self.depths) or len(self.table) != 2 ** n_bits:
+            raise ValueError(f"table '{path}' has {len(self.table)} schemes of {n_bits} bits; this model needs "
+                             f"all {2 ** sum(self.depths)} schemes of {sum(self.depths)} bits")
+        self.split = f"looked up in {path}"
+        self.context = f"table={Path(path).name}|sha256={file_sha256(path)[:16]}"
+        self.evaluations = 0  # a table never evaluates
+
+    def __call__(self, bits) -> dict:
+        rec = self.table[tuple(int(b) for b in bits)]
+        return {"top1": rec["top1"], "loss": rec.get("loss", float("nan")), "n": 0, "seconds": 0.0, "cached": True}
 
 
 def _public(rec: dict) -> dict:

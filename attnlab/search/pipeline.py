@@ -17,7 +17,7 @@ Everything goes under ``<out_dir>/<name>/``:
                    candidates, the chosen scheme and the counts;
   retrain-s<seed>/ normal engine runs of the chosen scheme, ``model.share=true model.blocks=<scheme>``.
 A phase whose output is complete is skipped; ``--phases`` picks phases, ``--scheme`` retrains a given scheme
-without searching. The search evaluates the supernet's final weights (checkpoint_last.pt) on the val split held
+without searching, ``--table CSV`` searches on a committed scheme table (lookups, no supernet). The search evaluates the supernet's final weights (checkpoint_last.pt) on the val split held
 out of train (``data.val_size``); the test split is never read by the search.
 """
 import json
@@ -82,6 +82,9 @@ def add_arguments(p):
     p.add_argument("--config", required=True, help="search recipe (e.g. configs/search/ean_resnet20_se.yaml)")
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of supernet,search,retrain")
     p.add_argument("--scheme", default=None, help="retrain this scheme (e.g. 101-110-011) instead of the searched one")
+    p.add_argument("--table", default=None, metavar="CSV",
+                   help="search on a committed scheme table (e.g. results/ean/table_resnet20_se.csv): look each "
+                        "scheme up instead of evaluating the supernet; no supernet phase")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides: engine keys (train.epochs=2) or supernet./search./retrain. keys")
 
@@ -137,10 +140,19 @@ def run(args):
             raise AttnlabError(f"unknown phase '{p}'; valid phases: {', '.join(PHASES)}")
     root = Path(cfg.out_dir) / cfg.name
     scheme = args.scheme
+    evaluator = None
+    if args.table is not None:
+        if "supernet" in phases:
+            raise AttnlabError("--table replaces the supernet's evaluations: give --phases search (or search,retrain)")
+        from .evaluator import TableEvaluator
+        try:
+            evaluator = TableEvaluator(args.table, cfg_depths(cfg))
+        except ValueError as err:
+            raise AttnlabError(str(err)) from None
     if "supernet" in phases:
         run_supernet(cfg, sec, root)
     if "search" in phases and scheme is None:
-        scheme = run_search_phase(cfg, sec, root)["chosen_blocks"]
+        scheme = run_search_phase(cfg, sec, root, evaluator)["chosen_blocks"]
     if "retrain" in phases:
         if scheme is None:
             scheme = read_result(root, sec.search.dir)["chosen_blocks"]
@@ -259,7 +271,7 @@ def run_search_phase(cfg, sec, root, evaluator=None) -> dict:
         if not ckpt.is_file():
             raise AttnlabError(f"no supernet checkpoint at {ckpt}: run the supernet phase first")
         evaluator = build_evaluator(cfg, sec, ckpt, out / "evaluations.jsonl")
-    depths = evaluator.model.depths
+    depths = evaluator.depths
     n_bits = sum(depths)
     t0 = time.perf_counter()
     progress = _Progress(sec.search.budget)
@@ -285,7 +297,7 @@ def run_search_phase(cfg, sec, root, evaluator=None) -> dict:
     res = outcome.to_dict()
     res.update(chosen_blocks=bits_to_blocks(outcome.chosen, depths), depths=list(depths),
                real_evaluations=evaluator.evaluations, seconds=round(time.perf_counter() - t0, 1),
-               evaluation_split=f"val ({evaluator.val_loader.n} images held out of train)",
+               evaluation_split=evaluator.split,
                bn_recalibration=sec.search.recal_batches, context=evaluator.context,
                reward_definition=f"top1 + {reward.alpha} x fraction not connected"
                + (f" - {reward.beta} x latency overhead %" if reward.latency else ""))
