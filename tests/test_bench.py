@@ -174,6 +174,12 @@ def test_cells_with_the_settings_of_another_matrix_reuse_its_results(tmp_path, c
     assert "its result is used" in capsys.readouterr().out
     run_matrix(matrix, only=["plain"], results_root=res, runs_root=runs, latency=False)
     assert len(read_jsonl(res / "tiny" / "runs.jsonl")) == 1  # taken once
+    # A matrix reusing that copy names where the result came from, not the copy.
+    third_text = text.replace(str(src), str(res / "tiny")).replace("name: tiny", "name: third")
+    third = load_matrix(_write(tmp_path, third_text))
+    run_matrix(third, only=["plain"], results_root=res, runs_root=runs, latency=False)
+    [rec] = read_jsonl(res / "third" / "runs.jsonl")
+    assert rec["reused_from"] == str(src / "runs.jsonl") and rec["matrix"] == "third"
 
 
 def test_parse_duration():

@@ -269,7 +269,7 @@ def _reuse(matrix, pending, runs_path, write=True):
         if hit is not None:
             source, r = hit
             prev = {**r, "matrix": matrix["name"], "matrix_file": matrix["path"], "method": c["method"],
-                    "reused_from": str(source)}
+                    "reused_from": r.get("reused_from") or str(source)}  # a reused record names its origin
             if write:
                 append_jsonl(runs_path, prev)
         out.append((c, prev))
