@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..errors import AttnlabError
 from ..models.connections import bits_to_blocks, set_connections
 from ..jsonl import append_jsonl, read_jsonl
 
@@ -111,7 +112,7 @@ class TableEvaluator:
         self.depths = tuple(depths)
         n_bits = len(next(iter(self.table)))
         if n_bits != sum(self.depths) or len(self.table) != 2 ** n_bits:
-            raise ValueError(f"table '{path}' has {len(self.table)} schemes of {n_bits} bits; this model needs "
+            raise AttnlabError(f"table '{path}' has {len(self.table)} schemes of {n_bits} bits; this model needs "
                              f"all {2 ** sum(self.depths)} schemes of {sum(self.depths)} bits")
         self.split = f"looked up in {path}"
         self.context = f"table={Path(path).name}|sha256={file_sha256(path)[:16]}"

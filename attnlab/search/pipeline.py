@@ -17,8 +17,9 @@ Everything goes under ``<out_dir>/<name>/``:
                    candidates, the chosen scheme and the counts;
   retrain-s<seed>/ normal engine runs of the chosen scheme, ``model.share=true model.blocks=<scheme>``.
 A phase whose output is complete is skipped; ``--phases`` picks phases, ``--scheme`` retrains a given scheme
-without searching, ``--table CSV`` searches on a committed scheme table (lookups, no supernet). The search evaluates the supernet's final weights (checkpoint_last.pt) on the val split held
-out of train (``data.val_size``); the test split is never read by the search.
+without searching, ``--table CSV`` searches on a committed scheme table (lookups, no supernet). The search
+evaluates the supernet's final weights (checkpoint_last.pt) on the val split held out of train
+(``data.val_size``); the test split is never read by the search.
 """
 import json
 import re
@@ -145,10 +146,7 @@ def run(args):
         if "supernet" in phases:
             raise AttnlabError("--table replaces the supernet's evaluations: give --phases search (or search,retrain)")
         from .evaluator import TableEvaluator
-        try:
-            evaluator = TableEvaluator(args.table, cfg_depths(cfg))
-        except ValueError as err:
-            raise AttnlabError(str(err)) from None
+        evaluator = TableEvaluator(args.table, cfg_depths(cfg))
     if "supernet" in phases:
         run_supernet(cfg, sec, root)
     if "search" in phases and scheme is None:
