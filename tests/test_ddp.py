@@ -118,3 +118,52 @@ def test_two_process_ddp_matches_one_process(tmp_path, capsys, ghost_model):
     assert single_eval["top1"] == pytest.approx(results["best_val_top1"], abs=1e-6)
     best_row = d[results["best_epoch"] - 1]
     assert float(best_row["val_loss"]) == pytest.approx(single_eval["loss"], rel=1e-4)
+
+
+SEARCH_CONFIG = ROOT / "configs" / "search" / "ean_resnet20_se.yaml"
+
+
+def supernet_overrides(tmp, name):
+    # p=0.2: most steps leave a whole stage unconnected, so that stage's shared SE gets no gradient on that step
+    return overrides(tmp, name) + ["train.warmup_epochs=0", "supernet.p=0.2"]
+
+
+def test_two_process_supernet_matches_one_process(tmp_path, ghost_model):
+    """A supernet step whose mask leaves a stage's shared module unused is legal under DDP (the engine builds DDP
+    with find_unused_parameters for such step hooks) and trains the weights a single process trains."""
+    from attnlab.cli import main
+    from attnlab.search.supernet import SupernetHook
+    first_mask = SupernetHook(p=0.2, seed=0).mask(0, 9)  # the supernet run's seed is 0, ResNet-20 has 9 blocks
+    assert any(not any(first_mask[i:i + 3]) for i in (0, 3, 6)), \
+        "the first of the two steps must leave a stage unconnected for this test to mean anything"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "attnlab", "search", "--config",
+                           str(SEARCH_CONFIG), "--phases", "supernet", *supernet_overrides(tmp_path, "ddp")],
+                          env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("supernet: training") == 1  # only rank 0 prints
+    with pytest.raises(SystemExit) as info:
+        main(["search", "--config", str(SEARCH_CONFIG), "--phases", "supernet",
+              *supernet_overrides(tmp_path, "ghost"), "model.name=ghost_resnet20"])
+    assert info.value.code == 0
+    wd = load_checkpoint(tmp_path / "ddp" / "supernet" / "checkpoint_last.pt")["model"]
+    wg = load_checkpoint(tmp_path / "ghost" / "supernet" / "checkpoint_last.pt")["model"]
+    torch.manual_seed(0)
+    init = create_model("resnet20", num_classes=10, attention="se", share=True).state_dict()
+    params = [k for k, v in init.items() if v.is_floating_point() and "running" not in k]
+    moved = torch.cat([(wg[k] - init[k]).flatten() for k in params]).norm()
+    apart = torch.cat([(wd[k] - wg[k]).flatten() for k in params]).norm()
+    assert moved > 0.01
+    assert apart / moved < 1e-3, f"DDP and the per-rank-BN reference differ by {float(apart / moved):.2e}"
+    print(f"supernet DDP vs reference: {float(apart / moved):.2e} of the update")
+
+
+def test_supernet_search_phase_refuses_torchrun(tmp_path, monkeypatch, capsys):
+    """The search evaluates on one device: under torchrun only the training phases may run."""
+    from attnlab.cli import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as info:
+        main(["search", "--config", str(SEARCH_CONFIG), "--phases", "supernet,search", *overrides(tmp_path, "x")])
+    assert info.value.code != 0
+    err = capsys.readouterr().err
+    assert "torchrun" in err and "--phases search,retrain" in err and len(err.strip().splitlines()) == 1

@@ -1,7 +1,6 @@
 """`attnlab search`: config split and checks, the search phase on a real (tiny) supernet checkpoint, its resume
 through the evaluation cache, the fixed plan, the retrain config, and (with the engine's step hooks) the supernet
-phase's exact resume and the whole pipeline."""
-import inspect
+phase's exact resume (and its refusal to continue as a plain run) and the whole pipeline."""
 import json
 from pathlib import Path
 
@@ -19,8 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "search" / "ean_resnet20_se.yaml"
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="offline CIFAR-10 copy not found")
-HAS_HOOKS = "step_hooks" in inspect.signature(engine.train).parameters
-needs_hooks = pytest.mark.skipif(not HAS_HOOKS, reason="engine.train has no step_hooks yet (h-engine not merged)")
 
 
 def tiny(tmp, name="ean", **extra):
@@ -196,7 +193,6 @@ def test_a_search_on_the_committed_table_repeats_the_live_search(tmp_path, super
     assert "needs all 512 schemes" in capsys.readouterr().err
 
 
-@needs_hooks
 @pytest.mark.parametrize("kill_at", [2, 7])  # in epoch 1 (no checkpoint yet) and in epoch 2
 def test_supernet_phase_resumes_exactly(tmp_path, kill_at):
     """Killed mid-run and resumed, the supernet run ends with the weights of an uninterrupted one."""
@@ -223,7 +219,35 @@ def test_supernet_phase_resumes_exactly(tmp_path, kill_at):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@needs_hooks
+def test_a_supernet_run_resumes_only_with_its_hook(tmp_path, capsys):
+    """`attnlab train --resume` on a supernet run would continue without random masks: refused, nothing changed."""
+    import os
+    import subprocess
+    import sys
+    from attnlab.cli import main
+    proc = subprocess.run([sys.executable, "-m", "attnlab", "search", "--config", str(CONFIG), "--phases",
+                           "supernet", *tiny(tmp_path, "sn"), "debug.kill_at_step=7"],  # in epoch 2 of 2
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    run_dir = tmp_path / "sn" / "supernet"
+    before = (run_dir / "checkpoint_last.pt").read_bytes()
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--resume", str(run_dir)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "step hooks" in err and "'hook': 'supernet'" in err and "--phases supernet" in err
+    assert len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as info:  # another p is another hook: refused as well
+        main(["search", "--config", str(CONFIG), "--phases", "supernet", *tiny(tmp_path, "sn"), "supernet.p=0.3"])
+    assert info.value.code == 2 and "'p': 0.5" in capsys.readouterr().err
+    assert (run_dir / "checkpoint_last.pt").read_bytes() == before
+    with pytest.raises(SystemExit) as info:  # the same hook continues it
+        main(["search", "--config", str(CONFIG), "--phases", "supernet", *tiny(tmp_path, "sn")])
+    assert info.value.code == 0
+    assert load_checkpoint(run_dir / "checkpoint_last.pt")["epoch"] == 2
+
+
 def test_whole_pipeline_runs_and_skips_done_phases(tmp_path, capsys, monkeypatch):
     from attnlab.cli import main
     from attnlab.models.connections import get_connections, scheme_bits

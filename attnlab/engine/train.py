@@ -124,6 +124,9 @@ def train(cfg, resume=None, step_hooks=(), overwrite=False) -> dict:
     ``step_hooks``: callables ``hook(trainer, epoch, step)`` run before the forward of every training step (epoch
     0-based, step the global 0-based step index, the same after a resume); ``trainer.model`` is the unwrapped model,
     so a training mode (e.g. a supernet drawing a new attention mask per step) can change it without its own loop.
+    A hook may say ``leaves_parameters_unused = True`` (some steps use only part of the model: DDP is then built
+    with ``find_unused_parameters``) and ``spec()`` (what it is, recorded in checkpoints: a resume with other hooks
+    is refused, so a supernet never continues as a plain run).
     A fresh run (``resume=None``) refuses a run dir that already holds a run unless ``overwrite`` (then that run's
     files are removed first); a dir holding only bench's bench_cell.json counts as empty.
     Returns the content of results.json. Under torchrun each rank calls this; rank 0 writes the files.
@@ -240,7 +243,11 @@ class Trainer:
         self.forward = self.model
         if d.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.forward = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            # A step hook that switches modules off for a step (a supernet's random mask) leaves their parameters
+            # without gradient on that step, which DDP rejects unless it searches the graph for unused ones.
+            find_unused = any(getattr(h, "leaves_parameters_unused", False) for h in self.step_hooks)
+            self.forward = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                               find_unused_parameters=find_unused)
         if t.compile:
             self.forward = torch.compile(self.forward)
 
@@ -252,10 +259,19 @@ class Trainer:
                 "ema": self.ema.state_dict() if self.ema else None, "epoch": epoch,
                 "best_val_top1": self.best, "best_val_top5": self.best_top5, "best_epoch": self.best_epoch,
                 "elapsed": dict(self.elapsed),
-                "rng": rng_state(), "config": to_dict(self.cfg)}
+                "rng": rng_state(), "config": to_dict(self.cfg), "step_hooks": self._hook_specs()}
+
+    def _hook_specs(self) -> list:
+        """What each step hook is (its ``spec()``, else its class name): a resume must bring the same ones."""
+        return [h.spec() if hasattr(h, "spec") else type(h).__qualname__ for h in self.step_hooks]
 
     def _restore(self, ck: dict) -> None:
         changes = _config_changes(ck["config"], to_dict(self.cfg))
+        # Checkpoints from before hooks were recorded carry no "step_hooks" and are not checked.
+        if "step_hooks" in ck and ck["step_hooks"] != self._hook_specs():
+            raise AttnlabError(f"{self.run_dir} was trained with step hooks {ck['step_hooks'] or 'none'} and this "
+                               f"resume has {self._hook_specs() or 'none'}: resume it the way it was started "
+                               "(a supernet through `attnlab search --config <recipe> --phases supernet`)")
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])

@@ -22,6 +22,7 @@ evaluates the supernet's final weights (checkpoint_last.pt) on the val split hel
 (``data.val_size``); the test split is never read by the search.
 """
 import json
+import os
 import re
 import sys
 import time
@@ -139,6 +140,11 @@ def run(args):
     for p in phases:
         if p not in PHASES:
             raise AttnlabError(f"unknown phase '{p}'; valid phases: {', '.join(PHASES)}")
+    if _world_size() > 1 and phases != ["supernet"]:
+        # The search evaluates on one device, and the retrain's seed loop would let the ranks disagree on which run
+        # dir to resume: under torchrun the supernet is trained alone, the rest runs as one process afterwards.
+        raise AttnlabError("under torchrun only the supernet phase runs (--phases supernet); run the others in one "
+                           "process afterwards: attnlab search --config ... --phases search,retrain")
     root = Path(cfg.out_dir) / cfg.name
     scheme = args.scheme
     evaluator = None
@@ -169,24 +175,26 @@ def run_supernet(cfg, sec, root):
     from .supernet import SupernetHook
     run_dir = supernet_dir(root)
     if (run_dir / "results.json").is_file():
-        print(f"supernet: done ({run_dir}); skipped", flush=True)
+        _say(f"supernet: done ({run_dir}); skipped")
         return
-    if "step_hooks" not in _parameters(engine.train):
-        raise AttnlabError("this engine's train() has no step_hooks argument yet (merge the engine branch that adds "
-                           "it); the supernet phase needs it")
     scfg = cfg.copy()
     scfg.out_dir, scfg.name = str(root), "supernet"
     hook = SupernetHook(sec.supernet.p, cfg.seed, sec.supernet.eval_mask)
     # An existing dir is always resumed (the engine refuses to start a fresh run over it); without a checkpoint
     # yet (killed in epoch 1) the engine starts that run from the beginning.
     resume = run_dir if run_dir.is_dir() else None
-    print(f"supernet: {'resuming' if resume else 'training'} {run_dir} (each bit on with p={hook.p})", flush=True)
+    _say(f"supernet: {'resuming' if resume else 'training'} {run_dir} (each bit on with p={hook.p})")
     engine.train(scfg, resume=resume, step_hooks=[hook])
 
 
-def _parameters(fn):
-    import inspect
-    return inspect.signature(fn).parameters
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _say(text: str) -> None:
+    """Print a phase line once (rank 0 under torchrun, where every rank runs the training phases)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, flush=True)
 
 
 # ---- phase 2 ---------------------------------------------------------------------------------------------------
@@ -361,9 +369,9 @@ def run_retrain(cfg, sec, root, scheme: str):
         rcfg = retrain_config(cfg, sec, root, scheme, seed)
         run_dir = Path(rcfg.out_dir) / rcfg.name
         if (run_dir / "results.json").is_file():
-            print(f"retrain: done ({run_dir}); skipped", flush=True)
+            _say(f"retrain: done ({run_dir}); skipped")
             continue
         resume = run_dir if run_dir.is_dir() else None  # as the supernet: an existing dir is resumed
-        print(f"retrain: {'resuming' if resume else 'training'} {run_dir}: model.share=true "
-              f"model.blocks={rcfg.model.blocks} seed {seed}", flush=True)
+        _say(f"retrain: {'resuming' if resume else 'training'} {run_dir}: model.share=true "
+             f"model.blocks={rcfg.model.blocks} seed {seed}")
         engine.train(rcfg, resume=resume)

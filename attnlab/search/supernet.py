@@ -14,8 +14,10 @@ never leaks into a validation number. The search itself loads the final weights 
 model and sets each scheme explicitly.
 
 Departures: EAN passes the mask as a forward argument; here it is model state set by the hook (no engine change).
-DDP with a mask that leaves a stage's shared module unused needs ``find_unused_parameters``; the lead's engine
-decides that (see docs/ean.md).
+A mask that leaves a stage unconnected leaves its shared module without gradient for that step; the hook says so
+(``leaves_parameters_unused``) and the engine builds DDP with ``find_unused_parameters`` (tests/test_ddp.py: two
+ranks train the weights one process trains). ``spec()`` goes into every checkpoint, so the engine refuses to
+resume a supernet run without this hook (or with another p, seed or eval mask).
 """
 import numpy as np
 import torch
@@ -32,6 +34,8 @@ def mask_seed(seed: int, step: int) -> int:
 
 
 class SupernetHook:
+    leaves_parameters_unused = True  # a stage whose bits are all 0 does not call its shared module
+
     def __init__(self, p: float = 0.5, seed: int = 0, eval_mask: str = "all"):
         if not 0 < float(p) <= 1:
             raise AttnlabError(f"supernet.p must be in (0, 1], got {p}")
@@ -40,6 +44,9 @@ class SupernetHook:
         self.p, self.seed, self.eval_mask = float(p), int(seed), eval_mask
         self._installed = set()
         self.last = None
+
+    def spec(self) -> dict:
+        return {"hook": "supernet", "p": self.p, "seed": self.seed, "eval_mask": self.eval_mask}
 
     def mask(self, step: int, n_bits: int) -> tuple[int, ...]:
         """The mask of global step ``step``: a pure function of (seed, step)."""
