@@ -194,6 +194,29 @@ def test_claims_get_verdicts_with_both_intervals(results, tmp_path):
     assert "The papers' claims at this scale" in readme_block(summarize(results))
 
 
+def test_report_takes_the_matrix_when_the_recorded_one_is_gone(results, tmp_path, capsys):
+    """A generated matrix may live under a lost runs/: --matrix gives it (claims, method order) to the report."""
+    path = results / "runs.jsonl"
+    lines = [dict(json.loads(line), matrix_file=str(tmp_path / "gone" / "fake.yaml"))
+             for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    write_report(results)
+    assert "## The papers' claims" not in (results / "report.md").read_text()
+    mfile = tmp_path / "kept.yaml"
+    mfile.write_text(CLAIMS_MATRIX)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["report", str(results), "--matrix", str(mfile)])
+    assert info.value.code == 0
+    md = (results / "report.md").read_text()
+    assert "## The papers' claims" in md and "| SE beats none | Hu et al. 2018 | +1.5 top-1 | +4.00 (3) |" in md
+    assert f"&& attnlab report {results} --matrix {mfile}\n" in md  # the reproduce line names the matrix given
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli.main(["report", str(results), "--matrix", str(tmp_path / "nope.yaml")])
+    assert info.value.code == 2 and "matrix file not found" in capsys.readouterr().err
+    assert "## The papers' claims" in (results / "report.md").read_text()  # the earlier report is untouched
+
+
 def test_bad_claims_are_refused(tmp_path):
     from attnlab.bench.matrix import load_matrix
     bad = {"method: se, baseline: nonee": "baseline 'nonee' is not a method of this matrix",

@@ -304,3 +304,31 @@ def test_driver_save_then_restore_into_a_lost_runs_folder(tmp_path, capsys):
     d.restore(a)
     assert (run / "search-recal20" / "evaluations.jsonl").read_text() == "longer cache\n"
     assert "restore: 4 files" in capsys.readouterr().out
+
+
+def test_driver_retrain_matrix_lists_eans_claims_and_guards_its_cells(tmp_path):
+    """The retrain matrix is kept with its results and loads as a bench matrix with EAN's claims; rewording a claim
+    is allowed, another scheme for a method that has cells is not."""
+    import argparse
+    from attnlab.bench.matrix import load_matrix
+    d = _driver()
+    a = argparse.Namespace(runs=str(tmp_path / "runs"), results=str(tmp_path / "results"), tiny=False)
+    methods = [("none", {"model.attention": "none"}), ("se", {"model.attention": "se"}),
+               ("se-shared-full", {"model.attention": "se", "model.share": True, "model.blocks": "all"}),
+               ("ean-se", {"model.attention": "se", "model.share": True, "model.blocks": "100-100-001"}),
+               ("random3-0", {"model.attention": "se", "model.share": True, "model.blocks": "001-000-110"})]
+    claims = d.retrain_claims(methods)
+    path = d.write_matrix(a, "ean_retrain", methods, [0, 1, 2], {"train.epochs": 20}, latency=True, claims=claims)
+    assert path == tmp_path / "results" / "matrices" / "ean_retrain.yaml"
+    m = load_matrix(path)
+    assert [(c["method"], c["baseline"], c["kind"]) for c in m["claims"]] == [
+        ("ean-se", "se-shared-full", "match"), ("ean-se", "se", "match"), ("se-shared-full", "se", "match"),
+        ("ean-se", "random3-0", "better")]
+    assert m["claims"][0]["margin"] == 0.5
+    reworded = [dict(claims[0], paper="re-read")] + claims[1:]
+    d.write_matrix(a, "ean_retrain", methods, [0, 1, 2], {"train.epochs": 20}, latency=True, claims=reworded)
+    assert load_matrix(path)["claims"][0]["paper"] == "re-read"
+    other = methods[:3] + [("ean-se", dict(methods[3][1], **{"model.blocks": "100-100-000"}))] + methods[4:]
+    with pytest.raises(SystemExit, match="exists with other content"):
+        d.write_matrix(a, "ean_retrain", other, [0, 1, 2], {"train.epochs": 20}, latency=True, claims=claims)
+    assert load_matrix(path)["methods"][3]["overrides"]["model.blocks"] == "100-100-001"
