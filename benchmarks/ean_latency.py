@@ -11,7 +11,6 @@ of the per-round medians. The JSON holds the table (``base_ms``, ``delta_ms``: t
 random masks. A 2-core shared CPU is noisy: read ``max_rel_error`` before trusting the table.
 """
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from attnlab.files import atomic_write_json  # noqa: E402
 from attnlab.models import create_model  # noqa: E402
 from attnlab.models.connections import bits_to_blocks, set_connections  # noqa: E402
 from attnlab.profiler import measure_latency  # noqa: E402
@@ -70,7 +70,7 @@ def main(argv=None):
         "seconds": round(time.perf_counter() - t0, 1), "command": "benchmarks/ean_latency.py " + " ".join(
             argv if argv is not None else sys.argv[1:])}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    atomic_write_json(a.out, out, "latency table")
     print(f"base {base:.3f} ms, all {t[(1,) * n]:.3f} ms (additive {pred[(1,) * n]:.3f}), deltas "
           f"{', '.join(f'{d:.3f}' for d in delta)}; R^2 {out['meta']['r2_random_masks']}, max rel error "
           f"{out['meta']['max_rel_error']:.3f} -> {a.out}")
