@@ -53,6 +53,7 @@ PHASES = ("supernet", "recal", "replay", "search", "standalone", "retrain", "rep
 SAVED = {"supernet": ("checkpoint_last.pt", "config.yaml", "metrics.csv", "results.json"),
          "search": None, "search-recal20": None}  # None: every file of the folder but its table.csv
 TABLES = {"search": "table_resnet20_se.csv", "search-recal20": "table_resnet20_se_recal20.csv"}
+REPLAYS = {"search": "replay.json", "search-recal20": "replay_recal20.json"}  # the replay study of each table
 NAME = "ean_resnet20_se"
 TINY = ["data.subset=30", "data.val_size=60", "data.test_subset=10", "train.epochs=1", "train.batch_size=32",
         "train.eval_batch_size=100", "train.warmup_epochs=0", "search.options={steps: 5}"]
@@ -133,7 +134,7 @@ def phase_replay(a):
     results = Path(a.results)
     for sub, name in TABLES.items():
         table_path = search_root(a) / sub / "table.csv"
-        out = results / name.replace("table_resnet20_se", "replay").replace(".csv", ".json")
+        out = results / REPLAYS[sub]
         if not table_path.is_file():
             print(f"replay: no {table_path}; skipped", flush=True)
             continue
@@ -384,7 +385,7 @@ def plots(a, ranked, res, results):
     for name, cand in res["candidates"].items():
         color, ls = styles[name]
         ax.axvline(cand["reward"], color=color, linestyle=ls, label=f"this search ({res['searcher']}): {name}")
-    replay = results / "replay.json"
+    replay = results / REPLAYS["search"]
     if replay.is_file():  # each searcher's median pick (chosen rank) at the largest budget of the replay study
         study = json.loads(replay.read_text())
         budget = max(study["budgets"])
