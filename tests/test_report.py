@@ -196,11 +196,11 @@ def test_claims_get_verdicts_with_both_intervals(results, tmp_path):
 
 def test_report_takes_the_matrix_when_the_recorded_one_is_gone(results, tmp_path, capsys):
     """A generated matrix may live under a lost runs/: --matrix gives it (claims, method order) to the report."""
-    path = results / "runs.jsonl"
-    lines = [dict(json.loads(line), matrix_file=str(tmp_path / "gone" / "fake.yaml"))
-             for line in path.read_text().splitlines()]
-    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    write_report(results)
+    _with_claims(results, tmp_path)  # the runs record tmp_path/fake.yaml, a matrix with claims
+    write_report(results, readme=None)
+    assert "## The papers' claims" in (results / "report.md").read_text()
+    (tmp_path / "fake.yaml").unlink()
+    write_report(results, readme=None)
     assert "## The papers' claims" not in (results / "report.md").read_text()
     mfile = tmp_path / "kept.yaml"
     mfile.write_text(CLAIMS_MATRIX)
@@ -215,6 +215,15 @@ def test_report_takes_the_matrix_when_the_recorded_one_is_gone(results, tmp_path
         cli.main(["report", str(results), "--matrix", str(tmp_path / "nope.yaml")])
     assert info.value.code == 2 and "matrix file not found" in capsys.readouterr().err
     assert "## The papers' claims" in (results / "report.md").read_text()  # the earlier report is untouched
+    other = tmp_path / "other.yaml"  # another matrix's file (its name is not the runs' matrix): refused
+    other.write_text(CLAIMS_MATRIX.replace("name: fake", "name: cifar10_resnet20"))
+    before = (results / "report.md").read_text()
+    with pytest.raises(SystemExit) as info:
+        cli.main(["report", str(results), "--matrix", str(other)])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1
+    assert "is matrix 'cifar10_resnet20' but the runs" in err and "are matrix 'fake'" in err
+    assert (results / "report.md").read_text() == before
 
 
 def test_bad_claims_are_refused(tmp_path):

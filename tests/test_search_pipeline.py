@@ -219,19 +219,21 @@ def test_supernet_phase_resumes_exactly(tmp_path, kill_at):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_supernet_run_resumes_only_with_its_hook(tmp_path, capsys):
+@pytest.mark.parametrize("kill_at_step", [7, 2])  # in epoch 2 of 2 (a checkpoint exists), in epoch 1 (none)
+def test_a_supernet_run_resumes_only_with_its_hook(tmp_path, capsys, kill_at_step):
     """`attnlab train --resume` on a supernet run would continue without random masks: refused, nothing changed."""
     import os
     import subprocess
     import sys
     from attnlab.cli import main
     proc = subprocess.run([sys.executable, "-m", "attnlab", "search", "--config", str(CONFIG), "--phases",
-                           "supernet", *tiny(tmp_path, "sn"), "debug.kill_at_step=7"],  # in epoch 2 of 2
+                           "supernet", *tiny(tmp_path, "sn"), f"debug.kill_at_step={kill_at_step}"],
                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
                           cwd=ROOT)
     assert proc.returncode == -9, proc.stderr[-2000:]
     run_dir = tmp_path / "sn" / "supernet"
-    before = (run_dir / "checkpoint_last.pt").read_bytes()
+    assert (run_dir / "checkpoint_last.pt").is_file() == (kill_at_step == 7)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     with pytest.raises(SystemExit) as info:
         main(["train", "--resume", str(run_dir)])
     assert info.value.code == 2
@@ -241,11 +243,31 @@ def test_a_supernet_run_resumes_only_with_its_hook(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:  # another p is another hook: refused as well
         main(["search", "--config", str(CONFIG), "--phases", "supernet", *tiny(tmp_path, "sn"), "supernet.p=0.3"])
     assert info.value.code == 2 and "'p': 0.5" in capsys.readouterr().err
-    assert (run_dir / "checkpoint_last.pt").read_bytes() == before
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
     with pytest.raises(SystemExit) as info:  # the same hook continues it
         main(["search", "--config", str(CONFIG), "--phases", "supernet", *tiny(tmp_path, "sn")])
     assert info.value.code == 0
     assert load_checkpoint(run_dir / "checkpoint_last.pt")["epoch"] == 2
+
+
+def test_a_hook_whose_spec_is_not_json_is_refused_before_training(tmp_path):
+    from attnlab.engine.config import load_config
+    from attnlab.engine.train import train
+
+    class TupleKeys:
+        def spec(self):
+            return {(1, 2): "tuple key"}
+
+        def __call__(self, trainer, epoch, step):
+            pass
+
+    run_dir = tmp_path / "bad"
+    run_dir.mkdir()
+    (run_dir / "metrics.csv").write_text("kept\n")
+    cfg = load_config(None, [f"out_dir={tmp_path}", "name=bad", f"data.cache_dir={tmp_path}/cache"])
+    with pytest.raises(AttnlabError, match="not a plain JSON value"):
+        train(cfg, step_hooks=[TupleKeys()], overwrite=True)
+    assert [p.name for p in run_dir.iterdir()] == ["metrics.csv"]
 
 
 def test_whole_pipeline_runs_and_skips_done_phases(tmp_path, capsys, monkeypatch):

@@ -58,11 +58,15 @@ def summarize(results_dir, baseline="none", matrix_file=None):
     records, lines, latency = load_results(results_dir)
     ok = [r for r in records if r.get("status") == "ok"]
     failed = [r for r in records if r.get("status") != "ok"]
-    matrix_name = next((r["matrix"] for r in records if r.get("matrix")), results_dir.name)
+    recorded_name = next((r["matrix"] for r in records if r.get("matrix")), None)
+    matrix_name = recorded_name or results_dir.name
     given = matrix_file is not None
     if given:
         matrix_file = str(matrix_file)
-        load_matrix(matrix_file)  # a given file must load: its errors are the user's to see
+        given_name = load_matrix(matrix_file)["name"]  # a given file must load: its errors are the user's to see
+        if recorded_name and given_name != recorded_name:
+            raise AttnlabError(f"--matrix {matrix_file} is matrix '{given_name}' but the runs in {results_dir} are "
+                               f"matrix '{recorded_name}': give that matrix's file (or none, to use the recorded one)")
     else:
         matrix_file = next((r["matrix_file"] for r in records if r.get("matrix_file")), None)
     matrix = None

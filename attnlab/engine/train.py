@@ -51,7 +51,11 @@ NO_BAD_STEP = 2 ** 62  # "no non-finite loss yet" (min-reduced across ranks)
 RESUMABLE_CHANGES = ("train.epochs", "train.lr", "train.eval_batch_size", "data.data_dir", "data.cache_dir",
                      "device", "debug.kill_at_step", "name", "out_dir")
 BENCH_MARKER = "bench_cell.json"  # written by attnlab bench into a fresh run dir before it calls train()
-RUN_FILES = ("config.yaml", "metrics.csv", "events.out.tfevents.*", "checkpoint_*.pt", "results.json", "eval_*.json")
+# The step hooks a run was started with, written when it starts (checkpoints record them too, but a run killed in
+# epoch 1 has none): a resume with other hooks is refused either way. Absent: the run has no hooks.
+HOOKS_FILE = "step_hooks.json"
+RUN_FILES = ("config.yaml", "metrics.csv", "events.out.tfevents.*", "checkpoint_*.pt", "results.json", "eval_*.json",
+             HOOKS_FILE)
 
 
 def add_arguments(p):
@@ -125,14 +129,17 @@ def train(cfg, resume=None, step_hooks=(), overwrite=False) -> dict:
     0-based, step the global 0-based step index, the same after a resume); ``trainer.model`` is the unwrapped model,
     so a training mode (e.g. a supernet drawing a new attention mask per step) can change it without its own loop.
     A hook may say ``leaves_parameters_unused = True`` (some steps use only part of the model: DDP is then built
-    with ``find_unused_parameters``) and ``spec()`` (what it is, recorded in checkpoints: a resume with other hooks
-    is refused, so a supernet never continues as a plain run).
+    with ``find_unused_parameters``) and ``spec()`` (what it is, a JSON value; without one the hook is its class
+    name, so two plain functions both record as "function"). The specs are recorded in step_hooks.json when the run
+    starts and in every checkpoint: a resume with other hooks is refused, so a supernet never continues as a plain
+    run, not even after a kill in epoch 1.
     A fresh run (``resume=None``) refuses a run dir that already holds a run unless ``overwrite`` (then that run's
     files are removed first); a dir holding only bench's bench_cell.json counts as empty.
     Returns the content of results.json. Under torchrun each rank calls this; rank 0 writes the files.
     """
     if not isinstance(cfg, DictConfig):
         cfg = load_config(base=cfg)
+    _hook_specs(step_hooks)  # a spec that cannot be recorded is refused before --overwrite removes anything
     if resume is None:
         _claim_run_dir(Path(cfg.out_dir) / str(cfg.name), overwrite)
     d, device = setup(cfg.device)
@@ -165,6 +172,34 @@ def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
     remove_stale_temps(run_dir)
 
 
+def _hook_specs(hooks) -> list:
+    """What each step hook is (its ``spec()``, else its class name), checked to be JSON (it goes to step_hooks.json)."""
+    specs = [h.spec() if hasattr(h, "spec") else type(h).__qualname__ for h in hooks]
+    for spec in specs:
+        try:
+            if json.loads(json.dumps(spec)) != spec:
+                raise ValueError("it changes through JSON (tuples, non-string keys)")
+        except (TypeError, ValueError) as err:
+            raise AttnlabError(f"step hook spec {spec!r} is not a plain JSON value ({err}): spec() must return "
+                               "str, numbers, bools, lists and dicts with string keys") from None
+    return specs
+
+
+def _recorded_hooks(run_dir: Path) -> list:
+    """The hook specs run_dir's step_hooks.json records ([] when absent: a run without hooks, or one from before
+    the file existed)."""
+    path = run_dir / HOOKS_FILE
+    if not path.is_file():
+        return []
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise AttnlabError(f"{path} is unreadable ({err}): it should list the run's step hooks as JSON") from None
+    if not isinstance(recorded, list):
+        raise AttnlabError(f"{path} holds {type(recorded).__name__}, not the list of the run's step hooks")
+    return recorded
+
+
 def _is_temp(p: Path) -> bool:
     """A temp file a killed atomic write left (removed when training starts)."""
     return p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)
@@ -178,6 +213,7 @@ class Trainer:
 
         self.cfg, self.d, self.device = cfg, d, device
         self.step_hooks = tuple(step_hooks)
+        self.hook_specs = _hook_specs(self.step_hooks)
         t = cfg.train
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.log = print if d.is_main else (lambda *a, **k: None)
@@ -235,6 +271,7 @@ class Trainer:
             # Loaded on the CPU: load_state_dict moves model and optimizer state to their parameters' device.
             self._restore(load_checkpoint(Path(resume) / "checkpoint_last.pt", map_location="cpu"))
         elif resume is not None:
+            self._check_hooks(_recorded_hooks(Path(resume)))
             self.log(f"{resume} has no checkpoint yet (stopped during epoch 1): starting from the beginning")
 
         self.epochs_done = self.start_epoch  # epochs whose checkpoint is written (named in a non-finite loss error)
@@ -259,19 +296,20 @@ class Trainer:
                 "ema": self.ema.state_dict() if self.ema else None, "epoch": epoch,
                 "best_val_top1": self.best, "best_val_top5": self.best_top5, "best_epoch": self.best_epoch,
                 "elapsed": dict(self.elapsed),
-                "rng": rng_state(), "config": to_dict(self.cfg), "step_hooks": self._hook_specs()}
+                "rng": rng_state(), "config": to_dict(self.cfg), "step_hooks": self.hook_specs}
 
-    def _hook_specs(self) -> list:
-        """What each step hook is (its ``spec()``, else its class name): a resume must bring the same ones."""
-        return [h.spec() if hasattr(h, "spec") else type(h).__qualname__ for h in self.step_hooks]
+    def _check_hooks(self, recorded: list) -> None:
+        """Refuse a resume whose step hooks differ from those the run was started with."""
+        if recorded != self.hook_specs:
+            raise AttnlabError(f"{self.run_dir} was trained with step hooks {recorded or 'none'} and this "
+                               f"resume has {self.hook_specs or 'none'}: resume it the way it was started "
+                               "(a supernet through `attnlab search --config <recipe> --phases supernet`)")
 
     def _restore(self, ck: dict) -> None:
         changes = _config_changes(ck["config"], to_dict(self.cfg))
         # Checkpoints from before hooks were recorded carry no "step_hooks" and are not checked.
-        if "step_hooks" in ck and ck["step_hooks"] != self._hook_specs():
-            raise AttnlabError(f"{self.run_dir} was trained with step hooks {ck['step_hooks'] or 'none'} and this "
-                               f"resume has {self._hook_specs() or 'none'}: resume it the way it was started "
-                               "(a supernet through `attnlab search --config <recipe> --phases supernet`)")
+        if "step_hooks" in ck:
+            self._check_hooks(ck["step_hooks"])
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -481,6 +519,8 @@ class Trainer:
                 writable_dir(self.run_dir, "run dir")
                 remove_stale_temps(self.run_dir)
                 atomic_write_text(self.run_dir / "config.yaml", self._config_text(), "config")
+                if self.hook_specs:
+                    atomic_write_text(self.run_dir / HOOKS_FILE, json.dumps(self.hook_specs) + "\n", "step hooks")
             except AttnlabError as err:
                 failed = err
         self._stop_if_rank0_failed(failed)
