@@ -9,6 +9,10 @@ Phases, in order (docs/ean.md lists the CPU time of each):
   recal       the 512-scheme table again with SPOS-style BN recalibration (20 batches of 128), search-recal20/
   replay      every searcher replayed against each table, 100 seeds, budgets 30/100/300/900 distinct evaluations
               -> results/ean/replay.json (+ replay_recal20.json); the tables are copied to results/ean/
+  search      when a search folder has no result.json (runs/ was lost with the live search's folder), the same
+              search (EAN preset, seed 0, best_sampled) re-run on the committed table with `attnlab search
+              --table`: the live search read every scheme from the evaluation cache that built the table, so the
+              lookups give it the same rewards
   standalone  8 schemes spread over the supernet's reward range trained as standalone models (short recipe, one
               seed; the middle one with 3 seeds for the seed SD) -> Kendall tau with their supernet accuracy
   retrain     the searched scheme vs controls, 3 seeds, the 20-epoch recipe of the cifar10_resnet20 evidence
@@ -16,10 +20,6 @@ Phases, in order (docs/ean.md lists the CPU time of each):
               the searched scheme's number of connections; latency round-robin by `attnlab bench`
   report      results/ean/summary.json and plots (reward histogram with each searcher's pick, controller curve,
               connection probability per block)
-  search      when a search folder has no result.json (runs/ was lost with the live search's folder), the same
-              search (EAN preset, seed 0, best_sampled) re-run on the committed table with `attnlab search
-              --table`: the live search read every scheme from the evaluation cache that built the table, so the
-              lookups give it the same rewards
   save        copy the supernet run's small files (its 2.2 MB checkpoint_last.pt included) and each search folder
               but its table (evaluation cache, plan, search log, result) to results/ean/resnet20_se/, the tables to
               results/ean/table_resnet20_se*.csv. Runs after supernet, recal and search; run it by hand after

@@ -101,6 +101,21 @@ def test_metrics_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
     assert [(r["epoch"], r["lr"]) for r in rows] == [("1", "0.1"), ("2", "0.1"), ("3", "0.05")]
 
 
+def test_a_metrics_row_torn_by_a_kill_is_dropped_on_resume(tmp_path):
+    # Killed while appending epoch 12's row, before its checkpoint: only "1" of "12,..." reached the file.
+    cols = "epoch,lr,train_loss,train_top1,val_loss,val_top1,val_top5,epoch_time_s,images_per_s\n"
+    (tmp_path / "metrics.csv").write_text(cols + "".join(f"{e},0.1,1,2,3,4,5,6,7\n" for e in range(1, 12)) + "1")
+    log = RunLog(tmp_path, done=11)
+    for epoch in (12, 13):
+        log.write({"epoch": epoch, "lr": 0.05, "train_loss": 0.5, "train_top1": 9.0, "val_loss": 0.4,
+                   "val_top1": 8.0, "val_top5": 9.5, "epoch_time_s": 1.0, "images_per_s": 2.0}, [])
+    log.close()
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == [str(e) for e in range(1, 14)]
+    assert rows[10]["lr"] == "0.1" and rows[11]["lr"] == "0.05" and None not in rows[11].values()
+
+
 HOOK_CHILD = """
 import json, sys
 from attnlab.engine.config import load_config

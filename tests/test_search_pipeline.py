@@ -300,6 +300,17 @@ def test_whole_pipeline_runs_and_skips_done_phases(tmp_path, capsys, monkeypatch
         main(args)
     out = capsys.readouterr().out
     assert out.count("skipped") == 3
+    # Another searcher on the finished search, another scheme on the finished retrain: refused, nothing changed.
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as info:
+        main([*args, "search.searcher=greedy"])
+    assert info.value.code == 2 and "different plan" in capsys.readouterr().err
+    other = "000-000-000" if res["chosen_blocks"] != "000-000-000" else "111-111-111"
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--phases", "retrain", "--scheme", other])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"retrains scheme model.blocks={res['chosen_blocks']}, not {other}" in err
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("args, message", [

@@ -2,8 +2,9 @@
 
 Per method: mean +- sample std of val and test top-1 over seeds, the difference to the baseline with a 95% Welch t
 interval, params, FLOPs, latency and training throughput; accuracy-vs-latency, accuracy-vs-params and per-epoch
-validation curves as PNGs. ``--readme README.md`` replaces the block between ``<!-- results:begin -->`` and
-``<!-- results:end -->`` with a compact table generated from the same summary.
+validation curves as PNGs. ``--readme README.md`` replaces the block between ``<!-- results:<matrix>:begin -->``
+and ``<!-- results:<matrix>:end -->`` (else, when the README has no such block, the one between
+``<!-- results:begin -->`` and ``<!-- results:end -->``) with a compact table generated from the same summary.
 """
 import json
 import re

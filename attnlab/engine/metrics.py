@@ -1,9 +1,11 @@
 """Per-epoch metrics: sums kept as device tensors during the epoch, one CSV row and TensorBoard scalars at its end."""
 import csv
+import io
 from pathlib import Path
 
 import torch
 
+from ..files import atomic_write_text
 from .distributed import Dist, all_reduce_sum
 
 BASE_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5"]
@@ -51,8 +53,10 @@ class RunLog:
     """metrics.csv and TensorBoard events, written by rank 0 only.
 
     The objective-term columns are the term names of the first epoch (an objective returns the same names every
-    step). Epochs are numbered from 1. On resume after ``done`` completed epochs, later rows are dropped: a run
-    killed after writing its CSV row but before its checkpoint replays that epoch.
+    step). Epochs are numbered from 1. On resume after ``done`` completed epochs, only rows 1..done are kept: a run
+    killed after writing its CSV row but before its checkpoint replays that epoch, and a kill in the middle of an
+    append leaves a partial last row. The first write of a process rewrites the file atomically (header, kept
+    rows, its row); later rows are appended.
     """
 
     def __init__(self, run_dir: Path, done: int):
@@ -62,22 +66,27 @@ class RunLog:
             with open(self.path, newline="") as f:
                 reader = csv.DictReader(f)
                 self.columns = reader.fieldnames
-                self.rows = [r for r in reader if int(r["epoch"]) <= done]
+                for r in reader:  # epochs 1, 2, ... in order; a torn row ("1" of "12") breaks the sequence
+                    if len(self.rows) == done or r.get("epoch") != str(len(self.rows) + 1):
+                        break
+                    self.rows.append(r)
         from torch.utils.tensorboard import SummaryWriter
         self.tb = SummaryWriter(str(run_dir), purge_step=done + 1 if done > 0 else None)
 
     def write(self, row: dict, term_names) -> None:
         if self.columns is None:
             self.columns = BASE_COLUMNS + list(term_names) + TAIL_COLUMNS
-        if self.rows is not None:  # first write of this process: header plus the rows kept from before
-            with open(self.path, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
-                w.writeheader()
-                w.writerows(self.rows)
+        line = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+        if self.rows is not None:  # first write of this process: header, the rows kept from before, this row
+            text = io.StringIO(newline="")
+            w = csv.DictWriter(text, fieldnames=self.columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(self.rows + [line])
+            atomic_write_text(self.path, text.getvalue(), "metrics")
             self.rows = None
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(
-                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(line)
         for key, value in row.items():
             if key != "epoch" and isinstance(value, int | float):
                 group = "val" if key.startswith("val_") else "train" if key.startswith("train_") or key in \

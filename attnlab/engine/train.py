@@ -7,13 +7,14 @@ best checkpoint, evaluated once at the end). Accuracies are percentages.
 Speed: the step never synchronises with the host. Losses and accuracies are summed as device tensors and read once
 per epoch; a non-finite loss is recorded on the device and raised at the end of the epoch (on a single CPU process,
 where a sync is free, it is raised at once, before the bad step touches the weights). The data stay on the device as
-uint8 and are augmented there (``attnlab.data.BatchLoader``). CUDA runs use autocast (bf16 by default) and
-channels_last; ``train.compile`` wraps the model in ``torch.compile``.
+uint8 and are augmented there (``attnlab.data.BatchLoader``). CUDA runs use autocast (bf16 by default); every
+device uses channels_last unless ``train.channels_last=false``; ``train.compile`` wraps the model in ``torch.compile``.
 
 Resume: checkpoint_last.pt holds the model, optimizer, scheduler, grad scaler, EMA and RNG states after each epoch.
 The data order and augmentation are a pure function of (seed, epoch), so a resumed run replays the interrupted
 epoch from its start and, with ``train.deterministic`` on CPU, ends with the same weights as an uninterrupted one.
-Every file is written atomically (``attnlab.files``); checkpoint_last.pt is written before checkpoint_best.pt, and a
+Every file is written atomically (``attnlab.files``) but the per-epoch appends to metrics.csv (a row torn by a kill
+is dropped on resume) and the TensorBoard events; checkpoint_last.pt is written before checkpoint_best.pt, and a
 resume re-derives checkpoint_best.pt when a kill came between the two. A resume may change only RESUMABLE_CHANGES
 (more epochs, another lr: from the first resumed epoch), records what it changed at the top of config.yaml, and
 changes nothing when the run is complete. A fresh run refuses a run dir that holds a run unless told to overwrite.

@@ -5,17 +5,18 @@ The YAML is an ordinary training recipe (its engine keys configure the supernet 
     supernet: {p: 0.5, eval_mask: all}
     search:   {searcher: reinforce, seed: 0, budget: null, select: best_sampled, derive_samples: 20,
                recal_batches: 0, table: false, reward: {alpha: 2.0, beta: 0.0, latency_table: null}, ...}
-    retrain:  {seeds: [0], overrides: {train.epochs: 30}}
+    retrain:  {seeds: [0], overrides: {}}   (overrides of the recipe for the retrain runs, e.g. {train.epochs: 30})
 
 Everything goes under ``<out_dir>/<name>/``:
   supernet/        a normal engine run (config.yaml, metrics.csv, checkpoint_last.pt, results.json) trained with the
                    ``SupernetHook``; an interrupted one resumes from its checkpoint_last.pt;
   search/plan.json the searcher, seed, budget and selection rule, written before the first evaluation; a rerun
-                   with a different plan is refused (the rule is fixed before the search);
+                   with a different plan is refused, finished or not (the rule is fixed before the search);
   search/evaluations.jsonl  every real evaluation (the cache; survives restarts); search.jsonl  every query of this
                    search run, in order; table.csv  all schemes (``search.table: true``); result.json  the three
                    candidates, the chosen scheme and the counts;
-  retrain-s<seed>/ normal engine runs of the chosen scheme, ``model.share=true model.blocks=<scheme>``.
+  retrain-s<seed>/ normal engine runs of the chosen scheme, ``model.share=true model.blocks=<scheme>``; one that
+                   holds another scheme is refused rather than skipped or resumed.
 A phase whose output is complete is skipped; ``--phases`` picks phases, ``--scheme`` retrains a given scheme
 without searching, ``--table CSV`` searches on a committed scheme table (lookups, no supernet). The search
 evaluates the supernet's final weights (checkpoint_last.pt) on the val split held out of train
@@ -259,16 +260,19 @@ def run_search_phase(cfg, sec, root, evaluator=None) -> dict:
     from .searchers import Oracle, make_searcher, run_search
 
     out = Path(root) / sec.search.dir
+    plan = _plan(sec)
+    plan_path = out / "plan.json"
+    # Checked before a finished search is reused: another searcher or rule must not silently get the old result.
+    if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
+        done = "finished" if (out / "result.json").is_file() else "started"
+        raise AttnlabError(f"{plan_path} records a different plan (searcher, budget, selection rule or reward) for "
+                           f"the search {done} there; the rule is fixed before the search: restore those settings, "
+                           "or give search.dir=<new folder> (or a new run name) for another search")
     if (out / "result.json").is_file():
         res = read_result(root, sec.search.dir)
         print(f"search: done ({out / 'result.json'}); chosen {res['chosen_blocks']} ({res['select']}); skipped")
         return res
     out.mkdir(parents=True, exist_ok=True)
-    plan = _plan(sec)
-    plan_path = out / "plan.json"
-    if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
-        raise AttnlabError(f"{plan_path} records a different plan (searcher, budget, selection rule or reward); "
-                           "the rule is fixed before the search: restore those settings or use a new run name")
     write_json(plan_path, plan)
     searcher = make_searcher(sec.search.searcher, **plan["options"])
     reward = _reward(sec)
@@ -363,11 +367,24 @@ def _value(v):
     return json.dumps(v) if isinstance(v, (list, dict)) else ("null" if v is None else str(v))
 
 
+def _check_retrained_scheme(run_dir: Path, blocks: str) -> None:
+    """A retrain dir of another scheme (an earlier search, or another --scheme) is neither skipped as done nor
+    resumed: refused, so the result read afterwards is always the scheme asked for."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    held = OmegaConf.load(path).get("model", {}).get("blocks")
+    if str(held) != str(blocks):
+        raise AttnlabError(f"{run_dir} retrains scheme model.blocks={held}, not {blocks}: move it away, or give "
+                           "name=<new run name> to retrain another scheme beside it")
+
+
 def run_retrain(cfg, sec, root, scheme: str):
     from ..engine import train as engine
     for seed in sec.retrain.seeds:
         rcfg = retrain_config(cfg, sec, root, scheme, seed)
         run_dir = Path(rcfg.out_dir) / rcfg.name
+        _check_retrained_scheme(run_dir, rcfg.model.blocks)
         if (run_dir / "results.json").is_file():
             _say(f"retrain: done ({run_dir}); skipped")
             continue
