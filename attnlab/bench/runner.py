@@ -1,6 +1,7 @@
 """Running a matrix: every unfinished cell through the training engine, K cells at a time, within a time budget.
 
-Each cell trains into ``runs/<matrix>/<method>-s<seed>/`` (the method name slugged: ``ssia+se`` -> ``ssia_se``) and gets one line in ``results/<matrix>/runs.jsonl``.
+Each cell trains into ``runs/<matrix>/<method>-s<seed>/`` (the method name slugged: ``ssia+se`` -> ``ssia_se``)
+and gets one line in ``results/<matrix>/runs.jsonl``.
 A cell whose line is there is skipped, so an interrupted matrix resumes where it stopped, and methods added to a
 matrix run alone; a cell that raises is recorded as failed with its one-line error and the matrix goes on.
 

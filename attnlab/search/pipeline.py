@@ -370,10 +370,10 @@ def _value(v):
 def _check_retrained_scheme(run_dir: Path, blocks: str) -> None:
     """A retrain dir of another scheme (an earlier search, or another --scheme) is neither skipped as done nor
     resumed: refused, so the result read afterwards is always the scheme asked for."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
+    from ..engine.train import resume_config
+    if not (run_dir / "config.yaml").is_file():
         return
-    held = OmegaConf.load(path).get("model", {}).get("blocks")
+    held = resume_config(run_dir).model.blocks
     if str(held) != str(blocks):
         raise AttnlabError(f"{run_dir} retrains scheme model.blocks={held}, not {blocks}: move it away, or give "
                            "name=<new run name> to retrain another scheme beside it")
