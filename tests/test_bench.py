@@ -7,7 +7,7 @@ import pytest
 import attnlab.attention
 from attnlab import cli
 from attnlab.bench import cells, fingerprint, format_value, load_matrix, run_matrix, slug
-from attnlab.bench.runner import parse_duration
+from attnlab.bench.runner import Estimates, parse_duration
 from attnlab.bench.runs import cell_lock
 from attnlab.errors import AttnlabError
 from attnlab.jsonl import append_jsonl, read_jsonl
@@ -212,6 +212,7 @@ def test_budget_starts_only_cells_that_fit_and_adding_methods_runs_only_them(tmp
     assert counts == _counts(total=4, skipped=2, ok=1, deferred=1)
     out = capsys.readouterr().out
     assert "--budget 1m00s" in out and "se seed 1: not started, it would not finish within the budget" in out
+    assert "(estimate 2h46m, median of 1 se cell)" in out
     assert "1 left for a later slice" in out
     assert [(r["method"], r["seed"]) for r in read_jsonl(runs_path)][-1] == ("none", 1)
 
@@ -223,6 +224,17 @@ def test_budget_starts_only_cells_that_fit_and_adding_methods_runs_only_them(tmp
     assert counts == _counts(total=3, skipped=2, ok=1)
     assert runs_path.read_text().startswith(before)
     assert [(r["method"], r["seed"]) for r in read_jsonl(runs_path)][-1] == ("eca", 0)
+
+
+def test_estimates_say_what_they_rest_on():
+    records = [{"method": m, "status": "ok", "wall_time_s": t, "device": "cpu (x86_64, 1 threads)"}
+               for m, t in [("none", 50.0), ("none", 70.0), ("cbam", 300.0), ("se", 90.0)]]
+    est = Estimates(records + [{"method": "se", "status": "failed", "wall_time_s": 1.0}])
+    assert est("none") == 60.0 and est.basis("none") == "median of 2 none cells"
+    assert est("se") == 90.0  # a failed cell does not count
+    assert est("tdam") == 300.0 and est.basis("tdam") == "slowest method's median (cbam): no tdam cell finished yet"
+    empty = Estimates([], device_kind="cuda")
+    assert empty("se") is None and empty.basis("se") == "no finished cuda cell to go by"
 
 
 def test_budget_counts_only_the_epochs_an_interrupted_cell_has_left(tmp_path, capsys):

@@ -149,6 +149,17 @@ class Estimates:
         medians = [statistics.median(t) for t in self.times.values()]
         return max(medians) if medians else None
 
+    def basis(self, method: str) -> str:
+        """What the estimate rests on, for the log: 'median of 3 se cells' or 'slowest method's median (cbam):
+        no tdam cell finished yet' (the cautious case that keeps a new method waiting)."""
+        if method in self.times:
+            n = len(self.times[method])
+            return f"median of {n} {method} cell{'s' if n != 1 else ''}"
+        if not self.times:
+            return f"no finished {self.device_kind} cell to go by"
+        slowest = max(self.times, key=lambda m: statistics.median(self.times[m]))
+        return f"slowest method's median ({slowest}): no {method} cell finished yet"
+
 
 def device_kind_of(device) -> str:
     """'cpu' for the engine's CPU description ('cpu (x86_64, 1 threads)'), 'cuda' for a GPU's name."""
@@ -350,7 +361,8 @@ class _Runner:
                 self._wait_one()
             for i, c in queue:
                 self.log(f"[{i}/{self.n_total}] {c['method']} seed {c['seed']}: not started, it would not finish "
-                         f"within the budget (estimate {fmt_duration(self._estimate(c) or 0)})")
+                         f"within the budget (estimate {fmt_duration(self._estimate(c) or 0)}, "
+                         f"{self.est.basis(c['method'])})")
             self.counts["deferred"] += len(queue)
         finally:
             self._stop_all()
