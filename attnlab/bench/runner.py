@@ -144,10 +144,12 @@ class Estimates:
         self.times.setdefault(method, []).append(seconds)
 
     def __call__(self, method: str) -> float | None:
-        if method in self.times:
-            return statistics.median(self.times[method])
-        medians = [statistics.median(t) for t in self.times.values()]
-        return max(medians) if medians else None
+        source = method if method in self.times else self._slowest()
+        return statistics.median(self.times[source]) if source is not None else None
+
+    def _slowest(self) -> str | None:
+        """The method with the highest median: the stand-in for a method with no finished cell."""
+        return max(self.times, key=lambda m: statistics.median(self.times[m]), default=None)
 
     def basis(self, method: str) -> str:
         """What the estimate rests on, for the log: 'median of 3 se cells' or 'slowest method's median (cbam):
@@ -155,9 +157,9 @@ class Estimates:
         if method in self.times:
             n = len(self.times[method])
             return f"median of {n} {method} cell{'s' if n != 1 else ''}"
-        if not self.times:
+        slowest = self._slowest()
+        if slowest is None:
             return f"no finished {self.device_kind} cell to go by"
-        slowest = max(self.times, key=lambda m: statistics.median(self.times[m]))
         return f"slowest method's median ({slowest}): no {method} cell finished yet"
 
 
