@@ -237,6 +237,26 @@ def test_estimates_say_what_they_rest_on():
     assert empty("se") is None and empty.basis("se") == "no finished cuda cell to go by"
 
 
+def test_budget_sees_cells_another_bench_finished_meanwhile(tmp_path, capsys):
+    # Two bench processes on one matrix: while this one trains none's seed 1, the other finishes se's seed 0 in
+    # 10,000 s. se's seed 1, queued next, must be judged by that cell, not by the stand-in estimate read at start.
+    path = _write(tmp_path, tiny_matrix_text({"none": "none", "se": "se"}).replace("seeds: [0]", "seeds: [0, 1]"))
+    res, runs = tmp_path / "res", tmp_path / "runs"
+    matrix = load_matrix(path)
+    runs_path = res / "tiny" / "runs.jsonl"
+    append_jsonl(runs_path, _seed_record(matrix, "none", 0, 5.0))
+    lines = []
+
+    def log(line):
+        lines.append(line)
+        if "none seed 1: running" in line:
+            append_jsonl(runs_path, _seed_record(matrix, "se", 0, 10000.0))  # the other process's cell
+
+    counts = run_matrix(matrix, seeds=[1], results_root=res, runs_root=runs, latency=False, budget_s=60, log=log)
+    assert counts == _counts(total=2, ok=1, deferred=1)
+    assert any("se seed 1: not started" in x and "(estimate 2h46m, median of 1 se cell)" in x for x in lines), lines
+
+
 def test_budget_counts_only_the_epochs_an_interrupted_cell_has_left(tmp_path, capsys):
     text = tiny_matrix_text({"none": "none"}).replace("seeds: [0]", "seeds: [0, 1, 2]")
     path = _write(tmp_path, text.replace("train.epochs: 1", "train.epochs: 4"))

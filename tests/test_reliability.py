@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="offline CIFAR-10 copy not found")
 STEPS = 3
-TIMING = {"wall_time_s", "train_images_per_s", "train_images_per_s_median_epoch", "device", "name", "git_commit"}
+TIMING = {"wall_time_s", "train_images_per_s", "train_images_per_s_median_epoch", "device", "epochs_by_device", "name",
+          "git_commit"}
 
 
 def args(tmp, name, epochs=3):
@@ -120,6 +121,20 @@ def test_resume_applies_epochs_and_lr_and_records_them(tmp_path, capsys):
     assert saved.startswith("# resumed after epoch 2 with train.epochs=3 (was 2), train.lr=0.02 (was 0.1)")
     assert "lr: 0.02" in saved and "epochs: 3" in saved
     assert json.loads((run_dir / "results.json").read_text())["epochs"] == 3
+
+
+def test_a_run_resumed_with_another_thread_count_names_both_in_its_results(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train(load_config(None, args(tmp_path, "t", epochs=2)))
+        torch.set_num_threads(1)
+        results = train(resume_config(tmp_path / "t", ["train.epochs=3"]), resume=tmp_path / "t")
+    finally:
+        torch.set_num_threads(before)
+    assert results["device"].endswith("1 threads)")  # the process that finished it
+    assert {k.rsplit(", ", 1)[1]: n for k, n in results["epochs_by_device"].items()} == {"2 threads)": 2,
+                                                                                        "1 threads)": 1}
 
 
 def test_resume_refuses_keys_that_define_the_run_and_changes_nothing(tmp_path, capsys):

@@ -103,6 +103,15 @@ def test_summary_means_stds_and_intervals(results):
     assert s["n_ok"] == 9 and s["n_failed"] == 1
 
 
+def test_devices_include_every_device_a_resumed_cell_trained_on(results):
+    lines = (results / "runs.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first.update(device="cpu (x86_64, 1 threads)",
+                 epochs_by_device={"cpu (x86_64, 2 threads)": 3, "cpu (x86_64, 1 threads)": 2})
+    (results / "runs.jsonl").write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    assert summarize(results)["devices"] == ["cpu", "cpu (x86_64, 1 threads)", "cpu (x86_64, 2 threads)"]
+
+
 def test_report_markdown_and_plots(results):
     write_report(results)
     md = (results / "report.md").read_text()

@@ -117,7 +117,7 @@ def summarize(results_dir, baseline="none", matrix_file=None):
         m["verdict"] = _verdict(m["delta_test"], baseline)
 
     setup = _setup(records, order)
-    devices = sorted({str(r.get("device")) for r in ok if r.get("device")})
+    devices = sorted({str(d) for r in ok for d in (r.get("epochs_by_device") or [r.get("device")]) if d})
     hosts = [r["host"] for r in ok if r.get("host")] or [r["host"] for r in records if r.get("host")]
     return {
         "matrix": matrix_name, "matrix_file": matrix_file, "matrix_given": given, "matrix_spec": matrix, "results_dir": str(results_dir),

@@ -65,6 +65,7 @@ def run_cell(matrix, cell, runs_root, *, load_config, train, device=None) -> dic
         train_images_per_s=results.get("train_images_per_s"),
         wall_time_s=results.get("wall_time_s", round(time.time() - start, 2)),
         device=results.get("device"),
+        epochs_by_device=results.get("epochs_by_device"),
         git_commit=results.get("git_commit"),
         epochs=_get(cfg, "train.epochs"),
         val_curve=read_curve(run_dir),
@@ -138,10 +139,7 @@ class Estimates:
         self.device_kind = device_kind
         for r in records:
             if r.get("status") == "ok" and r.get("wall_time_s") and device_kind_of(r.get("device")) == device_kind:
-                self.add(r["method"], float(r["wall_time_s"]))
-
-    def add(self, method: str, seconds: float) -> None:
-        self.times.setdefault(method, []).append(seconds)
+                self.times.setdefault(r["method"], []).append(float(r["wall_time_s"]))
 
     def __call__(self, method: str) -> float | None:
         source = method if method in self.times else self._slowest()
@@ -373,6 +371,8 @@ class _Runner:
 
     def _next_that_fits(self, queue):
         """Pop the first queued cell whose estimate fits in the budget (None when none does)."""
+        # Re-read each time: this run's finished cells and those another bench on this matrix finished meanwhile.
+        self.est = Estimates(read_jsonl(self.runs_path), self.est.device_kind)
         now = time.monotonic()
         for k, (i, c) in enumerate(queue):
             estimate = self._estimate(c)
@@ -489,8 +489,6 @@ class _Runner:
         self.counts[record["status"]] += 1
         name = f"[{job.index}/{self.n_total}] {c['method']} seed {c['seed']}"
         if record["status"] == "ok":
-            if device_kind_of(record.get("device")) == self.est.device_kind:
-                self.est.add(c["method"], float(record.get("wall_time_s") or duration))
             self.log(f"{name}: val top-1 {_pct(record['val_top1'])}, test top-1 {_pct(record['test_top1'])} in "
                      f"{fmt_duration(duration)}")
         else:

@@ -463,6 +463,9 @@ class Trainer:
         self.elapsed["train_s"] += seconds
         self.elapsed["train_images"] += images
         self.elapsed["rates"] = list(self.elapsed.get("rates", [])) + [images / seconds]
+        # A resumed run may train on with another thread count or GPU: results name every device and its epochs.
+        by_device = self.elapsed.setdefault("epochs_by_device", {})
+        by_device[_device_name(self.device)] = by_device.get(_device_name(self.device), 0) + 1
         row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["loss"], "train_top1": stats["top1"],
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
                **{k: stats[k] for k in terms},
@@ -637,7 +640,8 @@ class Trainer:
             # The median epoch leaves out a first epoch slowed by torch.compile's warm-up.
             "train_images_per_s_median_epoch": float(np.median(self.elapsed["rates"])) if self.elapsed.get("rates")
             else None,
-            "device": _device_name(self.device), "world_size": d.world_size, "torch": torch.__version__,
+            "device": _device_name(self.device), "epochs_by_device": dict(self.elapsed.get("epochs_by_device", {})),
+            "world_size": d.world_size, "torch": torch.__version__,
             "git_commit": git_commit(), "seed": cfg.seed,
         }
         if d.is_main:
