@@ -198,11 +198,15 @@ def _seed_record(matrix, method, seed, wall_time_s):
             "fingerprint": fingerprint(matrix, cell), "test_top1": 10.0, "val_top1": 10.0}
 
 
-def test_budget_starts_only_cells_that_fit_and_adding_methods_runs_only_them(tmp_path, capsys):
+def _none_and_se_two_seeds(tmp_path):
+    """A tiny matrix of none and se, seeds 0 and 1: (its file, the matrix, results root, runs root, runs.jsonl)."""
     path = _write(tmp_path, tiny_matrix_text({"none": "none", "se": "se"}).replace("seeds: [0]", "seeds: [0, 1]"))
-    res, runs = tmp_path / "res", tmp_path / "runs"
-    matrix = load_matrix(path)
-    runs_path = res / "tiny" / "runs.jsonl"
+    res = tmp_path / "res"
+    return path, load_matrix(path), res, tmp_path / "runs", res / "tiny" / "runs.jsonl"
+
+
+def test_budget_starts_only_cells_that_fit_and_adding_methods_runs_only_them(tmp_path, capsys):
+    path, matrix, res, runs, runs_path = _none_and_se_two_seeds(tmp_path)
     # Seed 0 already ran: `none` took 5 s, `se` 10,000 s. With a 60 s budget only none's seed 1 fits.
     append_jsonl(runs_path, _seed_record(matrix, "none", 0, 5.0))
     append_jsonl(runs_path, _seed_record(matrix, "se", 0, 10000.0))
@@ -240,10 +244,7 @@ def test_estimates_say_what_they_rest_on():
 def test_budget_sees_cells_another_bench_finished_meanwhile(tmp_path, capsys):
     # Two bench processes on one matrix: while this one trains none's seed 1, the other finishes se's seed 0 in
     # 10,000 s. se's seed 1, queued next, must be judged by that cell, not by the stand-in estimate read at start.
-    path = _write(tmp_path, tiny_matrix_text({"none": "none", "se": "se"}).replace("seeds: [0]", "seeds: [0, 1]"))
-    res, runs = tmp_path / "res", tmp_path / "runs"
-    matrix = load_matrix(path)
-    runs_path = res / "tiny" / "runs.jsonl"
+    _, matrix, res, runs, runs_path = _none_and_se_two_seeds(tmp_path)
     append_jsonl(runs_path, _seed_record(matrix, "none", 0, 5.0))
     lines = []
 
