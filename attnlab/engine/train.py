@@ -464,8 +464,8 @@ class Trainer:
         self.elapsed["train_images"] += images
         self.elapsed["rates"] = list(self.elapsed.get("rates", [])) + [images / seconds]
         # A resumed run may train on with another thread count or GPU: results name every device and its epochs.
-        by_device = self.elapsed.setdefault("epochs_by_device", {})
-        by_device[_device_name(self.device)] = by_device.get(_device_name(self.device), 0) + 1
+        by_device, name = self.elapsed.setdefault("epochs_by_device", {}), _device_name(self.device)
+        by_device[name] = by_device.get(name, 0) + 1
         row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["loss"], "train_top1": stats["top1"],
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
                **{k: stats[k] for k in terms},
