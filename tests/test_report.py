@@ -261,3 +261,39 @@ def test_readme_block_of_a_matrix_in_progress_goes_to_its_own_markers(results, t
     assert "headline" in text and "\nold\n" not in text and "In progress" in text
     update_readme(readme, "other", "unlisted")  # no block of its own: the default block
     assert "headline" not in readme.read_text() and "In progress" in readme.read_text()
+
+
+def test_report_merges_a_slots_runs_without_losing_cells_finished_here(results, tmp_path, capsys):
+    path = results / "runs.jsonl"
+    slot_file = tmp_path / "slot_runs.jsonl"
+    slot = [json.loads(line) for line in path.read_text().splitlines()]  # the slot starts from the committed file
+    tdam = _write_run(tmp_path / "gpu", "tdam", 0, 73.0, 72.0)  # ran on the GPU where it failed here
+    none_again = dict(slot[0], test_top1=99.0, device="cuda")  # also finished here: ours stays
+    slot_file.write_text("".join(json.dumps(r) + "\n" for r in slot + [tdam, none_again]))
+    local_new = _write_run(tmp_path, "se", 3, 75.0, 74.0)  # a CPU cell finished here during the slot
+    with open(path, "a") as f:
+        f.write(json.dumps(local_new) + "\n")
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["report", str(results), "--merge", str(slot_file)])
+    assert exit_.value.code == 0
+    assert "1 cells added, 8 already here, 1 also run here" in capsys.readouterr().out
+    merged = [json.loads(line) for line in path.read_text().splitlines()]
+    assert merged[-2] == local_new and merged[-1] == tdam  # appended, nothing rewritten
+    summary = summarize(results)
+    assert summary["n_ok"] == 11 and "tdam" in [m["name"] for m in summary["methods"]]
+    assert sorted(r["test_top1"] for r in merged if r["method"] == "none") == TEST["none"]
+
+    # Merging again adds nothing; a slot cell run with other settings stops before anything is written.
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(results), "--merge", str(slot_file)])
+    assert "0 cells added" in capsys.readouterr().out
+    before = path.read_bytes()
+    other = dict(slot[1], fingerprint=json.dumps({"recipe": "other.yaml", "overrides": {}}), test_top1=1.0)
+    slot_file.write_text(json.dumps(other) + "\n" + json.dumps(_write_run(tmp_path / "gpu", "se", 4, 1.0, 1.0)) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["report", str(results), "--merge", str(slot_file)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "other settings" in err and "nothing merged" in err and "\n" not in err
+    assert path.read_bytes() == before

@@ -560,9 +560,17 @@ def add_arguments(p):
     p.add_argument("--readme", default=None,
                    help="also replace this README's block for the matrix (<!-- results:<matrix>:begin --> ... :end -->), "
                         f"else its default {BEGIN} ... {END} block, with a results table")
+    p.add_argument("--merge", action="append", default=[], metavar="RUNS_JSONL",
+                   help="first append the cells this runs.jsonl finished and results_dir's has not (e.g. a GPU "
+                        "slot's); cells both finished keep results_dir's record; repeatable")
 
 
 def run(args):
+    from .runs import merge_runs
+    for source in args.merge:
+        n = merge_runs(source, Path(args.results_dir) / "runs.jsonl")
+        print(f"merged {source}: {n['added']} cells added, {n['same']} already here, "
+              f"{n['kept']} also run here (this folder's record kept)")
     summary = write_report(args.results_dir, baseline=args.baseline, readme=args.readme, matrix_file=args.matrix)
     print(f"wrote {Path(args.results_dir) / 'report.md'} and {', '.join(PLOTS)} "
           f"({summary['n_ok']} runs, {len(summary['methods'])} methods)")

@@ -19,6 +19,37 @@ def latest_by_cell(records) -> dict:
     return out
 
 
+def merge_runs(source, dest) -> dict:
+    """Append to runs.jsonl ``dest`` the cells that runs.jsonl ``source`` finished and ``dest`` has not, e.g. a GPU
+    slot's file (seeded from the committed one) into a checkout whose CPU benches went on meanwhile, which copying
+    it over would lose. Per cell (``source``'s last record): one ``dest`` already holds, or any record of a cell
+    ``dest`` finished (ok), is kept as it is; a cell run with other settings than ``dest``'s stops the merge before
+    anything is written. Returns {'added', 'same', 'kept'} (kept: both ran it; ``dest``'s record stays)."""
+    from ..errors import AttnlabError
+    from ..jsonl import append_jsonl, read_jsonl
+    from .matrix import settings_of
+
+    if not Path(source).is_file():
+        raise AttnlabError(f"{source}: no such runs.jsonl to merge")
+    have = latest_by_cell(read_jsonl(dest))
+    counts, new = {"added": 0, "same": 0, "kept": 0}, []
+    for cell, rec in latest_by_cell(read_jsonl(source)).items():
+        old = have.get(cell)
+        if old is not None and settings_of(old.get("fingerprint")) != settings_of(rec.get("fingerprint")):
+            raise AttnlabError(f"{source}: {cell[0]} seed {cell[1]} was run with other settings than in {dest}; "
+                               "nothing merged")
+        if old == rec:
+            counts["same"] += 1
+        elif old is None or (old.get("status") != "ok" and rec.get("status") == "ok"):
+            new.append(rec)  # a cell that failed here takes the other's result
+        else:
+            counts["kept"] += 1
+    for rec in new:
+        append_jsonl(dest, rec)
+    counts["added"] = len(new)
+    return counts
+
+
 @contextmanager
 def cell_lock(path):
     """Hold an exclusive lock on ``path`` while a cell runs; yields False (holding nothing) when another process
