@@ -297,3 +297,21 @@ def test_report_merges_a_slots_runs_without_losing_cells_finished_here(results, 
     err = capsys.readouterr().err.strip()
     assert "other settings" in err and "nothing merged" in err and "\n" not in err
     assert path.read_bytes() == before
+
+
+def test_report_compares_validation_with_test_per_run(results):
+    path = results / "runs.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in lines:
+        if r["method"] == "none" and r["seed"] == 0:
+            r["test_top1"] = 68.5  # val 70.0: this run's val - test is +1.50, every other one's +1.00
+        if r["method"] == "ssia" and r["seed"] == 2:  # its curve comes from runs.jsonl: peak at epoch 2 of 5
+            r["val_curve"] = [60.0, 70.0, 65.0, 66.0, 69.0]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    write_report(results)
+    text = (results / "report.md").read_text()
+    section = text[text.index("## Validation against test"):text.index("## Failed cells")]
+    assert "| none | 3 | 5, 5, 5 | +1.50, +1.00, +1.00 | +1.17 |" in section
+    assert "| ssia | 3 | 5, 5, 2 | +1.00, +1.00, +1.00 | +1.00 |" in section
+    assert "tdam" not in section  # its only cell failed: nothing to compare
+    assert "Over all 9 runs" in section and "+1.06 ± 0.17 points (from +1.00 to +1.50)" in section
