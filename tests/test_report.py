@@ -297,6 +297,15 @@ def test_report_merges_a_slots_runs_without_losing_cells_finished_here(results, 
     err = capsys.readouterr().err.strip()
     assert "other settings" in err and "nothing merged" in err and "\n" not in err
     assert path.read_bytes() == before
+    other_seed = dict(other, seed=7)  # a new cell, but its method ran here with other settings
+    slot_file.write_text(json.dumps(other_seed) + "\n")
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(results), "--merge", str(slot_file)])
+    assert "other settings" in capsys.readouterr().err and path.read_bytes() == before
+    slot_file.write_text(json.dumps(dict(tdam, matrix="cifar10_resnet18", seed=5)) + "\n")
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(results), "--merge", str(slot_file)])
+    assert "holds matrix 'cifar10_resnet18'" in capsys.readouterr().err and path.read_bytes() == before
 
 
 def test_report_compares_validation_with_test_per_run(results):

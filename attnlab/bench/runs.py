@@ -23,8 +23,9 @@ def merge_runs(source, dest) -> dict:
     """Append to runs.jsonl ``dest`` the cells that runs.jsonl ``source`` finished and ``dest`` has not, e.g. a GPU
     slot's file (seeded from the committed one) into a checkout whose CPU benches went on meanwhile, which copying
     it over would lose. Per cell (``source``'s last record): one ``dest`` already holds, or any record of a cell
-    ``dest`` finished (ok), is kept as it is; a cell run with other settings than ``dest``'s stops the merge before
-    anything is written. Returns {'added', 'same', 'kept'} (kept: both ran it; ``dest``'s record stays)."""
+    ``dest`` finished (ok), is kept as it is. A record of another matrix, or of a method run with other settings
+    than ``dest``'s runs of it, stops the merge before anything is written. Returns {'added', 'same', 'kept'}
+    (kept: both ran it; ``dest``'s record stays)."""
     from ..errors import AttnlabError
     from ..jsonl import append_jsonl, read_jsonl
     from .matrix import settings_of
@@ -32,12 +33,17 @@ def merge_runs(source, dest) -> dict:
     if not Path(source).is_file():
         raise AttnlabError(f"{source}: no such runs.jsonl to merge")
     have = latest_by_cell(read_jsonl(dest))
+    matrices = {r.get("matrix") for r in have.values()}
+    settings = {method: settings_of(r.get("fingerprint")) for (method, _), r in have.items()}
     counts, new = {"added": 0, "same": 0, "kept": 0}, []
     for cell, rec in latest_by_cell(read_jsonl(source)).items():
+        if matrices and rec.get("matrix") not in matrices:
+            raise AttnlabError(f"{source} holds matrix '{rec.get('matrix')}', {dest} matrix "
+                               f"'{', '.join(map(str, sorted(matrices, key=str)))}'; nothing merged")
+        if cell[0] in settings and settings[cell[0]] != settings_of(rec.get("fingerprint")):
+            raise AttnlabError(f"{source}: {cell[0]} seed {cell[1]} was run with other settings than {cell[0]} "
+                               f"in {dest}; nothing merged")
         old = have.get(cell)
-        if old is not None and settings_of(old.get("fingerprint")) != settings_of(rec.get("fingerprint")):
-            raise AttnlabError(f"{source}: {cell[0]} seed {cell[1]} was run with other settings than in {dest}; "
-                               "nothing merged")
         if old == rec:
             counts["same"] += 1
         elif old is None or (old.get("status") != "ok" and rec.get("status") == "ok"):
