@@ -207,8 +207,9 @@ def _none_and_se_two_seeds(tmp_path):
 
 def test_budget_starts_only_cells_that_fit_and_adding_methods_runs_only_them(tmp_path, capsys):
     path, matrix, res, runs, runs_path = _none_and_se_two_seeds(tmp_path)
-    # Seed 0 already ran: `none` took 5 s, `se` 10,000 s. With a 60 s budget only none's seed 1 fits.
-    append_jsonl(runs_path, _seed_record(matrix, "none", 0, 5.0))
+    # Seed 0 already ran: `none` took 30 s (longer than a tiny cell takes here, so no pace scales the estimates),
+    # `se` 10,000 s. With a 60 s budget only none's seed 1 fits.
+    append_jsonl(runs_path, _seed_record(matrix, "none", 0, 30.0))
     append_jsonl(runs_path, _seed_record(matrix, "se", 0, 10000.0))
     gpu = dict(_seed_record(matrix, "none", 7, 99999.0), device="NVIDIA H200")  # another device: no estimate
     append_jsonl(runs_path, gpu)
@@ -245,7 +246,7 @@ def test_budget_sees_cells_another_bench_finished_meanwhile(tmp_path, capsys):
     # Two bench processes on one matrix: while this one trains none's seed 1, the other finishes se's seed 0 in
     # 10,000 s. se's seed 1, queued next, must be judged by that cell, not by the stand-in estimate read at start.
     _, matrix, res, runs, runs_path = _none_and_se_two_seeds(tmp_path)
-    append_jsonl(runs_path, _seed_record(matrix, "none", 0, 5.0))
+    append_jsonl(runs_path, _seed_record(matrix, "none", 0, 30.0))
     lines = []
 
     def log(line):
@@ -274,6 +275,53 @@ def test_budget_counts_only_the_epochs_an_interrupted_cell_has_left(tmp_path, ca
     # no checkpoint, so it trains afresh here).
     assert counts["ok"] == 1 and counts["deferred"] == 1
     assert "none seed 1: running (1 queued, ETA 6m40s" in out and "none seed 2: not started" in out
+
+
+def test_budget_scales_estimates_by_the_pace_this_run_measured(tmp_path, capsys, monkeypatch):
+    # The finished cell says a `none` cell takes 0.01 s (a much faster machine); here one takes 1 s. Going by the
+    # record alone, seed 2 would start at ~1 s within the 1.5 s budget and end at ~2 s, past it. This run's first
+    # cell shows the pace, so seed 2's estimate grows to ~1 s and it waits for a later slice.
+    import time
+
+    import attnlab.engine.train
+
+    def slow_train(cfg, resume=False):
+        time.sleep(1.0)
+        return {"best_val_top1": 10.0, "test_top1": 10.0, "wall_time_s": 1.0}
+
+    monkeypatch.setattr(attnlab.engine.train, "train", slow_train)
+    _, matrix, res, runs, runs_path = _none_and_se_two_seeds(tmp_path)
+    append_jsonl(runs_path, _seed_record(matrix, "none", 0, 0.01))
+    counts = run_matrix(matrix, only=["none"], seeds=[1, 2], results_root=res, runs_root=runs, latency=False,
+                        budget_s=1.5)
+    out = capsys.readouterr().out
+    assert counts == _counts(total=2, ok=1, deferred=1), out
+    assert "none seed 2: not started" in out and "for this run's pace)" in out
+
+
+def test_pace_of_a_running_cell_is_its_time_per_finished_epoch_against_the_estimate(tmp_path):
+    import time
+    from contextlib import ExitStack
+
+    from attnlab.bench.runner import Job, _Runner
+    from attnlab.engine.config import load_config
+
+    text = tiny_matrix_text({"none": "none", "se": "se"}).replace("seeds: [0]", "seeds: [0, 1]")
+    matrix = load_matrix(_write(tmp_path, text.replace("train.epochs: 1", "train.epochs: 4")))
+    runs_dir = tmp_path / "runs" / "tiny"
+    runner = _Runner(matrix, runs_dir, tmp_path / "runs.jsonl", 2, 2, 1, None,
+                     Estimates([_seed_record(matrix, "none", 0, 400.0)]), _counts(), print,
+                     load_config=load_config, train=None)
+    [none1] = cells(matrix, seeds=[1], only=["none"])
+    [se1] = cells(matrix, seeds=[1], only=["se"])
+    runner.running = [Job(1, none1, time.time() - 300.0, ExitStack()), Job(2, se1, time.time() - 900.0, ExitStack())]
+    assert runner._pace() is None  # no epoch finished yet
+    for c in (none1, se1):
+        (runs_dir / c["run_name"]).mkdir(parents=True)
+        (runs_dir / c["run_name"] / "metrics.csv").write_text("epoch,val_top1\n1,10\n2,11\n")
+    # none: 2 epochs in 300 s against 100 s an epoch -> 1.5; se has no finished cell of its own, so it says nothing.
+    assert runner._pace() == pytest.approx(1.5, rel=1e-3)
+    assert runner._estimate(none1, runner._pace()) == pytest.approx(300.0, rel=1e-3)  # 2 epochs left x 100 s x 1.5
 
 
 def test_a_cell_locked_by_another_bench_is_skipped(tmp_path, capsys):

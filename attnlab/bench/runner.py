@@ -14,8 +14,10 @@ line: the next run resumes its cell from the run's last epoch checkpoint.
 
 Budget. With ``budget_s`` a cell starts only if its estimated duration fits in the time left: the median wall time
 of the same method's finished cells, else the slowest method's median, scaled to the epochs a cell interrupted in
-an earlier slice still has to train; with no finished cell at all there is no estimate and the cell starts. Cells
-that do not fit are left for the next slice (``--budget`` again).
+an earlier slice still has to train; with no finished cell at all there is no estimate and the cell starts. The
+finished cells may have run on a faster machine (or a less loaded one): once this run's own cells, finished or by
+their finished epochs, take longer than those estimates, every estimate is scaled up by that pace (never down).
+Cells that do not fit are left for the next slice (``--budget`` again).
 """
 import json
 import os
@@ -197,7 +199,8 @@ class Job:
     cell: dict
     started: float
     stack: ExitStack
-    estimate: float | None = None  # of this cell's time to train, when it started
+    estimate: float | None = None  # of this cell's time to train, when it started (this run's pace included)
+    epochs_at_start: int = 0  # epochs its run folder already held (a cell resumed from an earlier slice)
     proc: subprocess.Popen | None = None
     record_path: Path | None = None
     reader: threading.Thread | None = None
@@ -343,6 +346,7 @@ class _Runner:
         self.device = device
         self.running: list[Job] = []
         self.epochs: dict[str, int] = {}  # run name -> train.epochs, read once
+        self.finished: list[tuple[Job, float]] = []  # (job, seconds it took) of each cell this run finished
         self.gpus = _visible_gpus() if workers > 1 else []
 
     # ---- the loop
@@ -359,10 +363,11 @@ class _Runner:
                 if not self.running:
                     break
                 self._wait_one()
+            pace = self._pace()
             for i, c in queue:
                 self.log(f"[{i}/{self.n_total}] {c['method']} seed {c['seed']}: not started, it would not finish "
-                         f"within the budget (estimate {fmt_duration(self._estimate(c) or 0)}, "
-                         f"{self.est.basis(c['method'])})")
+                         f"within the budget (estimate {fmt_duration(self._estimate(c, pace) or 0)}, "
+                         f"{self.est.basis(c['method'])}{_pace_note(pace)})")
             self.counts["deferred"] += len(queue)
         finally:
             self._stop_all()
@@ -373,24 +378,60 @@ class _Runner:
         """Pop the first queued cell whose estimate fits in the budget (None when none does)."""
         # Re-read each time: this run's finished cells and those another bench on this matrix finished meanwhile.
         self.est = Estimates(read_jsonl(self.runs_path), self.est.device_kind)
+        pace = self._pace()
         now = time.monotonic()
         for k, (i, c) in enumerate(queue):
-            estimate = self._estimate(c)
+            estimate = self._estimate(c, pace)
             if self.deadline is None or (now < self.deadline and (estimate is None or now + estimate <= self.deadline)):
                 return queue.pop(k)
         return None
 
-    def _estimate(self, c) -> float | None:
+    def _estimate(self, c, pace=None) -> float | None:
         """The method's cell estimate times the fraction of its epochs this cell has still to train (a cell
-        stopped in an earlier slice resumes from its last epoch, as its metrics.csv shows)."""
+        stopped in an earlier slice resumes from its last epoch, as its metrics.csv shows), times ``pace``."""
+        left = self._time_left(c, self._epochs_done(c))
+        return None if left is None else left * (pace or 1.0)
+
+    def _time_left(self, c, done: int) -> float | None:
+        """The method's cell estimate for the epochs after the first ``done`` (no pace)."""
         full = self.est(c["method"])
-        done = len(read_curve(self.runs_dir / c["run_name"]) or [])
         if full is None or not done:
             return full
+        return full * max(0.0, 1.0 - done / self._epochs(c))
+
+    def _epochs_done(self, c) -> int:
+        return len(read_curve(self.runs_dir / c["run_name"]) or [])
+
+    def _epochs(self, c) -> int:
         if c["run_name"] not in self.epochs:
             cfg = self.load_config(self.matrix["recipe_path"], overrides=cell_overrides(self.matrix, c, self.runs_dir))
             self.epochs[c["run_name"]] = int(cfg.train.epochs)
-        return full * max(0.0, 1.0 - done / self.epochs[c["run_name"]])
+        return self.epochs[c["run_name"]]
+
+    def _pace(self) -> float | None:
+        """How many times longer than the estimates this run's cells take: the estimates come from finished
+        cells, which may have run on a faster or slower machine, or on one less or more loaded. Measured on the
+        cells this run finished and on the running ones' finished epochs, each against its method's estimate as
+        it is now (which takes in this run's finished cells too, so the pace tends to 1 as they accumulate).
+        Cells of a method with no finished cell say nothing. The largest (cautious); None when nothing says or
+        when the cells keep to their estimates or beat them (the budget never starts more than the finished cells
+        allow, so a slice cannot overrun because its first epochs ran fast)."""
+        paces = [took / expected for job, took in self.finished if (expected := self._expected(job))]
+        now = time.time()
+        for job in self.running:
+            done = self._epochs_done(job.cell) - job.epochs_at_start
+            expected = self._expected(job)
+            if expected and done > 0:
+                per_epoch = expected / max(1, self._epochs(job.cell) - job.epochs_at_start)
+                paces.append((now - job.started) / done / per_epoch)
+        worst = max(paces, default=0.0)
+        return worst if worst > 1.0 else None
+
+    def _expected(self, job) -> float | None:
+        """Time the epochs ``job`` had left when it started should take by its own method's cells, no pace."""
+        if job.cell["method"] not in self.est.times:
+            return None
+        return self._time_left(job.cell, job.epochs_at_start)
 
     def _start(self, i, c):
         stack = ExitStack()
@@ -406,7 +447,8 @@ class _Runner:
             self.counts["skipped"] += 1
             self.log(f"[{i}/{self.n_total}] {name}: finished by another attnlab bench, skipped")
             return
-        job = Job(i, c, time.time(), stack, estimate=self._estimate(c))
+        job = Job(i, c, time.time(), stack, estimate=self._estimate(c, self._pace()),
+                  epochs_at_start=self._epochs_done(c))
         self.log(f"[{i}/{self.n_total}] {name}: running{self._eta()}")
         if self.workers == 1:
             self._finish(job, run_cell(self.matrix, c, self.runs_dir, load_config=self.load_config,
@@ -487,6 +529,8 @@ class _Runner:
         append_jsonl(self.runs_path, record)
         job.stack.close()
         self.counts[record["status"]] += 1
+        if record["status"] == "ok":
+            self.finished.append((job, duration))
         name = f"[{job.index}/{self.n_total}] {c['method']} seed {c['seed']}"
         if record["status"] == "ok":
             self.log(f"{name}: val top-1 {_pct(record['val_top1'])}, test top-1 {_pct(record['test_top1'])} in "
@@ -498,7 +542,8 @@ class _Runner:
         """' (ETA 1h05m, budget left 2h10m)': the queued and running cells' estimated time over the workers."""
         parts = []
         now = time.time()
-        left = [self._estimate(c) for _, c in self.queue]
+        pace = self._pace()
+        left = [self._estimate(c, pace) for _, c in self.queue]
         left += [max(0.0, (j.estimate or 0.0) - (now - j.started)) for j in self.running]
         if left and all(e is not None for e in left):
             parts.append(f"{len(self.queue)} queued, ETA {fmt_duration(sum(left) / self.workers)}")
@@ -519,6 +564,11 @@ class _Runner:
                 job.proc.wait()
             job.stack.close()
         self.running.clear()
+
+
+def _pace_note(pace) -> str:
+    """', x1.40 for this run's pace' when the estimates were scaled by the pace this run measured."""
+    return f", x{pace:.2f} for this run's pace" if pace else ""
 
 
 def _visible_gpus() -> list[str]:
