@@ -105,6 +105,32 @@ def test_dry_run_flags_bad_config(tmp_path, capsys):
     assert "unknown attention 'nope'" in out
 
 
+def test_latency_times_again_the_methods_timed_on_another_machine(tmp_path):
+    from attnlab.bench.latency import machine, measure_latencies
+    from attnlab.engine.config import load_config
+
+    matrix = load_matrix(_write(tmp_path, tiny_matrix_text({"none": "none", "se": "se", "eca": "eca"})))
+    path = tmp_path / "latency.json"
+    fake = {"batch": {"1": {"median_ms": 123.0, "images_per_s": 8.1, "n": 2}}, "input_size": 32, "threads": 1}
+    here = machine("cpu")
+    path.write_text(json.dumps({"methods": {"none": {"cpu": {**fake, "machine": "AMD EPYC, AVX512 kernels"}},
+                                            "se": {"cpu": {**fake, "machine": here}},
+                                            "gone": {"cpu": {**fake, "machine": "old"}}}}))
+    lines = []
+    # Nothing is missing: nothing is timed, not even the entry from another machine.
+    measure_latencies(matrix, matrix["methods"][:2], path, load_config=load_config, log=lines.append)
+    assert json.loads(path.read_text())["methods"]["none"]["cpu"]["batch"]["1"]["median_ms"] == 123.0 and not lines
+
+    # eca is new: it is timed, and none (timed elsewhere) beside it; se (timed here) keeps its entry, and a method
+    # no longer in the matrix is left alone.
+    measure_latencies(matrix, matrix["methods"][2:], path, load_config=load_config, log=lines.append)
+    data = json.loads(path.read_text())["methods"]
+    assert data["eca"]["cpu"]["machine"] == here and data["none"]["cpu"]["machine"] == here
+    assert data["none"]["cpu"]["batch"]["1"]["median_ms"] != 123.0 and set(data["none"]["cpu"]["batch"]) == {"1", "2"}
+    assert data["se"]["cpu"]["batch"]["1"]["median_ms"] == 123.0 and data["gone"]["cpu"]["machine"] == "old"
+    assert any("none cpu: timed on another machine, timed again beside eca" in x for x in lines), lines
+
+
 def test_tiny_matrix_runs_records_failures_and_resumes(tmp_path, capsys):
     path = _write(tmp_path, tiny_matrix_text({"none": "none", "bogus": "nope", "se": "se"}))
     res, runs = tmp_path / "res", tmp_path / "runs"

@@ -132,6 +132,21 @@ def test_report_markdown_and_plots(results):
         assert f"({name})" in md
 
 
+def test_report_names_the_machine_latencies_were_timed_on(results):
+    lat = json.loads((results / "latency.json").read_text())
+    for entry in lat["methods"].values():
+        entry["cpu"]["machine"] = "Fake CPU, AVX2 kernels, 1 threads, torch 2.x"
+    (results / "latency.json").write_text(json.dumps(lat))
+    write_report(results)
+    md = (results / "report.md").read_text()
+    assert "- CPU latency: Fake CPU, AVX2 kernels, 1 threads, torch 2.x, batch sizes 1, 32." in md
+    lat["methods"]["se"]["cpu"]["machine"] = "Other CPU, AVX512 kernels, 1 threads, torch 2.x"
+    (results / "latency.json").write_text(json.dumps(lat))
+    write_report(results)
+    md = (results / "report.md").read_text()
+    assert "Other CPU" in md and "timed on different machines: compare only methods timed on the same one" in md
+
+
 def test_readme_block_is_replaced(results, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# Title\n\nintro\n\n<!-- results:begin -->\nold table\n<!-- results:end -->\n\nfooter\n")

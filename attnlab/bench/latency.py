@@ -22,13 +22,29 @@ def latency_model(matrix, method, load_config, device=None):
     return model.eval(), default_input_size(mc.name), want_cuda
 
 
+def machine(device: str) -> str:
+    """What a latency depends on besides the model: the GPU, or the CPU with the vector kernels torch picks for it
+    (two 'AMD EPYC' machines here, one with AVX2 and one with AVX-512 kernels, time the same model differently),
+    the torch threads and release."""
+    import torch
+
+    from .. import profiler
+
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return (f"{profiler.cpu_model()}, {torch.backends.cpu.get_cpu_capability()} kernels, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
 def measure_latencies(matrix, methods, latency_path, *, load_config, device=None, log=print) -> dict:
     """Inference latency of each method's model (random weights: latency does not depend on them), once.
 
     CPU always; CUDA too when the matrix's config would train on a GPU here. Methods are timed round-robin
     (``rounds`` passes over all of them, ``repeats`` timed calls each in total) and the median taken over all of
     a method's calls, so a burst of load from other processes hits every method alike. Entries already in
-    latency.json are kept, so re-running measures only what is missing.
+    latency.json are kept, so re-running measures only what is missing. But latencies compare only when timed on
+    one machine: when anything is timed here on a device, every other method of the matrix whose entry for that
+    device came from another machine (or does not say which) is timed again beside it.
     """
     import torch
 
@@ -38,52 +54,83 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
     data = json.loads(latency_path.read_text()) if latency_path.is_file() else {}
     data.setdefault("methods", {})
     settings = matrix["latency"]
-    rounds = max(1, int(settings.get("rounds", 5)))
-    per_round = max(1, -(-int(settings["repeats"]) // rounds))
     changed = False
-    jobs = {}  # device -> [(name, model, size)]
-    for m in methods:
-        entry = data["methods"].setdefault(m["name"], {})
-        try:
-            model, size, want_cuda = latency_model(matrix, m, load_config, device)
-        except Exception as err:
-            if "error" not in entry:
-                entry["error"] = one_line(err)
-                changed = True
-            log(f"[latency] {m['name']}: skipped ({one_line(err)})")
-            continue
-        for device in ("cpu", "cuda") if want_cuda else ("cpu",):
-            if device not in entry:
-                jobs.setdefault(device, []).append((m["name"], model, size))
+    built = {}  # method name -> (model, size, want_cuda), or None when it cannot be built
 
-    for device, todo in jobs.items():
-        batch_sizes = settings["batch_sizes"] if device == "cpu" else settings["gpu_batch_sizes"]
-        times = {(name, bs): [] for name, _, _ in todo for bs in batch_sizes}
-        with torch.no_grad():
-            for r in range(rounds):
-                for name, model, size in todo:
-                    model.to(device)
-                    for bs in batch_sizes:
-                        out = profiler.measure_latency(model, size, bs, device=device,
-                                                       warmup=settings["warmup"] if r == 0 else 1, repeats=per_round)
-                        times[(name, bs)].extend(out["times_ms"])
-                    model.to("cpu")
-        for name, _, size in todo:
-            per_bs = {}
-            for bs in batch_sizes:
-                med = statistics.median(times[(name, bs)])
-                per_bs[str(bs)] = {"median_ms": med, "images_per_s": bs / (med / 1e3), "n": len(times[(name, bs)])}
-            data["methods"][name][device] = {
-                "batch": per_bs, "input_size": size, "threads": torch.get_num_threads() if device == "cpu" else None,
-                "name": torch.cuda.get_device_name(0) if device == "cuda" else profiler.cpu_model()}
+    def build(m):
+        nonlocal changed
+        if m["name"] not in built:
+            entry = data["methods"].setdefault(m["name"], {})
+            try:
+                built[m["name"]] = latency_model(matrix, m, load_config, device)
+            except Exception as err:
+                built[m["name"]] = None
+                if "error" not in entry:
+                    entry["error"] = one_line(err)
+                    changed = True
+                log(f"[latency] {m['name']}: skipped ({one_line(err)})")
+        return built[m["name"]]
+
+    jobs = {}  # device -> [method names]
+    for m in methods:
+        if (got := build(m)) is not None:
+            for dev in ("cpu", "cuda") if got[2] else ("cpu",):
+                if dev not in data["methods"][m["name"]]:
+                    jobs.setdefault(dev, []).append(m["name"])
+    for dev, names in jobs.items():
+        here = machine(dev)
+        timed_elsewhere = [m for m in matrix["methods"] if m["name"] not in names
+                           and data["methods"].get(m["name"], {}).get(dev, {"machine": here}).get("machine") != here]
+        stale = [m for m in timed_elsewhere if build(m) is not None]
+        if stale:
+            log(f"[latency] {', '.join(m['name'] for m in stale)} {dev}: timed on another machine, timed again "
+                f"beside {', '.join(names)} ({here})")
+            names += [m["name"] for m in stale]
+        batch_sizes = settings["batch_sizes"] if dev == "cpu" else settings["gpu_batch_sizes"]
+        for name, per_bs in _time_round_robin({n: built[n][:2] for n in names}, dev, batch_sizes, settings).items():
+            data["methods"][name][dev] = {
+                "batch": per_bs, "input_size": built[name][1],
+                "threads": torch.get_num_threads() if dev == "cpu" else None, "machine": here,
+                "name": torch.cuda.get_device_name(0) if dev == "cuda" else profiler.cpu_model()}
             changed = True
-            log(f"[latency] {name} {device}: "
-                + ", ".join(f"bs{bs} {v['median_ms']:.2f} ms" for bs, v in per_bs.items()))
+            log(f"[latency] {name} {dev}: " + ", ".join(f"bs{bs} {v['median_ms']:.2f} ms" for bs, v in per_bs.items()))
     if changed:
         data["host"] = host_info()
         data["note"] = ("median over repeated forward passes in eval mode under torch.inference_mode, random weights, "
-                        f"methods timed round-robin in {rounds} rounds; training-only objectives (ssia) do not "
-                        "change the inference model")
+                        f"methods timed round-robin in {_rounds(settings)} rounds; training-only objectives (ssia) "
+                        "do not change the inference model")
         latency_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(latency_path, data, "latency results")
     return data
+
+
+def _rounds(settings) -> int:
+    return max(1, int(settings.get("rounds", 5)))
+
+
+def _time_round_robin(models, device, batch_sizes, settings) -> dict:
+    """{name: {batch size: {median_ms, images_per_s, n}}} for ``models`` ({name: (model, input size)}), timed in
+    rounds that each pass over every model, so load from other processes hits them alike."""
+    import torch
+
+    from .. import profiler
+
+    rounds = _rounds(settings)
+    per_round = max(1, -(-int(settings["repeats"]) // rounds))
+    times = {(name, bs): [] for name in models for bs in batch_sizes}
+    with torch.no_grad():
+        for r in range(rounds):
+            for name, (model, size) in models.items():
+                model.to(device)
+                for bs in batch_sizes:
+                    out = profiler.measure_latency(model, size, bs, device=device,
+                                                   warmup=settings["warmup"] if r == 0 else 1, repeats=per_round)
+                    times[(name, bs)].extend(out["times_ms"])
+                model.to("cpu")
+    out = {}
+    for name in models:
+        out[name] = {}
+        for bs in batch_sizes:
+            med = statistics.median(times[(name, bs)])
+            out[name][str(bs)] = {"median_ms": med, "images_per_s": bs / (med / 1e3), "n": len(times[(name, bs)])}
+    return out

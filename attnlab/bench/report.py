@@ -128,8 +128,16 @@ def summarize(results_dir, baseline="none", matrix_file=None):
         "baseline": baseline if base is not None else None, "methods": methods, "failed": failed,
         "n_ok": len(ok), "n_failed": len(failed), "devices": devices, "host": hosts[-1] if hosts else {},
         "latency_host": latency.get("host", {}), "latency_note": latency.get("note"),
+        "latency_machines": _latency_machines(latency),
         "epochs": _first(ok, "epochs"), "git_commits": sorted({r.get("git_commit") for r in ok if r.get("git_commit")}),
     }
+
+
+def _latency_machines(latency) -> dict:
+    """{'cpu': [machine, ...], 'cuda': [...]}: the machines latency.json's entries say they were timed on."""
+    entries = [e for e in latency.get("methods", {}).values() if isinstance(e, dict)]
+    return {dev: sorted({e[dev]["machine"] for e in entries if isinstance(e.get(dev), dict) and e[dev].get("machine")})
+            for dev in ("cpu", "cuda")}
 
 
 def _setup(records, order):
@@ -282,9 +290,13 @@ def render_markdown(summary) -> str:
 
     out += ["## Hardware", "", f"- Training: {hardware_line(s)}."]
     lh = s["latency_host"]
+    cpu_machines = s.get("latency_machines", {}).get("cpu") or []
     if cpu_sizes:
-        out.append(f"- CPU latency: {lh.get('processor', '?')}, {lh.get('torch_threads', '?')} torch threads, "
-                   f"batch sizes {', '.join(map(str, cpu_sizes))}.")
+        where = ("; ".join(cpu_machines) if cpu_machines
+                 else f"{lh.get('processor', '?')}, {lh.get('torch_threads', '?')} torch threads")
+        several = " (timed on different machines: compare only methods timed on the same one)" if len(
+            cpu_machines) > 1 else ""
+        out.append(f"- CPU latency: {where}, batch sizes {', '.join(map(str, cpu_sizes))}{several}.")
     if gpu_sizes:
         out.append(f"- GPU latency: {lh.get('gpu', '?')}, batch sizes {', '.join(map(str, gpu_sizes))}.")
     else:
