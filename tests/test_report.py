@@ -147,6 +147,18 @@ def test_report_names_the_machine_latencies_were_timed_on(results):
     assert "Other CPU" in md and "timed on different machines: compare only methods timed on the same one" in md
 
 
+def test_hardware_line_counts_the_runs_per_cpu_kernel_set(results):
+    write_report(results)
+    assert "torch CPU kernels" not in (results / "report.md").read_text()  # no run recorded them
+    lines = [json.loads(x) for x in (results / "runs.jsonl").read_text().splitlines()]
+    for r in lines[:2]:
+        r["host"]["cpu_kernels"] = "AVX2"
+    (results / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    write_report(results)
+    n_ok = sum(1 for r in lines if r["status"] == "ok")
+    assert f"torch CPU kernels AVX2: 2 runs, not recorded: {n_ok - 2} runs" in (results / "report.md").read_text()
+
+
 def test_readme_block_is_replaced(results, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# Title\n\nintro\n\n<!-- results:begin -->\nold table\n<!-- results:end -->\n\nfooter\n")

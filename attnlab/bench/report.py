@@ -8,6 +8,7 @@ and ``<!-- results:<matrix>:end -->`` (else, when the README has no such block, 
 """
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 from ..errors import AttnlabError
@@ -127,6 +128,7 @@ def summarize(results_dir, baseline="none", matrix_file=None):
         "setup": setup,
         "baseline": baseline if base is not None else None, "methods": methods, "failed": failed,
         "n_ok": len(ok), "n_failed": len(failed), "devices": devices, "host": hosts[-1] if hosts else {},
+        "cpu_kernels": dict(Counter((r.get("host") or {}).get("cpu_kernels", "not recorded") for r in ok)),
         "latency_host": latency.get("host", {}), "latency_note": latency.get("note"),
         "latency_machines": _latency_machines(latency),
         "epochs": _first(ok, "epochs"), "git_commits": sorted({r.get("git_commit") for r in ok if r.get("git_commit")}),
@@ -257,6 +259,10 @@ def hardware_line(summary) -> str:
         if h.get("gpu"):
             parts.append(f"GPU {h['gpu']}")
         parts.append(f"{h.get('platform', '?')}, Python {h.get('python', '?')}, torch {h.get('torch', '?')}")
+    kernels = summary.get("cpu_kernels") or {}
+    if len(kernels) > 1 or set(kernels) - {"not recorded"}:
+        parts.append("torch CPU kernels " + ", ".join(f"{k}: {n} run{'s' if n != 1 else ''}"
+                                                      for k, n in sorted(kernels.items())))
     return "; ".join(parts)
 
 

@@ -95,7 +95,9 @@ def host_info() -> dict:
     from ..profiler import cpu_model
     info = {"platform": platform.platform(), "machine": platform.machine(), "processor": cpu_model(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__}
+            "torch": torch.__version__,
+            # Machines of one model name differ in speed and float sums by the vector kernels torch picks for them.
+            "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()
