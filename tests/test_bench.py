@@ -7,7 +7,7 @@ import pytest
 import attnlab.attention
 from attnlab import cli
 from attnlab.bench import cells, fingerprint, format_value, load_matrix, run_matrix, slug
-from attnlab.bench.runner import Estimates, parse_duration
+from attnlab.bench.budget import Estimates, parse_duration
 from attnlab.bench.runs import cell_lock
 from attnlab.errors import AttnlabError
 from attnlab.jsonl import append_jsonl, read_jsonl

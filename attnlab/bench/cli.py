@@ -4,7 +4,8 @@ import sys
 from pathlib import Path
 
 from .matrix import load_matrix
-from .runner import default_workers, parse_duration, run_matrix
+from .budget import parse_duration
+from .runner import default_workers, run_matrix
 
 
 def add_arguments(p):
@@ -18,8 +19,8 @@ def add_arguments(p):
                         "this process")
     p.add_argument("--budget", type=_duration, default=None,
                    help="start no cell that would not finish within this time (e.g. 150m, 2h30m), estimated from "
-                        "the cells already run (scaled up when this run's cells train slower than they did); the rest waits "
-                        "for the next run")
+                        "the cells already run (scaled up when this run's cells train slower than they did); the "
+                        "rest waits for the next run")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
                    help="train on this device instead of the matrix's (the cells' results stay comparable: the "
                         "device is recorded with each, not part of its settings)")

@@ -17,12 +17,11 @@ of the same method's finished cells, else the slowest method's median, scaled to
 an earlier slice still has to train; with no finished cell at all there is no estimate and the cell starts. The
 finished cells may have run on a faster machine (or a less loaded one): once this run's own cells, finished or by
 their finished epochs, take longer than those estimates, every estimate is scaled up by that pace (never down).
-Cells that do not fit are left for the next slice (``--budget`` again).
+Cells that do not fit are left for the next slice (``--budget`` again). The estimates themselves: budget.py.
 """
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from pathlib import Path
 from ..errors import AttnlabError
 from ..files import atomic_write_text, git_commit
 from ..jsonl import append_jsonl, read_jsonl
+from .budget import Estimates, fmt_duration, pace_note, planned_device_kind
 from .matrix import cell_overrides, cells, fingerprint, same_settings, settings_of
 from .runs import cell_lock, host_info, latest_by_cell, one_line, read_curve
 
@@ -114,66 +114,7 @@ def _get(cfg, dotted):
     return node
 
 
-# ----------------------------------------------------------------------------------------------- planning
-def parse_duration(text) -> float:
-    """'150m', '2h', '1h30m', '90s' -> seconds."""
-    import re
-    s = str(text).strip().lower()
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", s)
-    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([hms])", "", s).strip():
-        raise AttnlabError(f"a duration needs a unit, like 150m, 2h, 1h30m or 90s; got '{text}'")
-    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
-
-
-def fmt_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-class Estimates:
-    """Expected wall time of a method's cell: the median of its finished cells on the same kind of device (CPU or
-    GPU: a CPU cell says nothing about a GPU one), else the slowest method's median."""
-
-    def __init__(self, records, device_kind: str = "cpu"):
-        self.times: dict[str, list[float]] = {}
-        self.device_kind = device_kind
-        for r in records:
-            if r.get("status") == "ok" and r.get("wall_time_s") and device_kind_of(r.get("device")) == device_kind:
-                self.times.setdefault(r["method"], []).append(float(r["wall_time_s"]))
-
-    def __call__(self, method: str) -> float | None:
-        source = method if method in self.times else self._slowest()
-        return statistics.median(self.times[source]) if source is not None else None
-
-    def _slowest(self) -> str | None:
-        """The method with the highest median: the stand-in for a method with no finished cell."""
-        return max(self.times, key=lambda m: statistics.median(self.times[m]), default=None)
-
-    def basis(self, method: str) -> str:
-        """What the estimate rests on, for the log: 'median of 3 se cells' or 'slowest method's median (cbam):
-        no tdam cell finished yet' (the cautious case that keeps a new method waiting)."""
-        if method in self.times:
-            n = len(self.times[method])
-            return f"median of {n} {method} cell{'s' if n != 1 else ''}"
-        slowest = self._slowest()
-        if slowest is None:
-            return f"no finished {self.device_kind} cell to go by"
-        return f"slowest method's median ({slowest}): no {method} cell finished yet"
-
-
-def device_kind_of(device) -> str:
-    """'cpu' for the engine's CPU description ('cpu (x86_64, 1 threads)'), 'cuda' for a GPU's name."""
-    return "cpu" if device is None or str(device).startswith("cpu") else "cuda"
-
-
-def planned_device_kind(matrix, device=None) -> str:
-    import torch
-    wanted = str(device or matrix["overrides"].get("device", "auto"))
-    return "cuda" if wanted in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
-
-
+# ----------------------------------------------------------------------------------------------- workers
 def default_workers() -> int:
     """2 on a CPU with two or more cores; one per visible GPU on CUDA.
 
@@ -367,7 +308,7 @@ class _Runner:
             for i, c in queue:
                 self.log(f"[{i}/{self.n_total}] {c['method']} seed {c['seed']}: not started, it would not finish "
                          f"within the budget (estimate {fmt_duration(self._estimate(c, pace) or 0)}, "
-                         f"{self.est.basis(c['method'])}{_pace_note(pace)})")
+                         f"{self.est.basis(c['method'])}{pace_note(pace)})")
             self.counts["deferred"] += len(queue)
         finally:
             self._stop_all()
@@ -564,11 +505,6 @@ class _Runner:
                 job.proc.wait()
             job.stack.close()
         self.running.clear()
-
-
-def _pace_note(pace) -> str:
-    """', x1.40 for this run's pace' when the estimates were scaled by the pace this run measured."""
-    return f", x{pace:.2f} for this run's pace" if pace else ""
 
 
 def _visible_gpus() -> list[str]:
