@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run ON the GPU machine (device tool), from the repository root, after benchmarks/gpu/prepare.sh ran here and
 # with carry [".data", ".whl"]. The whole lent slot is ONE call (about 15 minutes of device time in all, start-up
-# included; at most 10 minutes a command), so the default is the `slot` phase, everything at once on the one GPU:
+# included; at most 10 minutes a command), so name the `slot` phase, everything at once on the one GPU (no phase named is an error):
 #
 #   BUDGET_S=500 bash benchmarks/gpu/session.sh slot            # the prepared command (docs/gpu.md)
 #   DRY_RUN=1 bash benchmarks/gpu/session.sh slot               # print the plan and check every cell's config
