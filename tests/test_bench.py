@@ -106,13 +106,14 @@ def test_dry_run_flags_bad_config(tmp_path, capsys):
 
 
 def test_latency_times_again_the_methods_timed_on_another_machine(tmp_path):
-    from attnlab.bench.latency import machine, measure_latencies
+    from attnlab.bench.latency import _cpu_threads, machine, measure_latencies
     from attnlab.engine.config import load_config
 
     matrix = load_matrix(_write(tmp_path, tiny_matrix_text({"none": "none", "se": "se", "eca": "eca"})))
     path = tmp_path / "latency.json"
     fake = {"batch": {"1": {"median_ms": 123.0, "images_per_s": 8.1, "n": 2}}, "input_size": 32, "threads": 1}
-    here = machine("cpu")
+    with _cpu_threads(1):  # the matrix's latency.threads (default 1), whatever this process runs with
+        here = machine("cpu")
     path.write_text(json.dumps({"methods": {"none": {"cpu": {**fake, "machine": "AMD EPYC, AVX512 kernels"}},
                                             "se": {"cpu": {**fake, "machine": here}},
                                             "gone": {"cpu": {**fake, "machine": "old"}}}}))
@@ -129,6 +130,7 @@ def test_latency_times_again_the_methods_timed_on_another_machine(tmp_path):
     assert data["none"]["cpu"]["batch"]["1"]["median_ms"] != 123.0 and set(data["none"]["cpu"]["batch"]) == {"1", "2"}
     assert data["se"]["cpu"]["batch"]["1"]["median_ms"] == 123.0 and data["gone"]["cpu"]["machine"] == "old"
     assert any("none cpu: timed on another machine, timed again beside eca" in x for x in lines), lines
+    assert data["eca"]["cpu"]["threads"] == 1 and ", 1 threads," in here
 
 
 def test_tiny_matrix_runs_records_failures_and_resumes(tmp_path, capsys):

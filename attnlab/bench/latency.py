@@ -1,6 +1,7 @@
 """Inference latency of each method of a matrix, timed round-robin into ``results/<matrix>/latency.json``."""
 import json
 import statistics
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..files import atomic_write_json
@@ -41,10 +42,11 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
 
     CPU always; CUDA too when the matrix's config would train on a GPU here. Methods are timed round-robin
     (``rounds`` passes over all of them, ``repeats`` timed calls each in total) and the median taken over all of
-    a method's calls, so a burst of load from other processes hits every method alike. Entries already in
-    latency.json are kept, so re-running measures only what is missing. But latencies compare only when timed on
-    one machine: when anything is timed here on a device, every other method of the matrix whose entry for that
-    device came from another machine (or does not say which) is timed again beside it.
+    a method's calls, so a burst of load from other processes hits every method alike. CPU timings use the
+    matrix's ``latency.threads`` torch threads (default 1), whatever threads the bench trains with. Entries
+    already in latency.json are kept, so re-running measures only what is missing. But latencies compare only
+    when timed on one machine: when anything is timed here on a device, every other method of the matrix whose
+    entry for that device came from another machine (or does not say which) is timed again beside it.
     """
     import torch
 
@@ -78,22 +80,24 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
                 if dev not in data["methods"][m["name"]]:
                     jobs.setdefault(dev, []).append(m["name"])
     for dev, names in jobs.items():
-        here = machine(dev)
-        timed_elsewhere = [m for m in matrix["methods"] if m["name"] not in names
-                           and data["methods"].get(m["name"], {}).get(dev, {"machine": here}).get("machine") != here]
-        stale = [m for m in timed_elsewhere if build(m) is not None]
-        if stale:
-            log(f"[latency] {', '.join(m['name'] for m in stale)} {dev}: timed on another machine, timed again "
-                f"beside {', '.join(names)} ({here})")
-            names += [m["name"] for m in stale]
-        batch_sizes = settings["batch_sizes"] if dev == "cpu" else settings["gpu_batch_sizes"]
-        for name, per_bs in _time_round_robin({n: built[n][:2] for n in names}, dev, batch_sizes, settings).items():
-            data["methods"][name][dev] = {
-                "batch": per_bs, "input_size": built[name][1],
-                "threads": torch.get_num_threads() if dev == "cpu" else None, "machine": here,
-                "name": torch.cuda.get_device_name(0) if dev == "cuda" else profiler.cpu_model()}
-            changed = True
-            log(f"[latency] {name} {dev}: " + ", ".join(f"bs{bs} {v['median_ms']:.2f} ms" for bs, v in per_bs.items()))
+        with _cpu_threads(int(settings["threads"]) if dev == "cpu" else None):
+            here = machine(dev)
+            stale = [m for m in matrix["methods"] if m["name"] not in names
+                     and _timed_elsewhere(data["methods"].get(m["name"], {}), dev, here) and build(m) is not None]
+            if stale:
+                log(f"[latency] {', '.join(m['name'] for m in stale)} {dev}: timed on another machine, timed again "
+                    f"beside {', '.join(names)} ({here})")
+                names += [m["name"] for m in stale]
+            batch_sizes = settings["batch_sizes"] if dev == "cpu" else settings["gpu_batch_sizes"]
+            timed = _time_round_robin({n: built[n][:2] for n in names}, dev, batch_sizes, settings)
+            for name, per_bs in timed.items():
+                data["methods"][name][dev] = {
+                    "batch": per_bs, "input_size": built[name][1], "machine": here,
+                    "threads": torch.get_num_threads() if dev == "cpu" else None,
+                    "name": torch.cuda.get_device_name(0) if dev == "cuda" else profiler.cpu_model()}
+                changed = True
+                log(f"[latency] {name} {dev}: "
+                    + ", ".join(f"bs{bs} {v['median_ms']:.2f} ms" for bs, v in per_bs.items()))
     if changed:
         data["host"] = host_info()
         data["note"] = ("median over repeated forward passes in eval mode under torch.inference_mode, random weights, "
@@ -102,6 +106,26 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
         latency_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(latency_path, data, "latency results")
     return data
+
+
+def _timed_elsewhere(entry: dict, device: str, here: str) -> bool:
+    """Whether a method's latency.json entry holds a timing for ``device`` from another machine than ``here`` (an
+    entry from before machines were recorded counts as another)."""
+    return device in entry and entry[device].get("machine") != here
+
+
+@contextmanager
+def _cpu_threads(threads):
+    """torch's CPU threads set to ``threads`` inside (None: left as they are), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _rounds(settings) -> int:

@@ -7,7 +7,7 @@
       - {name: none, overrides: {model.attention: none}}
       - {name: ssia+se, overrides: {model.attention: se, ssia.enabled: true}}
     seeds: [0, 1, 2]
-    latency: {batch_sizes: [1, 32], warmup: 5, repeats: 20}
+    latency: {batch_sizes: [1, 32], warmup: 5, repeats: 20}  # CPU latency at `threads` (1) torch threads
     claims:                            # what the papers say, checked by `attnlab report`
       - {claim: "SSIA beats SE", source: "Wu et al. 2022", method: ssia, baseline: se, paper: "qualitative"}
     reuse: [results/cifar10_resnet20]  # other matrices' results folders: a cell with the same settings and seed
@@ -28,7 +28,9 @@ MATRIX_KEYS = {"name", "description", "recipe", "overrides", "methods", "seeds",
 METHOD_KEYS = {"name", "overrides"}
 CLAIM_KEYS = {"claim", "source", "method", "baseline", "paper", "kind", "margin"}
 CLAIM_KINDS = ("better", "match")
-LATENCY_DEFAULTS = {"batch_sizes": [1, 32], "gpu_batch_sizes": [1, 256], "warmup": 5, "repeats": 20, "rounds": 5}
+# threads: torch CPU threads for CPU latency, whatever threads or workers the bench trains with.
+LATENCY_DEFAULTS = {"batch_sizes": [1, 32], "gpu_batch_sizes": [1, 256], "warmup": 5, "repeats": 20, "rounds": 5,
+                    "threads": 1}
 
 
 def load_matrix(path) -> dict:
