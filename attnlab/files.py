@@ -72,6 +72,15 @@ def atomic_path(path, what: str = "file"):
         raise write_error(err, path, what) from err
 
 
+def save_figure(fig, path, what: str = "plot", **savefig_kwargs) -> Path:
+    """A matplotlib figure written to ``path`` atomically (its format from the suffix), so a kill never leaves
+    half a PNG where a committed plot was."""
+    path = Path(path)
+    with atomic_path(path, what) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
+    return path
+
+
 def write_error(err: Exception, path, what: str = "file") -> Exception:
     """The one-line AttnlabError for a failed write of ``path`` (the error itself if it is not about the disk)."""
     code = getattr(err, "errno", None)

@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attnlab.files import atomic_write_bytes  # noqa: E402
+from attnlab.files import atomic_write_bytes, save_figure  # noqa: E402
 from attnlab.jsonl import read_jsonl  # noqa: E402
 from attnlab.search.replay import read_table, replay_study, write_json  # noqa: E402
 
@@ -399,7 +399,7 @@ def plots(a, ranked, res, results):
     ax.set_ylabel("schemes")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(results / "reward_histogram.png", dpi=120)
+    save_figure(fig, results / "reward_histogram.png", dpi=120)
     plt.close(fig)
     curve = res.get("info", {}).get("curve") or []
     if curve:
@@ -415,7 +415,7 @@ def plots(a, ranked, res, results):
         ax2.set_ylabel("P(connect)")
         ax2.legend(fontsize=6, ncol=3)
         fig.tight_layout()
-        fig.savefig(results / "controller.png", dpi=120)
+        save_figure(fig, results / "controller.png", dpi=120)
         plt.close(fig)
 
 

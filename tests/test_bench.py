@@ -1,5 +1,6 @@
 """attnlab bench: matrix files, cells, dry runs, runs.jsonl bookkeeping, and a tiny real matrix that resumes."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,14 @@ def test_load_matrix_rejects_bad_files(tmp_path):
         load_matrix(_write(tmp_path, "methods: [se]\nseeds: [a]\n"))
     with pytest.raises(AttnlabError, match="non-empty list"):
         load_matrix(_write(tmp_path, "methods: []\n"))
+    with pytest.raises(AttnlabError, match=r"'a\+b' and 'a_b' share the run folder name 'a_b'"):
+        load_matrix(_write(tmp_path, "methods: [a+b, a_b]\n"))
+    for latency, message in [("{repeat: 3}", "unknown key.*repeat"), ("{batch_sizes: 1}", "batch_sizes must be"),
+                             ("{repeats: x}", "repeats must be an integer >= 1"),
+                             ("{threads: 0}", "threads must be an integer >= 1")]:
+        with pytest.raises(AttnlabError, match=message):
+            load_matrix(_write(tmp_path, f"methods: [se]\nlatency: {latency}\n"))
+    assert load_matrix(_write(tmp_path, "methods: [se]\nlatency: {repeats: 7}\n"))["latency"]["threads"] == 1
 
 
 def test_cells_overrides_and_names(tmp_path):
@@ -216,8 +225,27 @@ def test_parse_duration():
     for bad in ("150", "soon", "2h x", ""):
         with pytest.raises(AttnlabError, match="needs a unit"):
             parse_duration(bad)
-    with pytest.raises(SystemExit):
-        cli.main(["bench", "--matrix", "x.yaml", "--budget", "150"])
+    with pytest.raises(AttnlabError, match="above zero"):
+        parse_duration("0m")  # not "no budget"
+    for bad in (["--budget", "150"], ["--budget", "0s"], ["--threads", "0"], ["--threads", "-2"]):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--matrix", "x.yaml", *bad])
+
+
+def test_a_new_worker_takes_the_least_busy_gpu():
+    from attnlab.bench.runner import least_busy_gpu
+    assert least_busy_gpu(["0", "1"], []) == "0"
+    assert least_busy_gpu(["0", "1"], ["0"]) == "1"  # cell 3 after cell 2 was skipped or finished first
+    assert least_busy_gpu(["0", "1", "2"], ["1", "0", "1"]) == "2"
+
+
+def test_latency_json_that_is_not_an_object_of_methods_is_a_one_line_error(tmp_path):
+    from attnlab.bench.latency import read_latency
+    assert read_latency(tmp_path / "none.json") == {}
+    for text in ("<<<<<<< HEAD\n{}", "[1, 2]", '{"methods": [1]}'):
+        (tmp_path / "latency.json").write_text(text)
+        with pytest.raises(AttnlabError, match="latency.json .*delete it to time every method again"):
+            read_latency(tmp_path / "latency.json")
 
 
 def _seed_record(matrix, method, seed, wall_time_s):
@@ -409,6 +437,103 @@ def test_workers_train_cells_in_processes_and_a_killed_one_resumes(tmp_path):
     assert none["method"] == "none" and none["status"] == "ok" and len(none["val_curve"]) == 12
     assert (runs / "tiny" / ".bench" / "logs" / "none-s0.log").is_file()
     assert not list((runs / "tiny" / ".bench" / "records").glob("*.json"))
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie waiting to be reaped does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in status
+
+
+def _lock_holders(path) -> str:
+    """The processes with ``path`` open (any of them may hold its lock), for a failure message."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in fds):
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:160]
+                out.append(f"{pid} {cmd!r}")
+        except OSError:
+            continue
+    return "; ".join(out) or "no process has it open"
+
+
+def _wait_for(predicate, timeout_s: float) -> bool:
+    import time
+    end = time.time() + timeout_s
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_a_worker_stops_once_its_bench_is_gone(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    # A stands in for the bench: it starts B (a worker watching its parent) and prints B's pid; then A is killed.
+    child = ("import os, time; from attnlab.lifeline import stop_with_parent; "
+             "stop_with_parent(os.getppid(), every_s=0.1); time.sleep(120)")
+    parent = (f"import subprocess, sys, time; b = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+              "print(b.pid, flush=True); time.sleep(120)")
+    a = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    b = int(a.stdout.readline())
+    assert _pid_alive(b)
+    assert not _wait_for(lambda: not _pid_alive(b), 3.0)  # B keeps running while A lives
+    os.kill(a.pid, signal.SIGKILL)
+    a.wait()
+    assert _wait_for(lambda: not _pid_alive(b), 30.0), "the worker outlived its bench"
+
+
+def test_a_killed_bench_leaves_its_cell_locked_until_its_worker_has_stopped(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    path = _write(tmp_path, tiny_matrix_text({"none": "none"}).replace("train.epochs: 1", "train.epochs: 500"))
+    runs = tmp_path / "runs"
+    bench = subprocess.Popen([sys.executable, "-m", "attnlab", "bench", "--matrix", str(path), "--workers", "2",
+                              "--threads", "1", "--no-latency", "--results-root", str(tmp_path / "res"),
+                              "--runs-root", str(runs)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             cwd=ROOT)
+
+    def worker_pid():
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"attnlab.bench.worker" in cmd and str(path).encode() in cmd:
+                return int(pid)
+        return None
+
+    try:
+        assert _wait_for(lambda: worker_pid() is not None, 120.0), "no worker started"
+        worker = worker_pid()
+        os.kill(bench.pid, signal.SIGKILL)
+        bench.wait()
+        lock_file = runs / "tiny" / ".bench" / "locks" / "none-s0.lock"
+        with cell_lock(lock_file) as held:
+            assert not held  # the orphaned worker holds the cell: a restarted bench would skip it
+        assert _wait_for(lambda: not _pid_alive(worker), 30.0), "the worker outlived its bench"
+
+        def free():
+            with cell_lock(lock_file) as held:
+                return bool(held)
+
+        # Once it has stopped, with the processes it forked (they exit a moment after it), the cell can resume.
+        assert _wait_for(free, 30.0), _lock_holders(lock_file)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        if (pid := worker_pid()) is not None:
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_device_is_where_a_cell_runs_not_what_it_computes(tmp_path):

@@ -159,6 +159,41 @@ def test_hardware_line_counts_the_runs_per_cpu_kernel_set(results):
     assert f"torch CPU kernels AVX2: 2 runs, not recorded: {n_ok - 2} runs" in (results / "report.md").read_text()
 
 
+def test_a_records_own_curve_wins_over_what_its_run_dir_holds_now(tmp_path):
+    from attnlab.bench.report import read_curve
+    run_dir = tmp_path / "se-s0"
+    run_dir.mkdir()
+    (run_dir / "metrics.csv").write_text("epoch,val_top1\n1,9.0\n")  # a later, partial run of the same cell
+    record = {"run_dir": str(run_dir), "val_curve": [50.0, None, 70.0]}
+    assert read_curve(record)[::2] == [50.0, 70.0] and math.isnan(read_curve(record)[1])
+    assert read_curve({"run_dir": str(run_dir)}) == [9.0]  # an older record without its curve
+
+
+def test_plots_are_written_atomically(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from attnlab.files import save_figure
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = save_figure(fig, tmp_path / "p.png", dpi=50)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [f.name for f in tmp_path.iterdir()] == ["p.png"]
+    before = path.read_bytes()
+
+    class Broken(Exception):
+        pass
+
+    def fail(*a, **k):
+        raise Broken("renderer died")
+
+    fig.savefig = fail
+    with pytest.raises(AttnlabError, match="could not write plot .*p.png.*the previous plot is kept"):
+        save_figure(fig, path)
+    assert path.read_bytes() == before and [f.name for f in tmp_path.iterdir()] == ["p.png"]
+    plt.close(fig)
+
+
 def test_readme_block_is_replaced(results, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# Title\n\nintro\n\n<!-- results:begin -->\nold table\n<!-- results:end -->\n\nfooter\n")

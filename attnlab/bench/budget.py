@@ -16,7 +16,10 @@ def parse_duration(text) -> float:
     parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", s)
     if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([hms])", "", s).strip():
         raise AttnlabError(f"a duration needs a unit, like 150m, 2h, 1h30m or 90s; got '{text}'")
-    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    if seconds <= 0:
+        raise AttnlabError(f"a duration must be above zero; got '{text}'")
+    return seconds
 
 
 def fmt_duration(seconds: float) -> str:

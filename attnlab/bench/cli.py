@@ -30,7 +30,7 @@ def add_arguments(p):
     p.add_argument("--latency-only", action="store_true",
                    help="measure the missing latency.json entries and train nothing (delete the file to re-measure)")
     p.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_positive, default=None,
                    help="torch CPU threads per cell (default: cores / workers with several workers, else torch's)")
 
 
@@ -45,16 +45,23 @@ def _str_list(text):
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _workers(text):
-    if text == "auto":
-        return text
+def _positive(text):
     try:
         n = int(text)
     except ValueError:
         n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got '{text}'")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
     return n
+
+
+def _workers(text):
+    if text == "auto":
+        return text
+    try:
+        return _positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got '{text}'") from None
 
 
 def _duration(text):

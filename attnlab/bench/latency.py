@@ -4,6 +4,7 @@ import statistics
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import AttnlabError
 from ..files import atomic_write_json
 from .matrix import method_overrides
 from .runs import host_info, one_line
@@ -21,6 +22,23 @@ def latency_model(matrix, method, load_config, device=None):
     model = model_from_config(mc)
     want_cuda = torch.cuda.is_available() and str(device or cfg.get("device", "auto")) in ("auto", "cuda")
     return model.eval(), default_input_size(mc.name), want_cuda
+
+
+def read_latency(path) -> dict:
+    """latency.json as a dict ({} when there is none yet); a file that is not a JSON object of 'methods' (a
+    conflict left in it, say) is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AttnlabError(f"{path} is not readable JSON ({one_line(err)}); fix it, or delete it to time every "
+                           "method again") from None
+    if not isinstance(data, dict) or not isinstance(data.get("methods", {}), dict):
+        raise AttnlabError(f"{path} should hold a JSON object with a 'methods' mapping; fix it, or delete it to time "
+                           "every method again")
+    return data
 
 
 def machine(device: str) -> str:
@@ -53,7 +71,7 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
     from .. import profiler
 
     latency_path = Path(latency_path)
-    data = json.loads(latency_path.read_text()) if latency_path.is_file() else {}
+    data = read_latency(latency_path)
     data.setdefault("methods", {})
     settings = matrix["latency"]
     changed = False

@@ -52,8 +52,7 @@ def load_matrix(path) -> dict:
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise AttnlabError(f"matrix {path}: 'seeds' must be a non-empty list of integers")
-    latency = dict(LATENCY_DEFAULTS)
-    latency.update(_mapping(raw.get("latency") or {}, f"matrix {path}: 'latency'"))
+    latency = _latency(raw.get("latency") or {}, path)
     return {"name": name, "path": str(path), "description": raw.get("description", ""), "recipe": raw.get("recipe"),
             "recipe_path": _recipe_path(raw.get("recipe"), path),
             "overrides": _mapping(raw.get("overrides") or {}, f"matrix {path}: 'overrides'"),
@@ -94,7 +93,7 @@ def _find(name, matrix_path: Path, test):
 def _methods(methods, path) -> list[dict]:
     if not isinstance(methods, list) or not methods:
         raise AttnlabError(f"matrix {path}: 'methods' must be a non-empty list of {{name, overrides}}")
-    out, seen = [], set()
+    out, seen, folders = [], set(), {}
     for i, m in enumerate(methods):
         if isinstance(m, str):
             m = {"name": m}
@@ -104,7 +103,11 @@ def _methods(methods, path) -> list[dict]:
         name = str(m["name"])
         if name in seen:
             raise AttnlabError(f"matrix {path}: method '{name}' listed twice")
+        if slug(name) in folders:  # they would train into one run folder, the second wiping the first
+            raise AttnlabError(f"matrix {path}: methods '{folders[slug(name)]}' and '{name}' share the run folder "
+                               f"name '{slug(name)}'; rename one")
         seen.add(name)
+        folders[slug(name)] = name
         out.append({"name": name, "overrides": _mapping(m.get("overrides") or {}, f"method '{name}' overrides")})
     return out
 
@@ -135,6 +138,23 @@ def _claims(claims, method_names, path) -> list[dict]:
         out.append({"claim": str(c["claim"]), "source": str(c.get("source", "")), "method": str(c["method"]),
                     "baseline": str(c["baseline"]), "paper": str(c.get("paper", "")), "kind": kind,
                     "margin": float(margin)})
+    return out
+
+
+def _latency(raw, path) -> dict:
+    """The ``latency:`` settings over their defaults, each checked: a typo or a wrong type stops here, not in the
+    middle of a bench."""
+    where = f"matrix {path}: 'latency'"
+    given = _mapping(raw, where)
+    _no_extra_keys(given, set(LATENCY_DEFAULTS), where)
+    out = {**LATENCY_DEFAULTS, **given}
+    for key in ("batch_sizes", "gpu_batch_sizes"):
+        sizes = out[key]
+        if not isinstance(sizes, list) or not sizes or not all(isinstance(b, int) and b >= 1 for b in sizes):
+            raise AttnlabError(f"{where}: {key} must be a non-empty list of positive integers, got {sizes!r}")
+    for key, least in (("warmup", 0), ("repeats", 1), ("rounds", 1), ("threads", 1)):
+        if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < least:
+            raise AttnlabError(f"{where}: {key} must be an integer >= {least}, got {out[key]!r}")
     return out
 
 

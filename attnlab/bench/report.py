@@ -6,13 +6,12 @@ validation curves as PNGs. ``--readme README.md`` replaces the block between ``<
 and ``<!-- results:<matrix>:end -->`` (else, when the README has no such block, the one between
 ``<!-- results:begin -->`` and ``<!-- results:end -->``) with a compact table generated from the same summary.
 """
-import json
 import re
 from collections import Counter
 from pathlib import Path
 
 from ..errors import AttnlabError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, save_figure
 from .claims import claims_table, judge_all, verdict
 from .stats import isnan, mean_std, paired_interval, welch_interval
 
@@ -23,6 +22,7 @@ PLOTS = ("acc_vs_latency.png", "acc_vs_params.png", "val_curves.png", "deltas.pn
 def load_results(results_dir):
     """(records: last line per (method, seed), all lines, latency dict) of a results/<matrix>/ folder."""
     from ..jsonl import read_jsonl
+    from .latency import read_latency
     from .runs import latest_by_cell
 
     results_dir = Path(results_dir)
@@ -32,20 +32,19 @@ def load_results(results_dir):
     lines = read_jsonl(runs_path)
     if not lines:
         raise AttnlabError(f"{runs_path} holds no runs yet")
-    latency_path = results_dir / "latency.json"
-    latency = json.loads(latency_path.read_text()) if latency_path.is_file() else {}
-    return list(latest_by_cell(lines).values()), lines, latency
+    return list(latest_by_cell(lines).values()), lines, read_latency(results_dir / "latency.json")
 
 
 def read_curve(record):
-    """val top-1 per epoch: the run dir's metrics.csv when it is still there, else the copy kept in runs.jsonl."""
+    """val top-1 per epoch: the copy runs.jsonl keeps with the record, else (older records) the run dir's
+    metrics.csv. The record first: the folder it names may hold another run of that cell by now (a cell merged
+    from a GPU slot, retrained here since)."""
     from .runs import read_curve as read_metrics_curve
 
-    curve = read_metrics_curve(record["run_dir"]) if record.get("run_dir") else None
-    if curve:
-        return curve
     curve = record.get("val_curve")
-    return [float("nan") if v is None else float(v) for v in curve] if curve else None
+    if curve:
+        return [float("nan") if v is None else float(v) for v in curve]
+    return read_metrics_curve(record["run_dir"]) if record.get("run_dir") else None
 
 
 def summarize(results_dir, baseline="none", matrix_file=None):
@@ -446,7 +445,7 @@ def write_plots(summary, out_dir) -> list[Path]:
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, "plot", dpi=110)
         plt.close(fig)
         paths.append(path)
 
@@ -473,7 +472,7 @@ def write_plots(summary, out_dir) -> list[Path]:
     ax.set_title(f"{summary['matrix']}: validation accuracy per epoch")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_dir / PLOTS[2], dpi=110)
+    save_figure(fig, out_dir / PLOTS[2], "plot", dpi=110)
     plt.close(fig)
     paths.append(out_dir / PLOTS[2])
     paths.append(_plot_deltas(summary, out_dir / PLOTS[3], plt))
@@ -504,7 +503,7 @@ def _plot_deltas(summary, path, plt):
         ax.text(0.5, 0.5, "no baseline runs yet", ha="center", va="center", transform=ax.transAxes)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, "plot", dpi=110)
     plt.close(fig)
     return path
 

@@ -10,7 +10,8 @@ Workers. With one worker a cell trains in this process. With K > 1 each cell tra
 processes share the GPU, or take the visible GPUs in turn. This process stays the one writer of runs.jsonl (which
 is also locked per line, for two ``attnlab bench`` runs on one matrix). A cell holds a lock file while it trains,
 so a second run skips it instead of training it twice. A worker that dies (kill -9, out of memory) leaves no
-line: the next run resumes its cell from the run's last epoch checkpoint.
+line: the next run resumes its cell from the run's last epoch checkpoint. A bench killed with -9 cannot stop its
+workers: each holds its cell's lock too and stops, with the processes it forked, once it sees the bench gone.
 
 Budget. With ``budget_s`` a cell starts only if its estimated duration fits in the time left: the median wall time
 of the same method's finished cells, else the slowest method's median, scaled to the epochs a cell interrupted in
@@ -52,6 +53,8 @@ def run_cell(matrix, cell, runs_root, *, load_config, train, device=None) -> dic
     try:
         cfg = load_config(matrix["recipe_path"], overrides=cell_overrides(matrix, cell, runs_root, device))
         results = train(cfg, resume=prepare_run_dir(run_dir, record["fingerprint"]))
+    except BrokenPipeError:  # our output is gone (`attnlab bench ... | head`): stop; the cell resumes next time
+        raise
     except Exception as err:  # one bad cell must not stop the matrix: record it and move on
         record.update(status="failed", error=one_line(err), wall_time_s=round(time.time() - start, 2))
         return record
@@ -142,6 +145,8 @@ class Job:
     stack: ExitStack
     estimate: float | None = None  # of this cell's time to train, when it started (this run's pace included)
     epochs_at_start: int = 0  # epochs its run folder already held (a cell resumed from an earlier slice)
+    lock: object = None  # the open cell lock file: a worker inherits it, so the cell stays locked while it lives
+    gpu: str | None = None  # the CUDA device a worker was given
     proc: subprocess.Popen | None = None
     record_path: Path | None = None
     reader: threading.Thread | None = None
@@ -182,13 +187,13 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
     queue = [(i, c) for i, (c, prev) in enumerate(pending, 1) if prev is None]
     if threads is None and workers > 1:
         threads = threads_per_worker(workers)
-    deadline = time.monotonic() + budget_s if budget_s else None
+    deadline = time.monotonic() + budget_s if budget_s is not None else None
     log(f"matrix {matrix['name']}: {len(queue)} of {n_total} cells to run, --workers {workers}"
         + (f" x {threads} thread(s)" if threads else "")
-        + (f", --budget {fmt_duration(budget_s)}" if budget_s else ""))
+        + (f", --budget {fmt_duration(budget_s)}" if budget_s is not None else ""))
     runner = _Runner(matrix, runs_dir, runs_path, n_total, workers, threads, deadline,
                      Estimates(records, planned_device_kind(matrix, device)), counts,
-                     log, load_config=load_config, train=train, device=device)
+                     log, load_config=load_config, train=train, device=device, retry_failed=retry_failed)
     runner.run(queue)
     _summary(matrix, counts, runs_path, log)
     return counts
@@ -280,8 +285,9 @@ class _Runner:
     """Starts cells while slots are free and the budget allows, and records each as it ends."""
 
     def __init__(self, matrix, runs_dir, runs_path, n_total, workers, threads, deadline, estimates, counts, log,
-                 *, load_config, train, device=None):
+                 *, load_config, train, device=None, retry_failed=False):
         self.matrix, self.runs_dir, self.runs_path, self.n_total = matrix, runs_dir, runs_path, n_total
+        self.retry_failed = retry_failed
         self.workers, self.threads, self.deadline, self.est = workers, threads, deadline, estimates
         self.counts, self.log, self.load_config, self.train = counts, log, load_config, train
         self.device = device
@@ -377,19 +383,21 @@ class _Runner:
     def _start(self, i, c):
         stack = ExitStack()
         name = f"{c['method']} seed {c['seed']}"
-        if not stack.enter_context(cell_lock(self.runs_dir / HARNESS_DIR / "locks" / f"{c['run_name']}.lock")):
+        lock = stack.enter_context(cell_lock(self.runs_dir / HARNESS_DIR / "locks" / f"{c['run_name']}.lock"))
+        if not lock:
             stack.close()
             self.counts["busy"] += 1
             self.log(f"[{i}/{self.n_total}] {name}: being trained by another attnlab bench, skipped")
             return
         prev = latest_by_cell(read_jsonl(self.runs_path)).get((c["method"], c["seed"]))
-        if prev is not None and prev.get("status") == "ok":  # another process finished it meanwhile
+        if prev is not None and (prev.get("status") == "ok" or not self.retry_failed):  # another bench ran it
             stack.close()
             self.counts["skipped"] += 1
-            self.log(f"[{i}/{self.n_total}] {name}: finished by another attnlab bench, skipped")
+            self.log(f"[{i}/{self.n_total}] {name}: finished by another attnlab bench ({prev.get('status')}), "
+                     "skipped")
             return
         job = Job(i, c, time.time(), stack, estimate=self._estimate(c, self._pace()),
-                  epochs_at_start=self._epochs_done(c))
+                  epochs_at_start=self._epochs_done(c), lock=lock)
         self.log(f"[{i}/{self.n_total}] {name}: running{self._eta()}")
         if self.workers == 1:
             self._finish(job, run_cell(self.matrix, c, self.runs_dir, load_config=self.load_config,
@@ -410,18 +418,23 @@ class _Runner:
         env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
-        if len(self.gpus) > 1:  # spread over the visible GPUs: the slot that is free now takes the next one
-            env["CUDA_VISIBLE_DEVICES"] = self.gpus[(job.index - 1) % len(self.gpus)]
+        if len(self.gpus) > 1:  # spread over the visible GPUs
+            job.gpu = least_busy_gpu(self.gpus, [j.gpu for j in self.running])
+            env["CUDA_VISIBLE_DEVICES"] = job.gpu
         cmd = [sys.executable, "-m", "attnlab.bench.worker", "--matrix", self.matrix["path"], "--method",
                c["method"], "--seed", str(c["seed"]), "--runs-root", str(self.runs_dir), "--record",
-               str(job.record_path), "--workers", str(self.workers)]
+               str(job.record_path), "--workers", str(self.workers), "--parent-pid", str(os.getpid())]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         if self.device:
             cmd += ["--device", self.device]
         log_path = bench_dir / "logs" / f"{c['run_name']}.log"
+        # The worker inherits the cell's lock (pass_fds): if this bench is killed, the cell stays locked until the
+        # worker, which stops when it sees its bench gone, has stopped too; a restarted bench never trains it twice.
+        # Its own session: stopping the worker's process group stops the decoding processes it forks too.
         job.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    bufsize=1)
+                                    bufsize=1, pass_fds=(job.lock.fileno(),) if hasattr(job.lock, "fileno") else (),
+                                    start_new_session=True)
         job.reader = threading.Thread(target=self._forward, args=(job.proc, log_path, c["run_name"]), daemon=True)
         job.reader.start()
 
@@ -493,18 +506,33 @@ class _Runner:
         return f" ({', '.join(parts)})" if parts else ""
 
     def _stop_all(self):
-        """On an interruption: stop the workers (their cells resume from their checkpoints next time)."""
+        """On an interruption: stop the workers and what they forked (their cells resume from their checkpoints
+        next time)."""
         for job in self.running:
             if job.proc.poll() is None:
-                job.proc.terminate()
+                _signal_group(job.proc, signal.SIGTERM)
         for job in self.running:
             try:
                 job.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                job.proc.kill()
+                _signal_group(job.proc, signal.SIGKILL)
                 job.proc.wait()
             job.stack.close()
         self.running.clear()
+
+
+def _signal_group(proc, sig) -> None:
+    """``sig`` to a worker's process group (it leads one: its own session), else to the worker alone."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (AttributeError, ProcessLookupError, PermissionError):
+        proc.send_signal(sig)
+
+
+def least_busy_gpu(gpus: list[str], in_use: list) -> str:
+    """The visible GPU the fewest running workers have (the first of those): a cell's place in the matrix says
+    nothing about which GPU is free when it starts."""
+    return min(gpus, key=in_use.count)
 
 
 def _visible_gpus() -> list[str]:

@@ -58,8 +58,9 @@ def merge_runs(source, dest) -> dict:
 
 @contextmanager
 def cell_lock(path):
-    """Hold an exclusive lock on ``path`` while a cell runs; yields False (holding nothing) when another process
-    has it. The kernel drops the lock when its holder dies, so a killed run never leaves its cell locked."""
+    """Hold an exclusive lock on ``path`` while a cell runs: yields the open lock file (a child process given its
+    descriptor holds the lock with it), or False (holding nothing) when another process has it. The kernel drops
+    the lock when the last process holding it dies, so a killed run never leaves its cell locked."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a")
@@ -69,7 +70,7 @@ def cell_lock(path):
         except BlockingIOError:
             yield False
             return
-        yield True
+        yield f
     finally:
         f.close()
 

@@ -3,7 +3,9 @@
     python -m attnlab.bench.worker --matrix M.yaml --method se --seed 0 --runs-root runs/M --record out.json
 
 Trains the cell (resuming it from its checkpoint if an earlier worker was killed) and writes its runs.jsonl record
-to ``--record`` atomically; the runner appends it to runs.jsonl. No record means the worker died.
+to ``--record`` atomically; the runner appends it to runs.jsonl. No record means the worker died. With
+``--parent-pid`` it stops, with the processes it forked, as soon as that bench is gone (killed with -9, the bench
+could not stop its workers itself); a cell stopped so resumes from its last checkpoint like any interrupted one.
 """
 import argparse
 import json
@@ -20,7 +22,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda or auto instead of the matrix's device")
     p.add_argument("--workers", type=int, default=1, help="how many cells run at once (recorded with the result)")
+    p.add_argument("--parent-pid", type=int, default=None, help="the bench's pid: stop when it is gone")
     args = p.parse_args(argv)
+    if args.parent_pid is not None:  # no orphan trains on beside the cell a restarted bench resumes
+        from ..lifeline import stop_with_parent
+        stop_with_parent(args.parent_pid)
 
     import torch
 

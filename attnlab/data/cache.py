@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import AttnlabError
 from ..files import atomic_write
+from ..lifeline import stop_with_parent
 
 CACHE_VERSION = 1
 POOL_THRESHOLD = 4096  # below this many images a process pool costs more than it saves
@@ -118,7 +119,8 @@ def decode_images(root: Path, files: list[str], image_size, out: np.ndarray | No
     jobs = [(paths[i:i + chunk], image_size) for i in range(0, n, chunk)]
     use_pool = n >= POOL_THRESHOLD and WORKERS > 1 and (os.cpu_count() or 1) > 1
     bar = Progress(n, desc)
-    pool = _pool_context().Pool(WORKERS) if use_pool else None
+    # Each decoder stops once its parent is gone: a killed run must not leave them hanging (holding its locks).
+    pool = _pool_context().Pool(WORKERS, initializer=stop_with_parent) if use_pool else None
     try:
         results = pool.imap(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs)
         i = 0

@@ -15,12 +15,12 @@ checkpoint when it exists (the threshold chosen on val), else ``--tau`` (default
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import files
 from ..errors import AttnlabError
 
 DEFAULT_TAU = 0.25
@@ -34,10 +34,8 @@ def _plt():
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Write ``fig`` to ``path`` through a temporary file, so a crash never leaves half a PNG."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    """Write ``fig`` to ``path`` atomically (attnlab.files) and close it."""
+    files.save_figure(fig, path, "picture", dpi=110, bbox_inches="tight")
     _plt().close(fig)
     return path
 
