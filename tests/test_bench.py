@@ -261,6 +261,40 @@ def _none_and_se_two_seeds(tmp_path):
     return path, load_matrix(path), res, tmp_path / "runs", res / "tiny" / "runs.jsonl"
 
 
+def test_an_edited_recipe_is_not_mixed_with_cells_trained_before_the_edit(tmp_path):
+    from attnlab.bench.runner import prepare_run_dir
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  lr: 0.1\n")
+    path = _write(tmp_path, "recipe: recipe.yaml\nmethods: [none]\nseeds: [0]\n")
+    matrix = load_matrix(path)
+    res, runs = tmp_path / "res", tmp_path / "runs"
+    runs_path = res / matrix["name"] / "runs.jsonl"
+    append_jsonl(runs_path, {**_seed_record(matrix, "none", 0, 5.0), "recipe_digest": matrix["recipe_digest"]})
+    recipe.write_text("# a comment and new layout change nothing\ntrain: {lr: 0.1}\n")
+    assert load_matrix(path)["recipe_digest"] == matrix["recipe_digest"]
+    assert run_matrix(load_matrix(path), results_root=res, runs_root=runs, latency=False)["skipped"] == 1
+    recipe.write_text("train:\n  lr: 0.2\n")
+    edited = load_matrix(path)
+    with pytest.raises(AttnlabError, match="trained with recipe recipe.yaml as it was before an edit"):
+        run_matrix(edited, results_root=res, runs_root=runs, latency=False)
+    # An interrupted cell started under the old recipe starts afresh rather than resume under the new one.
+    (cell,) = cells(edited)
+    run_dir = runs / "m" / cell["run_name"]
+    assert prepare_run_dir(run_dir, fingerprint(edited, cell), matrix["recipe_digest"]) is None
+    (run_dir / "checkpoint_last.pt").write_bytes(b"x")
+    assert prepare_run_dir(run_dir, fingerprint(edited, cell), matrix["recipe_digest"]) == run_dir
+    assert prepare_run_dir(run_dir, fingerprint(edited, cell), edited["recipe_digest"]) is None
+    assert not (run_dir / "checkpoint_last.pt").exists()
+    # A GPU slot's cell trained with the edited recipe does not merge into the old recipe's runs.jsonl.
+    from attnlab.bench.runs import merge_runs
+    slot = tmp_path / "slot.jsonl"
+    append_jsonl(slot, {**_seed_record(edited, "none", 1, 5.0), "recipe_digest": edited["recipe_digest"]})
+    before = runs_path.read_text()
+    with pytest.raises(AttnlabError, match="another version of the recipe.*nothing merged"):
+        merge_runs(slot, runs_path)
+    assert runs_path.read_text() == before
+
+
 def test_budget_starts_only_cells_that_fit_and_adding_methods_runs_only_them(tmp_path, capsys):
     path, matrix, res, runs, runs_path = _none_and_se_two_seeds(tmp_path)
     # Seed 0 already ran: `none` took 30 s (longer than a tiny cell takes here, so no pace scales the estimates),

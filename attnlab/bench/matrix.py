@@ -16,6 +16,7 @@
 A cell is one (method, seed). Its result depends only on the recipe and its merged overrides (its fingerprint), so
 methods and claims can be added to a matrix that already has results without touching the finished cells.
 """
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -54,11 +55,30 @@ def load_matrix(path) -> dict:
         raise AttnlabError(f"matrix {path}: 'seeds' must be a non-empty list of integers")
     latency = _latency(raw.get("latency") or {}, path)
     return {"name": name, "path": str(path), "description": raw.get("description", ""), "recipe": raw.get("recipe"),
-            "recipe_path": _recipe_path(raw.get("recipe"), path),
+            "recipe_path": (recipe_path := _recipe_path(raw.get("recipe"), path)),
+            "recipe_digest": recipe_digest(recipe_path),
             "overrides": _mapping(raw.get("overrides") or {}, f"matrix {path}: 'overrides'"),
             "methods": methods, "seeds": list(seeds), "latency": latency,
             "claims": _claims(raw.get("claims") or [], [m["name"] for m in methods], path),
             "reuse": _reuse_sources(raw.get("reuse") or [], path)}
+
+
+def recipe_digest(recipe_path) -> str | None:
+    """A short hash of what the recipe file sets (its parsed YAML: comments and layout do not count), recorded with
+    each cell: the fingerprint names the recipe only by its path, so this is what notices the file was edited."""
+    if recipe_path is None:
+        return None
+    try:
+        content = yaml.safe_load(Path(recipe_path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise AttnlabError(f"cannot read recipe {recipe_path}: {' '.join(str(err).split())}") from None
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def same_recipe(record: dict, matrix) -> bool:
+    """Whether ``record`` was trained with the recipe as the matrix's file sets it now (a record from before
+    digests were kept counts as the same)."""
+    return record.get("recipe_digest") in (None, matrix.get("recipe_digest"))
 
 
 def _recipe_path(recipe, matrix_path: Path):

@@ -36,7 +36,7 @@ from ..errors import AttnlabError
 from ..files import atomic_write_text, git_commit
 from ..jsonl import append_jsonl, read_jsonl
 from .budget import Estimates, fmt_duration, pace_note, planned_device_kind
-from .matrix import cell_overrides, cells, fingerprint, same_settings, settings_of
+from .matrix import cell_overrides, cells, fingerprint, same_recipe, same_settings, settings_of
 from .runs import cell_lock, host_info, latest_by_cell, one_line, read_curve
 
 HARNESS_DIR = ".bench"  # runs/<matrix>/.bench/{locks,logs,records}: the harness's own bookkeeping
@@ -48,11 +48,11 @@ def run_cell(matrix, cell, runs_root, *, load_config, train, device=None) -> dic
     run_dir = Path(runs_root) / cell["run_name"]
     record = {"matrix": matrix["name"], "matrix_file": matrix["path"], "method": cell["method"], "seed": cell["seed"],
               "run_dir": str(run_dir), "overrides": cell["overrides"], "recipe": matrix["recipe"],
-              "fingerprint": fingerprint(matrix, cell)}
+              "fingerprint": fingerprint(matrix, cell), "recipe_digest": matrix.get("recipe_digest")}
     start = time.time()
     try:
         cfg = load_config(matrix["recipe_path"], overrides=cell_overrides(matrix, cell, runs_root, device))
-        results = train(cfg, resume=prepare_run_dir(run_dir, record["fingerprint"]))
+        results = train(cfg, resume=prepare_run_dir(run_dir, record["fingerprint"], record["recipe_digest"]))
     except BrokenPipeError:  # our output is gone (`attnlab bench ... | head`): stop; the cell resumes next time
         raise
     except Exception as err:  # one bad cell must not stop the matrix: record it and move on
@@ -85,25 +85,26 @@ def stamp(record: dict, threads: int, workers: int) -> dict:
     return record
 
 
-def prepare_run_dir(run_dir: Path, fp: str):
+def prepare_run_dir(run_dir: Path, fp: str, digest: str | None = None):
     """The run dir to resume from (this cell was interrupted mid-training), or None after clearing a stale one.
 
-    The harness owns runs/<matrix>/<cell>/: bench_cell.json records the settings the run was started with, so only
-    a run of the same settings is continued; anything else there is removed so metrics.csv and TensorBoard start
-    clean.
+    The harness owns runs/<matrix>/<cell>/: bench_cell.json records the settings (and the recipe's digest) the run
+    was started with, so only a run of the same settings and recipe is continued; anything else there is removed so
+    metrics.csv and TensorBoard start clean.
     """
     import shutil
     marker = run_dir / "bench_cell.json"
     if (run_dir / "checkpoint_last.pt").is_file() and marker.is_file():
         try:
-            if same_settings(json.loads(marker.read_text()).get("fingerprint"), fp):
+            started = json.loads(marker.read_text())
+            if same_settings(started.get("fingerprint"), fp) and started.get("recipe_digest") in (None, digest):
                 return run_dir
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError, AttributeError):
             pass
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    atomic_write_text(marker, json.dumps({"fingerprint": fp}) + "\n", "cell marker")
+    atomic_write_text(marker, json.dumps({"fingerprint": fp, "recipe_digest": digest}) + "\n", "cell marker")
     return None
 
 
@@ -207,6 +208,11 @@ def _pending(matrix, todo, done, runs_path, retry_failed):
             raise AttnlabError(
                 f"{runs_path} holds method '{c['method']}' seed {c['seed']} run with other settings than "
                 f"{matrix['path']} now gives; move that file away (or rename the matrix) before re-running")
+        if prev is not None and not same_recipe(prev, matrix):
+            raise AttnlabError(
+                f"{runs_path} holds method '{c['method']}' seed {c['seed']} trained with recipe {matrix['recipe']} "
+                f"as it was before an edit (digest {prev['recipe_digest']}, now {matrix['recipe_digest']}); undo "
+                "the edit, or give the changed recipe a new file and matrix")
         finished = prev is not None and (prev.get("status") == "ok" or not retry_failed)
         out.append((c, prev if finished else None))
     return out
@@ -222,7 +228,7 @@ def _reuse(matrix, pending, runs_path, write=True):
         source = Path(folder) / "runs.jsonl"
         for r in read_jsonl(source):
             key = settings_of(r.get("fingerprint"))
-            if r.get("status") == "ok" and key is not None:
+            if r.get("status") == "ok" and key is not None and same_recipe(r, matrix):
                 found[(key, r.get("seed"))] = (source, r)
     out = []
     for c, prev in pending:

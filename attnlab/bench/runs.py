@@ -35,6 +35,7 @@ def merge_runs(source, dest) -> dict:
     have = latest_by_cell(read_jsonl(dest))
     matrices = {r.get("matrix") for r in have.values()}
     settings = {method: settings_of(r.get("fingerprint")) for (method, _), r in have.items()}
+    digests = {method: r["recipe_digest"] for (method, _), r in have.items() if r.get("recipe_digest")}
     counts, new = {"added": 0, "same": 0, "kept": 0}, []
     for cell, rec in latest_by_cell(read_jsonl(source)).items():
         if matrices and rec.get("matrix") not in matrices:
@@ -43,6 +44,9 @@ def merge_runs(source, dest) -> dict:
         if cell[0] in settings and settings[cell[0]] != settings_of(rec.get("fingerprint")):
             raise AttnlabError(f"{source}: {cell[0]} seed {cell[1]} was run with other settings than {cell[0]} "
                                f"in {dest}; nothing merged")
+        if None not in (digests.get(cell[0]), rec.get("recipe_digest")) and digests[cell[0]] != rec["recipe_digest"]:
+            raise AttnlabError(f"{source}: {cell[0]} seed {cell[1]} was trained with another version of the recipe "
+                               f"than {cell[0]} in {dest}; nothing merged")
         old = have.get(cell)
         if old == rec:
             counts["same"] += 1
