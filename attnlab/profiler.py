@@ -22,6 +22,7 @@ import platform
 import statistics
 import time
 import weakref
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -331,6 +332,17 @@ def set_threads(threads):
         if threads < 1:
             raise AttnlabError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def cpu_threads(threads):
+    """torch's CPU threads set to ``threads`` inside (None: left as they are), restored after."""
+    before = torch.get_num_threads()
+    set_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run(args):

@@ -115,13 +115,14 @@ def test_dry_run_flags_bad_config(tmp_path, capsys):
 
 
 def test_latency_times_again_the_methods_timed_on_another_machine(tmp_path):
-    from attnlab.bench.latency import _cpu_threads, machine, measure_latencies
+    from attnlab.bench.latency import machine, measure_latencies
+    from attnlab.profiler import cpu_threads
     from attnlab.engine.config import load_config
 
     matrix = load_matrix(_write(tmp_path, tiny_matrix_text({"none": "none", "se": "se", "eca": "eca"})))
     path = tmp_path / "latency.json"
     fake = {"batch": {"1": {"median_ms": 123.0, "images_per_s": 8.1, "n": 2}}, "input_size": 32, "threads": 1}
-    with _cpu_threads(1):  # the matrix's latency.threads (default 1), whatever this process runs with
+    with cpu_threads(1):  # the matrix's latency.threads (default 1), whatever this process runs with
         here = machine("cpu")
     path.write_text(json.dumps({"methods": {"none": {"cpu": {**fake, "machine": "AMD EPYC, AVX512 kernels"}},
                                             "se": {"cpu": {**fake, "machine": here}},

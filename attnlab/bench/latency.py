@@ -1,7 +1,6 @@
 """Inference latency of each method of a matrix, timed round-robin into ``results/<matrix>/latency.json``."""
 import json
 import statistics
-from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import AttnlabError
@@ -98,7 +97,7 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
                 if dev not in data["methods"][m["name"]]:
                     jobs.setdefault(dev, []).append(m["name"])
     for dev, names in jobs.items():
-        with _cpu_threads(int(settings["threads"]) if dev == "cpu" else None):
+        with profiler.cpu_threads(int(settings["threads"]) if dev == "cpu" else None):
             here = machine(dev)
             stale = [m for m in matrix["methods"] if m["name"] not in names
                      and _timed_elsewhere(data["methods"].get(m["name"], {}), dev, here) and build(m) is not None]
@@ -130,20 +129,6 @@ def _timed_elsewhere(entry: dict, device: str, here: str) -> bool:
     """Whether a method's latency.json entry holds a timing for ``device`` from another machine than ``here`` (an
     entry from before machines were recorded counts as another)."""
     return device in entry and entry[device].get("machine") != here
-
-
-@contextmanager
-def _cpu_threads(threads):
-    """torch's CPU threads set to ``threads`` inside (None: left as they are), restored after."""
-    import torch
-
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _rounds(settings) -> int:

@@ -439,7 +439,7 @@ class _Runner:
         # worker, which stops when it sees its bench gone, has stopped too; a restarted bench never trains it twice.
         # Its own session: stopping the worker's process group stops the decoding processes it forks too.
         job.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    bufsize=1, pass_fds=(job.lock.fileno(),) if hasattr(job.lock, "fileno") else (),
+                                    bufsize=1, pass_fds=(job.lock.fileno(),),
                                     start_new_session=True)
         job.reader = threading.Thread(target=self._forward, args=(job.proc, log_path, c["run_name"]), daemon=True)
         job.reader.start()
