@@ -1,17 +1,19 @@
 """One home for writing files that must never be half-written, and for the git commit a result records.
 
 ``atomic_write(path, write)`` runs ``write(f)`` into a temp file beside ``path`` (``.<name>.<random>.tmp``), flushes
-and fsyncs it and ``os.replace``-s it over ``path``: a crash or failed write at any instant leaves either the old
-file or the new one, never a torn one. ``atomic_path(path)`` is the same for writers that want a file name (the ONNX
+and fsyncs it, ``os.replace``-s it over ``path`` and fsyncs the folder: a crash or failed write at any instant leaves
+either the old file or the new one, never a torn one. ``atomic_path(path)`` is the same for writers that want a file name (the ONNX
 exporter). The temp file is created with mode 0666 less the umask, like any other file (``tempfile.mkstemp`` would
 make it 0600). Failures are one-line AttnlabErrors: a full disk says so and that the previous file is kept, a
 read-only or forbidden destination names the path. ``remove_stale_temps(folder)`` deletes temp files a kill left.
+``held_lock(path)`` serialises read-modify-writes of one file by several processes.
 
 Fault injection (tests, benchmarks/reliability.py): with ``ATTNLAB_KILL_IN_WRITE=<file name>:<n>`` the process
 SIGKILLs itself during its n-th atomic write of a file of that name, after the temp file is written and before it
 replaces the old one: the instant a crash must not change anything.
 """
 import errno
+import fcntl
 import io
 import json
 import os
@@ -65,11 +67,44 @@ def atomic_path(path, what: str = "file"):
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0666 & ~umask
         yield tmp
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself reaches the disk, not only the file's data
     except BaseException as err:
         _remove(tmp)
         if isinstance(err, AttnlabError) or not isinstance(err, Exception):
             raise
         raise write_error(err, path, what) from err
+
+
+@contextmanager
+def held_lock(path, what: str = "file"):
+    """Hold an exclusive lock for a read-modify-write of ``path`` (e.g. latency.json by two benches): on a sidecar
+    ``.<name>.lock`` beside it, because the atomic replace gives ``path`` a new inode, which would drop a lock held
+    on the file itself. Other holders wait; the kernel drops the lock when its holder dies."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path.parent / f".{path.name}.lock", "a")
+    except OSError as err:
+        raise write_error(err, path, what) from err
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # a folder that cannot be opened for reading: the replace has happened, durability is best effort
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory
+    finally:
+        os.close(fd)
 
 
 def save_figure(fig, path, what: str = "plot", **savefig_kwargs) -> Path:

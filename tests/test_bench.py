@@ -143,6 +143,24 @@ def test_latency_times_again_the_methods_timed_on_another_machine(tmp_path):
     assert data["eca"]["cpu"]["threads"] == 1 and ", 1 threads," in here
 
 
+def test_latency_keeps_entries_another_bench_wrote_while_this_one_timed(tmp_path):
+    from attnlab.bench.latency import measure_latencies
+    from attnlab.engine.config import load_config
+
+    matrix = load_matrix(_write(tmp_path, tiny_matrix_text({"none": "none", "se": "se"})))
+    path = tmp_path / "latency.json"
+    other = {"cpu": {"batch": {"1": {"median_ms": 7.0}}, "machine": "a GPU slot's CPU"}}
+
+    def log(line):  # while this bench times, another one on the matrix writes its own entry
+        if not path.exists():
+            path.write_text(json.dumps({"methods": {"other": other}}))
+
+    data = measure_latencies(matrix, matrix["methods"], path, load_config=load_config, log=log)
+    on_disk = json.loads(path.read_text())
+    assert on_disk == data and on_disk["methods"]["other"] == other
+    assert {"none", "se"} <= set(on_disk["methods"]) and "cpu" in on_disk["methods"]["se"]
+
+
 def test_tiny_matrix_runs_records_failures_and_resumes(tmp_path, capsys):
     path = _write(tmp_path, tiny_matrix_text({"none": "none", "bogus": "nope", "se": "se"}))
     res, runs = tmp_path / "res", tmp_path / "runs"
@@ -513,9 +531,12 @@ def test_a_worker_stops_once_its_bench_is_gone(tmp_path):
     import subprocess
     import sys
     # A stands in for the bench: it starts B (a worker watching its parent) and prints B's pid; then A is killed.
-    child = ("import os, time; from attnlab.lifeline import stop_with_parent; "
-             "stop_with_parent(os.getppid(), every_s=0.1); time.sleep(120)")
-    parent = (f"import subprocess, sys, time; b = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+    # A passes its pid, as the bench passes --parent-pid: B may still be importing when A is killed, and
+    # os.getppid() read after that would name B's new parent.
+    child = ("import sys, time; from attnlab.lifeline import stop_with_parent; "
+             "stop_with_parent(int(sys.argv[1]), every_s=0.1); time.sleep(120)")
+    parent = (f"import os, subprocess, sys, time; "
+              f"b = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())]); "
               "print(b.pid, flush=True); time.sleep(120)")
     a = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     b = int(a.stdout.readline())

@@ -414,6 +414,21 @@ def _split(n=50, size=8, classes=5, seed=0):
     return Split("train", images, torch.arange(n) % classes)
 
 
+def test_loader_builds_batches_with_its_capped_threads_and_gives_the_trainings_back():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for cap, inside in ((1, 1), (None, 2), (4, 2)):  # a cap above the training's threads changes nothing
+            loader = BatchLoader(_split(), 16, shuffle=True, augment=True, seed=0, cpu_threads=cap)
+            build, seen = loader._batch, []
+            loader._batch = lambda *a: (seen.append(torch.get_num_threads()), build(*a))[1]
+            for _ in loader:
+                seen.append(("after", torch.get_num_threads()))
+            assert seen[:2] == [inside, ("after", 2)] and len(seen) == 2 * len(loader), (cap, seen)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_loader_deterministic_per_seed_and_epoch():
     split = _split()
     a = BatchLoader(split, 16, shuffle=True, augment=True, seed=5)

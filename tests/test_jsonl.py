@@ -47,3 +47,50 @@ def test_concurrent_writers_never_tear_or_interleave_lines(tmp_path):
     assert len(lines) == 160 and len(read_jsonl(path)) == 160
     assert sorted((r["method"], r["seed"]) for r in read_jsonl(path)) == [(f"w{w}", k) for w in range(4)
                                                                          for k in range(40)]
+
+
+def _append_late(path, started):
+    started.set()
+    append_jsonl(path, {"method": "late", "seed": 0})
+
+
+def test_update_reads_and_appends_under_one_lock_so_no_writer_slips_in_between(tmp_path):
+    import time
+
+    from attnlab.jsonl import update_jsonl
+    path = tmp_path / "runs.jsonl"
+    append_jsonl(path, {"method": "a", "seed": 0})
+    ctx = multiprocessing.get_context("fork")
+    started = ctx.Event()
+    seen = {}
+
+    def choose(records):
+        seen["records"] = [r["method"] for r in records]
+        writer = ctx.Process(target=_append_late, args=(path, started))
+        writer.start()
+        started.wait(10)
+        time.sleep(0.5)  # the other writer is now waiting on the lock
+        seen["writer_waiting"], seen["writer"] = writer.is_alive(), writer
+        return [{"method": "b", "seed": 0}, {"method": "c", "seed": 0}]
+
+    assert update_jsonl(path, choose) == [{"method": "b", "seed": 0}, {"method": "c", "seed": 0}]
+    seen["writer"].join(10)
+    assert seen["records"] == ["a"] and seen["writer_waiting"]
+    assert [r["method"] for r in read_jsonl(path)] == ["a", "b", "c", "late"]
+
+
+def test_update_whose_choice_fails_writes_nothing(tmp_path):
+    import pytest
+
+    from attnlab.jsonl import update_jsonl
+    path = tmp_path / "runs.jsonl"
+    append_jsonl(path, {"method": "a", "seed": 0})
+    before = path.read_bytes()
+
+    def refuse(_records):
+        raise ValueError("another matrix")
+
+    with pytest.raises(ValueError, match="another matrix"):
+        update_jsonl(path, refuse)
+    assert path.read_bytes() == before
+    assert update_jsonl(path, lambda _records: []) == [] and path.read_bytes() == before

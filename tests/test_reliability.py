@@ -224,3 +224,26 @@ def test_read_only_destinations_are_one_line_errors(tmp_path, capsys, monkeypatc
     assert code == 2 and err.count("\n") == 1 and "read-only file system" in err and "--out" in err
     monkeypatch.undo()
     assert snapshot(tmp_path) == before
+
+
+def _hold_then_mark(path, mark):
+    from attnlab.files import held_lock
+    with held_lock(path):
+        Path(mark).write_text("got it")
+
+
+def test_held_lock_makes_a_second_process_wait_and_survives_the_files_replacement(tmp_path):
+    import multiprocessing
+    import time
+
+    from attnlab.files import atomic_write_json, held_lock
+    path, mark = tmp_path / "latency.json", tmp_path / "mark"
+    with held_lock(path):
+        atomic_write_json(path, {"methods": {}})  # replaced under the lock: the sidecar still holds it
+        other = multiprocessing.get_context("fork").Process(target=_hold_then_mark, args=(path, mark))
+        other.start()
+        time.sleep(0.5)
+        assert not mark.exists() and other.is_alive()
+    other.join(10)
+    assert mark.read_text() == "got it" and other.exitcode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".latency.json.lock", "latency.json", "mark"]

@@ -147,3 +147,34 @@ def test_short_training_run_decreases_loss():
     reg = build_objectives(OmegaConf.create({"spe_reg": objective_defaults()["spe_reg"]}), model)[0]
     check_short_run_learns(model, extra_loss=lambda: reg(
         model=model, logits=None, targets=None, features=None, epoch=0, step=0)["spe_reg"])
+
+
+def test_spe_gate_script_measures_the_gate_each_block_applies():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("spe_gate", Path(__file__).parents[1] / "benchmarks" / "spe_gate.py")
+    sg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sg)
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, attention="spe")
+    images = [(torch.randn(4, 3, 32, 32), None), (torch.randn(3, 3, 32, 32), None)]
+    closed = sg.gate_stats(model, images)
+    assert len(closed) == 9 and all(b["b_rew"] == -1.0 and b["lambda"] == 0.5 for b in closed)
+    assert all(b["gate"] == round(torch.sigmoid(torch.tensor(-2.)).item() * torch.sigmoid(torch.tensor(-1.)).item(), 4)
+               for b in closed)
+    first = next(m for m in model.modules() if isinstance(m, attention.spe.SPE))
+    with torch.no_grad():
+        first.w_rew.fill_(0.5)  # the gate now depends on the input: measured from it, not from the biases
+        first.b_rew.fill_(1.0)
+    opened = sg.gate_stats(model, images)
+    inputs = []
+    handle = first.register_forward_hook(lambda m, i, o: inputs.append(i[0]))
+    with torch.no_grad():
+        for x, _ in images:
+            model(x)
+    handle.remove()
+    by_hand = torch.cat([first.gate(u).flatten() for u in inputs]).mean().item()
+    assert opened[0]["abs_w_rew"] == 0.5 and opened[0]["b_rew"] == 1.0
+    assert opened[0]["gate"] == pytest.approx(by_hand, abs=1e-4) and opened[0]["gate"] > 0.2
+    assert [b["gate"] for b in opened[1:]] == [b["gate"] for b in closed[1:]]
+    assert sg.summary(closed)["gate"]["min"] == sg.summary(closed)["gate"]["max"] == closed[0]["gate"]

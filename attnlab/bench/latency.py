@@ -4,7 +4,7 @@ import statistics
 from pathlib import Path
 
 from ..errors import AttnlabError
-from ..files import atomic_write_json
+from ..files import atomic_write_json, held_lock
 from .matrix import method_overrides
 from .runs import host_info, one_line
 
@@ -73,11 +73,10 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
     data = read_latency(latency_path)
     data.setdefault("methods", {})
     settings = matrix["latency"]
-    changed = False
+    changed = set()  # names of the methods whose entries this call wrote
     built = {}  # method name -> (model, size, want_cuda), or None when it cannot be built
 
     def build(m):
-        nonlocal changed
         if m["name"] not in built:
             entry = data["methods"].setdefault(m["name"], {})
             try:
@@ -86,7 +85,7 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
                 built[m["name"]] = None
                 if "error" not in entry:
                     entry["error"] = one_line(err)
-                    changed = True
+                    changed.add(m["name"])
                 log(f"[latency] {m['name']}: skipped ({one_line(err)})")
         return built[m["name"]]
 
@@ -112,15 +111,26 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
                     "batch": per_bs, "input_size": built[name][1], "machine": here,
                     "threads": torch.get_num_threads() if dev == "cpu" else None,
                     "name": torch.cuda.get_device_name(0) if dev == "cuda" else profiler.cpu_model()}
-                changed = True
+                changed.add(name)
                 log(f"[latency] {name} {dev}: "
                     + ", ".join(f"bs{bs} {v['median_ms']:.2f} ms" for bs, v in per_bs.items()))
     if changed:
+        data = _save(latency_path, {n: data["methods"][n] for n in changed}, settings)
+    return data
+
+
+def _save(latency_path: Path, entries: dict, settings) -> dict:
+    """Write this call's method ``entries`` into latency.json as it is now: another bench on the matrix may have
+    written its own entries since this one read the file, and they are kept."""
+    with held_lock(latency_path, "latency results"):
+        data = read_latency(latency_path)
+        data.setdefault("methods", {})
+        for name, entry in entries.items():
+            data["methods"].setdefault(name, {}).update(entry)
         data["host"] = host_info()
         data["note"] = ("median over repeated forward passes in eval mode under torch.inference_mode, random weights, "
                         f"methods timed round-robin in {_rounds(settings)} rounds; training-only objectives (ssia) "
                         "do not change the inference model")
-        latency_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(latency_path, data, "latency results")
     return data
 

@@ -76,9 +76,14 @@ def recipe_digest(recipe_path) -> str | None:
 
 
 def same_recipe(record: dict, matrix) -> bool:
-    """Whether ``record`` was trained with the recipe as the matrix's file sets it now (a record from before
-    digests were kept counts as the same)."""
-    return record.get("recipe_digest") in (None, matrix.get("recipe_digest"))
+    """Whether ``record`` was trained with the recipe as the matrix's file sets it now."""
+    return same_digest(record.get("recipe_digest"), matrix.get("recipe_digest"))
+
+
+def same_digest(a: str | None, b: str | None) -> bool:
+    """Whether two recipe digests name the same recipe; a missing one (a record from before digests were kept)
+    counts as the same."""
+    return a is None or b is None or a == b
 
 
 def _recipe_path(recipe, matrix_path: Path):

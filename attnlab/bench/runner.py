@@ -36,7 +36,7 @@ from ..errors import AttnlabError
 from ..files import atomic_write_text, git_commit
 from ..jsonl import append_jsonl, read_jsonl
 from .budget import Estimates, fmt_duration, pace_note, planned_device_kind
-from .matrix import cell_overrides, cells, fingerprint, same_recipe, same_settings, settings_of
+from .matrix import cell_overrides, cells, fingerprint, same_digest, same_recipe, same_settings, settings_of
 from .runs import cell_lock, host_info, latest_by_cell, one_line, read_curve
 
 HARNESS_DIR = ".bench"  # runs/<matrix>/.bench/{locks,logs,records}: the harness's own bookkeeping
@@ -97,7 +97,7 @@ def prepare_run_dir(run_dir: Path, fp: str, digest: str | None = None):
     if (run_dir / "checkpoint_last.pt").is_file() and marker.is_file():
         try:
             started = json.loads(marker.read_text())
-            if same_settings(started.get("fingerprint"), fp) and started.get("recipe_digest") in (None, digest):
+            if same_settings(started.get("fingerprint"), fp) and same_digest(started.get("recipe_digest"), digest):
                 return run_dir
         except (OSError, json.JSONDecodeError, AttributeError):
             pass

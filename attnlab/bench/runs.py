@@ -27,36 +27,40 @@ def merge_runs(source, dest) -> dict:
     than ``dest``'s runs of it, stops the merge before anything is written. Returns {'added', 'same', 'kept'}
     (kept: both ran it; ``dest``'s record stays)."""
     from ..errors import AttnlabError
-    from ..jsonl import append_jsonl, read_jsonl
-    from .matrix import settings_of
+    from ..jsonl import read_jsonl, update_jsonl
+    from .matrix import same_digest, settings_of
 
     if not Path(source).is_file():
         raise AttnlabError(f"{source}: no such runs.jsonl to merge")
-    have = latest_by_cell(read_jsonl(dest))
-    matrices = {r.get("matrix") for r in have.values()}
-    settings = {method: settings_of(r.get("fingerprint")) for (method, _), r in have.items()}
-    digests = {method: r["recipe_digest"] for (method, _), r in have.items() if r.get("recipe_digest")}
-    counts, new = {"added": 0, "same": 0, "kept": 0}, []
-    for cell, rec in latest_by_cell(read_jsonl(source)).items():
-        if matrices and rec.get("matrix") not in matrices:
-            raise AttnlabError(f"{source} holds matrix '{rec.get('matrix')}', {dest} matrix "
-                               f"'{', '.join(map(str, sorted(matrices, key=str)))}'; nothing merged")
-        if cell[0] in settings and settings[cell[0]] != settings_of(rec.get("fingerprint")):
-            raise AttnlabError(f"{source}: {cell[0]} seed {cell[1]} was run with other settings than {cell[0]} "
-                               f"in {dest}; nothing merged")
-        if None not in (digests.get(cell[0]), rec.get("recipe_digest")) and digests[cell[0]] != rec["recipe_digest"]:
-            raise AttnlabError(f"{source}: {cell[0]} seed {cell[1]} was trained with another version of the recipe "
-                               f"than {cell[0]} in {dest}; nothing merged")
-        old = have.get(cell)
-        if old == rec:
-            counts["same"] += 1
-        elif old is None or (old.get("status") != "ok" and rec.get("status") == "ok"):
-            new.append(rec)  # a cell that failed here takes the other's result
-        else:
-            counts["kept"] += 1
-    for rec in new:
-        append_jsonl(dest, rec)
-    counts["added"] = len(new)
+    incoming = latest_by_cell(read_jsonl(source))
+    counts = {"added": 0, "same": 0, "kept": 0}
+
+    def choose(records):  # runs under dest's lock: a bench appending to dest waits until the merge is written
+        have = latest_by_cell(records)
+        matrices = {r.get("matrix") for r in have.values()}
+        settings = {method: settings_of(r.get("fingerprint")) for (method, _), r in have.items()}
+        digests = {method: r["recipe_digest"] for (method, _), r in have.items() if r.get("recipe_digest")}
+        new = []
+        for cell, rec in incoming.items():
+            if matrices and rec.get("matrix") not in matrices:
+                raise AttnlabError(f"{source} holds matrix '{rec.get('matrix')}', {dest} matrix "
+                                   f"'{', '.join(map(str, sorted(matrices, key=str)))}'; nothing merged")
+            if cell[0] in settings and settings[cell[0]] != settings_of(rec.get("fingerprint")):
+                raise AttnlabError(f"{source}: {cell[0]} seed {cell[1]} was run with other settings than {cell[0]} "
+                                   f"in {dest}; nothing merged")
+            if not same_digest(digests.get(cell[0]), rec.get("recipe_digest")):
+                raise AttnlabError(f"{source}: {cell[0]} seed {cell[1]} was trained with another version of the "
+                                   f"recipe than {cell[0]} in {dest}; nothing merged")
+            old = have.get(cell)
+            if old == rec:
+                counts["same"] += 1
+            elif old is None or (old.get("status") != "ok" and rec.get("status") == "ok"):
+                new.append(rec)  # a cell that failed here takes the other's result
+            else:
+                counts["kept"] += 1
+        return new
+
+    counts["added"] = len(update_jsonl(dest, choose))
     return counts
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AttnlabError
+from ..profiler import cpu_threads
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -156,12 +157,7 @@ class BatchLoader:
         b = self.batch_size
         for i in range(len(self)):
             sl = slice(i * b, (i + 1) * b)
-            threads = torch.get_num_threads()
-            if self.cpu_threads:
-                torch.set_num_threads(min(threads, self.cpu_threads))
-            try:
+            with cpu_threads(min(torch.get_num_threads(), self.cpu_threads) if self.cpu_threads else None):
                 x = self._batch(order[sl], None if offsets is None else offsets[sl], None if flips is None else flips[sl])
                 y = self.labels.index_select(0, labels_idx[sl])
-            finally:
-                torch.set_num_threads(threads)
             yield x, y
