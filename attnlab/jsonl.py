@@ -37,28 +37,32 @@ def read_jsonl(path) -> list[dict]:
 
 def append_jsonl(path, record: dict, sort_keys: bool = False) -> None:
     """Append ``record`` as one line of ``path`` (created with its folder), under an exclusive lock, fsynced."""
-    update_jsonl(path, lambda _records: [record], sort_keys)
+    _locked_append(path, lambda: [record], sort_keys)
 
 
 def update_jsonl(path, choose, sort_keys: bool = False) -> list[dict]:
     """Append to ``path`` the records ``choose(records now in path)`` returns, all under one exclusive lock, so
     no other writer appends between the read and the appends (a merge never adds a cell a bench just wrote).
     Returns what was appended."""
+    return _locked_append(path, lambda: choose(read_jsonl(path)), sort_keys)
+
+
+def _locked_append(path, records, sort_keys: bool) -> list[dict]:
+    """Append ``records()`` (called once the lock is held) in one write, fsynced; returns them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:  # appends always go to the end; reading needs the "+"
+    with open(path, "a+b") as f:  # appends always go to the end; reading the last byte needs the "+"
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            new = list(choose(read_jsonl(path)))
-            lines = b"".join(json.dumps(r, sort_keys=sort_keys, default=_json_default).encode() + b"\n"
-                             for r in new)
-            if not lines:
+            new = list(records())
+            data = b"".join(json.dumps(r, sort_keys=sort_keys, default=_json_default).encode() + b"\n" for r in new)
+            if not data:
                 return []
             prefix = b""
             if f.seek(0, os.SEEK_END):  # a torn previous line must not swallow this one
                 f.seek(-1, os.SEEK_END)
                 prefix = b"" if f.read(1) == b"\n" else b"\n"
-            f.write(prefix + lines)
+            f.write(prefix + data)
             f.flush()
             os.fsync(f.fileno())
             return new

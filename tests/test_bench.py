@@ -150,15 +150,19 @@ def test_latency_keeps_entries_another_bench_wrote_while_this_one_timed(tmp_path
     matrix = load_matrix(_write(tmp_path, tiny_matrix_text({"none": "none", "se": "se"})))
     path = tmp_path / "latency.json"
     other = {"cpu": {"batch": {"1": {"median_ms": 7.0}}, "machine": "a GPU slot's CPU"}}
+    path.write_text(json.dumps({"methods": {"se": {"cuda": "old"}}}))
+    written = []
 
-    def log(line):  # while this bench times, another one on the matrix writes its own entry
-        if not path.exists():
-            path.write_text(json.dumps({"methods": {"other": other}}))
+    def log(line):  # while this bench times on the CPU, another one on the matrix writes its own entries
+        if not written:
+            written.append(line)
+            path.write_text(json.dumps({"methods": {"other": other, "se": {"cuda": "new"}}}))
 
     data = measure_latencies(matrix, matrix["methods"], path, load_config=load_config, log=log)
     on_disk = json.loads(path.read_text())
-    assert on_disk == data and on_disk["methods"]["other"] == other
-    assert {"none", "se"} <= set(on_disk["methods"]) and "cpu" in on_disk["methods"]["se"]
+    assert written and on_disk == data and on_disk["methods"]["other"] == other
+    assert on_disk["methods"]["se"]["cuda"] == "new"  # not the copy this bench read before it timed
+    assert "cpu" in on_disk["methods"]["se"] and "cpu" in on_disk["methods"]["none"]
 
 
 def test_tiny_matrix_runs_records_failures_and_resumes(tmp_path, capsys):

@@ -49,8 +49,14 @@ def test_concurrent_writers_never_tear_or_interleave_lines(tmp_path):
                                                                          for k in range(40)]
 
 
-def _append_late(path, started):
-    started.set()
+def _append_late(path, blocked):
+    import fcntl
+    with open(path, "a+b") as probe:  # is the file locked when this writer comes?
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(probe, fcntl.LOCK_UN)
+        except BlockingIOError:
+            blocked.value = 1
     append_jsonl(path, {"method": "late", "seed": 0})
 
 
@@ -61,21 +67,23 @@ def test_update_reads_and_appends_under_one_lock_so_no_writer_slips_in_between(t
     path = tmp_path / "runs.jsonl"
     append_jsonl(path, {"method": "a", "seed": 0})
     ctx = multiprocessing.get_context("fork")
-    started = ctx.Event()
+    blocked = ctx.Value("i", 0)
     seen = {}
 
     def choose(records):
         seen["records"] = [r["method"] for r in records]
-        writer = ctx.Process(target=_append_late, args=(path, started))
+        writer = ctx.Process(target=_append_late, args=(path, blocked))
         writer.start()
-        started.wait(10)
-        time.sleep(0.5)  # the other writer is now waiting on the lock
-        seen["writer_waiting"], seen["writer"] = writer.is_alive(), writer
+        end = time.time() + 20
+        while not blocked.value and time.time() < end:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the other writer is now waiting on the lock
+        seen["writer"] = writer
         return [{"method": "b", "seed": 0}, {"method": "c", "seed": 0}]
 
     assert update_jsonl(path, choose) == [{"method": "b", "seed": 0}, {"method": "c", "seed": 0}]
     seen["writer"].join(10)
-    assert seen["records"] == ["a"] and seen["writer_waiting"]
+    assert seen["records"] == ["a"] and blocked.value == 1
     assert [r["method"] for r in read_jsonl(path)] == ["a", "b", "c", "late"]
 
 

@@ -73,7 +73,7 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
     data = read_latency(latency_path)
     data.setdefault("methods", {})
     settings = matrix["latency"]
-    changed = set()  # names of the methods whose entries this call wrote
+    changed = set()  # (method, "cpu" | "cuda" | "error"): the entries this call wrote
     built = {}  # method name -> (model, size, want_cuda), or None when it cannot be built
 
     def build(m):
@@ -85,7 +85,7 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
                 built[m["name"]] = None
                 if "error" not in entry:
                     entry["error"] = one_line(err)
-                    changed.add(m["name"])
+                    changed.add((m["name"], "error"))
                 log(f"[latency] {m['name']}: skipped ({one_line(err)})")
         return built[m["name"]]
 
@@ -111,22 +111,27 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
                     "batch": per_bs, "input_size": built[name][1], "machine": here,
                     "threads": torch.get_num_threads() if dev == "cpu" else None,
                     "name": torch.cuda.get_device_name(0) if dev == "cuda" else profiler.cpu_model()}
-                changed.add(name)
+                changed.add((name, dev))
                 log(f"[latency] {name} {dev}: "
                     + ", ".join(f"bs{bs} {v['median_ms']:.2f} ms" for bs, v in per_bs.items()))
     if changed:
-        data = _save(latency_path, {n: data["methods"][n] for n in changed}, settings)
+        data = _save(latency_path, {(n, k): data["methods"][n][k] for n, k in changed}, settings)
     return data
 
 
 def _save(latency_path: Path, entries: dict, settings) -> dict:
-    """Write this call's method ``entries`` into latency.json as it is now: another bench on the matrix may have
-    written its own entries since this one read the file, and they are kept."""
+    """Write this call's ``entries`` ({(method, "cpu" | "cuda" | "error"): value}) into latency.json as it is now:
+    another bench on the matrix may have written its own entries since this one read the file, and they are kept
+    (a timing this call did not take is never overwritten by the copy it read)."""
     with held_lock(latency_path, "latency results"):
         data = read_latency(latency_path)
         data.setdefault("methods", {})
-        for name, entry in entries.items():
-            data["methods"].setdefault(name, {}).update(entry)
+        for (name, key), value in entries.items():
+            entry = data["methods"].setdefault(name, {})
+            if key != "error":
+                entry[key] = value
+            else:
+                entry.setdefault("error", value)
         data["host"] = host_info()
         data["note"] = ("median over repeated forward passes in eval mode under torch.inference_mode, random weights, "
                         f"methods timed round-robin in {_rounds(settings)} rounds; training-only objectives (ssia) "
