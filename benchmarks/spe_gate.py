@@ -10,7 +10,6 @@ last epoch. It answers "does the gate open in this schedule?" with numbers inste
     .venv/bin/python benchmarks/spe_gate.py                 # writes results/cpu_proxy_15ep/spe_gate.json
 """
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 import attnlab  # noqa: E402
 from attnlab.attention.spe import SPE  # noqa: E402
 from attnlab.bench.matrix import cell_overrides, cells, load_matrix  # noqa: E402
-from attnlab.data import load_dataset  # noqa: E402
-from attnlab.data.loader import BatchLoader  # noqa: E402
+from attnlab.bench.runs import host_info  # noqa: E402
+from attnlab.data import BatchLoader, dataset_for_config  # noqa: E402
 from attnlab.engine.checkpoint import load_training_checkpoint, model_from_checkpoint, model_from_config  # noqa: E402
 from attnlab.engine.config import load_config  # noqa: E402
 from attnlab.engine.train import seed_everything, train  # noqa: E402
@@ -76,9 +75,7 @@ def summary(blocks: list[dict]) -> dict:
 
 
 def test_loader(cfg):
-    d = cfg.data
-    bundle = load_dataset(d.name, data_dir=d.data_dir, val_size=d.val_size, subset=d.subset, seed=cfg.seed,
-                          cache_dir=d.cache_dir, image_size=d.image_size, test_subset=d.test_subset)
+    bundle = dataset_for_config(cfg)
     return BatchLoader(bundle.test, batch_size=cfg.train.eval_batch_size, shuffle=False, augment=False,
                        mean=bundle.mean, std=bundle.std, device=torch.device("cpu"), seed=0, drop_last=False)
 
@@ -123,10 +120,8 @@ def main(argv=None):
                   f"(blocks {f['gate']['min']:.3f}..{f['gate']['max']:.3f})")
     out = {"what": "SPE biases and mean gate value at init and after training (test images)",
            "command": " ".join(["python benchmarks/spe_gate.py", *(argv if argv is not None else sys.argv[1:])]),
-           "matrix": matrix["name"], "attnlab": attnlab.__version__, "torch": torch.__version__,
-           "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "machine": platform.processor() or platform.machine(),
-           "threads": args.threads, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "runs": rows}
+           "matrix": matrix["name"], "attnlab": attnlab.__version__, "host": host_info(),
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": rows}
     atomic_write_json(args.out, out, "SPE gate results")
     print(f"-> {args.out}")
 

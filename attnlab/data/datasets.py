@@ -152,6 +152,15 @@ def _split(name: str, images: np.ndarray, pool: Pool, boxes, index=None) -> Spli
                  None if boxes is None else torch.from_numpy(np.ascontiguousarray(boxes)), files)
 
 
+def dataset_for_config(cfg, data_dir=None) -> DatasetBundle:
+    """The dataset a run's config trains on: its ``data`` section with its ``seed`` (so the same val split is held
+    out), from a DictConfig or a checkpoint's plain dict; ``data_dir`` replaces the config's folder."""
+    data = cfg["data"]
+    return load_dataset(data["name"], data_dir=data_dir or data["data_dir"], val_size=data["val_size"],
+                        subset=data["subset"], seed=cfg["seed"], cache_dir=data["cache_dir"],
+                        image_size=data["image_size"], test_subset=data.get("test_subset"))
+
+
 def load_dataset(name: str, data_dir=None, val_size=None, subset=None, seed: int = 0,
                  cache_dir=".cache/attnlab", image_size=None, test_subset=None, download: bool = False
                  ) -> DatasetBundle:

@@ -68,7 +68,7 @@ def add_arguments(p):
 
 
 def run(args):
-    from ..data import load_dataset
+    from ..data import dataset_for_config
     from ..data.loader import BatchLoader
     from .checkpoint import load_training_checkpoint, model_from_checkpoint
     from .distributed import resolve_device
@@ -79,10 +79,7 @@ def run(args):
     ckpt = load_training_checkpoint(path)
     cfg = ckpt["config"]
     device = resolve_device(args.device)
-    data = cfg["data"]
-    bundle = load_dataset(data["name"], data_dir=args.data_dir or data["data_dir"], val_size=data["val_size"],
-                          subset=data["subset"], seed=cfg["seed"], cache_dir=data["cache_dir"],
-                          image_size=data["image_size"], test_subset=data.get("test_subset"))
+    bundle = dataset_for_config(cfg, args.data_dir)
     model = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema)
     t = cfg["train"]
     channels_last = t["channels_last"] is None or bool(t["channels_last"])

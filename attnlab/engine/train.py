@@ -208,7 +208,7 @@ def _is_temp(p: Path) -> bool:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, d: Dist, device: torch.device, resume=None, step_hooks=()):
-        from ..data import load_dataset
+        from ..data import dataset_for_config
         from ..data.loader import BatchLoader
         from ..objectives import build_objectives, features_needed
 
@@ -224,14 +224,11 @@ class Trainer:
         seed_everything(cfg.seed)
 
         # Data: rank 0 builds the decode cache first, the others then read it.
-        dc = cfg.data
-        kwargs = dict(data_dir=dc.data_dir, val_size=dc.val_size, subset=dc.subset, seed=cfg.seed,
-                      cache_dir=dc.cache_dir, image_size=dc.image_size, test_subset=dc.test_subset)
         if d.is_main:
-            self.bundle = load_dataset(dc.name, **kwargs)
+            self.bundle = dataset_for_config(cfg)
         barrier(d)
         if not d.is_main:
-            self.bundle = load_dataset(dc.name, **kwargs)
+            self.bundle = dataset_for_config(cfg)
         b = self.bundle
         if cfg.model.num_classes is None:
             cfg.model.num_classes = b.num_classes
@@ -242,7 +239,8 @@ class Trainer:
         self.channels_last = t.channels_last is None or bool(t.channels_last)
         per_rank = t.batch_size // d.world_size
         common = dict(mean=b.mean, std=b.std, device=device, seed=cfg.seed, rank=d.rank, world_size=d.world_size)
-        self.train_loader = BatchLoader(b.train, per_rank, shuffle=True, augment=dc.augment, drop_last=True, **common)
+        self.train_loader = BatchLoader(b.train, per_rank, shuffle=True, augment=cfg.data.augment, drop_last=True,
+                                        **common)
         if len(self.train_loader) == 0:
             raise AttnlabError(f"train.batch_size={t.batch_size} is larger than the {len(b.train)} training images")
         # No validation split (data.val_size=0): no model selection, the last epoch is "best".

@@ -22,7 +22,7 @@ from .metrics import (BoxEvaluator, normalize_scoremaps, prior_baselines, requir
 
 def open_run(checkpoint, device="auto", data_dir=None, use_ema: bool = True):
     """(checkpoint path, checkpoint dict, dataset bundle, model in eval mode) of a training run."""
-    from ..data import load_dataset
+    from ..data import dataset_for_config
     from ..engine.checkpoint import load_training_checkpoint, model_from_checkpoint
     from ..engine.distributed import resolve_device
 
@@ -32,10 +32,7 @@ def open_run(checkpoint, device="auto", data_dir=None, use_ema: bool = True):
         path = best if best.is_file() else path / "checkpoint_last.pt"
     ckpt = load_training_checkpoint(path)
     cfg = ckpt["config"]
-    data = cfg["data"]
-    bundle = load_dataset(data["name"], data_dir=data_dir or data["data_dir"], val_size=data["val_size"],
-                          subset=data["subset"], seed=cfg["seed"], cache_dir=data["cache_dir"],
-                          image_size=data["image_size"], test_subset=data.get("test_subset"))
+    bundle = dataset_for_config(cfg, data_dir)
     dev = resolve_device(device)
     return path, ckpt, bundle, model_from_checkpoint(ckpt, dev, use_ema=use_ema)
 

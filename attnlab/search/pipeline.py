@@ -210,7 +210,7 @@ def read_result(root, sub: str = "search") -> dict:
 def build_evaluator(cfg, sec, ckpt_path, cache_path):
     """The supernet's final weights on the held-out val split, as a cached SchemeEvaluator."""
     import torch
-    from ..data import load_dataset
+    from ..data import dataset_for_config
     from ..data.loader import BatchLoader
     from ..engine.checkpoint import load_checkpoint, model_from_checkpoint
     from ..engine.distributed import resolve_device
@@ -223,9 +223,8 @@ def build_evaluator(cfg, sec, ckpt_path, cache_path):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     # The supernet's own data settings and seed: the val split must be the one held out of *its* training images.
-    d, seed = ck["config"]["data"], ck["config"]["seed"]
-    b = load_dataset(d["name"], data_dir=d["data_dir"], val_size=d["val_size"], subset=d["subset"], seed=seed,
-                     cache_dir=d["cache_dir"], image_size=d["image_size"], test_subset=d.get("test_subset"))
+    seed = ck["config"]["seed"]
+    b = dataset_for_config(ck["config"])
     if len(b.val) == 0:
         raise AttnlabError("the search evaluates on the val split held out of train: set data.val_size > 0")
     common = dict(mean=b.mean, std=b.std, device=device, seed=seed)
