@@ -593,3 +593,28 @@ def test_decode_progress_is_plain_lines_off_a_terminal(tmp_path, monkeypatch, ca
     quiet = io.StringIO()
     data_cache.Progress(3, "small", stream=quiet).update(3)               # below the threshold (4 here): silent
     assert quiet.getvalue() == ""
+
+
+def _signal_dispositions():
+    import signal
+    return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+
+def test_a_decoder_dies_on_sigterm_even_under_a_raising_parent_handler():
+    """The bench raises KeyboardInterrupt on SIGTERM; a forked decoder must not inherit that, or Pool.terminate()
+    can wait forever for a decoder whose Python handler never ran."""
+    import signal
+
+    def raising(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, raising)
+    try:
+        pool = data_cache._pool_context().Pool(1, initializer=data_cache._start_decoder)
+        try:
+            term, intr = pool.apply(_signal_dispositions)
+        finally:
+            pool.terminate()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert term == signal.SIG_DFL     # the kernel ends it, whatever it is blocked on
+    assert intr == signal.SIG_IGN     # Ctrl-C is the parent's to handle: it stops the pool

@@ -10,6 +10,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -66,6 +67,21 @@ def _pool_context():
     return multiprocessing.get_context("fork" if sys.platform.startswith("linux") and "fork" in methods else "spawn")
 
 
+def _start_decoder():
+    """Pool initializer: a decoder dies on SIGTERM, ignores Ctrl-C and stops once its parent is gone.
+
+    A forked decoder inherits its parent's Python signal handlers, and the bench's SIGTERM handler raises
+    KeyboardInterrupt. ``Pool.terminate()`` ends the decoders with SIGTERM, but a Python handler only runs between
+    bytecodes: a SIGTERM that arrives just as a decoder blocks on the task queue's lock is never acted upon, the
+    decoder lives on and ``terminate()`` waits for it forever (a bench with ``--workers 1`` hung so for 35 minutes
+    after decoding the test split). The default action is taken by the kernel, whatever the decoder is doing.
+    Ctrl-C reaches the parent too, which stops the pool itself.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop_with_parent()
+
+
 PROGRESS_MIN_IMAGES = 1000  # smaller decodes take well under a second: no progress output at all
 
 
@@ -120,7 +136,7 @@ def decode_images(root: Path, files: list[str], image_size, out: np.ndarray | No
     use_pool = n >= POOL_THRESHOLD and WORKERS > 1 and (os.cpu_count() or 1) > 1
     bar = Progress(n, desc)
     # Each decoder stops once its parent is gone: a killed run must not leave them hanging (holding its locks).
-    pool = _pool_context().Pool(WORKERS, initializer=stop_with_parent) if use_pool else None
+    pool = _pool_context().Pool(WORKERS, initializer=_start_decoder) if use_pool else None
     try:
         results = pool.imap(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs)
         i = 0
