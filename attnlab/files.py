@@ -1,12 +1,12 @@
 """One home for writing files that must never be half-written, and for the git commit a result records.
 
 ``atomic_write(path, write)`` runs ``write(f)`` into a temp file beside ``path`` (``.<name>.<random>.tmp``), flushes
-and fsyncs it, ``os.replace``-s it over ``path`` and fsyncs the folder: a crash or failed write at any instant leaves
-either the old file or the new one, never a torn one. ``atomic_path(path)`` is the same for writers that want a file
-name (the ONNX exporter). The temp file is created with mode 0666 less the umask, like any other file (``tempfile.mkstemp`` would
-make it 0600). Failures are one-line AttnlabErrors: a full disk says so and that the previous file is kept, a
-read-only or forbidden destination names the path. ``remove_stale_temps(folder)`` deletes temp files a kill left.
-``held_lock(path)`` serialises read-modify-writes of one file by several processes.
+and fsyncs it, ``os.replace``-s it over ``path`` and fsyncs the folder: a crash or failed write at any instant
+leaves either the old file or the new one, never a torn one. ``atomic_path(path)`` is the same for writers that want
+a file name (the ONNX exporter). The temp file is created with mode 0666 less the umask, like any other file
+(``tempfile.mkstemp`` would make it 0600). Failures are one-line AttnlabErrors: a full disk says so and that the
+previous file is kept, a read-only or forbidden destination names the path. ``remove_stale_temps(folder)`` deletes
+temp files a kill left. ``held_lock(path)`` serialises read-modify-writes of one file by several processes.
 
 Fault injection (tests, benchmarks/reliability.py): with ``ATTNLAB_KILL_IN_WRITE=<file name>:<n>`` the process
 SIGKILLs itself during its n-th atomic write of a file of that name, after the temp file is written and before it
