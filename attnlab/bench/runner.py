@@ -70,6 +70,7 @@ def run_cell(matrix, cell, runs_root, *, load_config, train, device=None) -> dic
         train_images_per_s=results.get("train_images_per_s"),
         wall_time_s=results.get("wall_time_s", round(time.time() - start, 2)),
         device=results.get("device"),
+        precision=results.get("precision"),
         epochs_by_device=results.get("epochs_by_device"),
         git_commit=results.get("git_commit"),
         epochs=_get(cfg, "train.epochs"),

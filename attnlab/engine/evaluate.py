@@ -4,7 +4,6 @@ Accuracies are percentages (0-100). The command rebuilds the model from the chec
 EMA weights when the run kept them, prints top-1/top-5 and writes ``eval_<split>.json`` next to the checkpoint.
 """
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -14,19 +13,11 @@ from ..errors import AttnlabError
 from ..files import atomic_write_json
 from .distributed import Dist
 from .metrics import Meter, topk_hits
-
-
-def autocast_for(device: torch.device, amp: str):
-    """bf16/fp16 autocast on CUDA; CPU always runs fp32. bf16 autocast on a CPU is faster only where the CPU has
-    bf16 instructions (x1.15-1.5 per 1-thread step on this project's Zen 4, results/cpu_bf16.json), and its effect
-    on CPU-trained accuracy is unmeasured, so CPU results stay comparable with each other in fp32."""
-    if device.type != "cuda" or amp == "off":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+from .precision import autocast, resolve_precision
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp: str = "off", channels_last: bool = False, d: Dist = Dist()) -> dict:
+def evaluate(model, loader, device, precision: str = "fp32", channels_last: bool = False, d: Dist = Dist()) -> dict:
     """Mean cross-entropy and top-1/top-5 (%) over the split, summed on the device, reduced over ranks.
 
     Under DDP each rank evaluates its strided shard; the loader pads the last positions by wrapping around
@@ -39,7 +30,7 @@ def evaluate(model, loader, device, amp: str = "off", channels_last: bool = Fals
     for i, (x, y) in enumerate(loader):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_for(device, amp):
+        with autocast(device, precision):
             logits = model(x).float()
         loss = F.cross_entropy(logits, y, reduction="none")
         hit1, hit5 = topk_hits(logits, y)
@@ -89,10 +80,11 @@ def run(args):
                          shuffle=False, augment=False, mean=bundle.mean, std=bundle.std, device=device, seed=0,
                          drop_last=False)
     start = time.perf_counter()
-    res = evaluate(model, loader, device, amp=t["amp"], channels_last=channels_last)
+    precision, _ = resolve_precision(device, t["amp"])
+    res = evaluate(model, loader, device, precision, channels_last=channels_last)
     out = {"checkpoint": str(path), "split": args.split, "epoch": ckpt.get("epoch"),
            "ema": bool(ckpt.get("ema")) and not args.no_ema, "top1": res["top1"], "top5": res["top5"],
-           "loss": res["loss"], "images": int(res["n"]), "seconds": round(time.perf_counter() - start, 3)}
+           "loss": res["loss"], "precision": precision, "images": int(res["n"]), "seconds": round(time.perf_counter() - start, 3)}
     dest = Path(args.out) if args.out else path.parent / f"eval_{args.split}.json"
     try:
         atomic_write_json(dest, out, "evaluation")

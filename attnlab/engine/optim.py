@@ -28,9 +28,11 @@ def lr_factor(step: int, steps_per_epoch: int, t) -> float:
     warmup = int(round(t.warmup_epochs * steps_per_epoch))
     if step < warmup:
         return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if t.schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if t.schedule == "linear":  # to zero: the best simple schedule for a fixed budget (Li et al., ICLR 2020)
+        return 1.0 - progress
     epoch = step // steps_per_epoch
     return t.gamma ** sum(epoch >= m for m in t.milestones)
 

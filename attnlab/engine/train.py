@@ -41,7 +41,8 @@ from .checkpoint import (atomic_save, load_checkpoint, model_from_checkpoint, mo
 from .config import load_config, to_dict
 from .distributed import Dist, barrier, broadcast_object, cleanup, setup, sync_buffers
 from .ema import EMA
-from .evaluate import autocast_for, evaluate
+from .evaluate import evaluate
+from .precision import autocast, resolve_precision
 from .metrics import Meter, RunLog, topk_hits
 from .optim import build_optimizer, build_scheduler
 
@@ -235,7 +236,7 @@ class Trainer:
         elif cfg.model.num_classes < b.num_classes:
             raise AttnlabError(f"model.num_classes={cfg.model.num_classes} but dataset '{b.name}' has "
                                f"{b.num_classes} classes (use null to take the dataset's)")
-        self.amp = t.amp if device.type == "cuda" else "off"
+        self.precision, self.precision_notice = resolve_precision(device, t.amp)
         self.channels_last = t.channels_last is None or bool(t.channels_last)
         per_rank = t.batch_size // d.world_size
         common = dict(mean=b.mean, std=b.std, device=device, seed=cfg.seed, rank=d.rank, world_size=d.world_size)
@@ -258,7 +259,7 @@ class Trainer:
         self.features = features_needed(self.objectives)
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.ema = EMA(self.model, t.ema.decay) if t.ema.enabled else None
         self.start_epoch, self.best, self.best_epoch = 0, float("-inf"), 0
         self.best_top5 = float("nan")  # val top-5 at the best top-1 epoch (reported, never selected on)
@@ -358,7 +359,7 @@ class Trainer:
         """(loss, logits, objective terms) of one batch."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_for(self.device, self.amp):
+        with autocast(self.device, self.precision):
             if self.features:
                 logits, feats = self.forward(x, features=self.features)
             else:
@@ -449,7 +450,7 @@ class Trainer:
         sync_buffers(self.eval_model, self.d)  # every rank evaluates (and later tests) rank 0's BN statistics
         if self.val_loader is None:
             return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan")}
-        return evaluate(self.eval_model, self.val_loader, self.device, self.amp, self.channels_last, self.d)
+        return evaluate(self.eval_model, self.val_loader, self.device, self.precision, self.channels_last, self.d)
 
     def _run_epoch(self, epoch: int) -> tuple[dict, list]:
         """Train and validate one epoch: (its metrics.csv row, the objective-term names in it)."""
@@ -464,6 +465,8 @@ class Trainer:
         # A resumed run may train on with another thread count or GPU: results name every device and its epochs.
         by_device, name = self.elapsed.setdefault("epochs_by_device", {}), _device_name(self.device)
         by_device[name] = by_device.get(name, 0) + 1
+        by_precision = self.elapsed.setdefault("epochs_by_precision", {})
+        by_precision[self.precision] = by_precision.get(self.precision, 0) + 1
         row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["loss"], "train_top1": stats["top1"],
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
                **{k: stats[k] for k in terms},
@@ -607,7 +610,9 @@ class Trainer:
         cfg, t, d = self.cfg, self.cfg.train, self.d
         self.log(f"{cfg.name}: {cfg.model.name} ({cfg.model.attention}) on {self.bundle.summary()}; "
                  f"{t.epochs} epochs x {self.steps_per_epoch} steps of {t.batch_size} on {_device_name(self.device)}"
-                 f"{f' x {d.world_size} ranks' if d.enabled else ''}; run dir {self.run_dir}")
+                 f"{f' x {d.world_size} ranks' if d.enabled else ''} in {self.precision}; run dir {self.run_dir}")
+        if self.precision_notice:
+            self.log(self.precision_notice)
 
     def _print_epoch(self, row: dict, terms: list) -> None:
         extra = "".join(f"  {k} {row[k]:.4f}" for k in terms)
@@ -624,7 +629,7 @@ class Trainer:
         best_model = model_from_checkpoint(ck, self.device, use_ema=True)
         if self.channels_last:
             best_model = best_model.to(memory_format=torch.channels_last)
-        test = evaluate(best_model, self.test_loader, self.device, self.amp, self.channels_last, d)
+        test = evaluate(best_model, self.test_loader, self.device, self.precision, self.channels_last, d)
         self._tick_wall()
         results = {
             "name": cfg.name, "model": cfg.model.name, "attention": cfg.model.attention, "dataset": self.bundle.name,
@@ -639,6 +644,8 @@ class Trainer:
             "train_images_per_s_median_epoch": float(np.median(self.elapsed["rates"])) if self.elapsed.get("rates")
             else None,
             "device": _device_name(self.device), "epochs_by_device": dict(self.elapsed.get("epochs_by_device", {})),
+            "precision": _precision_of(self.elapsed, self.precision),
+            "epochs_by_precision": dict(self.elapsed.get("epochs_by_precision", {})),
             "world_size": d.world_size, "torch": torch.__version__,
             "git_commit": git_commit(), "seed": cfg.seed,
         }
@@ -723,6 +730,12 @@ def _flops(model, image_size) -> int:
     size = image_size if isinstance(image_size, int) else tuple(image_size)
     probe = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
     return int(count_flops(probe, size, batch_size=1))
+
+
+def _precision_of(elapsed: dict, current: str) -> str:
+    """The run's precision: the one every epoch trained in, or "mixed" when a resume changed it."""
+    seen = set(elapsed.get("epochs_by_precision") or {}) or {current}
+    return seen.pop() if len(seen) == 1 else "mixed"
 
 
 def _device_name(device: torch.device) -> str:
