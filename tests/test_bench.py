@@ -119,13 +119,17 @@ def test_latency_times_again_the_methods_timed_on_another_machine(tmp_path):
     from attnlab.profiler import cpu_threads
     from attnlab.engine.config import load_config
 
-    matrix = load_matrix(_write(tmp_path, tiny_matrix_text({"none": "none", "se": "se", "eca": "eca"})))
+    matrix = load_matrix(_write(tmp_path, tiny_matrix_text({"none": "none", "se": "se", "cbam": "cbam",
+                                                            "eca": "eca"})))
     path = tmp_path / "latency.json"
-    fake = {"batch": {"1": {"median_ms": 123.0, "images_per_s": 8.1, "n": 2}}, "input_size": 32, "threads": 1}
+    fake = {"batch": {"1": {"median_ms": 123.0, "images_per_s": 8.1, "n": 2, "round_medians_ms": [120.0, 126.0]}},
+            "input_size": 32, "threads": 1}
+    no_rounds = {**fake, "batch": {"1": {"median_ms": 99.0, "images_per_s": 8.1, "n": 2}}}
     with cpu_threads(1):  # the matrix's latency.threads (default 1), whatever this process runs with
         here = machine("cpu")
     path.write_text(json.dumps({"methods": {"none": {"cpu": {**fake, "machine": "AMD EPYC, AVX512 kernels"}},
                                             "se": {"cpu": {**fake, "machine": here}},
+                                            "cbam": {"cpu": {**no_rounds, "machine": here}},
                                             "gone": {"cpu": {**fake, "machine": "old"}}}}))
     lines = []
     # Nothing is missing: nothing is timed, not even the entry from another machine.
@@ -134,12 +138,16 @@ def test_latency_times_again_the_methods_timed_on_another_machine(tmp_path):
 
     # eca is new: it is timed, and none (timed elsewhere) beside it; se (timed here) keeps its entry, and a method
     # no longer in the matrix is left alone.
-    measure_latencies(matrix, matrix["methods"][2:], path, load_config=load_config, log=lines.append)
+    measure_latencies(matrix, matrix["methods"][3:], path, load_config=load_config, log=lines.append)
     data = json.loads(path.read_text())["methods"]
     assert data["eca"]["cpu"]["machine"] == here and data["none"]["cpu"]["machine"] == here
     assert data["none"]["cpu"]["batch"]["1"]["median_ms"] != 123.0 and set(data["none"]["cpu"]["batch"]) == {"1", "2"}
     assert data["se"]["cpu"]["batch"]["1"]["median_ms"] == 123.0 and data["gone"]["cpu"]["machine"] == "old"
-    assert any("none cpu: timed on another machine, timed again beside eca" in x for x in lines), lines
+    # cbam was timed here, but before per-round medians were kept: its ratios would have no interval.
+    assert data["cbam"]["cpu"]["batch"]["1"]["median_ms"] != 99.0
+    assert len(data["eca"]["cpu"]["batch"]["1"]["round_medians_ms"]) == matrix["latency"]["rounds"]
+    assert any("none, cbam cpu: timed on another machine or before per-round medians were kept, timed again "
+               "beside eca" in x for x in lines), lines
     assert data["eca"]["cpu"]["threads"] == 1 and ", 1 threads," in here
 
 

@@ -117,7 +117,7 @@ def test_report_markdown_and_plots(results):
     md = (results / "report.md").read_text()
     # se's improvement is well outside noise; ssia's is not, and the report says so plainly.
     assert "`se`: +4.00 [" in md and "beats none" in md
-    assert "`ssia`:" in md and "does not beat none" in md
+    assert "`ssia`:" in md and "no difference of" in md and "points or more detected" in md
     assert "Welch" in md
     assert "74.00 ± 1.00" in md and "70.00 ± 1.00" in md  # se / none test top-1
     assert "Fake CPU" in md and "2 logical CPUs" in md
@@ -204,7 +204,8 @@ def test_readme_block_is_replaced(results, tmp_path):
     assert text.endswith("<!-- results:end -->\n\nfooter\n")
     assert "| se | 74.00 ± 1.00 | +4.00 [" in text
     assert "Fake CPU" in text and f"({results}/report.md)" in text
-    assert "Not better than `none`" in text and "ssia" in text.split("Not better than")[1]
+    assert "Beats `none` at Holm-adjusted p < 0.05: se." in text
+    assert "Against `none`, no difference of 3.1 points or more detected: ssia." in text
 
     bare = tmp_path / "BARE.md"
     bare.write_text("# no markers\n")
@@ -248,18 +249,24 @@ def test_claims_get_verdicts_with_both_intervals(results, tmp_path):
     from attnlab.bench.claims import judge_all
     _with_claims(results, tmp_path)
     rows = judge_all(summarize(results))
-    assert [r["verdict"] for r in rows] == ["holds", "reversed", "not shown at this scale", "holds",
-                                            "not run yet (needs 2 seeds of both, has 0)"]
+    mde = rows[0]["mde"]  # pooled SD over none, se and ssia (6 df), 3 seeds a side
+    assert [r["verdict"] for r in rows] == ["holds", "reversed", f"no difference of {mde:.1f} points or more detected",
+                                            "holds", "not run yet (needs 2 seeds of both, has 0)"]
+    # Holm over the four judged claims: p (0.0039, 0.0080, 0.0080, 1.0) -> (x4, x3, x2 raised to x3's, x1).
+    p = [r["p"] for r in rows[:4]]
+    assert rows[3]["p_holm"] == pytest.approx(4 * p[3]) and rows[0]["p_holm"] == pytest.approx(3 * p[0])
+    assert rows[1]["p_holm"] == pytest.approx(rows[0]["p_holm"]) and rows[2]["p_holm"] == 1.0
     se = rows[0]
     assert se["welch"]["diff"] == pytest.approx(4.0) and se["n"] == 3
     assert se["paired"]["low"] == pytest.approx(4.0) and se["paired"]["high"] == pytest.approx(4.0)  # +4 each seed
-    assert se["latency_ratio"] == pytest.approx(3.0 / 2.0)  # bs 1: se 3 ms, none 2 ms
+    assert se["latency"]["ratio"] == pytest.approx(3.0 / 2.0)  # bs 1: se 3 ms, none 2 ms
+    assert math.isnan(se["latency"]["low"])  # the fixture's latency.json keeps no per-round medians
     ssia = welch_interval(TEST["ssia"], TEST["none"])
     assert rows[2]["welch"]["low"] == pytest.approx(ssia["low"]) and ssia["low"] < 0 < ssia["high"]
 
     write_report(results, readme=None)
     md = (results / "report.md").read_text()
-    assert "## The papers' claims" in md and "| SE beats none | Hu et al. 2018 | +1.5 top-1 | +4.00 (3) |" in md
+    assert "## The papers' claims" in md and "| SE beats none | Hu et al. 2018 | +1.5 top-1 | +4.00 (3, 3) |" in md
     assert "**reversed**" in md and "SSIA keeps none's accuracy (match within ±5)" in md
     assert (results / "deltas.png").stat().st_size > 1000
     assert "The papers' claims at this scale" in readme_block(summarize(results))
@@ -279,7 +286,7 @@ def test_report_takes_the_matrix_when_the_recorded_one_is_gone(results, tmp_path
         cli.main(["report", str(results), "--matrix", str(mfile)])
     assert info.value.code == 0
     md = (results / "report.md").read_text()
-    assert "## The papers' claims" in md and "| SE beats none | Hu et al. 2018 | +1.5 top-1 | +4.00 (3) |" in md
+    assert "## The papers' claims" in md and "| SE beats none | Hu et al. 2018 | +1.5 top-1 | +4.00 (3, 3) |" in md
     assert f"&& attnlab report {results} --matrix {mfile}\n" in md  # the reproduce line names the matrix given
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
@@ -386,3 +393,106 @@ def test_report_compares_validation_with_test_per_run(results):
     assert "| ssia | 3 | 5, 5, 2 | +1.00, +1.00, +1.00 | +1.00 |" in section
     assert "tdam" not in section  # its only cell failed: nothing to compare
     assert "Over all 9 runs" in section and "+1.06 ± 0.17 points (from +1.00 to +1.50)" in section
+
+
+# --------------------------------------------------------------------------- power, pooled SD, Holm, latency ratio
+def test_welch_and_pooled_p_values_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    from attnlab.bench.stats import p_two_sided, pooled_interval, pooled_sd
+    a, b = [85.1, 85.4, 85.9], [85.47, 85.45, 85.5, 85.0]
+    assert p_two_sided(welch_interval(a, b)) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, abs=1e-6)
+    # Pooled over just these two groups, the pooled test is Student's two-sample t test.
+    sd, df = pooled_sd([a, b])
+    iv = pooled_interval(a, b, sd, df)
+    ref = stats.ttest_ind(a, b, equal_var=True)
+    assert df == 5 and p_two_sided(iv) == pytest.approx(ref.pvalue, abs=1e-6)
+    ci = ref.confidence_interval(0.95)
+    assert (iv["low"], iv["high"]) == pytest.approx((ci.low, ci.high), abs=1e-6)
+
+
+def test_pooled_sd_weights_each_group_by_its_degrees_of_freedom():
+    from attnlab.bench.stats import pooled_sd
+    sd, df = pooled_sd([[1.0, 2.0, 3.0], [10.0, 14.0], [7.0], []])  # variances 1 (2 df) and 8 (1 df); 1 value: none
+    assert df == 3 and sd == pytest.approx(math.sqrt((2 * 1 + 1 * 8) / 3))
+
+
+@pytest.mark.parametrize("sd, n1, n2, df", [(0.36, 3, 3, 20), (0.36, 3, 3, 4), (0.2, 5, 5, 8), (0.36, 5, 3, 40)])
+def test_mde_has_the_stated_power_under_the_noncentral_t(sd, n1, n2, df):
+    stats = pytest.importorskip("scipy.stats")
+    from attnlab.bench.stats import mde
+    effect = mde(sd, n1, n2, df)
+    crit = stats.t.ppf(0.975, df)
+    nc = effect / (sd * math.sqrt(1 / n1 + 1 / n2))
+    power = stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)
+    assert power == pytest.approx(0.80, abs=0.015)  # the t-quantile formula against the exact power
+    assert effect == pytest.approx((stats.t.ppf(0.975, df) + stats.t.ppf(0.8, df)) * sd * math.sqrt(1 / n1 + 1 / n2))
+
+
+def test_mde_of_the_evidence_table():
+    from attnlab.bench.stats import mde
+    # ../shared/research/evidence.md: SD 0.36, n = 3 a side, 4 df -> about 1.1 points; n = 10 (18 df) -> ~0.45.
+    assert mde(0.36, 3, 3, 4) == pytest.approx(1.1, abs=0.05)
+    assert mde(0.36, 10, 10, 18) == pytest.approx(0.45, abs=0.05)
+
+
+def test_holm_step_down_against_hand_values():
+    from attnlab.bench.stats import holm
+    # sorted: 0.005 x4 = 0.02, 0.01 x3 = 0.03, 0.03 x2 = 0.06, 0.04 x1 = 0.04 -> kept monotone at 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    out = holm([0.2, float("nan"), 0.6])  # nan stays out of the family (m = 2)
+    assert out[0] == pytest.approx(0.4) and math.isnan(out[1]) and out[2] == pytest.approx(0.6)
+    assert holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1
+
+
+def test_latency_ratio_interval_is_a_t_interval_on_log_ratios():
+    from attnlab.bench.stats import ratio_interval
+    num, den = [1.10, 1.20, 1.15, 1.05], [1.0, 1.0, 1.0, 1.0]
+    logs = [math.log(v) for v in num]
+    mean, sd = statistics.mean(logs), statistics.stdev(logs)
+    half = t_ppf(0.975, 3) * sd / 2
+    out = ratio_interval(num, den)
+    assert out["n"] == 4 and out["ratio"] == pytest.approx(math.exp(mean))
+    assert (out["low"], out["high"]) == pytest.approx((math.exp(mean - half), math.exp(mean + half)))
+    assert math.isnan(ratio_interval([1.1], [1.0])["low"])
+
+
+def test_a_latency_verdict_needs_the_interval_to_exclude_one():
+    from attnlab.bench.claims import latency_ratio, latency_verdict
+
+    def method(rounds):
+        return {"latency": {"cpu": {"batch": {"1": {"median_ms": statistics.median(rounds),
+                                                    "round_medians_ms": rounds}}}}}
+    base = method([4.0, 4.1, 3.9, 4.0, 4.2])
+    assert latency_verdict(latency_ratio(method([3.0, 3.1, 2.9, 3.0, 3.2]), base)) == "lower"
+    assert latency_verdict(latency_ratio(method([5.0, 5.2, 4.9, 5.0, 5.1]), base)) == "higher"
+    noisy = latency_ratio(method([3.0, 5.5, 3.2, 5.0, 4.0]), base)
+    assert noisy["low"] < 1 < noisy["high"] and latency_verdict(noisy) == "no difference shown"
+    old = {"latency": {"cpu": {"batch": {"1": {"median_ms": 3.0}}}}}  # timed before rounds were kept
+    assert latency_verdict(latency_ratio(old, base)).startswith("no interval")
+
+
+def test_a_large_gap_that_the_family_rejects_is_called_inconclusive():
+    from attnlab.bench.claims import judge_family
+    c = {"n": 3, "kind": "better", "diff": -1.25, "mde": 0.86, "p": 0.04,
+         "welch": {"diff": -1.25, "se": 0.4, "df": 2.0}, "pooled": {"diff": -1.25, "se": 0.3, "df": 20}}
+    other = {**c, "diff": 0.1, "welch": {"diff": 0.1, "se": 0.4, "df": 2.0},
+             "pooled": {"diff": 0.1, "se": 0.3, "df": 20}}
+    rows = judge_family([c, other])
+    assert rows[0]["verdict"].startswith("inconclusive") and rows[0]["p_holm"] > 0.05
+    assert rows[1]["verdict"] == "no difference of 0.9 points or more detected"
+
+
+def test_report_refuses_cells_of_different_precisions(results, capsys):
+    path = results / "runs.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    lines[0]["precision"] = "bf16"  # the others are old CPU records: fp32
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(AttnlabError, match="different precisions") as info:
+        summarize(results)
+    assert "bf16: none seed 0" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["report", str(results)])
+    assert exit_info.value.code == 2 and not (results / "report.md").exists()
+    lines[0]["precision"] = "fp32"  # recorded fp32 and unrecorded CPU cells are the same precision
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert summarize(results)["precisions"] == ["fp32"]

@@ -1,49 +1,97 @@
-"""Verdicts on the papers' claims listed in a matrix (``claims:``), from the matrix's own test accuracies.
+"""Comparisons and verdicts: a method against a baseline on test top-1, and the papers' claims a matrix lists.
 
-A claim compares a method with a baseline on test top-1 over the seeds both have:
+Every comparison of a method with a baseline over the seeds both have shows (``compare``):
 
-- ``kind: better`` (default): *holds* when the whole 95% Welch interval of (method - baseline) is above 0,
-  *reversed* when it is entirely below 0, otherwise *not shown at this scale*.
-- ``kind: match`` (e.g. EAN: the searched scheme keeps full sharing's accuracy): *holds* when the whole interval
-  lies within +-margin points, *reversed* when it is entirely below -margin, otherwise *not shown at this scale*.
+- the difference of the means, with a 95% Welch interval from the two methods' own SDs and a 95% Student interval
+  from the matrix's pooled SD (every method's seeds pooled: an SD resting on 3 values can be far too small or
+  large), and the paired-by-seed interval;
+- the minimum detectable effect (MDE): the true difference this comparison would detect with 80% power at
+  two-sided 5%, from the pooled SD and the two seed counts (stats.mde);
+- a p-value: the larger of Welch's and the pooled test's, so a verdict needs both.
 
-The verdict uses Welch's interval (no assumption that seeds pair up); the paired-by-seed interval is shown beside
-it, since each seed draws the same validation hold-out for every method. The latency ratio (method / baseline,
-CPU, the smallest batch timed) goes with claims about inference cost.
+The comparisons of one table form a family: their p-values are Holm-adjusted (``judge_family``) before a verdict.
+
+- ``kind: better`` (default): *holds* when the adjusted p < 0.05 and the method is ahead, *reversed* when
+  adjusted p < 0.05 and it is behind, otherwise *no difference of X points or more detected* (X = the MDE), or
+  *inconclusive* when the observed difference is at least the MDE but not significant after adjustment.
+- ``kind: match`` (e.g. EAN: the searched scheme keeps full sharing's accuracy within a margin): *holds* when
+  the equivalence test (two one-sided tests against +-margin) has adjusted p < 0.05, *reversed* when the test that
+  the method is worse by more than the margin has, otherwise *equivalence within +-margin not shown*, with the MDE.
+- ``latency: lower`` on a claim adds its inference-time part: the CPU latency ratio (method / baseline, smallest
+  batch timed) with a 95% interval over the timing rounds; *lower* only when the whole interval is below 1.
 """
-from .stats import isnan, paired_interval, welch_interval
+from .stats import (holm, isnan, mde, p_above, p_below, p_two_sided, paired_interval, pooled_interval,
+                    ratio_interval, welch_interval)
 
 MIN_SEEDS = 2
+ALPHA = 0.05
 
 
-def judge(claim: dict, methods: dict) -> dict:
-    """One claim's row: ours (diff, Welch and paired intervals, n), latency ratio, verdict."""
-    m, b = methods.get(claim["method"]), methods.get(claim["baseline"])
-    n = min(m["n"] if m else 0, b["n"] if b else 0)
-    row = {**claim, "n": n, "welch": None, "paired": None, "latency_ratio": _latency_ratio(m, b)}
-    if n < MIN_SEEDS:
-        row["verdict"] = f"not run yet (needs {MIN_SEEDS} seeds of both, has {n})"
-        return row
-    row["welch"] = welch_interval(m["test_values"], b["test_values"])
-    row["paired"] = paired_interval(m["test_by_seed"], b["test_by_seed"])
-    row["verdict"] = verdict(row["welch"], claim["kind"], claim["margin"])
-    return row
+def compare(m: dict, b: dict, pooled: tuple) -> dict:
+    """The statistics of method summary ``m`` against ``b`` (module docstring); ``pooled`` = (sd, df)."""
+    sd, df = pooled
+    welch = welch_interval(m["test_values"], b["test_values"])
+    pool = pooled_interval(m["test_values"], b["test_values"], sd, df)
+    return {"n": min(m["n"], b["n"]), "n_method": m["n"], "n_baseline": b["n"], "diff": welch["diff"],
+            "welch": welch, "pooled": pool, "paired": paired_interval(m["test_by_seed"], b["test_by_seed"]),
+            "mde": mde(sd, m["n"], b["n"], df), "pooled_sd": sd, "pooled_df": df}
 
 
-def verdict(interval: dict, kind: str = "better", margin: float = 0.0) -> str:
-    low, high = interval["low"], interval["high"]
-    if isnan(low) or isnan(high):
-        return "not shown at this scale"
-    if kind == "match":
-        if low >= -margin and high <= margin:
-            return "holds"
-        return "reversed" if high < -margin else "not shown at this scale"
-    if low > 0:
-        return "holds"
-    return "reversed" if high < 0 else "not shown at this scale"
+def _p_better(c: dict) -> tuple[float, str]:
+    """(p, which way) of a 'better' comparison: the larger of Welch's and the pooled two-sided p."""
+    p = max(p_two_sided(c["welch"]), p_two_sided(c["pooled"]))
+    return p, "ahead" if c["diff"] > 0 else "behind"
 
 
-def _latency_ratio(m, b):
+def _p_match(c: dict, margin: float) -> tuple[float, str]:
+    """(p, which way) of a 'match' comparison: the equivalence test or the worse-than-margin test, whichever is
+    smaller (each the larger over Welch and pooled)."""
+    intervals = (c["welch"], c["pooled"])
+    p_equiv = max(max(p_above(iv, -margin), p_below(iv, margin)) for iv in intervals)
+    p_worse = max(p_below(iv, -margin) for iv in intervals)
+    if isnan(p_equiv) or isnan(p_worse):
+        return float("nan"), "equivalent"
+    return (p_equiv, "equivalent") if p_equiv <= p_worse else (p_worse, "worse")
+
+
+def judge_family(comparisons: list[dict]) -> list[dict]:
+    """Holm-adjust the family's p-values and add ``p``, ``p_holm`` and ``verdict`` to each comparison (in place).
+
+    Each item is a ``compare`` dict plus ``kind`` and ``margin``; an item without enough seeds has ``p`` nan and a
+    'not run yet' verdict, and stays out of the family.
+    """
+    for c in comparisons:
+        if c.get("n", 0) < MIN_SEEDS:
+            c["p"], c["direction"] = float("nan"), None
+            continue
+        c["p"], c["direction"] = (_p_match(c, c["margin"]) if c.get("kind") == "match" else _p_better(c))
+    for c, adjusted in zip(comparisons, holm([c["p"] for c in comparisons])):
+        c["p_holm"] = adjusted
+        c["verdict"] = verdict(c)
+    return comparisons
+
+
+def verdict(c: dict) -> str:
+    """The words for one judged comparison (module docstring)."""
+    if c.get("n", 0) < MIN_SEEDS:
+        return f"not run yet (needs {MIN_SEEDS} seeds of both, has {c.get('n', 0)})"
+    detect = f"no difference of {c['mde']:.1f} points or more detected" if not isnan(c["mde"]) else \
+        "no difference detected (no pooled SD)"
+    significant = not isnan(c["p_holm"]) and c["p_holm"] < ALPHA
+    if c.get("kind") == "match":
+        if significant:
+            return "holds" if c["direction"] == "equivalent" else "reversed"
+        return f"equivalence within ±{c['margin']:g} not shown; {detect}"
+    if significant:
+        return "holds" if c["direction"] == "ahead" else "reversed"
+    if not isnan(c["mde"]) and abs(c["diff"]) >= c["mde"]:  # a large observed gap that the family's tests reject
+        return f"inconclusive: |Δ| is above the MDE of {c['mde']:.1f} points but Holm p = {c['p_holm']:.2f}"
+    return detect
+
+
+def latency_ratio(m, b) -> dict | None:
+    """Method / baseline CPU latency at the smallest batch both have, with a 95% interval over timing rounds
+    (per-round medians, paired by round); the interval is nan for entries timed before rounds were kept."""
     if not m or not b:
         return None
     cm, cb = (m.get("latency") or {}).get("cpu"), (b.get("latency") or {}).get("cpu")
@@ -52,14 +100,36 @@ def _latency_ratio(m, b):
     common = sorted(set(cm.get("batch", {})) & set(cb.get("batch", {})), key=int)
     if not common:
         return None
-    bs = common[0]
-    return cm["batch"][bs]["median_ms"] / cb["batch"][bs]["median_ms"]
+    em, eb = cm["batch"][common[0]], cb["batch"][common[0]]
+    out = ratio_interval(em.get("round_medians_ms") or [], eb.get("round_medians_ms") or [])
+    out["ratio"] = em["median_ms"] / eb["median_ms"]  # the medians over every call, as the tables show them
+    out["batch"] = int(common[0])
+    return out
+
+
+def latency_verdict(r: dict | None) -> str:
+    if r is None:
+        return "not timed"
+    if isnan(r["low"]):
+        return "no interval (timed before per-round medians were kept: time it again)"
+    if r["high"] < 1:
+        return "lower"
+    return "higher" if r["low"] > 1 else "no difference shown"
 
 
 def judge_all(summary) -> list[dict]:
+    """The matrix's claims, judged as one Holm family."""
     claims = (summary.get("matrix_spec") or {}).get("claims") or []
     by_name = {m["name"]: m for m in summary["methods"]}
-    return [judge(c, by_name) for c in claims]
+    rows = []
+    for claim in claims:
+        m, b = by_name.get(claim["method"]), by_name.get(claim["baseline"])
+        row = {**claim, "n": 0, "welch": None}
+        if m and b:
+            row.update(compare(m, b, summary["pooled"]))
+        row["latency"] = latency_ratio(m, b)
+        rows.append(row)
+    return judge_family(rows)
 
 
 def _ci(d):
@@ -68,17 +138,49 @@ def _ci(d):
     return f"[{d['low']:+.2f}, {d['high']:+.2f}]"
 
 
+def _lat(r):
+    if r is None:
+        return "n/a"
+    if isnan(r["low"]):
+        return f"{r['ratio']:.2f}"
+    return f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+
+
+def _p(v):
+    return "—" if v is None or isnan(v) else (f"{v:.3f}" if v >= 0.001 else "<0.001")
+
+
+def claim_verdict(r: dict) -> str:
+    """The accuracy verdict, and for a claim about inference time (``latency: lower``) the latency part too."""
+    if r.get("latency_claim") != "lower":
+        return r["verdict"]
+    return f"{r['verdict']}; latency: {latency_verdict(r['latency'])}"
+
+
 def claims_table(rows) -> list[str]:
     """Markdown lines of the claims table (empty when the matrix lists no claims)."""
     if not rows:
         return []
-    out = ["| claim | source | paper's figure | ours: Δ test top-1 (n seeds) | paired 95% CI | Welch 95% CI "
-           "| latency ratio | verdict |",
-           "|---|---|---|---:|---:|---:|---:|---|"]
+    out = ["| claim | source | paper's figure | ours: Δ test top-1 (n, n) | Welch 95% CI (own SDs) "
+           "| pooled-SD 95% CI | MDE | Holm p | latency ratio [95% CI] | verdict |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        diff = "—" if r["welch"] is None else f"{r['welch']['diff']:+.2f} ({r['n']})"
-        lat = "n/a" if r["latency_ratio"] is None else f"{r['latency_ratio']:.2f}"
+        diff = "—" if r["welch"] is None else f"{r['diff']:+.2f} ({r['n_method']}, {r['n_baseline']})"
         what = r["claim"] + (f" (match within ±{r['margin']:g})" if r["kind"] == "match" else "")
-        out.append(f"| {what} | {r['source'] or '—'} | {r['paper'] or '—'} | {diff} | {_ci(r['paired'])} "
-                   f"| {_ci(r['welch'])} | {lat} | **{r['verdict']}** |")
+        mde_cell = "—" if r["welch"] is None or isnan(r["mde"]) else f"{r['mde']:.2f}"
+        out.append(f"| {what} | {r['source'] or '—'} | {r['paper'] or '—'} | {diff} | {_ci(r['welch'])} "
+                   f"| {_ci(r.get('pooled'))} | {mde_cell} | {_p(r.get('p_holm'))} | {_lat(r['latency'])} "
+                   f"| **{claim_verdict(r)}** |")
     return out
+
+
+CLAIMS_NOTE = ("Ours: difference of mean test top-1 (points), method minus baseline, with each one's seed count. "
+               "Intervals at 95%: Welch's from the two methods' own SDs, Student's from the SD pooled over every "
+               "method of the matrix. MDE: the true difference these seeds would detect with 80% power at two-sided "
+               "5% (pooled SD). Holm p: the larger of the Welch and pooled p-values, Holm-adjusted over this table. "
+               "Verdict: *holds* or *reversed* when Holm p < 0.05, else *no difference of X points or more "
+               "detected* (X = the MDE; smaller true differences may exist). For a match claim the test is "
+               "equivalence within ± the margin. Latency ratio: method over baseline, CPU, smallest batch timed, "
+               "with a 95% interval over the timing rounds; a latency verdict needs that interval to exclude 1. "
+               "The paper's figure is from its own setting (usually ImageNet or a long CIFAR schedule), so it says "
+               "which way the claim points, not what this matrix should reach.")

@@ -101,7 +101,8 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
             stale = [m for m in matrix["methods"] if m["name"] not in names
                      and _timed_elsewhere(data["methods"].get(m["name"], {}), dev, here) and build(m) is not None]
             if stale:
-                log(f"[latency] {', '.join(m['name'] for m in stale)} {dev}: timed on another machine, timed again "
+                log(f"[latency] {', '.join(m['name'] for m in stale)} {dev}: timed on another machine or before "
+                    "per-round medians were kept, timed again "
                     f"beside {', '.join(names)} ({here})")
                 names += [m["name"] for m in stale]
             batch_sizes = settings["batch_sizes"] if dev == "cpu" else settings["gpu_batch_sizes"]
@@ -142,8 +143,12 @@ def _save(latency_path: Path, entries: dict, settings) -> dict:
 
 def _timed_elsewhere(entry: dict, device: str, here: str) -> bool:
     """Whether a method's latency.json entry holds a timing for ``device`` from another machine than ``here`` (an
-    entry from before machines were recorded counts as another)."""
-    return device in entry and entry[device].get("machine") != here
+    entry from before machines were recorded counts as another), or one without per-round medians (timed before
+    they were kept: a ratio to it has no interval)."""
+    if device not in entry:
+        return False
+    kept_rounds = all("round_medians_ms" in v for v in entry[device].get("batch", {}).values())
+    return entry[device].get("machine") != here or not kept_rounds
 
 
 def _rounds(settings) -> int:
@@ -160,6 +165,7 @@ def _time_round_robin(models, device, batch_sizes, settings) -> dict:
     rounds = _rounds(settings)
     per_round = max(1, -(-int(settings["repeats"]) // rounds))
     times = {(name, bs): [] for name in models for bs in batch_sizes}
+    round_medians = {(name, bs): [] for name in models for bs in batch_sizes}
     with torch.no_grad():
         for r in range(rounds):
             for name, (model, size) in models.items():
@@ -168,11 +174,14 @@ def _time_round_robin(models, device, batch_sizes, settings) -> dict:
                     out = profiler.measure_latency(model, size, bs, device=device,
                                                    warmup=settings["warmup"] if r == 0 else 1, repeats=per_round)
                     times[(name, bs)].extend(out["times_ms"])
+                    round_medians[(name, bs)].append(statistics.median(out["times_ms"]))
                 model.to("cpu")
     out = {}
     for name in models:
         out[name] = {}
         for bs in batch_sizes:
             med = statistics.median(times[(name, bs)])
-            out[name][str(bs)] = {"median_ms": med, "images_per_s": bs / (med / 1e3), "n": len(times[(name, bs)])}
+            # Per-round medians, paired by round across methods: what a latency ratio's interval is built from.
+            out[name][str(bs)] = {"median_ms": med, "images_per_s": bs / (med / 1e3), "n": len(times[(name, bs)]),
+                                  "round_medians_ms": round_medians[(name, bs)]}
     return out

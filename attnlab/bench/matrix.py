@@ -27,7 +27,8 @@ from ..errors import AttnlabError, unknown
 
 MATRIX_KEYS = {"name", "description", "recipe", "overrides", "methods", "seeds", "latency", "claims", "reuse"}
 METHOD_KEYS = {"name", "overrides"}
-CLAIM_KEYS = {"claim", "source", "method", "baseline", "paper", "kind", "margin"}
+CLAIM_KEYS = {"claim", "source", "method", "baseline", "paper", "kind", "margin", "latency"}
+CLAIM_LATENCY = ("lower",)  # `latency: lower`: the claim is also about inference time (bench/claims.py)
 CLAIM_KINDS = ("better", "match")
 # threads: torch CPU threads for CPU latency, whatever threads or workers the bench trains with.
 LATENCY_DEFAULTS = {"batch_sizes": [1, 32], "gpu_batch_sizes": [1, 256], "warmup": 5, "repeats": 20, "rounds": 5,
@@ -160,9 +161,12 @@ def _claims(claims, method_names, path) -> list[dict]:
         margin = c.get("margin", 0.5 if kind == "match" else 0.0)
         if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin < 0:
             raise AttnlabError(f"{where}: margin must be a non-negative number of points, got {margin!r}")
+        latency = c.get("latency")
+        if latency is not None and latency not in CLAIM_LATENCY:
+            raise AttnlabError(f"{where}: latency must be one of {', '.join(CLAIM_LATENCY)}, got {latency!r}")
         out.append({"claim": str(c["claim"]), "source": str(c.get("source", "")), "method": str(c["method"]),
                     "baseline": str(c["baseline"]), "paper": str(c.get("paper", "")), "kind": kind,
-                    "margin": float(margin)})
+                    "margin": float(margin), "latency_claim": latency})
     return out
 
 

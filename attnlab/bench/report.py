@@ -1,7 +1,8 @@
 """``attnlab report results/<matrix>``: report.md and plots from a benchmark matrix's runs.jsonl.
 
-Per method: mean +- sample std of val and test top-1 over seeds, the difference to the baseline with a 95% Welch t
-interval, params, FLOPs, latency and training throughput; accuracy-vs-latency, accuracy-vs-params and per-epoch
+Per method: mean +- sample std of val and test top-1 over seeds, the difference to the baseline with 95% Welch and
+pooled-SD intervals, its minimum detectable effect and Holm-adjusted verdict (bench/claims.py), params, FLOPs,
+latency and training throughput; accuracy-vs-latency, accuracy-vs-params and per-epoch
 validation curves as PNGs. ``--readme README.md`` replaces the block between ``<!-- results:<matrix>:begin -->``
 and ``<!-- results:<matrix>:end -->`` (else, when the README has no such block, the one between
 ``<!-- results:begin -->`` and ``<!-- results:end -->``) with a compact table generated from the same summary.
@@ -12,8 +13,8 @@ from pathlib import Path
 
 from ..errors import AttnlabError
 from ..files import atomic_write_text, save_figure
-from .claims import claims_table, judge_all, verdict
-from .stats import isnan, mean_std, paired_interval, welch_interval
+from .claims import CLAIMS_NOTE, claims_table, compare, judge_all, judge_family
+from .stats import isnan, mean_std, pooled_sd, welch_interval
 
 PLOTS = ("acc_vs_latency.png", "acc_vs_params.png", "val_curves.png", "deltas.png")
 
@@ -109,22 +110,26 @@ def summarize(results_dir, baseline="none", matrix_file=None):
                                if r.get("val_top1") is not None and r.get("test_top1") is not None],
         })
 
+    _refuse_mixed_precision(ok)
+    pooled = pooled_sd([m["test_values"] for m in methods])
     base = next((m for m in methods if m["name"] == baseline), None)
+    against_base = []
     for m in methods:
         if base is None or m is base or m["n"] == 0:
-            m["delta_val"] = m["delta_test"] = None
+            m["delta_val"] = m["delta_test"] = m["vs_base"] = None
             continue
         m["delta_val"] = welch_interval(m["val_values"], base["val_values"])
-        m["delta_test"] = welch_interval(m["test_values"], base["test_values"])
-        m["paired_test"] = paired_interval(m["test_by_seed"], base["test_by_seed"])
-        m["verdict"] = _verdict(m["delta_test"], baseline)
+        m["vs_base"] = {**compare(m, base, pooled), "kind": "better"}
+        m["delta_test"], m["paired_test"] = m["vs_base"]["welch"], m["vs_base"]["paired"]
+        against_base.append(m["vs_base"])
+    judge_family(against_base)  # every method against the baseline: one Holm family
 
     setup = _setup(records, order)
     devices = sorted({str(d) for r in ok for d in (r.get("epochs_by_device") or [r.get("device")]) if d})
     hosts = [r["host"] for r in ok if r.get("host")] or [r["host"] for r in records if r.get("host")]
     return {
         "matrix": matrix_name, "matrix_file": matrix_file, "matrix_given": given, "matrix_spec": matrix, "results_dir": str(results_dir),
-        "setup": setup,
+        "setup": setup, "pooled": pooled, "precisions": sorted({precision_of(r) for r in ok}),
         "baseline": baseline if base is not None else None, "methods": methods, "failed": failed,
         "n_ok": len(ok), "n_failed": len(failed), "devices": devices, "host": hosts[-1] if hosts else {},
         "cpu_kernels": dict(Counter((r.get("host") or {}).get("cpu_kernels", "not recorded") for r in ok)),
@@ -179,14 +184,34 @@ def _mean_curve(curves):
     return out
 
 
-def _verdict(d, baseline):
+def precision_of(record: dict) -> str:
+    """The precision a cell trained in; records from before it was recorded trained in fp32 on a CPU and in bf16
+    autocast on CUDA (the engine's only behaviours then)."""
+    if record.get("precision"):
+        return record["precision"]
+    devices = record.get("epochs_by_device") or {record.get("device") or "": 1}
+    return "fp32" if all(str(d).startswith("cpu") for d in devices) else "bf16"
+
+
+def _refuse_mixed_precision(records) -> None:
+    """A report compares methods: cells trained at different precisions are refused, like an edited recipe."""
+    by_precision = {}
+    for r in records:
+        by_precision.setdefault(precision_of(r), []).append(f"{r.get('method')} seed {r.get('seed')}")
+    if len(by_precision) > 1:
+        parts = "; ".join(f"{p}: {', '.join(cells[:4])}{' ...' if len(cells) > 4 else ''}"
+                          for p, cells in sorted(by_precision.items()))
+        raise AttnlabError(f"cells trained at different precisions cannot be compared in one report ({parts}); "
+                           "give each precision its own matrix")
+
+
+def _beats(c: dict, baseline: str) -> str:
     """The per-method sentence, by the same rule as a claim's verdict (claims.verdict, kind 'better')."""
-    if isnan(d["low"]):
-        return f"no interval (needs at least 2 seeds of it and of {baseline})"
-    return {"holds": f"beats {baseline}: the whole 95% interval is above 0",
-            "reversed": f"worse than {baseline}: the whole 95% interval is below 0"}.get(
-        verdict(d), f"does not beat {baseline}: the 95% interval includes 0, so the difference is within "
-                    "seed-to-seed noise")
+    if c["verdict"] == "holds":
+        return f"beats {baseline} (Holm p {c['p_holm']:.3f})"
+    if c["verdict"] == "reversed":
+        return f"worse than {baseline} (Holm p {c['p_holm']:.3f})"
+    return c["verdict"]
 
 
 # ----------------------------------------------------------------------------------------------- formatting
@@ -203,6 +228,31 @@ def _pm(ms):
 
 def _signed(v):
     return "n/a" if v is None or isnan(v) else f"{float(v):+.2f}"
+
+
+def _interval(c, key):
+    return "—" if c is None else _ci(c[key])
+
+
+def _ci(d):
+    if d is None or isnan(d["low"]):
+        return "—"
+    return f"[{_signed(d['low'])}, {_signed(d['high'])}]"
+
+
+def _mde(c):
+    return "—" if c is None or isnan(c["mde"]) else f"{c['mde']:.2f}"
+
+
+def _holm(c):
+    if c is None or isnan(c.get("p_holm", float("nan"))):
+        return "—"
+    return f"{c['p_holm']:.3f}" if c["p_holm"] >= 0.001 else "<0.001"
+
+
+def _pooled(s):
+    sd, df = s["pooled"]
+    return "no method has 2 seeds yet" if not df else f"SD {sd:.2f} points, {df} degrees of freedom"
 
 
 def _delta(d):
@@ -325,20 +375,26 @@ def render_markdown(summary) -> str:
     cpu_head = f"CPU latency ms (bs {' / '.join(map(str, cpu_sizes))})" if cpu_sizes else "CPU latency ms"
     gpu_head = f"GPU latency ms (bs {' / '.join(map(str, gpu_sizes))})" if gpu_sizes else "GPU latency ms"
     out += ["## Results", "",
-            f"| method | n | val top-1 (best) | test top-1 | Δ val vs {base} [95% CI] | Δ test vs {base} [95% CI] "
+            f"| method | n | val top-1 (best) | test top-1 | Δ val vs {base} [95% CI] | Δ test vs {base} [Welch 95% CI] "
+            "| pooled-SD 95% CI | MDE | Holm p "
             f"| params | FLOPs | {cpu_head} | {gpu_head} | train img/s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in s["methods"]:
         out.append(
             f"| {m['name']} | {m['n']}{' (+' + str(m['failed']) + ' failed)' if m['failed'] else ''} "
             f"| {_pm(m['val'])} | {_pm(m['test'])} | {_delta(m['delta_val'])} | {_delta(m['delta_test'])} "
+            f"| {_interval(m['vs_base'], 'pooled')} | {_mde(m['vs_base'])} | {_holm(m['vs_base'])} "
             f"| {_count(m['params'])} | {_count(m['flops'])} | {_lat_cell(m, 'cpu', cpu_sizes)} "
             f"| {_lat_cell(m, 'cuda', gpu_sizes) if gpu_sizes else 'not measured yet'} | {_f(m['train_ips'], 0)} |")
     out += ["",
             "Top-1 in percent: mean ± sample standard deviation (ddof 1) over the n seeds; val top-1 is the best "
             "epoch's, test top-1 that of the best-val checkpoint, evaluated once at the end. "
             f"Δ: difference of the method's mean to `{base}`'s mean, with a 95% Welch t interval (unequal variances, "
-            "Welch–Satterthwaite degrees of freedom) computed from the per-seed accuracies. FLOPs are 2 × MACs of "
+            "Welch–Satterthwaite degrees of freedom) computed from the two methods' per-seed accuracies, and a 95% "
+            f"Student interval from the test SD pooled over every method ({_pooled(s)}). MDE: the true difference "
+            "these seeds would detect with 80% power at two-sided 5% (pooled SD). Holm p: the larger of the Welch "
+            "and pooled p-values, Holm-adjusted over the methods compared with the baseline. "
+            f"Precision: {', '.join(s['precisions']) or 'n/a'}. FLOPs are 2 × MACs of "
             "one image's forward pass. Latency: " +
             (s["latency_note"] if s["latency_note"] else "median of repeated eval-mode forward passes") +
             ". Train img/s: training throughput "
@@ -346,13 +402,7 @@ def render_markdown(summary) -> str:
 
     claim_rows = judge_all(s)
     if claim_rows:
-        out += ["## The papers' claims", ""] + claims_table(claim_rows) + ["",
-                "Ours: difference of mean test top-1 (points) over the seeds both methods have. Verdict: *holds* "
-                "when the whole 95% Welch interval is above 0 (for a match claim: within ± the margin), *reversed* "
-                "when it is entirely on the wrong side, otherwise *not shown at this scale*. Latency ratio: method "
-                "over baseline, CPU median at the smallest batch timed. The paper's figure is from its own setting "
-                "(usually ImageNet or a long CIFAR schedule), so it says which way the claim points, not what "
-                "this matrix should reach.", ""]
+        out += ["## The papers' claims", ""] + claims_table(claim_rows) + ["", CLAIMS_NOTE, ""]
 
     if base is not None:
         out += [f"## Against the baseline (`{base}`, test top-1)", ""]
@@ -362,14 +412,16 @@ def render_markdown(summary) -> str:
             paired = m.get("paired_test")
             extra = (f" (paired by seed, n={paired['n']}: {_delta(paired)})"
                      if paired and not isnan(paired["low"]) else "")
-            out.append(f"- `{m['name']}`: {_delta(m['delta_test'])} points: {m['verdict']}.{extra}")
-        winners = [m["name"] for m in s["methods"] if m.get("delta_test") and not isnan(m["delta_test"]["low"])
-                   and m["delta_test"]["low"] > 0]
-        out += ["", (f"Methods whose interval is entirely above the baseline: {', '.join(winners)}." if winners else
-                     f"No method beats `{base}` with a 95% interval entirely above 0 in this matrix."), "",
-                "The verdicts use the Welch interval. Each seed also draws the data subset and the validation "
-                "hold-out, shared by every method at that seed, so the paired-by-seed interval (t on the per-seed "
-                "differences, n - 1 df) is given beside it as a second, usually tighter, view.", ""]
+            out.append(f"- `{m['name']}`: {_delta(m['delta_test'])} points (pooled SD: "
+                       f"{_interval(m['vs_base'], 'pooled')}): {_beats(m['vs_base'], base)}.{extra}")
+        winners = [m["name"] for m in s["methods"] if m.get("vs_base") and m["vs_base"]["verdict"] == "holds"
+                   and m["vs_base"]["direction"] == "ahead"]
+        out += ["", (f"Methods that beat the baseline (Holm p < 0.05): {', '.join(winners)}." if winners else
+                     f"No method beats `{base}` at Holm-adjusted p < 0.05 in this matrix."), "",
+                "A verdict needs both the Welch test (the two methods' own SDs) and the pooled-SD test, Holm-adjusted "
+                "over every method compared with the baseline. Each seed also draws the data subset and the "
+                "validation hold-out, shared by every method at that seed, so the paired-by-seed interval (t on "
+                "the per-seed differences, n - 1 df) is given beside it as another view.", ""]
     else:
         out += ["## Against the baseline", "", "No baseline (`none`) runs finished, so no differences are shown.", ""]
 
@@ -535,33 +587,49 @@ def readme_block(summary) -> str:
     first = desc.split(". ")[0].rstrip(".") + ". " if desc else ""
     n_seeds = "/".join(map(str, seeds)) or "0"
     lines = [f"Benchmark `{s['matrix']}`: {first}{n_seeds} seed{'' if n_seeds == '1' else 's'} per method"
-             + (f", {s['epochs']} epochs" if s["epochs"] else "") + f"; test top-1 as mean ± std over seeds, Δ to "
-             f"`{base}` with a 95% Welch t interval. Hardware: {hardware_line(s)}. "
+             + (f", {s['epochs']} epochs" if s["epochs"] else "") + f"; test top-1 as mean ± std over seeds; Δ to "
+             f"`{base}` with 95% intervals from Welch's test (the two methods' own SDs) and from the SD pooled over "
+             f"every method ({_pooled(s)}); MDE: the smallest true difference these seeds detect with 80% power; "
+             f"Holm p over the rows. Precision: {', '.join(s['precisions']) or 'n/a'}. Hardware: {hardware_line(s)}. "
              f"Generated by `attnlab report {s['results_dir']} --readme README.md` from "
              f"[{s['results_dir']}/report.md]({s['results_dir']}/report.md), which has the setup, plots and "
              f"paired intervals; GPU numbers: {'see the report' if _gpu_used(s) else 'not measured yet'}.", "",
              *_progress(s),
-             f"| method | test top-1 | Δ vs {base} [95% CI] | params | FLOPs | CPU ms{f' (bs {bs})' if bs else ''} |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"| method | test top-1 | Δ vs {base} [Welch 95% CI] | pooled-SD 95% CI | MDE | Holm p | params | FLOPs "
+             f"| CPU ms{f' (bs {bs})' if bs else ''} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in s["methods"]:
         if m["n"] == 0:
             continue
-        lines.append(f"| {m['name']} | {_pm(m['test'])} | {_delta(m['delta_test'])} | {_count(m['params'])} "
-                     f"| {_count(m['flops'])} | {_f(_lat(m, 'cpu', bs)) if bs else 'n/a'} |")
+        lines.append(f"| {m['name']} | {_pm(m['test'])} | {_delta(m['delta_test'])} "
+                     f"| {_interval(m['vs_base'], 'pooled')} | {_mde(m['vs_base'])} | {_holm(m['vs_base'])} "
+                     f"| {_count(m['params'])} | {_count(m['flops'])} | {_f(_lat(m, 'cpu', bs)) if bs else 'n/a'} |")
     if base is not None:
-        judged = [m for m in s["methods"] if m.get("delta_test") and not isnan(m["delta_test"]["low"])]
-        losers = [m["name"] for m in judged if m["delta_test"]["low"] <= 0]
-        if losers:
-            lines += ["", f"Not better than `{base}` at 95% (interval includes or is below 0): "
-                      f"{', '.join(losers)}."]
-        unjudged = [m["name"] for m in s["methods"] if m.get("delta_test") and m not in judged]
-        if unjudged:
-            lines += ["", f"No interval yet (fewer than 2 seeds of it or of `{base}`): {', '.join(unjudged)}."]
+        lines += ["", *_base_verdicts(s, base)]
     claim_rows = judge_all(s)
     if claim_rows:
-        lines += ["", "The papers' claims at this scale (Δ test top-1 with paired and Welch 95% intervals; "
-                  "verdict on Welch):", ""] + claims_table(claim_rows)
+        lines += ["", "The papers' claims at this scale, Holm-adjusted over the claims:", ""] + claims_table(claim_rows)
     return "\n".join(lines)
+
+
+def _base_verdicts(s, base) -> list[str]:
+    """One line per verdict group of the methods against the baseline (Holm-adjusted)."""
+    groups = {}
+    for m in s["methods"]:
+        c = m.get("vs_base")
+        if c is None:
+            continue
+        key = {"holds": "beats", "reversed": "worse than"}.get(c["verdict"], c["verdict"])
+        groups.setdefault(key, []).append(m["name"])
+    lines = []
+    for key, names in groups.items():
+        if key in ("beats", "worse than"):
+            lines.append(f"{key.capitalize()} `{base}` at Holm-adjusted p < 0.05: {', '.join(names)}.")
+        elif key.startswith("not run yet"):
+            lines.append(f"No interval yet (fewer than 2 seeds of it or of `{base}`): {', '.join(names)}.")
+        else:
+            lines.append(f"Against `{base}`, {key}: {', '.join(names)}.")
+    return lines
 
 
 def markers(matrix_name: str | None = None) -> tuple[str, str]:
