@@ -41,6 +41,13 @@ def test_shipped_matrices_load_and_cover_every_method(tmp_path):
         assert attentions == set(attnlab.attention.names()), name
         ssia = {meth["name"]: meth["overrides"].get("ssia.enabled") for meth in m["methods"]}
         assert ssia["ssia"] is True and ssia["ssia+se"] is True and not ssia["se"] and not ssia["none"]
+    # The converged matrix and its calibration: every cell valid; 5 seeds where the claims need them.
+    for name in ("cifar10_resnet20_converged", "cifar10_calibration"):
+        m = load_matrix(MATRICES / f"{name}.yaml")
+        assert run_matrix(m, dry_run=True, results_root=tmp_path, log=lambda s: None)["config_errors"] == 0
+    m = load_matrix(MATRICES / "cifar10_resnet20_converged.yaml")
+    by_seeds = {meth["name"]: len(cells(m, only=[meth["name"]])) for meth in m["methods"]}
+    assert all(n >= 3 for n in by_seeds.values()) and by_seeds["none"] == by_seeds["se"] == by_seeds["cbam"] == 5
     # The evidence matrix: 3 seeds, every cell valid, and a claim for each paper the project is built on.
     m = load_matrix(MATRICES / "cifar10_resnet20.yaml")
     assert len(m["seeds"]) == 3 and m["overrides"]["train.epochs"] == 20
@@ -102,6 +109,19 @@ def test_dry_run_lists_cells_and_runs_nothing(tmp_path, capsys):
     assert "4 cells (0 finished)" in out
     assert "[2/4] se seed 0: to run" in out and "model.attention=se" in out and "seed=0" in out
     assert not (tmp_path / "res").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_method_may_run_its_own_seeds_in_seed_major_order(tmp_path):
+    from attnlab.bench.matrix import cells
+    path = _write(tmp_path, "seeds: [0, 1]\nmethods:\n  - {name: none, seeds: [0, 1, 2, 3]}\n  - se\n"
+                            "  - {name: cbam, seeds: [1, 5]}\n")
+    m = load_matrix(path)
+    assert [(c["method"], c["seed"]) for c in cells(m)] == [
+        ("none", 0), ("se", 0), ("none", 1), ("se", 1), ("cbam", 1), ("none", 2), ("none", 3), ("cbam", 5)]
+    assert [(c["method"], c["seed"]) for c in cells(m, seeds=[1, 3])] == [("none", 1), ("se", 1), ("cbam", 1),
+                                                                          ("none", 3)]
+    with pytest.raises(AttnlabError, match="method 'se': 'seeds' must be a non-empty list of integers"):
+        load_matrix(_write(tmp_path, "methods: [{name: se, seeds: []}]\n", "bad.yaml"))
 
 
 def test_dry_run_flags_bad_config(tmp_path, capsys):

@@ -6,7 +6,7 @@
     methods:
       - {name: none, overrides: {model.attention: none}}
       - {name: ssia+se, overrides: {model.attention: se, ssia.enabled: true}}
-    seeds: [0, 1, 2]
+    seeds: [0, 1, 2]                   # a method may list its own: {name: se, seeds: [0, 1, 2, 3, 4], ...}
     latency: {batch_sizes: [1, 32], warmup: 5, repeats: 20}  # CPU latency at `threads` (1) torch threads
     claims:                            # what the papers say, checked by `attnlab report`
       - {claim: "SSIA beats SE", source: "Wu et al. 2022", method: ssia, baseline: se, paper: "qualitative"}
@@ -26,7 +26,7 @@ import yaml
 from ..errors import AttnlabError, unknown
 
 MATRIX_KEYS = {"name", "description", "recipe", "overrides", "methods", "seeds", "latency", "claims", "reuse"}
-METHOD_KEYS = {"name", "overrides"}
+METHOD_KEYS = {"name", "overrides", "seeds"}
 CLAIM_KEYS = {"claim", "source", "method", "baseline", "paper", "kind", "margin", "latency"}
 CLAIM_LATENCY = ("lower",)  # `latency: lower`: the claim is also about inference time (bench/claims.py)
 CLAIM_KINDS = ("better", "match")
@@ -134,8 +134,18 @@ def _methods(methods, path) -> list[dict]:
                                f"name '{slug(name)}'; rename one")
         seen.add(name)
         folders[slug(name)] = name
-        out.append({"name": name, "overrides": _mapping(m.get("overrides") or {}, f"method '{name}' overrides")})
+        own = m.get("seeds")
+        if own is not None and (not isinstance(own, list) or not own or not all(isinstance(x, int) for x in own)):
+            raise AttnlabError(f"matrix {path}: method '{name}': 'seeds' must be a non-empty list of integers")
+        out.append({"name": name, "overrides": _mapping(m.get("overrides") or {}, f"method '{name}' overrides"),
+                    **({"seeds": list(own)} if own is not None else {})})
     return out
+
+
+def method_seeds(matrix, method: dict) -> list[int]:
+    """The seeds a method runs: its own ``seeds:`` (e.g. more for the methods the claims compare), else the
+    matrix's."""
+    return method.get("seeds") or matrix["seeds"]
 
 
 def _claims(claims, method_names, path) -> list[dict]:
@@ -220,7 +230,6 @@ def slug(method: str) -> str:
 
 def cells(matrix, seeds=None, only=None) -> list[dict]:
     """The matrix's cells in run order, as dicts with method, seed, run_name and the merged overrides."""
-    seeds = matrix["seeds"] if seeds is None else seeds
     methods = matrix["methods"]
     if only is not None:
         names = [m["name"] for m in methods]
@@ -228,9 +237,13 @@ def cells(matrix, seeds=None, only=None) -> list[dict]:
             if name not in names:
                 raise unknown("method", name, names)
         methods = [m for m in methods if m["name"] in only]
+    if seeds is None:  # every seed any method runs, in order of first appearance
+        seeds = list(dict.fromkeys([*matrix["seeds"], *(s for m in methods for s in method_seeds(matrix, m))]))
     out = []
     for seed in seeds:  # seed-major: an interrupted matrix has every method at the first seed before the second
         for m in methods:
+            if seed not in method_seeds(matrix, m):
+                continue
             out.append({"method": m["name"], "seed": seed, "run_name": f"{slug(m['name'])}-s{seed}",
                         "overrides": {**matrix["overrides"], **m["overrides"]}})
     return out

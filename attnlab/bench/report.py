@@ -14,6 +14,7 @@ from pathlib import Path
 from ..errors import AttnlabError
 from ..files import atomic_write_text, save_figure
 from .claims import CLAIMS_NOTE, claims_table, compare, judge_all, judge_family
+from .matrix import method_seeds
 from .stats import isnan, mean_std, pooled_sd, welch_interval
 
 PLOTS = ("acc_vs_latency.png", "acc_vs_params.png", "val_curves.png", "deltas.png")
@@ -569,7 +570,7 @@ def _progress(summary) -> list[str]:
     spec = summary["matrix_spec"]
     if not spec:
         return []
-    total = len(spec["methods"]) * len(spec["seeds"])
+    total = sum(len(method_seeds(spec, m)) for m in spec["methods"])
     if summary["n_ok"] + summary["n_failed"] >= total:
         return []
     missing = [m["name"] for m in spec["methods"]

@@ -1,0 +1,147 @@
+"""How long is "trained-out" on our JPEG CIFAR-10? The calibration matrix's curve, and fp32 against bf16.
+
+Reads results/cifar10_calibration/runs.jsonl (benchmarks/matrices/cifar10_calibration.yaml: the plain ResNet-20
+with the converged recipe at 15, 30, 60 and 90 epochs, and an fp32 twin of the 30-epoch cell) and writes:
+
+- calibration.json: per schedule, val and test top-1 (mean, std, per seed) and the training time; the longest
+  schedule run so far (its mean val top-1 is the ceiling measured so far) and the shortest schedule whose mean val
+  top-1 is within ``--tolerance`` points (0.5) of the longest's: the schedule the converged matrix should use.
+  The choice reads validation only; test top-1 is reported beside it, never chosen on;
+- precision.json: bf16 against fp32 at the same schedule and seeds: accuracy (val and test, with the Welch
+  interval) and training speed (images/s, ratio);
+- calibration.png: val and test top-1 against epochs.
+
+    .venv/bin/python benchmarks/calibration.py [--results results/cifar10_calibration]
+"""
+import argparse
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from attnlab.bench.runs import latest_by_cell  # noqa: E402
+from attnlab.bench.stats import mean_std, welch_interval  # noqa: E402
+from attnlab.files import atomic_write_json, save_figure  # noqa: E402
+from attnlab.jsonl import read_jsonl  # noqa: E402
+
+SCHEDULE = re.compile(r"^e(\d+)$")  # e30: 30 epochs in the matrix's own precision
+TWIN = re.compile(r"^e(\d+)_fp32$")  # e30_fp32: the same in fp32
+
+
+def _stats(values) -> dict:
+    mean, std, n = mean_std(values)
+    return {"mean": mean, "std": std if n > 1 else None, "n": n, "values": list(values)}
+
+
+def _group(records) -> dict:
+    """{method: [records by seed]} of the finished cells."""
+    out = {}
+    for r in sorted(records, key=lambda r: (r["method"], r["seed"])):
+        if r.get("status") == "ok":
+            out.setdefault(r["method"], []).append(r)
+    return out
+
+
+def schedules(by_method: dict) -> list[dict]:
+    rows = []
+    for method, runs in by_method.items():
+        match = SCHEDULE.match(method)
+        if not match:
+            continue
+        rows.append({"method": method, "epochs": int(match.group(1)), "seeds": [r["seed"] for r in runs],
+                     "precision": sorted({r.get("precision") or "fp32" for r in runs}),
+                     "val_top1": _stats([r["val_top1"] for r in runs]),
+                     "test_top1": _stats([r["test_top1"] for r in runs]),
+                     "train_hours": _stats([r["wall_time_s"] / 3600 for r in runs])})
+    return sorted(rows, key=lambda r: r["epochs"])
+
+
+def choose(rows: list[dict], tolerance: float) -> dict:
+    """The longest schedule run and the shortest within ``tolerance`` of it on mean val top-1."""
+    if not rows:
+        return {}
+    longest = rows[-1]
+    ceiling = longest["val_top1"]["mean"]
+    chosen = next(r for r in rows if r["val_top1"]["mean"] >= ceiling - tolerance)
+    return {"longest_epochs": longest["epochs"], "ceiling_val_top1": ceiling,
+            "ceiling_test_top1": longest["test_top1"]["mean"], "tolerance": tolerance,
+            "chosen_epochs": chosen["epochs"], "chosen_val_top1": chosen["val_top1"]["mean"],
+            "chosen_test_top1": chosen["test_top1"]["mean"],
+            "note": "chosen on validation only; provisional while a longer schedule may still be added"}
+
+
+def precision_pairs(by_method: dict) -> list[dict]:
+    """Each fp32 twin against its bf16 schedule, over the seeds both have."""
+    out = []
+    for method, twins in by_method.items():
+        match = TWIN.match(method)
+        if not match or f"e{match.group(1)}" not in by_method:
+            continue
+        seeds = {r["seed"] for r in twins} & {r["seed"] for r in by_method[f"e{match.group(1)}"]}
+        bf16 = [r for r in by_method[f"e{match.group(1)}"] if r["seed"] in seeds]
+        fp32 = [r for r in twins if r["seed"] in seeds]
+        if not seeds:
+            continue
+        speed = {p: _stats([r["train_images_per_s"] for r in runs]) for p, runs in (("bf16", bf16), ("fp32", fp32))}
+        out.append({
+            "epochs": int(match.group(1)), "seeds": sorted(seeds),
+            "precisions": {"bf16": sorted({r.get("precision") for r in bf16}),
+                           "fp32": sorted({r.get("precision") for r in fp32})},
+            "val_top1": {"bf16": _stats([r["val_top1"] for r in bf16]), "fp32": _stats([r["val_top1"] for r in fp32]),
+                         "bf16_minus_fp32": welch_interval([r["val_top1"] for r in bf16],
+                                                           [r["val_top1"] for r in fp32])},
+            "test_top1": {"bf16": _stats([r["test_top1"] for r in bf16]),
+                          "fp32": _stats([r["test_top1"] for r in fp32]),
+                          "bf16_minus_fp32": welch_interval([r["test_top1"] for r in bf16],
+                                                            [r["test_top1"] for r in fp32])},
+            "train_images_per_s": {**speed, "bf16_over_fp32": speed["bf16"]["mean"] / speed["fp32"]["mean"]},
+            "threads": sorted({r.get("threads") for r in bf16 + fp32} - {None}),
+            "note": "training throughput as the engine measured it, one cell per core beside another cell"})
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("val_top1", "val (5,000 held out of train)"), ("test_top1", "test (10,000)")):
+        xs = [r["epochs"] for r in rows]
+        for r in rows:
+            ax.plot([r["epochs"]] * r[key]["n"], r[key]["values"], ".", color="grey", alpha=0.6)
+        ax.plot(xs, [r[key]["mean"] for r in rows], "o-", label=label)
+    ax.set_xlabel("epochs (warm-up 2, then linear to zero)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("ResNet-20 on JPEG CIFAR-10: accuracy against schedule length")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path, "plot", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", default=str(ROOT / "results" / "cifar10_calibration"))
+    p.add_argument("--tolerance", type=float, default=0.5, help="points of mean val top-1 below the longest")
+    a = p.parse_args(argv)
+    results = Path(a.results)
+    by_method = _group(latest_by_cell(read_jsonl(results / "runs.jsonl")).values())
+    rows = schedules(by_method)
+    command = "python benchmarks/calibration.py"
+    atomic_write_json(results / "calibration.json", {"command": command, "schedules": rows,
+                                                     "choice": choose(rows, a.tolerance)}, "calibration")
+    atomic_write_json(results / "precision.json", {"command": command, "pairs": precision_pairs(by_method)},
+                      "precision comparison")
+    if rows:
+        plot(rows, results / "calibration.png")
+    for r in rows:
+        print(f"e{r['epochs']}: val {r['val_top1']['mean']:.2f} test {r['test_top1']['mean']:.2f} "
+              f"({r['val_top1']['n']} seeds, {r['train_hours']['mean']:.2f} h)")
+    print(f"wrote {results / 'calibration.json'}, precision.json and calibration.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""benchmarks/calibration.py: the schedule is chosen on validation, and bf16 is set against its fp32 twin."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cal():
+    spec = importlib.util.spec_from_file_location("calibration", ROOT / "benchmarks" / "calibration.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(method, seed, val, test, precision="bf16", ips=500.0):
+    return {"method": method, "seed": seed, "status": "ok", "val_top1": val, "test_top1": test,
+            "wall_time_s": 3600.0, "precision": precision, "train_images_per_s": ips, "threads": 1}
+
+
+def test_the_shortest_schedule_within_the_tolerance_of_the_longest_is_chosen_on_val(cal, tmp_path):
+    res = tmp_path / "cal"
+    res.mkdir()
+    records = [_record("e15", 0, 88.0, 87.5), _record("e30", 0, 89.6, 80.0),  # e30's test is bad: not read
+               _record("e60", 0, 90.0, 89.9), _record("e60", 1, 90.2, 90.1), _record("e30", 1, 89.8, 89.0),
+               _record("e30_fp32", 0, 89.5, 89.2, "fp32", 300.0), _record("e30_fp32", 1, 89.9, 89.4, "fp32", 320.0),
+               {"method": "e90", "seed": 0, "status": "failed", "error": "x"}]
+    (res / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cal.main(["--results", str(res)])
+    out = json.loads((res / "calibration.json").read_text())
+    assert [r["epochs"] for r in out["schedules"]] == [15, 30, 60]  # the failed e90 is not a schedule
+    choice = out["choice"]
+    assert choice["longest_epochs"] == 60 and choice["ceiling_val_top1"] == pytest.approx(90.1)
+    assert choice["chosen_epochs"] == 30 and choice["chosen_val_top1"] == pytest.approx(89.7)  # 90.1 - 0.5 <= 89.7
+    pair = json.loads((res / "precision.json").read_text())["pairs"][0]
+    assert pair["epochs"] == 30 and pair["seeds"] == [0, 1]
+    assert pair["val_top1"]["bf16_minus_fp32"]["diff"] == pytest.approx(0.0)
+    assert pair["train_images_per_s"]["bf16_over_fp32"] == pytest.approx(500.0 / 310.0)
+    assert (res / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+    cal.main(["--results", str(res), "--tolerance", "0.1"])
+    assert json.loads((res / "calibration.json").read_text())["choice"]["chosen_epochs"] == 60
