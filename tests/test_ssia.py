@@ -240,7 +240,9 @@ def test_config_section_turns_it_on_and_holds_the_defaults():
     defaults = objective_defaults()["ssia"]
     assert defaults["enabled"] is False
     assert set(defaults) == {"enabled", "pairing", "map", "p", "spatial_pool", "resize", "distance",
-                             "temperature", "weight", "warmup_epochs", "detach"}
+                             "temperature", "weight", "warmup_epochs", "detach", "design", "shuffle_target",
+                             "attn_block", "aux_weight", "kd_weight", "kd_temperature", "hint_weight"}
+    assert defaults["design"] == "maps" and defaults["shuffle_target"] is False  # the old objective, unchanged
     model = attnlab.create_model("resnet20")
     off = OmegaConf.create({"ssia": defaults})
     assert build_objectives(off, model) == []

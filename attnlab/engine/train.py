@@ -38,7 +38,7 @@ from ..files import (TEMP_SUFFIX, atomic_write_bytes, atomic_write_json, atomic_
                      remove_stale_temps, writable_dir, write_error)
 from .checkpoint import (atomic_save, load_checkpoint, model_from_checkpoint, model_from_config, rng_state,
                          set_rng_state)
-from .config import load_config, to_dict
+from .config import load_config, schema, to_dict
 from .distributed import Dist, barrier, broadcast_object, cleanup, setup, sync_buffers
 from .ema import EMA
 from .evaluate import evaluate
@@ -211,7 +211,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, d: Dist, device: torch.device, resume=None, step_hooks=()):
         from ..data import dataset_for_config
         from ..data.loader import BatchLoader
-        from ..objectives import build_objectives, features_needed
+        from ..objectives import build_objectives, features_needed, training_modules
 
         self.cfg, self.d, self.device = cfg, d, device
         self.step_hooks = tuple(step_hooks)
@@ -257,7 +257,12 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.objectives = build_objectives(cfg, self.model)
         self.features = features_needed(self.objectives)
-        self.optimizer = build_optimizer(self.model, t)
+        # Objectives' training-only modules: optimised with the model, saved in checkpoint_last only (never "model").
+        self.aux = training_modules(self.objectives)
+        if self.aux is not None:
+            self.aux.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        trainable = self.model if self.aux is None else torch.nn.ModuleList([self.model, self.aux])
+        self.optimizer = build_optimizer(trainable, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.ema = EMA(self.model, t.ema.decay) if t.ema.enabled else None
@@ -296,7 +301,8 @@ class Trainer:
                 "ema": self.ema.state_dict() if self.ema else None, "epoch": epoch,
                 "best_val_top1": self.best, "best_val_top5": self.best_top5, "best_epoch": self.best_epoch,
                 "elapsed": dict(self.elapsed),
-                "rng": rng_state(), "config": to_dict(self.cfg), "step_hooks": self.hook_specs}
+                "rng": rng_state(), "config": to_dict(self.cfg), "step_hooks": self.hook_specs,
+                **({"objective_modules": self.aux.state_dict()} if self.aux is not None else {})}
 
     def _check_hooks(self, recorded: list) -> None:
         """Refuse a resume whose step hooks differ from those the run was started with."""
@@ -311,6 +317,8 @@ class Trainer:
         if "step_hooks" in ck:
             self._check_hooks(ck["step_hooks"])
         self.model.load_state_dict(ck["model"])
+        if self.aux is not None:
+            self.aux.load_state_dict(ck["objective_modules"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         self.scaler.load_state_dict(ck["scaler"])
@@ -367,13 +375,17 @@ class Trainer:
             ce = F.cross_entropy(logits, y, label_smoothing=self.cfg.train.label_smoothing)
             terms = {}
             for obj in self.objectives:
-                terms.update(obj(model=self.model, logits=logits, targets=y, features=feats, epoch=epoch, step=step))
+                extra = {"inputs": x} if getattr(obj, "needs_inputs", False) else {}
+                terms.update(obj(model=self.model, logits=logits, targets=y, features=feats, epoch=epoch, step=step,
+                                 **extra))
             loss = ce + sum(terms.values()) if terms else ce
         return loss, logits, terms
 
     def _update(self, loss) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.aux is not None and self.d.enabled:  # outside DDP's wrapper: average their gradients here
+            average_gradients(self.aux, self.d.world_size)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -701,6 +713,8 @@ def _config_changes(saved: dict, now: dict) -> dict:
     """{dotted key: (saved value, new value)} for the keys a resume changes; a change to a key outside
     RESUMABLE_CHANGES is an AttnlabError naming every such key."""
     a, b = _flatten(saved), _flatten(now)
+    # A key the schema gained after the run started reads as its default (the value the run trained with).
+    a.update({k: v for k, v in _flatten(to_dict(schema())).items() if k not in a and k in b})
     changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
     fixed = [k for k in changed if k not in RESUMABLE_CHANGES]
     if fixed:
@@ -709,6 +723,13 @@ def _config_changes(saved: dict, now: dict) -> dict:
                            + f"; they define the run (resume may change {', '.join(RESUMABLE_CHANGES[:4])}); train "
                            "a new run under a new name=... instead")
     return {k: v for k, v in changed.items() if k not in ("name", "out_dir", "debug.kill_at_step")}
+
+
+def average_gradients(module, world_size: int) -> None:
+    for p in module.parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(world_size)
 
 
 def _flatten(node, prefix="") -> dict:

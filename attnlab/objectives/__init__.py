@@ -12,6 +12,11 @@ An objective never edits model code and adds nothing to the model's state_dict. 
 Each registered objective owns one config section (its name) whose defaults are merged into the engine's
 config schema, so ``ssia.weight=0.5`` on the command line is checked like any other key. The returned terms
 are already weighted; the engine sums them into the loss and logs each one by name in metrics.csv.
+An objective with ``needs_inputs = True`` is also given ``inputs=``, the batch the model saw (to run it again).
+
+An objective may own a training-only ``module`` (an nn.Module, e.g. auxiliary heads): the engine trains it with the
+model's optimiser, moves it to the device and saves it in checkpoint_last.pt (``training_modules``), but it is never
+part of the model, so evaluation, export and checkpoint_best's model weights are the plain network.
 """
 from ..errors import unknown
 
@@ -20,6 +25,8 @@ _OBJECTIVES: dict[str, tuple[type, dict]] = {}
 
 class Objective:
     features: str | None = None
+    module = None  # a training-only nn.Module, or None
+    needs_inputs = False  # True: __call__ also takes inputs= (the batch)
 
     @classmethod
     def from_config(cls, section, model):
@@ -70,6 +77,13 @@ def features_needed(objectives) -> str | None:
         if order[obj.features] > order[need]:
             need = obj.features
     return need
+
+
+def training_modules(objectives):
+    """The objectives' training-only modules as one nn.ModuleDict keyed by section name, or None when none has one."""
+    import torch.nn as nn
+    mods = {obj.config_name: obj.module for obj in objectives if getattr(obj, "module", None) is not None}
+    return nn.ModuleDict(mods) if mods else None
 
 
 def get_objective(name: str) -> type:

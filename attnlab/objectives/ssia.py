@@ -7,7 +7,10 @@ features, active only in training, so inference costs nothing extra. Everything 
 distances, weighting) is our reconstruction, close to Self-Attention Distillation (Hou et al. 2019) and Attention
 Transfer (Zagoruyko & Komodakis 2017). See docs/ssia.md.
 
-The objective reads ``model(x, features=...)``; it never edits the model and holds no parameters.
+The objective reads ``model(x, features=...)`` and never edits the model. ``design`` picks one of five designs
+(docs/ssia.md): ``maps`` (below; the default, parameter-free), ``attn_target``, ``teacher``, ``self_distill`` and
+``cam`` (attnlab/objectives/ssia_designs.py). Designs with training-only modules (ssia_heads.py) hold them in
+``self.module``, outside the model; ``shuffle_target`` is the control that gives each image another image's target.
 
 Notation: F is a feature map (B, C, H, W); a pair (L, U) is a lower feature L guided by a higher feature U.
 
@@ -48,6 +51,8 @@ import torch.nn.functional as F
 
 from ..errors import AttnlabError, unknown
 from . import Objective, register_objective
+from . import ssia_designs as designs
+from .ssia_heads import BLOCKS
 
 EPS = 1e-8
 
@@ -57,6 +62,8 @@ CHOICES = {
     "spatial_pool": ("mean", "mean_max"),
     "resize": ("bilinear", "area"),
     "distance": ("mse", "kl", "cosine"),
+    "design": ("maps", "attn_target", "teacher", "self_distill", "cam"),
+    "attn_block": BLOCKS,
 }
 
 # The default configuration is the best of the ablation by validation accuracy (docs/ssia.md,
@@ -74,6 +81,14 @@ DEFAULTS = {
     "weight": 0.5,
     "warmup_epochs": 0,
     "detach": True,
+    # The designs (docs/ssia.md); the keys below were added after the ablation, at values that leave `maps` as it was.
+    "design": "maps",
+    "shuffle_target": False,  # control: every image gets the target of another image of the batch (a derangement)
+    "attn_block": "cbam_spatial",  # attn_target and teacher: the training-only attention module
+    "aux_weight": 1.0,  # cross-entropy of the training-only classifiers (attn_target, teacher, self_distill)
+    "kd_weight": 1.0,  # teacher: KL from the gated teacher's logits to the student's
+    "kd_temperature": 3.0,  # teacher and self_distill: temperature of the logit distillation
+    "hint_weight": 0.1,  # self_distill: mean squared difference of a head's feature to the last stage's
 }
 
 
@@ -158,25 +173,42 @@ def feature_pairs(features: dict, pairing: str) -> list:
 
 @register_objective("ssia", defaults=DEFAULTS)
 class SSIA(Objective):
-    """Training-only loss pulling lower-level attention maps towards higher-level ones. Holds no parameters."""
+    """Training-only guidance of lower layers by targets from higher ones, in one of five designs (``design``).
+
+    ``maps`` holds no parameters. The other designs that need training-only modules (attn_target, teacher,
+    self_distill) build them in ``build(model)`` as ``self.module``; the engine trains, moves and checkpoints it
+    beside the model, never in it.
+    """
+
+    module = None
 
     def __init__(self, pairing="stage", map="spatial", p=2.0, spatial_pool="mean", resize="bilinear",
-                 distance="kl", temperature=1.0, weight=0.5, warmup_epochs=0, detach=True):
+                 distance="kl", temperature=1.0, weight=0.5, warmup_epochs=0, detach=True, design="maps",
+                 shuffle_target=False, attn_block="cbam_spatial", aux_weight=1.0, kd_weight=1.0, kd_temperature=3.0,
+                 hint_weight=0.1):
         for key, value in (("pairing", pairing), ("map", map), ("spatial_pool", spatial_pool),
-                           ("resize", resize), ("distance", distance)):
+                           ("resize", resize), ("distance", distance), ("design", design),
+                           ("attn_block", attn_block)):
             if value not in CHOICES[key]:
                 raise unknown(f"ssia {key}", value, CHOICES[key])
         self.pairing, self.map, self.spatial_pool = pairing, map, spatial_pool
         self.resize, self.distance = resize, distance
+        self.design, self.attn_block = design, attn_block
         self.p = _number("p", p, positive=True)
         self.temperature = _number("temperature", temperature, positive=True)
+        self.kd_temperature = _number("kd_temperature", kd_temperature, positive=True)
         self.weight = _number("weight", weight)
+        self.aux_weight, self.kd_weight = _number("aux_weight", aux_weight), _number("kd_weight", kd_weight)
+        self.hint_weight = _number("hint_weight", hint_weight)
         self.warmup_epochs = int(_number("warmup_epochs", warmup_epochs))
-        if not isinstance(detach, bool):
-            raise AttnlabError(f"ssia detach must be true or false, got {detach!r}")
-        self.detach = detach
+        self.detach = _flag("detach", detach)
+        self.shuffle_target = _flag("shuffle_target", shuffle_target)
+        if design == "cam" and map != "spatial":
+            raise AttnlabError("ssia design=cam needs map=spatial (the CAM is a spatial map)")
         # Block pairs need every block's (input, output); stage pairs only the stage outputs forward returns anyway.
-        self.features = "blocks" if pairing == "block" else "stages"
+        self.features = "blocks" if pairing == "block" and design == "maps" else "stages"
+        self.terms = designs.TERMS[design]
+        self.needs_inputs = design == "teacher"  # it runs the model a second time on the batch
 
     @classmethod
     def from_config(cls, section, model=None):
@@ -186,19 +218,44 @@ class SSIA(Objective):
         for key in opts:
             if key not in DEFAULTS:
                 raise unknown("ssia option", key, DEFAULTS)
-        return cls(**opts)
+        obj = cls(**opts)
+        if model is not None:
+            obj.build(model)
+        return obj
+
+    def build(self, model):
+        """Create the design's training-only modules for ``model`` (none for maps and cam). Returns self."""
+        builder = {"attn_target": designs.build_attn_target, "teacher": designs.build_teacher,
+                   "self_distill": designs.build_self_distill}.get(self.design)
+        self.module = builder(self, model) if builder else None
+        return self
 
     def active(self, epoch) -> bool:
-        return self.weight != 0 and (epoch is None or epoch >= self.warmup_epochs)
+        """Whether the guidance is on at ``epoch``. For maps a zero weight also turns it off (nothing computed)."""
+        if self.design == "maps" and self.weight == 0:
+            return False
+        return epoch is None or epoch >= self.warmup_epochs
 
-    def __call__(self, *, model=None, logits=None, targets=None, features, epoch=None, step=None):
-        if not self.active(epoch):
-            ref = logits if logits is not None else features["stages"][-1]
-            return {"ssia": ref.new_zeros((), dtype=torch.float32)}
-        return {"ssia": self.weight * self.loss(features)}
+    def __call__(self, *, model=None, logits=None, targets=None, features, epoch=None, step=None, inputs=None):
+        ref = logits if logits is not None else features["stages"][-1]
+        on = self.active(epoch)
+        if self.design != "attn_target" and not on:
+            return {name: ref.new_zeros((), dtype=torch.float32) for name in self.terms}
+        if self.design != "maps" and self.module is None and self.design != "cam":
+            raise AttnlabError(f"ssia design={self.design} has no training-only modules: call build(model) first")
+        perm = designs.derangement(ref.shape[0], step or 0) if self.shuffle_target else None
+        if self.design == "maps":
+            return {"ssia": self.weight * self.loss(features, perm)}
+        if self.design == "cam":
+            return designs.cam_terms(self, model, features, targets, perm)
+        if self.design == "attn_target":
+            return designs.attn_target_terms(self, features, targets, perm, on)
+        if self.design == "teacher":
+            return designs.teacher_terms(self, model, inputs, logits, features, targets, perm)
+        return designs.self_distill_terms(self, logits, features, targets, perm)
 
-    def loss(self, features: dict) -> torch.Tensor:
-        """The unweighted term: mean over pairs of the batch-and-descriptor mean distance."""
+    def loss(self, features: dict, perm=None) -> torch.Tensor:
+        """The unweighted maps term: mean over pairs of the batch-and-descriptor mean distance."""
         pairs = feature_pairs(features, self.pairing)
         if self.map == "channel":
             pairs = [(lo, hi) for lo, hi in pairs if lo.shape[1] == hi.shape[1]]
@@ -220,15 +277,19 @@ class SSIA(Objective):
 
         total = 0.0
         for lo, hi in pairs:
-            s = get(lo, target=False)
             t = get(hi, target=True)
             if self.detach:
                 t = t.detach()
-            if self.map == "spatial":
-                t = resize_map(t, s.shape[-2:], self.resize)
-                s, t = s.flatten(2), t.flatten(2)
-            total = total + map_distance(s, t, self.distance, self.temperature).mean()
+            total = total + self.map_loss(get(lo, target=False), designs.shuffled(t, perm))
         return total / len(pairs)
+
+    def map_loss(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Batch-and-descriptor mean distance of student map ``s`` to target ``t``: (B, K, H, W) spatial maps (the
+        target resized to the student's size) or (B, K, N) vectors."""
+        if s.dim() == 4:
+            t = resize_map(t, s.shape[-2:], self.resize)
+            s, t = s.flatten(2), t.flatten(2)
+        return map_distance(s, t, self.distance, self.temperature).mean()
 
     def _map(self, f):
         if f.dtype in (torch.float16, torch.bfloat16):
@@ -236,6 +297,16 @@ class SSIA(Objective):
         if self.map == "channel":
             return channel_map(f)
         return spatial_map(f, self.p, self.spatial_pool)
+
+    def spatial_profile(self, f):
+        """The one-descriptor spatial map mean_c |F|^p, in float32 (attn_target's student for spatial weights)."""
+        return spatial_map(f.float(), self.p, "mean")
+
+
+def _flag(name, value):
+    if not isinstance(value, bool):
+        raise AttnlabError(f"ssia {name} must be true or false, got {value!r}")
+    return value
 
 
 def _number(name, value, positive=False):
