@@ -16,7 +16,7 @@ The comparisons of one table form a family: their p-values are Holm-adjusted (``
   *inconclusive* when the observed difference is at least the MDE but not significant after adjustment.
 - ``kind: match`` (e.g. EAN: the searched scheme keeps full sharing's accuracy within a margin): *holds* when
   the equivalence test (two one-sided tests against +-margin) has adjusted p < 0.05, *reversed* when the test that
-  the method is worse by more than the margin has, otherwise *equivalence within +-margin not shown*, with the MDE.
+  the method is worse by more than the margin has, otherwise *equivalence within +-margin not shown*.
 - ``latency: lower`` on a claim adds its inference-time part: the CPU latency ratio (method / baseline, smallest
   batch timed) with a 95% interval over the timing rounds; *lower* only when the whole interval is below 1.
 """
@@ -81,7 +81,7 @@ def verdict(c: dict) -> str:
     if c.get("kind") == "match":
         if significant:
             return "holds" if c["direction"] == "equivalent" else "reversed"
-        return f"equivalence within ±{c['margin']:g} not shown; {detect}"
+        return f"equivalence within ±{c['margin']:g} not shown (Holm p = {c['p_holm']:.2f})"
     if significant:
         return "holds" if c["direction"] == "ahead" else "reversed"
     if not isnan(c["mde"]) and abs(c["diff"]) >= c["mde"]:  # a large observed gap that the family's tests reject
@@ -90,8 +90,9 @@ def verdict(c: dict) -> str:
 
 
 def latency_ratio(m, b) -> dict | None:
-    """Method / baseline CPU latency at the smallest batch both have, with a 95% interval over timing rounds
-    (per-round medians, paired by round); the interval is nan for entries timed before rounds were kept."""
+    """Method / baseline CPU latency at the smallest batch both have: the geometric mean over timing rounds of the
+    per-round median ratio (paired by round) with its 95% interval; for entries timed before rounds were kept, the
+    ratio of the overall medians and no interval."""
     if not m or not b:
         return None
     cm, cb = (m.get("latency") or {}).get("cpu"), (b.get("latency") or {}).get("cpu")
@@ -102,7 +103,8 @@ def latency_ratio(m, b) -> dict | None:
         return None
     em, eb = cm["batch"][common[0]], cb["batch"][common[0]]
     out = ratio_interval(em.get("round_medians_ms") or [], eb.get("round_medians_ms") or [])
-    out["ratio"] = em["median_ms"] / eb["median_ms"]  # the medians over every call, as the tables show them
+    if out["n"] < 2:  # no rounds kept: the ratio of the medians over every call, without an interval
+        out["ratio"] = em["median_ms"] / eb["median_ms"]
     out["batch"] = int(common[0])
     return out
 
