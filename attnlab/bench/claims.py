@@ -134,7 +134,8 @@ def judge_all(summary) -> list[dict]:
     return judge_family(rows)
 
 
-def _ci(d):
+def format_ci(d) -> str:
+    """'[-0.50, +0.23]', or '—' without an interval (one home for the tables of report.py and this module)."""
     if d is None or isnan(d["low"]):
         return "—"
     return f"[{d['low']:+.2f}, {d['high']:+.2f}]"
@@ -148,7 +149,7 @@ def _lat(r):
     return f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
 
 
-def _p(v):
+def format_p(v) -> str:
     return "—" if v is None or isnan(v) else (f"{v:.3f}" if v >= 0.001 else "<0.001")
 
 
@@ -170,8 +171,8 @@ def claims_table(rows) -> list[str]:
         diff = "—" if r["welch"] is None else f"{r['diff']:+.2f} ({r['n_method']}, {r['n_baseline']})"
         what = r["claim"] + (f" (match within ±{r['margin']:g})" if r["kind"] == "match" else "")
         mde_cell = "—" if r["welch"] is None or isnan(r["mde"]) else f"{r['mde']:.2f}"
-        out.append(f"| {what} | {r['source'] or '—'} | {r['paper'] or '—'} | {diff} | {_ci(r['welch'])} "
-                   f"| {_ci(r.get('pooled'))} | {mde_cell} | {_p(r.get('p_holm'))} | {_lat(r['latency'])} "
+        out.append(f"| {what} | {r['source'] or '—'} | {r['paper'] or '—'} | {diff} | {format_ci(r['welch'])} "
+                   f"| {format_ci(r.get('pooled'))} | {mde_cell} | {format_p(r.get('p_holm'))} | {_lat(r['latency'])} "
                    f"| **{claim_verdict(r)}** |")
     return out
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import AttnlabError
 from ..files import atomic_write_text, save_figure
-from .claims import CLAIMS_NOTE, claims_table, compare, judge_all, judge_family
+from .claims import CLAIMS_NOTE, claims_table, compare, format_ci, format_p, judge_all, judge_family
 from .matrix import method_seeds
 from .stats import isnan, mean_std, pooled_sd, welch_interval
 
@@ -232,13 +232,7 @@ def _signed(v):
 
 
 def _interval(c, key):
-    return "—" if c is None else _ci(c[key])
-
-
-def _ci(d):
-    if d is None or isnan(d["low"]):
-        return "—"
-    return f"[{_signed(d['low'])}, {_signed(d['high'])}]"
+    return "—" if c is None else format_ci(c[key])
 
 
 def _mde(c):
@@ -246,9 +240,7 @@ def _mde(c):
 
 
 def _holm(c):
-    if c is None or isnan(c.get("p_holm", float("nan"))):
-        return "—"
-    return f"{c['p_holm']:.3f}" if c["p_holm"] >= 0.001 else "<0.001"
+    return format_p(None if c is None else c.get("p_holm"))
 
 
 def _pooled(s):
@@ -376,7 +368,8 @@ def render_markdown(summary) -> str:
     cpu_head = f"CPU latency ms (bs {' / '.join(map(str, cpu_sizes))})" if cpu_sizes else "CPU latency ms"
     gpu_head = f"GPU latency ms (bs {' / '.join(map(str, gpu_sizes))})" if gpu_sizes else "GPU latency ms"
     out += ["## Results", "",
-            f"| method | n | val top-1 (best) | test top-1 | Δ val vs {base} [95% CI] | Δ test vs {base} [Welch 95% CI] "
+            f"| method | n | val top-1 (best) | test top-1 | Δ val vs {base} [95% CI] "
+            f"| Δ test vs {base} [Welch 95% CI] "
             "| pooled-SD 95% CI | MDE | Holm p "
             f"| params | FLOPs | {cpu_head} | {gpu_head} | train img/s |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

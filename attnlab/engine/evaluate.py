@@ -84,7 +84,8 @@ def run(args):
     res = evaluate(model, loader, device, precision, channels_last=channels_last)
     out = {"checkpoint": str(path), "split": args.split, "epoch": ckpt.get("epoch"),
            "ema": bool(ckpt.get("ema")) and not args.no_ema, "top1": res["top1"], "top5": res["top5"],
-           "loss": res["loss"], "precision": precision, "images": int(res["n"]), "seconds": round(time.perf_counter() - start, 3)}
+           "loss": res["loss"], "precision": precision,
+           "images": int(res["n"]), "seconds": round(time.perf_counter() - start, 3)}
     dest = Path(args.out) if args.out else path.parent / f"eval_{args.split}.json"
     try:
         atomic_write_json(dest, out, "evaluation")
