@@ -1,0 +1,138 @@
+"""How should this machine run a matrix? Workers, threads and precision from a one-minute measurement.
+
+Runs and checkpoints do not survive from one working period to the next, so every cell has to finish on the
+machine that starts it. This times a few training steps of each method of ``--matrix`` (its recipe and
+overrides: model, batch size, ``train.amp``) in the precision the engine would pick here, at one thread and at
+every core, and prints and saves:
+
+- the precision (bf16 where the recipe asks for it and the CPU has native bf16, else fp32);
+- workers x threads: two one-thread cells at once when that beats one cell on every core in images/s (on a 2-core
+  CPU it nearly always does), and the expected wall time of each method's cell in that setting:
+  epochs x (train images / rate + eval images / (3 x rate)) x ``--overhead`` (1.0 by default: on a 2-core Zen 4
+  the calibration's `none` cells measured 89-95 s an epoch at one thread beside another cell, against 98 s from
+  this estimate, so data loading hides in the cautious eval term);
+- which cells would not finish within ``--limit`` (2.5 hours) that way, and whether they would with the machine to
+  themselves (all threads, one worker): the bench commands for both groups.
+
+Model-only steps on random tensors (the rate does not depend on the data). Pause other jobs first (kill -STOP):
+it times the machine.
+
+    .venv/bin/python benchmarks/cell_plan.py --matrix benchmarks/matrices/cifar10_resnet20_converged.yaml
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import attnlab  # noqa: E402,F401  (before torch: it sets the OpenMP wait policy)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from attnlab.bench.matrix import load_matrix, method_overrides, method_seeds  # noqa: E402
+from attnlab.bench.runs import host_info  # noqa: E402
+from attnlab.engine.checkpoint import model_from_config  # noqa: E402
+from attnlab.engine.config import load_config  # noqa: E402
+from attnlab.engine.precision import autocast, resolve_precision  # noqa: E402
+from attnlab.files import atomic_write_json  # noqa: E402
+from attnlab.profiler import cpu_threads  # noqa: E402
+
+CPU = torch.device("cpu")
+# Images per epoch of the data sets the matrices train on: (train, val + test) at the default hold-out.
+SPLITS = {"cifar10": (45_000, 15_000), "cifar100": (45_000, 15_000)}
+
+
+def step_rate(cfg, precision: str, threads: int, steps: int) -> float:
+    """Training images/s of the config's model: SGD steps at its batch size, ``steps`` timed after 2 warm-up."""
+    with cpu_threads(threads):
+        torch.manual_seed(0)
+        cfg.model.num_classes = cfg.model.num_classes or 10
+        model = model_from_config(cfg.model).to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        size = cfg.data.image_size or 32
+        x = torch.randn(cfg.train.batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, cfg.model.num_classes, (cfg.train.batch_size,))
+        for i in range(2 + steps):
+            if i == 2:
+                start = time.perf_counter()
+            with autocast(CPU, precision):
+                loss = F.cross_entropy(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return steps * cfg.train.batch_size / (time.perf_counter() - start)
+
+
+def plan(matrix: dict, steps: int, overhead: float, limit_h: float) -> dict:
+    cores = torch.get_num_threads()
+    methods, notices = {}, set()
+    for m in matrix["methods"]:
+        cfg = load_config(matrix["recipe_path"], method_overrides(matrix, m))
+        precision, notice = resolve_precision(CPU, cfg.train.amp)
+        if notice:
+            notices.add(notice)
+        one, every = step_rate(cfg, precision, 1, steps), step_rate(cfg, precision, cores, steps)
+        train_images, eval_images = SPLITS.get(cfg.data.name, (50_000, 10_000))
+        methods[m["name"]] = {"precision": precision, "epochs": cfg.train.epochs, "cells": len(method_seeds(matrix, m)),
+                              "images_per_s_1_thread": round(one, 1), f"images_per_s_{cores}_threads": round(every, 1),
+                              "_hours": {t: cfg.train.epochs * (train_images / r + eval_images / (3 * r)) * overhead
+                                         / 3600 for t, r in ((1, one), (cores, every))}}
+        print(f"{m['name']}: {precision}, {one:.0f} images/s at 1 thread, {every:.0f} at {cores}", flush=True)
+    # Several one-thread cells at once against one cell on every core: total images/s of the whole machine.
+    parallel = sum(cores * v["images_per_s_1_thread"] for v in methods.values())
+    alone = sum(v[f"images_per_s_{cores}_threads"] for v in methods.values())
+    workers, threads = (cores, 1) if parallel >= alone else (1, cores)
+    for v in methods.values():
+        hours = v.pop("_hours")
+        v["expected_cell_hours"] = round(hours[threads], 2)
+        # A cell too slow for one thread may still fit with the machine to itself.
+        v["setting"] = ("shared" if hours[threads] <= limit_h else
+                        "alone" if hours[cores] <= limit_h else "too long")
+        if v["setting"] != "shared":
+            v["expected_cell_hours_alone"] = round(hours[cores], 2)
+    return {"benchmark": "cell_plan", "matrix": matrix["name"], "host": host_info(), "steps": steps,
+            "overhead": overhead, "limit_hours": limit_h, "workers": workers, "threads": threads,
+            "notices": sorted(notices), "methods": methods, "commands": _commands(matrix, methods, workers,
+                                                                                  threads, cores, limit_h)}
+
+
+def _commands(matrix, methods, workers, threads, cores, limit_h) -> list[str]:
+    """One bench command for the cells that share the machine, one for those that need it to themselves."""
+    base = f"attnlab bench --matrix {matrix['path']}"
+    budget = f"--budget {int(limit_h * 60)}m"
+    shared = [k for k, v in methods.items() if v["setting"] == "shared"]
+    alone = [k for k, v in methods.items() if v["setting"] == "alone"]
+    out = []
+    if shared:
+        out.append(f"{base} --only {','.join(shared)} --workers {workers} --threads {threads} {budget}")
+    if alone:
+        out.append(f"{base} --only {','.join(alone)} --workers 1 --threads {cores} {budget}")
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--matrix", required=True)
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per method and thread count")
+    p.add_argument("--overhead", type=float, default=1.0, help="factor for data loading and augmentation")
+    p.add_argument("--limit", type=float, default=2.5, help="hours a cell may take on this machine")
+    p.add_argument("--out", help="JSON path (default results/<matrix>/cell_plan.json)")
+    a = p.parse_args(argv)
+    matrix = load_matrix(a.matrix)
+    out = plan(matrix, a.steps, a.overhead, a.limit)
+    path = Path(a.out) if a.out else ROOT / "results" / matrix["name"] / "cell_plan.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, out, "cell plan")
+    for notice in out["notices"]:
+        print(notice)
+    print(f"{out['workers']} worker(s) x {out['threads']} thread(s): " + ", ".join(
+        f"{k} {v['expected_cell_hours']:.2f} h" + ("" if v["setting"] == "shared" else
+                                                  f" ({v['setting']}: {v['expected_cell_hours_alone']:.2f} h alone)")
+        for k, v in out["methods"].items()))
+    print("run:\n  " + "\n  ".join(out["commands"]) + f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
