@@ -10,7 +10,8 @@ where a sync is free, it is raised at once, before the bad step touches the weig
 uint8 and are augmented there (``attnlab.data.BatchLoader``). CUDA runs use autocast (bf16 by default); every
 device uses channels_last unless ``train.channels_last=false``; ``train.compile`` wraps the model in ``torch.compile``.
 
-Resume: checkpoint_last.pt holds the model, optimizer, scheduler, grad scaler, EMA and RNG states after each epoch.
+Resume: checkpoint_last.pt holds the model, optimizer, scheduler, grad scaler, EMA and RNG states after each epoch
+(and the objectives' training-only modules, never part of the model's weights).
 The data order and augmentation are a pure function of (seed, epoch), so a resumed run replays the interrupted
 epoch from its start and, with ``train.deterministic`` on CPU, ends with the same weights as an uninterrupted one.
 Every file is written atomically (``attnlab.files``) but the per-epoch appends to metrics.csv (a row torn by a kill
