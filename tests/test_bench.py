@@ -118,8 +118,9 @@ def test_a_method_may_run_its_own_seeds_in_seed_major_order(tmp_path):
     m = load_matrix(path)
     assert [(c["method"], c["seed"]) for c in cells(m)] == [
         ("none", 0), ("se", 0), ("none", 1), ("se", 1), ("cbam", 1), ("none", 2), ("none", 3), ("cbam", 5)]
+    # --seeds 1,3: those seeds for a method without its own list; a method's own list still limits it.
     assert [(c["method"], c["seed"]) for c in cells(m, seeds=[1, 3])] == [("none", 1), ("se", 1), ("cbam", 1),
-                                                                          ("none", 3)]
+                                                                          ("none", 3), ("se", 3)]
     with pytest.raises(AttnlabError, match="method 'se': 'seeds' must be a non-empty list of integers"):
         load_matrix(_write(tmp_path, "methods: [{name: se, seeds: []}]\n", "bad.yaml"))
 

@@ -37,7 +37,7 @@ def test_typed_values_are_converted_or_rejected(tmp_path):
     with pytest.raises(AttnlabError, match=r"train\.lr"):
         load_config(write(tmp_path, "train:\n  lr: fast\n"))
     with pytest.raises(AttnlabError, match="schedule"):
-        load_config(None, ["train.schedule=linear"])
+        load_config(None, ["train.schedule=exponential"])
     with pytest.raises(AttnlabError, match="device"):
         load_config(None, ["device=gpu"])
     with pytest.raises(AttnlabError, match="key=value"):

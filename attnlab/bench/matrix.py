@@ -237,12 +237,13 @@ def cells(matrix, seeds=None, only=None) -> list[dict]:
             if name not in names:
                 raise unknown("method", name, names)
         methods = [m for m in methods if m["name"] in only]
-    if seeds is None:  # every seed any method runs, in order of first appearance
+    given = seeds is not None  # --seeds: these seeds, for every method that does not list its own
+    if not given:  # every seed any method runs, in order of first appearance
         seeds = list(dict.fromkeys([*matrix["seeds"], *(s for m in methods for s in method_seeds(matrix, m))]))
     out = []
     for seed in seeds:  # seed-major: an interrupted matrix has every method at the first seed before the second
         for m in methods:
-            if seed not in method_seeds(matrix, m):
+            if seed not in (m.get("seeds") or (seeds if given else matrix["seeds"])):
                 continue
             out.append({"method": m["name"], "seed": seed, "run_name": f"{slug(m['name'])}-s{seed}",
                         "overrides": {**matrix["overrides"], **m["overrides"]}})
