@@ -130,6 +130,18 @@ def write_error(err: Exception, path, what: str = "file") -> Exception:
     return AttnlabError(f"could not write {what} {path} ({type(err).__name__}: {first}); {kept}")
 
 
+def portable_path(path) -> str:
+    """``path`` as a record should keep it: relative to the working directory (the repository root, where attnlab
+    runs) when it lies inside it, so records and reports read the same in any clone; else as given."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(p)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
 def writable_dir(folder, what: str = "output directory") -> Path:
     """Create ``folder`` (and parents) or raise a one-line AttnlabError saying why it cannot be written."""
     folder = Path(folder)

@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import AttnlabError
-from ..files import atomic_write_text, git_commit
+from ..files import atomic_write_text, git_commit, portable_path
 from ..jsonl import append_jsonl, read_jsonl
 from .budget import Estimates, fmt_duration, pace_note, planned_device_kind
 from .matrix import cell_overrides, cells, fingerprint, same_digest, same_recipe, same_settings, settings_of
@@ -46,8 +46,9 @@ HARNESS_DIR = ".bench"  # runs/<matrix>/.bench/{locks,logs,records}: the harness
 def run_cell(matrix, cell, runs_root, *, load_config, train, device=None) -> dict:
     """Train one cell and return its runs.jsonl record (status 'ok' or 'failed')."""
     run_dir = Path(runs_root) / cell["run_name"]
-    record = {"matrix": matrix["name"], "matrix_file": matrix["path"], "method": cell["method"], "seed": cell["seed"],
-              "run_dir": str(run_dir), "overrides": cell["overrides"], "recipe": matrix["recipe"],
+    record = {"matrix": matrix["name"], "matrix_file": portable_path(matrix["path"]), "method": cell["method"],
+              "seed": cell["seed"], "run_dir": portable_path(run_dir), "overrides": cell["overrides"],
+              "recipe": matrix["recipe"],
               "fingerprint": fingerprint(matrix, cell), "recipe_digest": matrix.get("recipe_digest")}
     start = time.time()
     try:
@@ -236,7 +237,7 @@ def _reuse(matrix, pending, runs_path, write=True):
         hit = found.get((fingerprint(matrix, c), c["seed"])) if prev is None else None
         if hit is not None:
             source, r = hit
-            prev = {**r, "matrix": matrix["name"], "matrix_file": matrix["path"], "method": c["method"],
+            prev = {**r, "matrix": matrix["name"], "matrix_file": portable_path(matrix["path"]), "method": c["method"],
                     "reused_from": r.get("reused_from") or str(source)}  # a reused record names its origin
             if write:
                 append_jsonl(runs_path, prev)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AttnlabError
-from ..files import atomic_write_json
+from ..files import atomic_write_json, portable_path
 from .distributed import Dist
 from .metrics import Meter, topk_hits
 from .precision import autocast, resolve_precision
@@ -82,7 +82,7 @@ def run(args):
     start = time.perf_counter()
     precision, _ = resolve_precision(device, t["amp"])
     res = evaluate(model, loader, device, precision, channels_last=channels_last)
-    out = {"checkpoint": str(path), "split": args.split, "epoch": ckpt.get("epoch"),
+    out = {"checkpoint": portable_path(path), "split": args.split, "epoch": ckpt.get("epoch"),
            "ema": bool(ckpt.get("ema")) and not args.no_ema, "top1": res["top1"], "top5": res["top5"],
            "loss": res["loss"], "precision": precision,
            "images": int(res["n"]), "seconds": round(time.perf_counter() - start, 3)}

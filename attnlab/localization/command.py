@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AttnlabError
+from ..files import portable_path
 from .cam import METHODS, score_maps
 from ..data.boxes import split_boxes
 from .metrics import (BoxEvaluator, normalize_scoremaps, prior_baselines, require_cv2, select_threshold, summarize,
@@ -137,7 +138,7 @@ def run(args):
     path, ckpt, bundle, model = open_run(args.checkpoint, args.device, args.data_dir, not args.no_ema)
     start = time.perf_counter()
     res = localize(model, bundle, splits, args.interval, args.batch_size, args.cam)
-    res.update(checkpoint=str(path), epoch=ckpt.get("epoch"), attention=ckpt["config"]["model"]["attention"],
+    res.update(checkpoint=portable_path(path), epoch=ckpt.get("epoch"), attention=ckpt["config"]["model"]["attention"],
                model=ckpt["config"]["model"]["name"], ema=bool(ckpt.get("ema")) and not args.no_ema,
                seconds=round(time.perf_counter() - start, 2))
     dest = Path(args.output) if args.output else path.parent / "localize.json"
