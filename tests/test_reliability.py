@@ -191,8 +191,9 @@ def test_leftover_temps_are_removed_and_files_get_the_umask(tmp_path):
 # ---- 9: read-only destinations ------------------------------------------------------------------------------------
 
 def read_only(monkeypatch, root: Path):
-    """The OS answers EROFS to creating anything under ``root`` (we run as root, so chmod would not stop us)."""
-    real_open, real_mkdir = os.open, os.mkdir
+    """The OS answers EROFS to creating or deleting anything under ``root`` (we run as root, so chmod would not stop
+    us). As on a real read-only mount, deleting answers EROFS even for a file that is not there."""
+    real_open, real_mkdir, real_unlink = os.open, os.mkdir, os.unlink
     inside = lambda p: Path(os.path.abspath(p)).is_relative_to(root)  # noqa: E731
 
     def ro_open(path, flags, *a, **k):
@@ -205,8 +206,14 @@ def read_only(monkeypatch, root: Path):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
         return real_mkdir(path, *a, **k)
 
+    def ro_unlink(path, *a, **k):
+        if inside(path):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_unlink(path, *a, **k)
+
     monkeypatch.setattr(os, "open", ro_open)
     monkeypatch.setattr(os, "mkdir", ro_mkdir)
+    monkeypatch.setattr(os, "unlink", ro_unlink)
 
 
 def test_read_only_destinations_are_one_line_errors(tmp_path, capsys, monkeypatch):
