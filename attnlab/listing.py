@@ -16,9 +16,13 @@ def _first_line(obj) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
+def _default(value) -> str:
+    return value.__name__ if isinstance(value, type) else repr(value)
+
+
 def _options(cls) -> str:
     params = inspect.signature(cls.__init__).parameters.values()
-    opts = [f"{p.name}={p.default!r}" for p in params
+    opts = [f"{p.name}={_default(p.default)}" for p in params
             if p.name not in ("self", "channels") and p.default is not inspect.Parameter.empty]
     return ", ".join(opts) or "(no options)"
 
@@ -43,7 +47,22 @@ def list_attention() -> list[str]:
         cls = attention.get(name)
         module = inspect.getmodule(cls)
         title = _first_line(module) if name != "none" else "the plain backbone (no attention)"
-        rows.append(f"{name:<6} {title}\n         options: {_options(cls)}")
+        rows.append(f"{name:<12} {title}\n             options: {_options(cls)}")
+    return rows + _list_timm_attention()
+
+
+def _list_timm_attention() -> list[str]:
+    """timm's kinds that fit the slot (``timm:<kind>``), then the refused ones with the reason."""
+    from .attention import from_timm
+
+    if from_timm._import_get_attn() is None:
+        return [f"{'timm:*':<12} timm's attention layers: not available, timm is not installed (pip install timm)"]
+    rows = []
+    for name in from_timm.names():
+        cls = from_timm.get(name)
+        rows.append(f"{name:<12} {cls.__doc__}\n             options (timm's): {_options(cls)}")
+    for kind, why in sorted(from_timm.REFUSED.items()):
+        rows.append(f"{from_timm.PREFIX + kind:<12} refused: {why}")
     return rows
 
 

@@ -58,8 +58,12 @@ def names() -> list[str]:
 
 
 def get(name: str) -> type:
-    """The class registered under ``name`` (usable as timm's ``attn_layer``)."""
+    """The class registered under ``name``, or timm's layer for ``timm:<kind>`` (usable as timm's ``attn_layer``)."""
     key = str(name).lower()
+    if key.startswith("timm:"):
+        from . import from_timm
+
+        return from_timm.get(key)
     if key not in _REGISTRY:
         raise unknown("attention", name, _REGISTRY)
     return _REGISTRY[key]
@@ -83,7 +87,12 @@ def create(name: str, channels: int, **kwargs) -> nn.Module:
     check_kwargs(name, kwargs)
     try:
         return get(name)(channels, **kwargs)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, AssertionError) as err:  # timm's layers check their options with assert
         if isinstance(err, AttnlabError):
             raise
-        raise AttnlabError(f"attention '{name}' rejected its options {kwargs}: {err}") from None
+        raise AttnlabError(f"attention '{name}' rejected its options {kwargs}: {_line(err)}") from None
+
+
+def _line(err) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
