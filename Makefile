@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch is capped at what this machine's disk holds; the code itself needs only torch >= 2.4.
 TORCH := "torch>=2.4,<=2.14.1" "torchvision>=0.19,<=0.29.1"
 
-.PHONY: install install-dev demo test bench clean
+.PHONY: install install-dev demo test lint bench clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -28,6 +28,9 @@ demo: $(VENV)/.installed  # a second `make demo` continues runs/quick (or says i
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest tests
+
+lint: $(VENV)/.installed-dev  # the rules are in pyproject.toml ([tool.ruff])
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf runs .cache

@@ -6,9 +6,9 @@ import os
 # before torch, as the CLI always is.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import attention  # noqa: E402
-from .errors import AttnlabError  # noqa: E402
-from .models import create_model, list_models  # noqa: E402
+from . import attention
+from .errors import AttnlabError
+from .models import create_model, list_models
 
 __version__ = "0.1.0"
 __all__ = ["attention", "create_model", "list_models", "AttnlabError", "__version__"]

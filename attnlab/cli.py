@@ -13,7 +13,8 @@ from .errors import AttnlabError
 
 COMMANDS = {
     "list": ("attnlab.listing", "list the models, attention modules, datasets and training objectives"),
-    "train": ("attnlab.engine.train", "train a model from a YAML recipe with key=value overrides (files go to runs/<name>/)"),
+    "train": ("attnlab.engine.train",
+              "train a model from a YAML recipe with key=value overrides (files go to runs/<name>/)"),
     "eval": ("attnlab.engine.evaluate", "evaluate a checkpoint on the val or test split"),
     "profile": ("attnlab.profiler", "params, FLOPs, latency, throughput and peak memory of a model"),
     "export": ("attnlab.export", "export a checkpoint's model to ONNX (inference graph only)"),

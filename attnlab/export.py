@@ -2,8 +2,9 @@
 
 The model is rebuilt from the checkpoint's ``config["model"]`` section, its weights (the EMA weights when the run
 kept an EMA, as ``attnlab eval`` does; ``--no-ema`` for the raw ones) are loaded with strict=True and it is exported
-in eval mode through ``model(x)``, the plain logits path. A run directory stands for its checkpoint_best.pt. Training-only objectives (SSIA, the SPE
-regulariser) live outside the model, so the graph is the same whether or not they were used in training.
+in eval mode through ``model(x)``, the plain logits path. A run directory stands for its checkpoint_best.pt.
+Training-only objectives (SSIA, the SPE regulariser) live outside the model, so the graph is the same whether or not
+they were used in training.
 
 Exporter: the TorchScript-based one (``dynamo=False``) by default. It exists on every torch >= 2.4, is fast and
 gives dynamic batch and spatial axes; torch >= 2.9 marks it deprecated and defaults to the torch.export-based

@@ -57,8 +57,8 @@ def timm_key(key):
 def build_pair(attention, device, timm_first=False):
     import timm
     torch.manual_seed(0)
-    build_ours = lambda: create_model("resnet50", attention=attention).eval().to(device)  # noqa: E731
-    build_timm = lambda: timm.create_model(  # noqa: E731
+    build_ours = lambda: create_model("resnet50", attention=attention).eval().to(device)
+    build_timm = lambda: timm.create_model(
         "resnet50", block_args=dict(attn_layer=timm_layer(attention))).eval().to(device)
     if timm_first:
         theirs, ours = build_timm(), build_ours()

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attnlab.files import atomic_write_json  # noqa: E402
-from attnlab.models import create_model  # noqa: E402
-from attnlab.models.connections import bits_to_blocks, set_connections  # noqa: E402
-from attnlab.profiler import measure_latency  # noqa: E402
+from attnlab.files import atomic_write_json
+from attnlab.models import create_model
+from attnlab.models.connections import bits_to_blocks, set_connections
+from attnlab.profiler import measure_latency
 
 
 def main(argv=None):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attnlab.search.replay import REPLAY_SEARCHERS, read_table, replay_study, synthetic_table, write_json  # noqa
+from attnlab.search.replay import REPLAY_SEARCHERS, read_table, replay_study, synthetic_table, write_json
 
 
 def main(argv=None):

@@ -3,8 +3,9 @@
 Reference: torchvision ``ImageFolder`` over the JPEG files + ``RandomCrop(32, 4)``/``RandomHorizontalFlip``/
 ``ToTensor``/``Normalize`` + ``DataLoader(num_workers=2)``, fp32 eager, SGD, same model and batch size.
 Engine: ``attnlab.engine.train.train`` itself (uint8 dataset in memory, batch augmentation, device-side metrics),
-eager channels_last (the CPU default), eager NCHW, and compiled; every "epoch" is cut to ``--steps`` steps (``debug.max_steps_per_epoch``) and the
-rate is read from the run's metrics.csv (training loop only; evaluation excluded).
+eager channels_last (the CPU default), eager NCHW, and compiled; every "epoch" is cut to ``--steps`` steps
+(``debug.max_steps_per_epoch``) and the rate is read from the run's metrics.csv (training loop only; evaluation
+excluded).
 
 CPU: resnet20, batch 128. Steady-state rate = median over measured windows/epochs after the first, which holds the
 compile warm-up (reported separately as first-epoch time minus a steady epoch's time; round 1 compiles with an

@@ -1,23 +1,20 @@
 """Shared helpers for the attention-module tests: tiny real data, a short training run, gradient checks."""
-from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from attnlab.models import create_model, default_input_size, list_models
+from conftest import require_dataset
 
-CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg" / "train"
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
 
 
 def tiny_cifar(n=64):
     """The first images of each CIFAR-10 class, read with PIL: (n x 3 x 32 x 32 normalised, labels)."""
-    if not CIFAR.is_dir():
-        pytest.skip(f"CIFAR-10 JPEGs not found at {CIFAR}")
+    CIFAR = require_dataset("cifar10") / "train"
     classes = sorted(p.name for p in CIFAR.iterdir())
     per_class = -(-n // len(classes))
     images, labels = [], []

@@ -1,4 +1,5 @@
-"""Data layer: sources, splits, the decoded cache and the batch loader, on real shared data and small generated folders."""
+"""Data layer: sources, splits, the decoded cache and the batch loader, on real shared data and small generated
+folders."""
 import io
 import os
 import pickle
@@ -14,15 +15,10 @@ from PIL import Image
 
 from attnlab.data import BatchLoader, Split, channel_stats, crop_flip, load_dataset
 from attnlab.data import cache as data_cache
-from attnlab.data.sources import repo_root
 from attnlab.data.splits import per_class_subset, stratified_split
 from attnlab.errors import AttnlabError
 
-SHARED = repo_root().parent / "shared" / "data"
-CIFAR = SHARED / "cifar10-jpeg"
-TINY = SHARED / "tiny-imagenet-50"
-needs_cifar = pytest.mark.skipif(not CIFAR.is_dir(), reason="shared CIFAR-10 JPEGs not present")
-needs_tiny = pytest.mark.skipif(not TINY.is_dir(), reason="shared Tiny-ImageNet-50 not present")
+needs_cifar = pytest.mark.needs_data("cifar10")
 
 
 def make_folder(root: Path, classes=("a", "b", "c"), per_class=(6, 2), size=(8, 8), ext="png", seed=0):
@@ -39,9 +35,7 @@ def make_folder(root: Path, classes=("a", "b", "c"), per_class=(6, 2), size=(8, 
 
 
 @pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    if not CIFAR.is_dir():
-        pytest.skip("shared CIFAR-10 JPEGs not present")
+def cifar(tmp_path_factory, cifar10_dir):
     return load_dataset("cifar10", subset=30, test_subset=10, seed=0, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
@@ -378,8 +372,8 @@ def test_torn_cifar_batch_is_a_clean_error(tmp_path):
         load_dataset("cifar10", data_dir=folder, cache_dir=None)
 
 
-@needs_tiny
-def test_tiny_imagenet_boxes_are_aligned_with_images(tmp_path):
+def test_tiny_imagenet_boxes_are_aligned_with_images(tmp_path, tiny_imagenet_dir):
+    TINY = tiny_imagenet_dir
     bundle = load_dataset("tiny-imagenet", subset=4, test_subset=2, cache_dir=tmp_path)
     wnids = (TINY / "wnids.txt").read_text().split()
     assert bundle.classes == wnids and bundle.num_classes == 50 and bundle.image_size == 64
@@ -390,11 +384,12 @@ def test_tiny_imagenet_boxes_are_aligned_with_images(tmp_path):
         for i in (0, len(split) // 2, len(split) - 1):
             wnid = split.files[i].split("/")[1]
             assert wnids[int(split.labels[i])] == wnid
-            lines = dict(l.split("\t", 1) for l in (TINY / "train" / wnid / f"{wnid}_boxes.txt").read_text()
-                         .splitlines())
+            boxes_txt = (TINY / "train" / wnid / f"{wnid}_boxes.txt").read_text()
+            lines = dict(line.split("\t", 1) for line in boxes_txt.splitlines())
             want = [float(v) for v in lines[split.files[i].rsplit("/", 1)[1]].split()]
             assert split.boxes[i].tolist() == want
-    ann = {l.split("\t")[0]: l.split("\t")[1:] for l in (TINY / "val" / "val_annotations.txt").read_text().splitlines()}
+    val_txt = (TINY / "val" / "val_annotations.txt").read_text()
+    ann = {line.split("\t")[0]: line.split("\t")[1:] for line in val_txt.splitlines()}
     for i in range(0, len(bundle.test), 17):
         wnid, *box = ann[bundle.test.files[i].rsplit("/", 1)[1]]
         assert wnids[int(bundle.test.labels[i])] == wnid

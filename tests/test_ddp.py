@@ -8,9 +8,9 @@ what the two ranks see. Its loss is the same function of the weights as DDP's ra
 agree to float rounding, which checks gradient averaging, global-batch sharding, schedule and augmentation plan
 together. Only two steps (one per epoch) are compared (distance 1.6e-4 of the update, measured): rounding
 differences grow up to ~100x per step after that (a tiny net at init with 16-image BN is chaotic: 3e-6 after two
-steps, 4e-2 after ten, at lr 0.01, even between two single-process computations of the same maths). Evaluation is sharded across ranks with the loader's
-wrap-around padding masked out, so the DDP run's validation accuracy equals a single-process evaluation of the same
-checkpoint exactly (the validation split has an odd size to exercise that).
+steps, 4e-2 after ten, at lr 0.01, even between two single-process computations of the same maths). Evaluation is
+sharded across ranks with the loader's wrap-around padding masked out, so the DDP run's validation accuracy equals
+a single-process evaluation of the same checkpoint exactly (the validation split has an odd size to exercise that).
 """
 import csv
 import json
@@ -31,9 +31,8 @@ from attnlab.engine.config import load_config
 from attnlab.engine.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-pytestmark = [pytest.mark.skipif(not DATA.is_dir(), reason="offline CIFAR-10 copy not found"),
+pytestmark = [pytest.mark.needs_data("cifar10"),
               pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")]
 
 
@@ -55,8 +54,8 @@ class GhostBN(torch.nn.BatchNorm2d):
         out = torch.empty_like(x)
         # Each half as a dense tensor, as a rank holds it (the strided view x[0::2] rounds differently).
         for half in (slice(0, None, 2), slice(1, None, 2)):
-            out[half] = F.batch_norm(x[half].contiguous(), self.running_mean, self.running_var, self.weight, self.bias, True,
-                                     self.momentum, self.eps)
+            out[half] = F.batch_norm(x[half].contiguous(), self.running_mean, self.running_var, self.weight,
+                                     self.bias, True, self.momentum, self.eps)
         return out
 
 

@@ -18,8 +18,7 @@ from attnlab.errors import AttnlabError
 from attnlab.objectives import Objective, _OBJECTIVES, register_objective
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="offline CIFAR-10 copy not found")
+pytestmark = pytest.mark.needs_data("cifar10")
 
 STEPS = 5  # 180 training images (20 per class less a 10% hold-out) in batches of 32, last one dropped
 
@@ -37,8 +36,9 @@ class TinyProbe(Objective):
         value = self.weight * last.float().pow(2).mean()
         if step == self.nan_at_step:
             value = value * float("nan")
-        TinyProbe.calls.append({"epoch": epoch, "step": step, "value": float(value.detach()), "shape": tuple(last.shape),
-                                "logits": tuple(logits.shape), "model": type(model).__name__})
+        TinyProbe.calls.append({"epoch": epoch, "step": step, "value": float(value.detach()),
+                                "shape": tuple(last.shape), "logits": tuple(logits.shape),
+                                "model": type(model).__name__})
         return {"tiny_probe": value}
 
 

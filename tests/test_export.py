@@ -74,7 +74,7 @@ def test_export_cli_graphs_match_a_plain_model(trained, tmp_path, capsys):
     assert "exported resnet20 (attention=se)" in printed and "max |onnxruntime - torch|" in printed
 
     plain_path = export_onnx(plain_model, tmp_path / "plain.onnx", 32)
-    ops = lambda p: Counter(n.op_type for n in onnx.load(str(p)).graph.node)  # noqa: E731
+    ops = lambda p: Counter(n.op_type for n in onnx.load(str(p)).graph.node)
     assert ops(out) == ops(plain_path)
 
     # Same weights in a model built without SSIA: the exported graphs compute the same function.
@@ -82,7 +82,7 @@ def test_export_cli_graphs_match_a_plain_model(trained, tmp_path, capsys):
     same.load_state_dict(ssia_model.state_dict(), strict=True)
     same_path = export_onnx(same, tmp_path / "same.onnx", 32)
     x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)  # batch 3: dynamic axis
-    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]  # noqa: E731
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     a, b = run(out), run(same_path)
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     with torch.no_grad():

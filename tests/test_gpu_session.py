@@ -6,10 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-from attnlab.data.sources import open_source
-from attnlab.errors import AttnlabError
+from conftest import require_dataset
 from matrix_helpers import tiny_matrix_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,15 +21,13 @@ def _session(tmp_path, *phases, **env):
 
 
 def _data_root():
-    try:
-        return open_source("cifar10").root.parent
-    except AttnlabError:
-        pytest.skip("CIFAR-10 not found")
+    return require_dataset("cifar10").parent
 
 
 def test_session_runs_a_matrix_resumes_and_collects_its_files(tmp_path):
     matrix = tmp_path / "tiny.yaml"
-    matrix.write_text(tiny_matrix_text({"none": "none"}, latency="{batch_sizes: [1], warmup: 1, repeats: 2, rounds: 1}"))
+    matrix.write_text(tiny_matrix_text({"none": "none"},
+                                       latency="{batch_sizes: [1], warmup: 1, repeats: 2, rounds: 1}"))
     env = dict(MATRIX="tiny", MATRIX_FILE=matrix, ATTNLAB_DATA=_data_root(), BUDGET_S=400)
     done = _session(tmp_path, "matrix", "latency", **env)
     assert done.returncode == 0, done.stdout + done.stderr

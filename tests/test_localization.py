@@ -4,8 +4,8 @@ import pytest
 
 pytest.importorskip("cv2", reason="attnlab[wsol] (opencv-python-headless) not installed")
 
-from attnlab.errors import AttnlabError  # noqa: E402
-from attnlab.localization.metrics import (BoxEvaluator, box_iou, boxes_from_scoremap, iou_curves,  # noqa: E402
+from attnlab.errors import AttnlabError
+from attnlab.localization.metrics import (BoxEvaluator, box_iou, boxes_from_scoremap, iou_curves,
                                           centre_gaussian, max_box_acc, normalize_scoremap, prior_baselines,
                                           select_threshold, summarize, thresholds_grid)
 

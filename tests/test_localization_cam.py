@@ -5,13 +5,12 @@ import torch
 
 from attnlab.data.boxes import snap_to_pixels, split_boxes
 from attnlab.data.datasets import Split
-from attnlab.data.sources import open_source, repo_root
+from attnlab.data.sources import open_source
 from attnlab.errors import AttnlabError
 from attnlab.localization.cam import class_activation_maps, grad_cams, tdam_modules, tdam_step_cams
 from attnlab.models import create_model
 
-TINY = repo_root().parent / "shared" / "data" / "tiny-imagenet-50"
-needs_tiny = pytest.mark.skipif(not TINY.is_dir(), reason="shared Tiny-ImageNet-50 not present")
+needs_tiny = pytest.mark.needs_data("tiny-imagenet")
 
 
 def _model(attention="none", **kw):
@@ -109,10 +108,10 @@ def test_gates_are_captured_without_changing_the_output():
 
 
 @needs_tiny
-def test_every_tiny_imagenet_box_is_parsed_in_the_image_frame():
+def test_every_tiny_imagenet_box_is_parsed_in_the_image_frame(tiny_imagenet_dir):
     src = open_source("tiny-imagenet")
-    lines = (TINY / "val" / "val_annotations.txt").read_text().splitlines()
-    ann = {l.split("\t")[0]: [float(v) for v in l.split("\t")[2:6]] for l in lines}
+    lines = (tiny_imagenet_dir / "val" / "val_annotations.txt").read_text().splitlines()
+    ann = {line.split("\t")[0]: [float(v) for v in line.split("\t")[2:6]] for line in lines}
     assert len(src.test) == len(lines) == 2500
     for f, box in zip(src.test.files, src.test.boxes):
         assert box.tolist() == ann[f.rsplit("/", 1)[1]]

@@ -12,7 +12,6 @@ from attnlab.engine.train import train
 from attnlab.objectives import Objective, _OBJECTIVES, register_objective
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 CPU = torch.device("cpu")
 
 
@@ -74,7 +73,7 @@ def _tiny_run(tmp, name, amp):
     return train(cfg)
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="offline CIFAR-10 copy not found")
+@pytest.mark.needs_data("cifar10")
 def test_bf16_autocast_trains_on_a_cpu_that_has_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     results = _tiny_run(tmp_path, "bf16", "bf16")
@@ -84,7 +83,7 @@ def test_bf16_autocast_trains_on_a_cpu_that_has_it(tmp_path, monkeypatch, capsys
     assert "in bf16" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="offline CIFAR-10 copy not found")
+@pytest.mark.needs_data("cifar10")
 def test_a_cpu_without_bf16_trains_in_fp32_and_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     results = _tiny_run(tmp_path, "nobf16", "bf16")

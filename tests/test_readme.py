@@ -18,7 +18,6 @@ from attnlab.engine.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 
 
 def blocks(lang):
@@ -106,7 +105,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="offline CIFAR-10 copy not found")
+@pytest.mark.needs_data("cifar10")
 def test_single_node_torchrun_command_as_written(tmp_path):
     (command,) = [c for c in shell_commands() if c.startswith("torchrun --nproc_per_node 2")]
     words = shlex.split(command)

@@ -23,8 +23,7 @@ from attnlab.engine.config import load_config
 from attnlab.engine.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="offline CIFAR-10 copy not found")
+pytestmark = pytest.mark.needs_data("cifar10")
 
 # 20 images per class, 10% held out (18 per class train): 180 images, 5 batches of 32, 2 epochs, first 4 steps each.
 # Per CPU kernel set: (per-step losses, checksum of the final weights, checksum of the final EMA weights).

@@ -17,8 +17,7 @@ from attnlab.engine.optim import lr_factor
 from attnlab.engine.train import resume_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="offline CIFAR-10 copy not found")
+pytestmark = pytest.mark.needs_data("cifar10")
 STEPS = 3
 # Left out of the approximate comparison: timings and names, and epochs_by_precision (a nested dict, compared exactly).
 TIMING = {"wall_time_s", "train_images_per_s", "train_images_per_s_median_epoch", "device", "epochs_by_device", "name",
@@ -194,7 +193,7 @@ def read_only(monkeypatch, root: Path):
     """The OS answers EROFS to creating or deleting anything under ``root`` (we run as root, so chmod would not stop
     us). As on a real read-only mount, deleting answers EROFS even for a file that is not there."""
     real_open, real_mkdir, real_unlink = os.open, os.mkdir, os.unlink
-    inside = lambda p: Path(os.path.abspath(p)).is_relative_to(root)  # noqa: E731
+    inside = lambda p: Path(os.path.abspath(p)).is_relative_to(root)
 
     def ro_open(path, flags, *a, **k):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and inside(path):

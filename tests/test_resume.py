@@ -16,8 +16,7 @@ from attnlab.engine.metrics import RunLog
 from attnlab.engine.train import resume_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="offline CIFAR-10 copy not found")
+pytestmark = pytest.mark.needs_data("cifar10")
 
 STEPS = 5
 

@@ -16,8 +16,7 @@ from attnlab.search.evaluator import SchemeEvaluator
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "search" / "ean_resnet20_se.yaml"
-DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="offline CIFAR-10 copy not found")
+pytestmark = pytest.mark.needs_data("cifar10")
 
 
 def tiny(tmp, name="ean", **extra):

@@ -138,7 +138,8 @@ def test_resize_option_changes_the_target():
     area = [[0, 0, 4, 4], [0, 0, 4, 4], [8, 8, 12, 12], [8, 8, 12, 12]]
     bil = [[0, 1, 3, 4], [2, 3, 5, 6], [6, 7, 9, 10], [8, 9, 11, 12]]
     assert loss_of([lo, hi], distance="cosine", p=1.0, resize="area").item() == pytest.approx(cos_dist(area), abs=1e-6)
-    assert loss_of([lo, hi], distance="cosine", p=1.0, resize="bilinear").item() == pytest.approx(cos_dist(bil), abs=1e-6)
+    bilinear = loss_of([lo, hi], distance="cosine", p=1.0, resize="bilinear").item()
+    assert bilinear == pytest.approx(cos_dist(bil), abs=1e-6)
 
 
 def test_mean_max_averages_over_the_two_descriptors():
@@ -270,7 +271,8 @@ def test_composes_with_every_attention_module(attention):
     keys = set(model.state_dict())
     x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
     logits, feats = model(x, features="blocks")  # "blocks" also fills "stages": one forward serves all pairings
-    terms = [SSIA(pairing=p, weight=10.0)(features=feats, logits=logits, epoch=0)["ssia"] for p in ("block", "stage", "last")]
+    terms = [SSIA(pairing=p, weight=10.0)(features=feats, logits=logits, epoch=0)["ssia"]
+             for p in ("block", "stage", "last")]
     assert all(term.item() > 0 and torch.isfinite(term) for term in terms)
     (torch.nn.functional.cross_entropy(logits, y) + sum(terms)).backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -344,7 +346,7 @@ def _ddp_problem():
 
 
 def test_ddp_averages_the_ssia_gradients_like_one_process_on_the_full_batch(tmp_path):
-    import torch._dynamo  # noqa: F401  (DDP's constructor imports it: once here, not in each forked worker)
+    import torch._dynamo
     import torch.multiprocessing as mp
 
     mp.start_processes(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,

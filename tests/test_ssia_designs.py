@@ -21,7 +21,6 @@ from attnlab.objectives.ssia_heads import AttnBlock, ClassHead
 
 DESIGNS = ("maps", "attn_target", "teacher", "self_distill", "cam")
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 
 
 def sig(v):
@@ -299,7 +298,7 @@ def test_teacher_trained_model_exports_the_plain_onnx_graph(tmp_path):
         opt.zero_grad()
         nn.functional.cross_entropy(plain(x), y).backward()
         opt.step()
-    ops = lambda p: Counter(n.op_type for n in onnx.load(str(p)).graph.node)  # noqa: E731
+    ops = lambda p: Counter(n.op_type for n in onnx.load(str(p)).graph.node)
     ours = export_onnx(model.eval(), tmp_path / "t.onnx", 32)
     assert ops(ours) == ops(export_onnx(plain.eval(), tmp_path / "p.onnx", 32))
 
@@ -354,7 +353,7 @@ def _overrides(tmp, name):
             "ssia.enabled=true", "ssia.design=self_distill", "ssia.shuffle_target=true"]
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="offline CIFAR-10 copy not found")
+@pytest.mark.needs_data("cifar10")
 def test_engine_trains_checkpoints_and_resumes_training_only_modules_exactly(tmp_path, capsys):
     import csv
 
@@ -382,6 +381,6 @@ def test_engine_trains_checkpoints_and_resumes_training_only_modules_exactly(tmp
     for key in ("model", "objective_modules"):
         assert a[key].keys() == b[key].keys()
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-    mom = lambda ck: [v["momentum_buffer"] for _, v in sorted(ck["optimizer"]["state"].items())]  # noqa: E731
+    mom = lambda ck: [v["momentum_buffer"] for _, v in sorted(ck["optimizer"]["state"].items())]
     assert len(mom(a)) > len(list(plain.parameters()))  # the heads are in the optimiser
     assert all(torch.equal(u, v) for u, v in zip(mom(a), mom(b)))

@@ -7,12 +7,11 @@ from PIL import Image
 
 pytest.importorskip("cv2", reason="attnlab[wsol] (opencv-python-headless) not installed")
 
-from attnlab.cli import main  # noqa: E402
-from attnlab.data.sources import repo_root  # noqa: E402
-from attnlab.engine.config import load_config  # noqa: E402
-from attnlab.engine.train import train  # noqa: E402
+from attnlab.cli import main
+from attnlab.data.sources import repo_root
+from attnlab.engine.config import load_config
+from attnlab.engine.train import train
 
-SHARED = repo_root().parent / "shared" / "data"
 RECIPE = repo_root() / "configs" / "tiny_imagenet_resnet20_cpu.yaml"
 
 
@@ -31,7 +30,7 @@ def _cli(*args):
     return exc.value.code
 
 
-@pytest.mark.skipif(not (SHARED / "tiny-imagenet-50").is_dir(), reason="shared Tiny-ImageNet-50 not present")
+@pytest.mark.needs_data("tiny-imagenet")
 def test_localize_and_show_on_a_tdam_checkpoint(tmp_path, capsys):
     run = _run(tmp_path, "tdam", "tdam")
     assert _cli("localize", "--checkpoint", str(run), "--interval", "0.05") == 0
@@ -59,7 +58,7 @@ def test_localize_and_show_on_a_tdam_checkpoint(tmp_path, capsys):
             assert np.asarray(im.convert("L")).std() > 10  # not blank
 
 
-@pytest.mark.skipif(not (SHARED / "cifar10-jpeg").is_dir(), reason="shared CIFAR-10 not present")
+@pytest.mark.needs_data("cifar10")
 def test_show_works_on_cifar10_and_localize_says_there_are_no_boxes(tmp_path, capsys):
     run = _run(tmp_path, "se", "se", ["data.name=cifar10", "data.image_size=null", "data.val_size=20",
                                       "data.subset=6"])

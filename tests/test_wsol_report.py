@@ -1,4 +1,5 @@
-"""benchmarks/wsol_report.py: the report is rebuilt from committed localize copies, and its verdict follows the numbers."""
+"""benchmarks/wsol_report.py: the report is rebuilt from committed localize copies, and its verdict follows the
+numbers."""
 import importlib.util
 import json
 from pathlib import Path
@@ -92,7 +93,8 @@ def test_readme_block_replaces_only_its_own_markers(wr, tmp_path):
                        "tdam": [(40.0, 54.0, 27.4), (40.5, 54.4, 27.9)]})
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:begin -->\nproxy table\n<!-- results:end -->\n"
-                      "<!-- results:wsol_tiny_imagenet:begin -->\nstale wsol block\n<!-- results:wsol_tiny_imagenet:end -->\n")
+                      "<!-- results:wsol_tiny_imagenet:begin -->\nstale wsol block\n"
+                      "<!-- results:wsol_tiny_imagenet:end -->\n")
     wr.main(["--runs", str(runs), "--out", str(tmp_path / "report.md"), "--readme", str(readme)])
     text = readme.read_text()
     assert "proxy table" in text and "stale wsol block" not in text

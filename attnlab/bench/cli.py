@@ -76,7 +76,7 @@ def run(args):
     from ..profiler import set_threads
 
     matrix = load_matrix(args.matrix)
-    log = lambda s: print(s, flush=True)  # noqa: E731
+    log = lambda s: print(s, flush=True)
     if args.latency_only:
         from ..engine.config import load_config
         from .latency import measure_latencies
@@ -90,7 +90,7 @@ def run(args):
         set_threads(args.threads)  # the cells train in this process
     counts = run_matrix(matrix, seeds=args.seeds, only=args.only, dry_run=args.dry_run,
                         results_root=args.results_root, runs_root=args.runs_root, latency=not args.no_latency,
-                        retry_failed=args.retry_failed, workers=workers, device=args.device, threads=args.threads, budget_s=args.budget,
-                        log=log)
+                        retry_failed=args.retry_failed, workers=workers, device=args.device, threads=args.threads,
+                        budget_s=args.budget, log=log)
     sys.stdout.flush()
     return 1 if counts["failed"] or counts.get("interrupted") or counts.get("config_errors") else 0

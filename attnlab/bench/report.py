@@ -129,7 +129,8 @@ def summarize(results_dir, baseline="none", matrix_file=None):
     devices = sorted({str(d) for r in ok for d in (r.get("epochs_by_device") or [r.get("device")]) if d})
     hosts = [r["host"] for r in ok if r.get("host")] or [r["host"] for r in records if r.get("host")]
     return {
-        "matrix": matrix_name, "matrix_file": matrix_file, "matrix_given": given, "matrix_spec": matrix, "results_dir": str(results_dir),
+        "matrix": matrix_name, "matrix_file": matrix_file, "matrix_given": given, "matrix_spec": matrix,
+        "results_dir": str(results_dir),
         "setup": setup, "pooled": pooled, "precisions": sorted({precision_of(r) for r in ok}),
         "baseline": baseline if base is not None else None, "methods": methods, "failed": failed,
         "n_ok": len(ok), "n_failed": len(failed), "devices": devices, "host": hosts[-1] if hosts else {},
@@ -665,7 +666,8 @@ def add_arguments(p):
     p.add_argument("--matrix", default=None,
                    help="the matrix YAML (method order, claims); default: the file the runs recorded, if it exists")
     p.add_argument("--readme", default=None,
-                   help="also replace this README's block for the matrix (<!-- results:<matrix>:begin --> ... :end -->), "
+                   help="also replace this README's block for the matrix "
+                        "(<!-- results:<matrix>:begin --> ... :end -->), "
                         f"else its default {BEGIN} ... {END} block, with a results table")
     p.add_argument("--merge", action="append", default=[], metavar="RUNS_JSONL",
                    help="first append the cells this runs.jsonl finished and results_dir's has not (e.g. a GPU "

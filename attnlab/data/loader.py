@@ -80,7 +80,8 @@ class BatchLoader:
             raise AttnlabError(f"padding must be a non-negative integer, got {padding!r}")
         images, labels = split.images, split.labels
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise AttnlabError(f"BatchLoader needs uint8 images N x C x H x W, got {images.dtype} {tuple(images.shape)}")
+            raise AttnlabError(f"BatchLoader needs uint8 images N x C x H x W, got {images.dtype} "
+                               f"{tuple(images.shape)}")
         if len(images) == 0:
             raise AttnlabError("BatchLoader got an empty split")
         self.device = torch.device(device)
@@ -158,6 +159,7 @@ class BatchLoader:
         for i in range(len(self)):
             sl = slice(i * b, (i + 1) * b)
             with cpu_threads(min(torch.get_num_threads(), self.cpu_threads) if self.cpu_threads else None):
-                x = self._batch(order[sl], None if offsets is None else offsets[sl], None if flips is None else flips[sl])
+                x = self._batch(order[sl], None if offsets is None else offsets[sl],
+                                None if flips is None else flips[sl])
                 y = self.labels.index_select(0, labels_idx[sl])
             yield x, y

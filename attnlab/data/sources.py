@@ -76,6 +76,16 @@ def data_roots() -> list[Path]:
     return out
 
 
+def dataset_folder(name: str) -> Path | None:
+    """Where ``open_source(name)`` finds the dataset without a data_dir (the first root holding one of its usual
+    folders), or None when no root has it. Tests ask this before they need the offline data."""
+    for root in data_roots():
+        for folder in DEFAULT_FOLDERS.get(name, ()):
+            if _exists(name, root / folder):
+                return root / folder
+    return None
+
+
 def download_root() -> Path:
     env = os.environ.get("ATTNLAB_DATA")
     return Path(env).expanduser() if env else Path.cwd() / ".data"
