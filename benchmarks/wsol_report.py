@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 
 from attnlab.bench.claims import MIN_SEEDS, compare, judge_family
-from attnlab.bench.report import update_readme
+from attnlab.bench.readme import update_readme
 from attnlab.bench.stats import isnan, pooled_sd
 from attnlab.files import atomic_write_text
 

@@ -7,7 +7,11 @@ import pytest
 
 from attnlab import cli
 from attnlab.errors import AttnlabError
-from attnlab.bench.report import PLOTS, readme_block, summarize, update_readme, write_report
+from attnlab.bench.plots import PLOTS
+from attnlab.bench.readme import update_readme
+from attnlab.bench.render import readme_block
+from attnlab.bench.report import write_report
+from attnlab.bench.summary import summarize
 from attnlab.bench.stats import t_ppf, welch_interval
 
 # Per-seed accuracies. `none` and `se` have equal spread and n, so Welch's df is exactly 2n - 2 = 4.
@@ -160,7 +164,7 @@ def test_hardware_line_counts_the_runs_per_cpu_kernel_set(results):
 
 
 def test_a_records_own_curve_wins_over_what_its_run_dir_holds_now(tmp_path):
-    from attnlab.bench.report import read_curve
+    from attnlab.bench.summary import record_curve as read_curve
     run_dir = tmp_path / "se-s0"
     run_dir.mkdir()
     (run_dir / "metrics.csv").write_text("epoch,val_top1\n1,9.0\n")  # a later, partial run of the same cell

@@ -89,6 +89,32 @@ def verdict(c: dict) -> str:
     return detect
 
 
+def against_baseline(c: dict, baseline: str) -> str:
+    """The sentence for one method judged against the baseline (a ``judge_family`` item of kind 'better')."""
+    if c["verdict"] == "holds":
+        return f"beats {baseline} (Holm p {c['p_holm']:.3f})"
+    if c["verdict"] == "reversed":
+        return f"worse than {baseline} (Holm p {c['p_holm']:.3f})"
+    return c["verdict"]
+
+
+def verdict_groups(methods: list[dict], baseline: str) -> list[str]:
+    """One line per verdict over the methods compared with the baseline (each holds its judged ``vs_base``)."""
+    groups = {}
+    for m in methods:
+        key = {"holds": "beats", "reversed": "worse than"}.get(m["vs_base"]["verdict"], m["vs_base"]["verdict"])
+        groups.setdefault(key, []).append(m["name"])
+    lines = []
+    for key, names in groups.items():
+        if key in ("beats", "worse than"):
+            lines.append(f"{key.capitalize()} `{baseline}` at Holm-adjusted p < 0.05: {', '.join(names)}.")
+        elif key.startswith("not run yet"):
+            lines.append(f"No interval yet (fewer than 2 seeds of it or of `{baseline}`): {', '.join(names)}.")
+        else:
+            lines.append(f"Against `{baseline}`, {key}: {', '.join(names)}.")
+    return lines
+
+
 def latency_ratio(m, b) -> dict | None:
     """Method / baseline CPU latency at the smallest batch both have: the geometric mean over timing rounds of the
     per-round median ratio (paired by round) with its 95% interval; for entries timed before rounds were kept, the

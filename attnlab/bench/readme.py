@@ -1,0 +1,31 @@
+"""README surgery: a matrix's block between ``<!-- results:<matrix>:begin -->`` and ``... :end -->`` (else the
+default ``<!-- results:begin -->`` block) replaced by a generated table."""
+import re
+from pathlib import Path
+
+from ..errors import AttnlabError
+from ..files import atomic_write_text
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def markers(matrix_name: str | None = None) -> tuple[str, str]:
+    """A README block's markers: ``<!-- results:begin -->`` or, for one matrix, ``<!-- results:NAME:begin -->``."""
+    tag = f"results:{matrix_name}" if matrix_name else "results"
+    return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+
+
+def update_readme(readme_path, block: str, matrix_name: str | None = None) -> None:
+    """Replace the matrix's own block (``<!-- results:NAME:begin -->``) if the README has one, else the default."""
+    path = Path(readme_path)
+    if not path.is_file():
+        raise AttnlabError(f"README not found: {path}")
+    text = path.read_text()
+    for begin, end in ([markers(matrix_name)] if matrix_name else []) + [markers()]:
+        pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+        if pattern.search(text):
+            break
+    else:
+        raise AttnlabError(f"{path} has no '{BEGIN}' ... '{END}' block to replace")
+    text = pattern.sub(lambda _: f"{begin}\n{block}\n{end}", text, count=1)
+    atomic_write_text(path, text, "README")
