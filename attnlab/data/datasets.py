@@ -161,6 +161,27 @@ def dataset_for_config(cfg, data_dir=None) -> DatasetBundle:
                         image_size=data["image_size"], test_subset=data.get("test_subset"))
 
 
+def select_pools(name: str, data_dir=None, val_size=None, subset=None, seed: int = 0, test_subset=None,
+                 download: bool = False):
+    """The files a dataset's splits hold, before any decoding: (key, source, train pool, test pool, train indices,
+    val indices into the train pool). ``load_dataset`` decodes them; the streaming pipeline reads them per batch."""
+    key = _ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in DATASETS:
+        raise unknown("dataset", name, DATASETS)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise AttnlabError(f"seed must be an int, got {seed!r}")
+    source = open_source(key, data_dir, download=download)
+    train_pool, test_pool = source.train, source.test
+    if subset is not None:
+        train_pool = train_pool.select(per_class_subset(train_pool.labels, subset, seed))
+    if test_subset is not None:
+        test_pool = test_pool.select(per_class_subset(test_pool.labels, test_subset, 0, stream=_TEST_SUBSET))
+    if val_size is None:
+        val_size = 0.1  # CIFAR-10: 5,000 of 50,000, the customary 45k/5k split
+    train_idx, val_idx = stratified_split(train_pool.labels, val_count(val_size, len(train_pool)), seed)
+    return key, source, train_pool, test_pool, train_idx, val_idx
+
+
 def load_dataset(name: str, data_dir=None, val_size=None, subset=None, seed: int = 0,
                  cache_dir=".cache/attnlab", image_size=None, test_subset=None, download: bool = False
                  ) -> DatasetBundle:
@@ -177,23 +198,9 @@ def load_dataset(name: str, data_dir=None, val_size=None, subset=None, seed: int
     - ``cache_dir``: where decoded uint8 arrays are kept (None: decode every time); ``download``: fetch CIFAR through
       torchvision when it is not found (never needed for the offline copies).
     """
-    key = _ALIASES.get(str(name).lower(), str(name).lower())
-    if key not in DATASETS:
-        raise unknown("dataset", name, DATASETS)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise AttnlabError(f"seed must be an int, got {seed!r}")
     size = _size_arg(image_size)
-    source = open_source(key, data_dir, download=download)
-
-    train_pool, test_pool = source.train, source.test
-    if subset is not None:
-        train_pool = train_pool.select(per_class_subset(train_pool.labels, subset, seed))
-    if test_subset is not None:
-        test_pool = test_pool.select(per_class_subset(test_pool.labels, test_subset, 0, stream=_TEST_SUBSET))
-    if val_size is None:
-        val_size = 0.1  # CIFAR-10: 5,000 of 50,000, the customary 45k/5k split
-    train_idx, val_idx = stratified_split(train_pool.labels, val_count(val_size, len(train_pool)), seed)
-
+    key, source, train_pool, test_pool, train_idx, val_idx = select_pools(name, data_dir, val_size, subset, seed,
+                                                                          test_subset, download)
     pool_images, pool_boxes, stem = _decode_pool(source, train_pool, "train", size, cache_dir)
     test_images, test_boxes, _ = _decode_pool(source, test_pool, "test", size, cache_dir)
     train = _split("train", pool_images, train_pool, pool_boxes, train_idx)

@@ -29,6 +29,29 @@ class ModelConfig:
 
 
 @dataclass
+class StreamConfig:
+    """``data.pipeline=stream``: the per-image transforms (torchvision.transforms.v2), see docs/data.md."""
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet's, in 0..1
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area fraction
+    ratio: List[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])  # and aspect ratio range
+    interpolation: str = "bilinear"  # bilinear | bicubic | nearest: the training crop's resize
+    hflip: float = 0.5
+    color_jitter: float = 0.0  # brightness = contrast = saturation factor (timm's --color-jitter); 0: off
+    auto_augment: str = "none"  # none | randaugment | autoaugment (ImageNet policy)
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    random_erasing: float = 0.0  # probability, after normalisation
+    erasing_mode: str = "pixel"  # pixel: per-pixel normal noise (timm's 'pixel') | const: zeros
+    mixup_alpha: float = 0.0  # 0: off
+    cutmix_alpha: float = 0.0  # 0: off
+    mix_prob: float = 1.0  # probability that a batch is mixed (when mixup or cutmix is on)
+    mix_switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup for a mixed batch
+    crop_fraction: float = 0.875  # evaluation: resize the short side to image_size / crop_fraction, centre crop
+    eval_interpolation: str = "bilinear"
+
+
+@dataclass
 class DataConfig:
     name: str = "cifar10"
     data_dir: Optional[str] = None  # None: the data layer's default (../shared/data)
@@ -38,6 +61,10 @@ class DataConfig:
     cache_dir: str = ".cache/attnlab"
     image_size: Optional[int] = None
     augment: bool = True  # random crop + horizontal flip on the training split
+    # cache: decode once into a uint8 array (small datasets) | stream: decode per batch in worker processes
+    pipeline: str = "cache"
+    workers: int = 4  # stream: DataLoader worker processes per rank (0: decode in the training process)
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
 
 @dataclass
@@ -220,6 +247,40 @@ def validate(cfg: DictConfig) -> None:
         raise AttnlabError(f"train.warmup_epochs must be in [0, train.epochs], got {t.warmup_epochs}")
     if list(t.milestones) != sorted(t.milestones):
         raise AttnlabError(f"train.milestones must be increasing, got {list(t.milestones)}")
+    _validate_data(cfg.data)
+
+
+def _validate_data(data) -> None:
+    if data.pipeline not in ("cache", "stream"):
+        raise unknown("value for data.pipeline", data.pipeline, ("cache", "stream"))
+    if data.workers < 0:
+        raise AttnlabError(f"data.workers must be >= 0, got {data.workers}")
+    s = data.stream
+    interps, policies = ("bilinear", "bicubic", "nearest"), ("none", "randaugment", "autoaugment")
+    for key, allowed in (("interpolation", interps), ("eval_interpolation", interps),
+                         ("erasing_mode", ("pixel", "const")), ("auto_augment", policies)):
+        if s[key] not in allowed:
+            raise unknown(f"value for data.stream.{key}", s[key], allowed)
+    for key, n in (("mean", 3), ("std", 3), ("scale", 2), ("ratio", 2)):
+        if len(s[key]) != n:
+            raise AttnlabError(f"data.stream.{key} needs {n} numbers, got {list(s[key])}")
+    if min(s.std) <= 0:
+        raise AttnlabError(f"data.stream.std must be > 0, got {list(s.std)}")
+    if not 0 < s.scale[0] <= s.scale[1] <= 1:
+        raise AttnlabError(f"data.stream.scale must be [low, high] with 0 < low <= high <= 1, got {list(s.scale)}")
+    if not 0 < s.ratio[0] <= s.ratio[1]:
+        raise AttnlabError(f"data.stream.ratio must be [low, high] with 0 < low <= high, got {list(s.ratio)}")
+    for key in ("hflip", "random_erasing", "mix_prob", "mix_switch_prob"):
+        if not 0 <= s[key] <= 1:
+            raise AttnlabError(f"data.stream.{key} is a probability in [0, 1], got {s[key]}")
+    for key in ("color_jitter", "mixup_alpha", "cutmix_alpha"):
+        if s[key] < 0:
+            raise AttnlabError(f"data.stream.{key} must be >= 0, got {s[key]}")
+    if not 0 < s.crop_fraction <= 1:
+        raise AttnlabError(f"data.stream.crop_fraction must be in (0, 1], got {s.crop_fraction}")
+    if s.randaugment_ops < 1 or not 0 <= s.randaugment_magnitude <= 30:
+        raise AttnlabError(f"data.stream.randaugment_ops must be >= 1 and randaugment_magnitude in [0, 30], got "
+                           f"{s.randaugment_ops} and {s.randaugment_magnitude}")
 
 
 def to_dict(cfg: DictConfig) -> dict:

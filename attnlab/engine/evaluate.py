@@ -59,8 +59,7 @@ def add_arguments(p):
 
 
 def run(args):
-    from ..data import dataset_for_config
-    from ..data.loader import BatchLoader
+    from ..data.pipeline import build_loaders
     from .checkpoint import load_training_checkpoint, model_from_checkpoint
     from .distributed import resolve_device
 
@@ -70,15 +69,16 @@ def run(args):
     ckpt = load_training_checkpoint(path)
     cfg = ckpt["config"]
     device = resolve_device(args.device)
-    bundle = dataset_for_config(cfg, args.data_dir)
-    model = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema)
     t = cfg["train"]
+    batch = args.batch_size or t["eval_batch_size"]
+    loaders = build_loaders(cfg, device, 1, batch, data_dir=args.data_dir, train=False)
+    loader = getattr(loaders, args.split)
+    if loader is None:
+        raise AttnlabError(f"the run has no {args.split} split (data.val_size=0)")
+    model = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema)
     channels_last = t["channels_last"] is None or bool(t["channels_last"])
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loader = BatchLoader(getattr(bundle, args.split), batch_size=args.batch_size or t["eval_batch_size"],
-                         shuffle=False, augment=False, mean=bundle.mean, std=bundle.std, device=device, seed=0,
-                         drop_last=False)
     start = time.perf_counter()
     precision, _ = resolve_precision(device, t["amp"])
     res = evaluate(model, loader, device, precision, channels_last=channels_last)

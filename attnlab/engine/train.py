@@ -7,7 +7,8 @@ best checkpoint, evaluated once at the end). Accuracies are percentages.
 Speed: the step never synchronises with the host. Losses and accuracies are summed as device tensors and read once
 per epoch; a non-finite loss is recorded on the device and raised at the end of the epoch (on a single CPU process,
 where a sync is free, it is raised at once, before the bad step touches the weights). The data stay on the device as
-uint8 and are augmented there (``attnlab.data.BatchLoader``). CUDA runs use autocast (bf16 by default); every
+uint8 and are augmented there (``attnlab.data.BatchLoader``), or with ``data.pipeline=stream`` are decoded per
+batch in DataLoader workers (``attnlab.data.stream``; docs/data.md). CUDA runs use autocast (bf16 by default); every
 device uses channels_last unless ``train.channels_last=false``; ``train.compile`` wraps the model in ``torch.compile``.
 
 Resume: checkpoint_last.pt holds the model, optimizer, scheduler, grad scaler, EMA and RNG states after each epoch
@@ -52,7 +53,7 @@ NO_BAD_STEP = 2 ** 62  # "no non-finite loss yet" (min-reduced across ranks)
 # resumed epoch: train.epochs re-spreads the cosine (or multistep) schedule over the new length, train.lr scales it.
 # Every other key defines the run (model, data, seed, optimiser, ...): changing it is a new run, not a resume.
 RESUMABLE_CHANGES = ("train.epochs", "train.lr", "train.eval_batch_size", "data.data_dir", "data.cache_dir",
-                     "device", "debug.kill_at_step", "name", "out_dir")
+                     "data.workers", "device", "debug.kill_at_step", "name", "out_dir")
 BENCH_MARKER = "bench_cell.json"  # written by attnlab bench into a fresh run dir before it calls train()
 # The step hooks a run was started with, written when it starts (checkpoints record them too, but a run killed in
 # epoch 1 has none): a resume with other hooks is refused either way. Absent: the run has no hooks.
@@ -210,8 +211,7 @@ def _is_temp(p: Path) -> bool:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, d: Dist, device: torch.device, resume=None, step_hooks=()):
-        from ..data import dataset_for_config
-        from ..data.loader import BatchLoader
+        from ..data.pipeline import build_loaders
         from ..objectives import build_objectives, features_needed, training_modules
 
         self.cfg, self.d, self.device = cfg, d, device
@@ -225,12 +225,11 @@ class Trainer:
                                f"{d.world_size} DDP processes")
         seed_everything(cfg.seed)
 
-        # Data: rank 0 builds the decode cache first, the others then read it.
-        if d.is_main:
-            self.bundle = dataset_for_config(cfg)
-        barrier(d)
-        if not d.is_main:
-            self.bundle = dataset_for_config(cfg)
+        # Data: the uint8 cache (rank 0 builds it first, the others then read it) or the streaming pipeline.
+        loaders = build_loaders(cfg, device, t.batch_size // d.world_size, t.eval_batch_size, d.rank, d.world_size,
+                                sync=lambda: barrier(d))
+        self.bundle, self.train_loader, self.val_loader, self.test_loader = \
+            loaders.bundle, loaders.train, loaders.val, loaders.test
         b = self.bundle
         if cfg.model.num_classes is None:
             cfg.model.num_classes = b.num_classes
@@ -239,15 +238,6 @@ class Trainer:
                                f"{b.num_classes} classes (use null to take the dataset's)")
         self.precision, self.precision_notice = resolve_precision(device, t.amp)
         self.channels_last = t.channels_last is None or bool(t.channels_last)
-        per_rank = t.batch_size // d.world_size
-        common = dict(mean=b.mean, std=b.std, device=device, seed=cfg.seed, rank=d.rank, world_size=d.world_size)
-        self.train_loader = BatchLoader(b.train, per_rank, shuffle=True, augment=cfg.data.augment, drop_last=True,
-                                        **common)
-        if len(self.train_loader) == 0:
-            raise AttnlabError(f"train.batch_size={t.batch_size} is larger than the {len(b.train)} training images")
-        # No validation split (data.val_size=0): no model selection, the last epoch is "best".
-        self.val_loader = BatchLoader(b.val, t.eval_batch_size, **common) if len(b.val) else None
-        self.test_loader = BatchLoader(b.test, t.eval_batch_size, **common)
         self.steps_per_epoch = len(self.train_loader)
         if cfg.debug.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, int(cfg.debug.max_steps_per_epoch))
@@ -373,12 +363,14 @@ class Trainer:
                 logits, feats = self.forward(x, features=self.features)
             else:
                 logits, feats = self.forward(x), None
+            # Class indices, or class probabilities from mixup/cutmix (the soft-target loss; objectives get the
+            # dominant class).
             ce = F.cross_entropy(logits, y, label_smoothing=self.cfg.train.label_smoothing)
             terms = {}
             for obj in self.objectives:
                 extra = {"inputs": x} if getattr(obj, "needs_inputs", False) else {}
-                terms.update(obj(model=self.model, logits=logits, targets=y, features=feats, epoch=epoch, step=step,
-                                 **extra))
+                terms.update(obj(model=self.model, logits=logits, targets=hard_labels(y), features=feats,
+                                 epoch=epoch, step=step, **extra))
             loss = ce + sum(terms.values()) if terms else ce
         return loss, logits, terms
 
@@ -428,7 +420,7 @@ class Trainer:
                 self._update(loss)
                 n = y.shape[0]
                 meter.add("loss", loss, n)
-                meter.add("top1", topk_hits(logits.detach(), y, ks=(1,))[0].sum(), 100.0)
+                meter.add("top1", topk_hits(logits.detach(), hard_labels(y), ks=(1,))[0].sum(), 100.0)
                 for name, value in terms.items():
                     meter.add(name, value, n)
                 meter.count("n", n)
@@ -724,6 +716,11 @@ def _config_changes(saved: dict, now: dict) -> dict:
                            + f"; they define the run (resume may change {', '.join(RESUMABLE_CHANGES[:4])}); train "
                            "a new run under a new name=... instead")
     return {k: v for k, v in changed.items() if k not in ("name", "out_dir", "debug.kill_at_step")}
+
+
+def hard_labels(y: torch.Tensor) -> torch.Tensor:
+    """Class indices from targets that may be class probabilities (mixup/cutmix): the most weighted class."""
+    return y.argmax(-1) if y.is_floating_point() else y
 
 
 def average_gradients(module, world_size: int) -> None:
