@@ -156,8 +156,9 @@ def model_attention_cases():
     others = [a for a in attnlab.attention.names() if a != "none"]
     cases = [(name, a) for name in FULL for a in attnlab.attention.names()]
     rest = [name for name in list_models() if name not in FULL]
-    for i, name in enumerate(rest):  # the deeper/wider ones: one attention each, rotating through the registry
-        cases.append((name, others[i % len(others)]))
+    # The deeper/wider ones: rotating through the registry until every model and every attention had a turn.
+    for i in range(max(len(rest), len(others))):
+        cases.append((rest[i % len(rest)], others[i % len(others)]))
     return cases
 
 
@@ -187,7 +188,7 @@ def test_every_attention_trains_in_a_block(attention):
 
 def test_every_attention_lands_in_the_models_that_run_everything():
     cases = set(model_attention_cases())
-    for a in attnlab.attention.names():  # holds while there are no more attentions than deeper models
+    for a in attnlab.attention.names():
         assert sum((m, a) in cases for m in list_models()) >= len(FULL) + (a != "none")
     assert {m for m, _ in cases} == set(list_models())
 

@@ -13,7 +13,7 @@ from attnlab.errors import AttnlabError
 
 timm = pytest.importorskip("timm")
 
-WORKS_IN_TIMM = {"none", "se", "cbam", "eca", "spe", "dia"}
+WORKS_IN_TIMM = {"none", "se", "cbam", "eca", "spe", "dia", "simam", "gc", "coord", "gct", "triplet", "bam", "fca"}
 REFUSES = {"tdam": "re-runs its block, so it works only in attnlab's models"}
 
 

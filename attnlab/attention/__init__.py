@@ -7,6 +7,7 @@
 from .registry import check_kwargs, create, get, names, register
 
 # Importing a module registers it: one file per mechanism.
-from . import none, se, cbam, eca, spe, tdam, dia  # noqa: E402,F401
+from . import none, se, cbam, eca, spe, tdam, dia  # noqa: F401
+from . import simam, gc, coord, gct, triplet, bam, fca  # noqa: F401
 
 __all__ = ["create", "get", "names", "register", "check_kwargs"]
