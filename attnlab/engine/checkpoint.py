@@ -1,6 +1,7 @@
 """Checkpoint files (atomic saves, safe loads), the RNG state that resume restores, and the one home for building a
 model: ``model_from_config`` (a config's model section -> a fresh model) and ``model_from_checkpoint`` (a checkpoint
-file, run dir or loaded dict -> the trained model in eval mode). Trainer, ``attnlab eval``, ``attnlab export``,
+file, run dir or loaded dict -> the trained model in eval mode); ``init_from_state_dict`` starts a model from a
+torchvision or timm state_dict file (``model.init``). Trainer, ``attnlab eval``, ``attnlab export``,
 bench's latency model and ``attnlab profile`` all build through them.
 
 A checkpoint is written by ``attnlab.files.atomic_write``: a temp file in the destination's directory,
@@ -8,6 +9,7 @@ A checkpoint is written by ``attnlab.files.atomic_write``: a temp file in the de
 previous checkpoint intact.
 """
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +112,68 @@ def _numpy_state():
 def _python_state():
     version, internal, gauss_next = random.getstate()
     return [version, torch.tensor(internal, dtype=torch.int64), gauss_next]
+
+
+@dataclass
+class InitReport:
+    """What ``init_from_state_dict`` did: the file's tensors loaded, the model's tensors the file did not have (they
+    keep their fresh initialisation: attention modules), and a classifier left fresh for another class count."""
+    path: str
+    loaded: list
+    new: list
+    fresh_head: list
+
+    def summary(self, show: int = 6) -> str:
+        new = ", ".join(self.new[:show]) + (f" (and {len(self.new) - show} more)" if len(self.new) > show else "")
+        head = (f"; classifier {', '.join(self.fresh_head)} starts fresh (another class count)"
+                if self.fresh_head else "")
+        return (f"model.init {self.path}: loaded {len(self.loaded)} tensors; {len(self.new)} new, starting fresh"
+                f"{': ' + new if self.new else ''}{head}")
+
+
+def _plain_state_dict(obj, path) -> dict:
+    """The tensors of a saved state_dict: a plain {name: tensor} dict, or one under 'state_dict' / 'model' (an
+    attnlab or training-script checkpoint); a 'module.' prefix (saved from DDP) is dropped."""
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        obj = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), obj)
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in obj.items()):
+        raise AttnlabError(f"model.init '{path}' is not a state_dict (a dict of parameter names to tensors)")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def init_from_state_dict(model: torch.nn.Module, path) -> InitReport:
+    """Start ``model`` from a torchvision or timm ResNet state_dict file (``model.init``), read with
+    ``weights_only=True`` (a file from elsewhere never runs code).
+
+    Every tensor of the file must exist in the model with the same shape; the one exception is the classifier (the
+    model's last Linear), which starts fresh when its shape differs (another number of classes). Model tensors the
+    file lacks (attention modules) keep their fresh initialisation and are listed in the report. A file that does
+    not fit is refused whole, in one line, before any weight changes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AttnlabError(f"model.init '{path}' does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise AttnlabError(f"model.init '{path}' cannot be read as a weights-only state_dict: {type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    state, own = _plain_state_dict(obj, path), model.state_dict()
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    head = {f"{linears[-1]}.weight", f"{linears[-1]}.bias"} if linears else set()
+    unknown = sorted(k for k in state if k not in own)
+    if unknown:
+        raise AttnlabError(f"model.init '{path}' does not fit the model: {len(unknown)} keys the model does not have "
+                           f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})")
+    bad = [k for k in sorted(state) if state[k].shape != own[k].shape and k not in head]
+    if bad:
+        raise AttnlabError(f"model.init '{path}' does not fit the model: shape mismatch for {len(bad)} keys ("
+                           + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in bad[:3])
+                           + (", ..." if len(bad) > 3 else "") + ")")
+    fresh_head = sorted(k for k in state if k in head and state[k].shape != own[k].shape)
+    take = {k: v for k, v in state.items() if k not in fresh_head}
+    model.load_state_dict(take, strict=False)
+    return InitReport(str(path), sorted(take), sorted(k for k in own if k not in take), fresh_head)

@@ -26,6 +26,8 @@ class ModelConfig:
     blocks: Any = None  # see attnlab.models.placement
     share: Optional[bool] = None
     zero_init_residual: bool = False
+    # a torchvision/timm ResNet state_dict file to start from; attention modules start fresh (docs/data.md)
+    init: Optional[str] = None
 
 
 @dataclass

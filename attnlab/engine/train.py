@@ -38,8 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..errors import AttnlabError
 from ..files import (TEMP_SUFFIX, atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit,
                      remove_stale_temps, writable_dir, write_error)
-from .checkpoint import (atomic_save, load_checkpoint, model_from_checkpoint, model_from_config, rng_state,
-                         set_rng_state)
+from .checkpoint import (atomic_save, init_from_state_dict, load_checkpoint, model_from_checkpoint, model_from_config,
+                         rng_state, set_rng_state)
 from .config import load_config, schema, to_dict
 from .distributed import Dist, barrier, broadcast_object, cleanup, setup, sync_buffers
 from .ema import EMA
@@ -243,7 +243,10 @@ class Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, int(cfg.debug.max_steps_per_epoch))
 
         # Model, objectives, optimisation state.
-        self.model = model_from_config(cfg.model).to(device)
+        self.model = model_from_config(cfg.model)
+        if cfg.model.init and not (resume is not None and (Path(resume) / "checkpoint_last.pt").is_file()):
+            self.log(init_from_state_dict(self.model, cfg.model.init).summary())  # a resume loads its checkpoint
+        self.model = self.model.to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.objectives = build_objectives(cfg, self.model)
