@@ -1,6 +1,7 @@
 """``attention="timm:<kind>"``: timm's attention layers in attnlab's slot, the unfit kinds refused in one line."""
 import inspect
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +125,21 @@ def test_list_shows_timm_kinds_and_refusals():
     for kind in from_timm.REFUSED:
         assert re.search(rf"^timm:{kind}\s+refused: ", text, re.M), kind
     assert "act_layer=ReLU" in text
+
+
+def test_timm_kinds_in_a_bench_matrix(tmp_path):
+    from attnlab.bench import load_matrix, run_matrix
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "benchmarks" / "matrices" / "cpu_proxy.yaml").read_text()
+    head = text.split("methods:")[0].replace("recipe: configs/", f"recipe: {root / 'configs'}/")
+    path = tmp_path / "timm.yaml"
+    path.write_text(head + "methods:\n  - {name: gc, overrides: {model.attention: 'timm:gc'}}\n"
+                    "  - {name: coord, overrides: {model.attention: 'timm:coord', "
+                    "model.attention_kwargs: {rd_ratio: 0.25}}}\nseeds: [0]\n")
+    m = load_matrix(path)
+    assert run_matrix(m, dry_run=True, results_root=tmp_path, log=lambda s: None)["config_errors"] == 0
+    path.write_text(head + "methods:\n  - {name: halo, overrides: {model.attention: 'timm:halo'}}\nseeds: [0]\n")
+    lines = []
+    result = run_matrix(load_matrix(path), dry_run=True, results_root=tmp_path, log=lines.append)
+    assert result["config_errors"] == 1 and any("does not fit a residual block's slot" in s for s in lines)
