@@ -285,7 +285,7 @@ def test_parse_duration():
 
 
 def test_a_new_worker_takes_the_least_busy_gpu():
-    from attnlab.bench.runner import least_busy_gpu
+    from attnlab.bench.pool import least_busy_gpu
     assert least_busy_gpu(["0", "1"], []) == "0"
     assert least_busy_gpu(["0", "1"], ["0"]) == "1"  # cell 3 after cell 2 was skipped or finished first
     assert least_busy_gpu(["0", "1", "2"], ["1", "0", "1"]) == "2"
@@ -314,7 +314,7 @@ def _none_and_se_two_seeds(tmp_path):
 
 
 def test_an_edited_recipe_is_not_mixed_with_cells_trained_before_the_edit(tmp_path):
-    from attnlab.bench.runner import prepare_run_dir
+    from attnlab.bench.cell import prepare_run_dir
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("train:\n  lr: 0.1\n")
     path = _write(tmp_path, "recipe: recipe.yaml\nmethods: [none]\nseeds: [0]\n")
@@ -443,27 +443,31 @@ def test_budget_scales_estimates_by_the_pace_this_run_measured(tmp_path, capsys,
 
 def test_pace_of_a_running_cell_is_its_time_per_finished_epoch_against_the_estimate(tmp_path):
     import time
-    from contextlib import ExitStack
 
-    from attnlab.bench.runner import Job, _Runner
-    from attnlab.engine.config import load_config
+    from attnlab.bench.plan import Planner, Started
+    from attnlab.bench.runs import read_curve
 
     text = tiny_matrix_text({"none": "none", "se": "se"}).replace("seeds: [0]", "seeds: [0, 1]")
     matrix = load_matrix(_write(tmp_path, text.replace("train.epochs: 1", "train.epochs: 4")))
     runs_dir = tmp_path / "runs" / "tiny"
-    runner = _Runner(matrix, runs_dir, tmp_path / "runs.jsonl", 2, 2, 1, None,
-                     Estimates([_seed_record(matrix, "none", 0, 400.0)]), _counts(), print,
-                     load_config=load_config, train=None)
+    planner = Planner(Estimates([_seed_record(matrix, "none", 0, 400.0)]), None, epochs_of=lambda c: 4,
+                      epochs_done=lambda c: len(read_curve(runs_dir / c["run_name"]) or []), workers=2)
     [none1] = cells(matrix, seeds=[1], only=["none"])
     [se1] = cells(matrix, seeds=[1], only=["se"])
-    runner.running = [Job(1, none1, time.time() - 300.0, ExitStack()), Job(2, se1, time.time() - 900.0, ExitStack())]
-    assert runner._pace() is None  # no epoch finished yet
+    running = [Started(none1, time.time() - 300.0), Started(se1, time.time() - 900.0)]
+    assert planner.pace(running) is None  # no epoch finished yet
     for c in (none1, se1):
         (runs_dir / c["run_name"]).mkdir(parents=True)
         (runs_dir / c["run_name"] / "metrics.csv").write_text("epoch,val_top1\n1,10\n2,11\n")
     # none: 2 epochs in 300 s against 100 s an epoch -> 1.5; se has no finished cell of its own, so it says nothing.
-    assert runner._pace() == pytest.approx(1.5, rel=1e-3)
-    assert runner._estimate(none1, runner._pace()) == pytest.approx(300.0, rel=1e-3)  # 2 epochs left x 100 s x 1.5
+    assert planner.pace(running) == pytest.approx(1.5, rel=1e-3)
+    assert planner.estimate(none1, planner.pace(running)) == pytest.approx(300.0, rel=1e-3)  # 2 left x 100 s x 1.5
+    # A budget of 250 s: none seed 1 needs 300 s at this pace, 200 s (half its 400 s) without one.
+    planner.deadline = time.monotonic() + 250.0
+    queue = [(1, none1)]
+    assert planner.next_that_fits(queue, running) is None and queue == [(1, none1)]
+    assert planner.next_that_fits(queue, []) == (1, none1) and queue == []
+
 
 
 def test_a_cell_locked_by_another_bench_is_skipped(tmp_path, capsys):

@@ -78,12 +78,9 @@ def run(args):
     matrix = load_matrix(args.matrix)
     log = lambda s: print(s, flush=True)
     if args.latency_only:
-        from ..engine.config import load_config
-        from .latency import measure_latencies
+        from .latency import time_matrix
         set_threads(args.threads)
-        methods = [m for m in matrix["methods"] if args.only is None or m["name"] in args.only]
-        measure_latencies(matrix, methods, Path(args.results_root) / matrix["name"] / "latency.json",
-                          load_config=load_config, device=args.device, log=log)
+        time_matrix(matrix, Path(args.results_root) / matrix["name"], args.only, args.device, log)
         return 0
     workers = default_workers() if args.workers == "auto" else args.workers
     if workers == 1:

@@ -54,6 +54,15 @@ def machine(device: str) -> str:
             f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 
 
+def time_matrix(matrix, results_dir, only=None, device=None, log=print) -> dict:
+    """The latency step of ``attnlab bench`` (and all of ``--latency-only``): the matrix's methods (those in
+    ``only``) missing from results_dir/latency.json are timed."""
+    from ..engine.config import load_config
+    methods = [m for m in matrix["methods"] if only is None or m["name"] in only]
+    return measure_latencies(matrix, methods, Path(results_dir) / "latency.json", load_config=load_config,
+                             device=device, log=log)
+
+
 def measure_latencies(matrix, methods, latency_path, *, load_config, device=None, log=print) -> dict:
     """Inference latency of each method's model (random weights: latency does not depend on them), once.
 

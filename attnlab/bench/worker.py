@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from ..engine.train import train
     from ..profiler import set_threads
     from .matrix import cells, load_matrix
-    from .runner import run_cell, stamp
+    from .cell import run_cell, stamp
 
     set_threads(args.threads)
     matrix = load_matrix(args.matrix)

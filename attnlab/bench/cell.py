@@ -1,0 +1,91 @@
+"""One cell of a matrix: train it through the engine into its run folder and make its runs.jsonl record.
+
+The harness owns runs/<matrix>/<cell>/: ``prepare_run_dir`` continues a folder only when its bench_cell.json says it
+was started with the same settings and recipe, and clears anything else, so metrics.csv and TensorBoard start
+clean. ``stamp`` adds how and where the cell ran.
+"""
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..files import atomic_write_text, git_commit, portable_path
+from .matrix import cell_overrides, fingerprint, same_digest, same_settings
+from .runs import host_info, one_line, read_curve
+
+
+def run_cell(matrix, cell, runs_root, *, load_config, train, device=None) -> dict:
+    """Train one cell and return its runs.jsonl record (status 'ok' or 'failed')."""
+    run_dir = Path(runs_root) / cell["run_name"]
+    record = {"matrix": matrix["name"], "matrix_file": portable_path(matrix["path"]), "method": cell["method"],
+              "seed": cell["seed"], "run_dir": portable_path(run_dir), "overrides": cell["overrides"],
+              "recipe": matrix["recipe"],
+              "fingerprint": fingerprint(matrix, cell), "recipe_digest": matrix.get("recipe_digest")}
+    start = time.time()
+    try:
+        cfg = load_config(matrix["recipe_path"], overrides=cell_overrides(matrix, cell, runs_root, device))
+        results = train(cfg, resume=prepare_run_dir(run_dir, record["fingerprint"], record["recipe_digest"]))
+    except BrokenPipeError:  # our output is gone (`attnlab bench ... | head`): stop; the cell resumes next time
+        raise
+    except Exception as err:  # one bad cell must not stop the matrix: record it and move on
+        record.update(status="failed", error=one_line(err), wall_time_s=round(time.time() - start, 2))
+        return record
+    results = dict(results or {})
+    record.update(
+        status="ok",
+        val_top1=results.get("best_val_top1"),
+        val_top5=results.get("best_val_top5"),
+        test_top1=results.get("test_top1"),
+        test_top5=results.get("test_top5"),
+        params=results.get("params"),
+        flops=results.get("flops"),
+        train_images_per_s=results.get("train_images_per_s"),
+        wall_time_s=results.get("wall_time_s", round(time.time() - start, 2)),
+        device=results.get("device"),
+        precision=results.get("precision"),
+        epochs_by_device=results.get("epochs_by_device"),
+        git_commit=results.get("git_commit"),
+        epochs=_get(cfg, "train.epochs"),
+        val_curve=read_curve(run_dir),
+    )
+    return record
+
+
+def stamp(record: dict, threads: int, workers: int) -> dict:
+    """What the harness adds to a cell's record: how it ran, on what, by which code, and when."""
+    record.update(threads=threads, workers=workers, host=host_info(), harness_commit=git_commit(short=True),
+                  finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return record
+
+
+def prepare_run_dir(run_dir: Path, fp: str, digest: str | None = None):
+    """The run dir to resume from (this cell was interrupted mid-training), or None after clearing a stale one.
+
+    The harness owns runs/<matrix>/<cell>/: bench_cell.json records the settings (and the recipe's digest) the run
+    was started with, so only a run of the same settings and recipe is continued; anything else there is removed so
+    metrics.csv and TensorBoard start clean.
+    """
+    import shutil
+    marker = run_dir / "bench_cell.json"
+    if (run_dir / "checkpoint_last.pt").is_file() and marker.is_file():
+        try:
+            started = json.loads(marker.read_text())
+            if same_settings(started.get("fingerprint"), fp) and same_digest(started.get("recipe_digest"), digest):
+                return run_dir
+        except (OSError, json.JSONDecodeError, AttributeError):
+            pass
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    atomic_write_text(marker, json.dumps({"fingerprint": fp, "recipe_digest": digest}) + "\n", "cell marker")
+    return None
+
+
+def _get(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        try:
+            node = node[part]
+        except (KeyError, TypeError, AttributeError):
+            return None
+    return node
