@@ -13,6 +13,12 @@ FLOPs: ``attnlab.profiler.count_flops`` (2 x MACs, conv/linear/matmul only, batc
 
     .venv/bin/python benchmarks/module_cost.py                    # writes results/module_cost.{json,md}
     .venv/bin/python benchmarks/module_cost.py --quick --out /tmp/mc  # smoke run
+
+``--table`` instead writes the one-table overview of every registered module (source, defaults, parameters and
+FLOPs added, CPU latency at batch 1 on ResNet-20 at 32x32 and ResNet-50 at 224x224, a few round-robin rounds) into
+docs/modules.md between its ``module-table`` markers, with the numbers in results/module_cost.table.json:
+
+    .venv/bin/python benchmarks/module_cost.py --table [--rounds 5]
 """
 import argparse
 import os
@@ -20,6 +26,7 @@ import platform
 import random
 import statistics
 import sys
+import textwrap
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -132,6 +139,115 @@ def markdown(result) -> str:
     return "\n".join(lines)
 
 
+# name -> (paper, official code, timm's equivalent as ``timm:<kind>`` or "-")
+SOURCES = {
+    "none": ("plain backbone", "-", "-"),
+    "se": ("Hu et al., CVPR 2018", "hujie-frank/SENet", "timm:se"),
+    "cbam": ("Woo et al., ECCV 2018", "Jongchan/attention-module", "timm:cbam"),
+    "eca": ("Wang et al., CVPR 2020", "BangguWu/ECANet", "timm:eca"),
+    "spe": ("Zhong et al., MMM 2023", "Qrange-group/SPEM", "-"),
+    "tdam": ("Jaiswal et al., ECCV 2022", "shantanuj/TDAM_Top_down_attention_module", "-"),
+    "dia": ("Huang et al., AAAI 2020", "gbup-group/DIANet", "-"),
+    "simam": ("Yang et al., ICML 2021", "ZjjConan/SimAM", "-"),
+    "gc": ("Cao et al., ICCVW 2019", "xvjiarui/GCNet", "timm:gca"),
+    "coord": ("Hou et al., CVPR 2021", "houqb/CoordAttention", "timm:coord"),
+    "gct": ("Yang et al., CVPR 2020", "z-x-yang/GCT", "-"),
+    "triplet": ("Misra et al., WACV 2021", "landskape-ai/triplet-attention", "-"),
+    "bam": ("Park et al., BMVC 2018", "Jongchan/attention-module", "-"),
+    "fca": ("Qin et al., ICCV 2021", "cfzd/FcaNet", "-"),
+}
+TABLE_BACKBONES = {"resnet20": 32, "resnet50": 224}
+BEGIN, END = "<!-- module-table:begin -->", "<!-- module-table:end -->"
+
+
+def defaults_of(name) -> str:
+    import inspect
+
+    params = inspect.signature(attention.get(name).__init__).parameters.values()
+    opts = [f"{p.name}={p.default!r}" for p in params
+            if p.name not in ("self", "channels") and p.default is not inspect.Parameter.empty]
+    return ", ".join(opts) or "-"
+
+
+def table_rows(rounds, device):
+    """Per module: params and FLOPs added to each backbone, batch-1 latency (median of round-robin passes)."""
+    rows = {name: {"attention": name, "source": SOURCES.get(name, ("?", "?", "?")), "defaults": defaults_of(name)}
+            for name in attention.names()}
+    for backbone, size in TABLE_BACKBONES.items():
+        models = {}
+        for name in rows:
+            torch.manual_seed(0)
+            models[name] = create_model(backbone, attention=name).eval()
+            rows[name][backbone] = {"params": count_params(models[name]),
+                                    "flops": count_flops(models[name], size, batch_size=1), "times_ms": []}
+        for model in models.values():
+            measure_latency(model, size, 1, device, warmup=1, repeats=1)
+        rng = random.Random(0)
+        for r in range(rounds):
+            order = list(models)
+            rng.shuffle(order)
+            for name in order:
+                rows[name][backbone]["times_ms"] += measure_latency(models[name], size, 1, device, warmup=0,
+                                                                    repeats=2)["times_ms"]
+            print(f"  {backbone}: round {r + 1}/{rounds} done", flush=True)
+        base = rows["none"][backbone]
+        for row in rows.values():
+            cell = row[backbone]
+            cell["median_ms"] = statistics.median(cell["times_ms"])
+            cell["latency_ratio"] = cell["median_ms"] / statistics.median(base["times_ms"])
+            cell["params_added"] = cell["params"] - base["params"]
+            cell["flops_added"] = cell["flops"] - base["flops"]
+    return list(rows.values())
+
+
+def table_markdown(result) -> str:
+    meta = result["meta"]
+    lines = [
+        BEGIN,
+        "| module | source (paper; official code) | in timm | defaults | params added, R-20 / R-50 "
+        "| MFLOPs added, R-20 / R-50 | CPU ms, batch 1, R-20 / R-50 (x none) |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for row in sorted(result["rows"], key=lambda r: (r["attention"] != "none", r["attention"])):
+        paper, code, timm_kind = row["source"]
+        a, b = (row[k] for k in TABLE_BACKBONES)
+        code = f"`{code}`" if code != "-" else code
+        timm_kind = f"`{timm_kind}`" if timm_kind != "-" else timm_kind
+        lines.append(
+            f"| `{row['attention']}` | {paper}; {code} | {timm_kind} | {row['defaults']} | "
+            f"{a['params_added']:,} / {b['params_added']:,} | "
+            f"{a['flops_added'] / 1e6:.3f} / {b['flops_added'] / 1e6:.1f} | "
+            f"{a['median_ms']:.1f} ({a['latency_ratio']:.2f}) / {b['median_ms']:.0f} ({b['latency_ratio']:.2f}) |")
+    note = textwrap.fill(
+        f"Regenerated by `benchmarks/module_cost.py --table` on {meta['date']} (torch {meta['torch']}, "
+        f"{meta['threads']} thread, {meta['rounds']} round-robin rounds of 2 passes per model). Each module in its "
+        "default placement (TDAM: last two stages; DIA: one unit per stage; the others: every block), 10 classes "
+        "for R-20 at 32x32, 1000 for R-50 at 224x224. FLOPs = 2 x MACs of conv/linear/matmul at batch 1 "
+        "(elementwise gates count 0). **Latency is indicative only**: it was measured at low priority while "
+        f"two training jobs held the machine's {meta['cores']} cores (load average {meta['load_start']} at start, "
+        f"{meta['load_end']} at end), with few passes; `results/module_cost.md` has the longer measurement of "
+        "the older modules.", width=116, break_on_hyphens=False)
+    return "\n".join(lines + ["", note, END])
+
+
+def write_table(rounds, device, doc=ROOT / "docs" / "modules.md", out=ROOT / "results" / "module_cost.table"):
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "device": device, "rounds": rounds,
+            "load_start": [round(v, 1) for v in os.getloadavg()]}
+    rows = table_rows(rounds, device)
+    meta["load_end"] = [round(v, 1) for v in os.getloadavg()]
+    result = {"meta": meta, "rows": rows}
+    write_json(str(out) + ".json", result)
+    text = Path(doc).read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{doc} has no {BEGIN} ... {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    Path(doc).write_text(head + table_markdown(result) + rest.split(END, 1)[1])
+    print(table_markdown(result))
+    print(f"wrote {out}.json and the table in {doc}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "results" / "module_cost"), help="output path without extension")
@@ -141,9 +257,13 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backbones", nargs="*", default=None, help=f"subset of {list(BACKBONES)}")
     ap.add_argument("--quick", action="store_true", help="one tiny configuration (smoke test)")
+    ap.add_argument("--table", action="store_true", help="regenerate docs/modules.md's table of every module")
+    ap.add_argument("--rounds", type=int, default=5, help="round-robin latency rounds for --table (default 5)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.table:
+        return write_table(args.rounds, args.device)
     table = QUICK if args.quick else {k: v for k, v in BACKBONES.items() if not args.backbones or k in args.backbones}
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
