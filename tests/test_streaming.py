@@ -207,6 +207,21 @@ def test_stream_batches_have_the_configured_shape_and_soft_targets(tmp_path):
     assert x.shape == (4, 3, 32, 32) and y.shape == (4, 2) and torch.allclose(y.sum(1), torch.ones(4))
     x, y = next(iter(loaders.test))
     assert x.shape == (4, 3, 32, 32) and y.dtype == torch.int64
+    plain = build_loaders(load_config(None, stream_overrides(tmp_path, "plain", data, ["data.augment=false"])),
+                          torch.device("cpu"), 4, 8)
+    assert plain.train.mixer is None and plain.train.dataset.transform.transforms[0].size == [36]  # floor(32/.875)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_undecodable_image_is_a_one_line_error(tmp_path, workers):
+    data = make_folder(tmp_path / "folder", train=4, val=1, size=40)
+    (data / "train" / "class1" / "0002.jpg").write_bytes(b"not a jpeg")
+    cfg = load_config(None, stream_overrides(tmp_path, "bad", data, [f"data.workers={workers}", "data.val_size=0"]))
+    loaders = build_loaders(cfg, torch.device("cpu"), 8, 8)
+    with pytest.raises(AttnlabError) as info:
+        list(loaders.train)
+    message = str(info.value)
+    assert message.startswith("cannot decode image ") and "0002.jpg" in message and "\n" not in message
 
 
 @pytest.mark.skipif(not TINY.is_dir(), reason="offline Tiny-ImageNet-50 copy not found")
@@ -277,7 +292,8 @@ def test_memory_stays_flat_as_the_folder_grows(tmp_path):
 def test_stream_trains_under_torchrun_with_two_processes(tmp_path):
     data = make_folder(tmp_path / "folder")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    over = stream_overrides(tmp_path, "ddp", data, ["data.workers=1", "train.deterministic=false"])
+    # 19 training images (2 steps of 2 x 4 per epoch) and 5 validation images: rank 1's shard is padded.
+    over = stream_overrides(tmp_path, "ddp", data, ["data.workers=1", "train.deterministic=false", "data.val_size=5"])
     proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "attnlab", "train", *over],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -285,6 +301,16 @@ def test_stream_trains_under_torchrun_with_two_processes(tmp_path):
     assert results["world_size"] == 2 and results["epochs"] == 2
     ck = load_checkpoint(tmp_path / "ddp" / "checkpoint_last.pt")
     assert ck["epoch"] == 2 and ck["scheduler"]["last_epoch"] == 2 * 2  # 20 images / global batch 8, per epoch
+    # Sharded validation counts every image once: the same top-1 as one process evaluating checkpoint_last.
+    from attnlab.cli import main
+    with pytest.raises(SystemExit):
+        main(["eval", "--checkpoint", str(tmp_path / "ddp" / "checkpoint_last.pt"), "--split", "val", "--device", "cpu",
+              "--out", str(tmp_path / "val.json")])
+    single = json.loads((tmp_path / "val.json").read_text())
+    last_row = (tmp_path / "ddp" / "metrics.csv").read_text().splitlines()[-1].split(",")
+    header = (tmp_path / "ddp" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert single["images"] == 5
+    assert float(last_row[header.index("val_top1")]) == pytest.approx(single["top1"])
     # Resume of the finished run under torchrun says it is complete.
     proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "attnlab", "train", "--resume",
                            str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300)

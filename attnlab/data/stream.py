@@ -145,11 +145,22 @@ class StreamLoader:
     def __iter__(self):
         self.sampler.set_epoch(self.epoch)
         self.dataset.epoch = self.epoch  # before the workers start: they are created per epoch, with this value
-        for i, (x, y) in enumerate(self.loader):
+        batches = iter(self.loader)
+        for i in range(len(self.loader)):
+            try:
+                x, y = next(batches)
+            except AttnlabError as err:  # from a worker, its message wrapped in the worker's traceback
+                raise AttnlabError(_last_line(str(err))) from None
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self.mixer is not None:
                 x, y = self.mixer(x, y, batch_seed(self.seed, self.epoch, self.rank, i))
             yield x, y
+
+
+def _last_line(message: str) -> str:
+    """The error's own line out of a DataLoader worker's wrapped traceback."""
+    lines = [line for line in message.strip().splitlines() if line.strip()] or [message]
+    return lines[-1].split("AttnlabError: ", 1)[-1].strip()
 
 
 def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:

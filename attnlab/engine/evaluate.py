@@ -71,7 +71,7 @@ def run(args):
     device = resolve_device(args.device)
     t = cfg["train"]
     batch = args.batch_size or t["eval_batch_size"]
-    loaders = build_loaders(cfg, device, 1, batch, data_dir=args.data_dir, train=False)
+    loaders = build_loaders(cfg, device, 1, batch, data_dir=args.data_dir, with_train=False)
     loader = getattr(loaders, args.split)
     if loader is None:
         raise AttnlabError(f"the run has no {args.split} split (data.val_size=0)")
