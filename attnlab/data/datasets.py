@@ -191,7 +191,8 @@ def load_dataset(name: str, data_dir=None, val_size=None, subset=None, seed: int
       ``../shared/data/<folder>`` relative to the repository root and to the cwd (folders: ``cifar10-jpeg`` or
       ``cifar-10-batches-py``, ``cifar-100-python``, ``tiny-imagenet-50``).
     - ``val_size``: images held out of train for model selection (int count or float fraction); default 10% of the
-      train pool (5,000 for CIFAR-10; 10% of the subset pool when ``subset`` is given). Stratified per class, fixed by ``seed``.
+      train pool (5,000 for CIFAR-10; 10% of the subset pool when ``subset`` is given). Stratified per class, fixed
+      by ``seed``.
     - ``subset``: images per class kept from the train pool (seeded) before the hold-out; ``test_subset``: images
       per class of the test split (fixed choice, independent of ``seed``).
     - ``image_size``: int or (h, w) to resize (bilinear) every image; required when a folder's images differ in size.
