@@ -88,11 +88,15 @@ def stream_dataset(data, seed: int, data_dir=None) -> StreamBundle:
 
 class ImageFiles(Dataset):
     """``(image tensor, label)`` per index: the file decoded with PIL (as RGB) and passed through ``transform``;
-    with ``random=True`` under a CPU RNG seeded from (seed, epoch, index) (``epoch`` is set by the loader)."""
+    with ``random=True`` under a CPU RNG seeded from (seed, epoch, index) (the loader calls ``set_epoch``)."""
 
     def __init__(self, split: FileSplit, transform, seed: int = 0, random: bool = False):
         self.root, self.files, self.labels = str(split.root), split.files, split.labels
-        self.transform, self.seed, self.random, self.epoch = transform, int(seed), bool(random), 0
+        self.transform, self.seed, self.random = transform, int(seed), bool(random)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._epoch_seed = int(epoch), epoch_seed(self.seed, epoch)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -108,7 +112,7 @@ class ImageFiles(Dataset):
         if not self.random:
             return self.transform(im), int(self.labels[i])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((epoch_seed(self.seed, self.epoch) + int(i)) % 2 ** 63)
+            torch.manual_seed((self._epoch_seed + int(i)) % 2 ** 63)
             return self.transform(im), int(self.labels[i])
 
 
@@ -144,7 +148,7 @@ class StreamLoader:
 
     def __iter__(self):
         self.sampler.set_epoch(self.epoch)
-        self.dataset.epoch = self.epoch  # before the workers start: they are created per epoch, with this value
+        self.dataset.set_epoch(self.epoch)  # before the workers start: they are created per epoch, with this value
         batches = iter(self.loader)
         for i in range(len(self.loader)):
             try:
