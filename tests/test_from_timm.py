@@ -1,5 +1,6 @@
 """``attention="timm:<kind>"``: timm's attention layers in attnlab's slot, the unfit kinds refused in one line."""
 import inspect
+import io
 import re
 from pathlib import Path
 
@@ -111,8 +112,13 @@ def test_timm_kind_as_timm_attn_layer_and_state_dict_round_trip():
     again = attnlab.create_model("resnet18", attention="timm:coord").eval()
     again.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(1, 3, 64, 64)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)  # whole-model pickling finds the generated class
+    buffer.seek(0)
+    pickled = torch.load(buffer, weights_only=False).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x), ours(x))
+        torch.testing.assert_close(pickled(x), ours(x))
         assert model(x).shape == (1, 10)
 
 

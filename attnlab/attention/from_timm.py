@@ -96,4 +96,6 @@ def _wrap(kind: str) -> type:
         # attnlab's models re-initialise every conv (kaiming, fan_out) and then call init_weights(): timm's own
         # init (e.g. GC's zeroed last add-fusion conv) is re-applied there, as timm's models keep it.
         body["init_weights"] = lambda self: self.reset_parameters()
-    return type(f"Timm_{kind}", (target,), body)
+    cls = type(f"Timm_{kind}", (target,), body)
+    globals()[cls.__name__] = cls  # reachable by name, so torch.save(model) can pickle it
+    return cls
