@@ -9,7 +9,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from . import attention
 from .errors import AttnlabError
 from .models import create_model, list_models
-from .models.attach import attach as attach  # explicit re-export
+from .models.attach import attach
 
 __version__ = "0.1.0"
-__all__ = ["attention", "create_model", "list_models", "AttnlabError", "__version__"]
+__all__ = ["attach", "attention", "create_model", "list_models", "AttnlabError", "__version__"]
