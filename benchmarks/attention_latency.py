@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from attnlab.models import create_model  # noqa: E402
-from attnlab.profiler import CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, cpu_name, measure_peak_memory, write_json  # noqa
+from attnlab.host import cpu_name  # noqa: E402
+from attnlab.measure import CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, measure_peak_memory  # noqa: E402
+from attnlab.profiler import write_json  # noqa
 
 TARGET = 1.05
 ATTENTIONS = ("none", "se", "cbam", "eca")

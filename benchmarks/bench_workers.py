@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attnlab.bench.runs import host_info  # noqa: E402
+from attnlab.host import host_info  # noqa: E402
 from attnlab.jsonl import read_jsonl  # noqa: E402
 from attnlab.profiler import write_json  # noqa: E402
 

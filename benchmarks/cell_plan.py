@@ -32,12 +32,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from attnlab.bench.matrix import load_matrix, method_overrides, method_seeds  # noqa: E402
-from attnlab.bench.runs import host_info  # noqa: E402
+from attnlab.host import host_info  # noqa: E402
 from attnlab.engine.checkpoint import model_from_config  # noqa: E402
 from attnlab.engine.config import load_config  # noqa: E402
 from attnlab.engine.precision import autocast, resolve_precision  # noqa: E402
 from attnlab.files import atomic_write_json  # noqa: E402
-from attnlab.profiler import cpu_threads  # noqa: E402
+from attnlab.host import cpu_threads  # noqa: E402
 
 CPU = torch.device("cpu")
 # Images per epoch of the data sets the matrices train on: (train, val + test) at the default hold-out.

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from attnlab import create_model  # noqa: E402
-from attnlab.bench.runs import host_info  # noqa: E402
+from attnlab.host import host_info  # noqa: E402
 from attnlab.files import atomic_write_json  # noqa: E402
 
 

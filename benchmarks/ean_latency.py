@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attnlab.files import atomic_write_json
 from attnlab.models import create_model
 from attnlab.models.connections import bits_to_blocks, set_connections
-from attnlab.profiler import measure_latency
+from attnlab.measure import measure_latency
 
 
 def main(argv=None):

@@ -5,11 +5,11 @@ placement, plus a per-stage shared variant of every module that can be shared (t
 on resnet20, resnet56 and resnet164 at 32x32 and resnet50 at 224x224 (fewer repeats there). Ratios are to the
 plain backbone measured in the same run.
 
-Latency: eval mode, ``torch.inference_mode()``, batch 1 and a small batch, CPU, ``attnlab.profiler.measure_latency``.
+Latency: eval mode, ``torch.inference_mode()``, batch 1 and a small batch, CPU, ``attnlab.measure.measure_latency``.
 Every variant of a backbone is warmed up once; then, round after round, every variant is timed for a pass or two in
 a freshly shuffled order, so slow phases of a shared machine hit all variants alike. The reported figure is the
 median of all timed passes of a variant, with its interquartile range relative to the median ("spread").
-FLOPs: ``attnlab.profiler.count_flops`` (2 x MACs, conv/linear/matmul only, batch 1).
+FLOPs: ``attnlab.measure.count_flops`` (2 x MACs, conv/linear/matmul only, batch 1).
 
     .venv/bin/python benchmarks/module_cost.py                    # writes results/module_cost.{json,md}
     .venv/bin/python benchmarks/module_cost.py --quick --out /tmp/mc  # smoke run
@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from attnlab import attention  # noqa: E402
 from attnlab.models import create_model  # noqa: E402
-from attnlab.profiler import count_flops, count_params, measure_latency, write_json  # noqa: E402
+from attnlab.measure import count_flops, count_params, measure_latency  # noqa: E402
+from attnlab.profiler import write_json  # noqa: E402
 
 # backbone -> (input size, batch sizes, rounds, timed passes per round per batch size)
 BACKBONES = {

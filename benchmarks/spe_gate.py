@@ -25,13 +25,13 @@ sys.path.insert(0, str(ROOT))
 import attnlab  # noqa: E402
 from attnlab.attention.spe import SPE  # noqa: E402
 from attnlab.bench.matrix import cell_overrides, cells, load_matrix  # noqa: E402
-from attnlab.bench.runs import host_info  # noqa: E402
+from attnlab.host import host_info  # noqa: E402
 from attnlab.data import BatchLoader, dataset_for_config  # noqa: E402
 from attnlab.engine.checkpoint import load_training_checkpoint, model_from_checkpoint, model_from_config  # noqa: E402
 from attnlab.engine.config import load_config  # noqa: E402
 from attnlab.engine.train import seed_everything, train  # noqa: E402
 from attnlab.files import atomic_write_json  # noqa: E402
-from attnlab.profiler import set_threads  # noqa: E402
+from attnlab.host import set_threads  # noqa: E402
 
 
 def spe_modules(model):

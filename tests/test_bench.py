@@ -136,8 +136,8 @@ def test_dry_run_flags_bad_config(tmp_path, capsys):
 
 
 def test_latency_times_again_the_methods_timed_on_another_machine(tmp_path):
-    from attnlab.bench.latency import machine, measure_latencies
-    from attnlab.profiler import cpu_threads
+    from attnlab.bench.latency import measure_latencies
+    from attnlab.host import cpu_threads, timing_machine as machine
     from attnlab.engine.config import load_config
 
     matrix = load_matrix(_write(tmp_path, tiny_matrix_text({"none": "none", "se": "se", "cbam": "cbam",

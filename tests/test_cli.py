@@ -10,7 +10,7 @@ import pytest
 
 from attnlab import create_model
 from attnlab.cli import main
-from attnlab.profiler import count_params
+from attnlab.measure import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

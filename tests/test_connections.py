@@ -8,7 +8,7 @@ from attnlab.errors import AttnlabError
 from attnlab.models import create_model
 from attnlab.models.connections import (bits_to_blocks, connections, get_connections, scheme_bits,
                                         set_connections)
-from attnlab.profiler import count_flops
+from attnlab.measure import count_flops
 
 SHAREABLE = [a for a in attnlab.attention.names()
              if a != "none" and not getattr(attnlab.attention.get(a), "wraps_block", False)]

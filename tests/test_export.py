@@ -12,7 +12,7 @@ import attnlab
 from attnlab.cli import main
 from attnlab.export import export_onnx
 from attnlab.objectives.ssia import SSIA
-from attnlab.profiler import count_flops, count_params
+from attnlab.measure import count_flops, count_params
 
 MODEL = {"name": "resnet20", "num_classes": 10, "attention": "se", "attention_kwargs": {}, "blocks": None,
          "share": None, "zero_init_residual": False}

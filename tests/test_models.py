@@ -9,7 +9,7 @@ import attnlab
 from attnlab.attention.eca import eca_kernel_size
 from attnlab.errors import AttnlabError
 from attnlab.models import create_model, default_input_size, list_models
-from attnlab.profiler import count_flops, count_params
+from attnlab.measure import count_flops, count_params
 
 
 def image(size, batch=2, seed=0):
@@ -42,7 +42,7 @@ def test_torchvision_weights_load_and_give_same_logits(name):
 def test_peak_activation_memory_equals_torchvision(name):
     # Deterministic (live tensor bytes, no timing): our blocks free each activation as early as torchvision's.
     torchvision = pytest.importorskip("torchvision")
-    from attnlab.profiler import measure_peak_memory
+    from attnlab.measure import measure_peak_memory
     ours = measure_peak_memory(create_model(name), 64, batch_size=2)["peak_bytes"]
     assert ours == measure_peak_memory(getattr(torchvision.models, name)(), 64, batch_size=2)["peak_bytes"]
 

@@ -8,8 +8,9 @@ import torch.nn as nn
 
 from attnlab import create_model
 from attnlab.errors import AttnlabError
-from attnlab.profiler import (count_flops, count_params, input_shape, measure_latency, measure_peak_memory,
-                              profile_model, write_json)
+from attnlab.measure import (count_flops, count_params, input_shape, measure_latency, measure_peak_memory,
+                             profile_model)
+from attnlab.profiler import write_json
 
 
 def test_conv_flops_equal_the_hand_count():

@@ -10,7 +10,7 @@ from attn_helpers import (attention_params_with_gradients, backbone_cases, check
 from attnlab import attention
 from attnlab.errors import AttnlabError
 from attnlab.models import BasicBlock, Bottleneck, create_model
-from attnlab.profiler import count_flops
+from attnlab.measure import count_flops
 
 
 def sig(z):

@@ -2,7 +2,7 @@
 
 - ``matrix``: the matrix file (recipe, overrides, methods, seeds, latency settings, the papers' claims)
 - ``runner``: runs the unfinished cells, K at a time (``worker``: one cell in its own process), within a budget
-- ``runs``: a cell's run folder (curve, lock) and host facts; runs.jsonl is read and appended via attnlab.jsonl
+- ``runs``: a cell's run folder (curve, lock); runs.jsonl is read and appended via attnlab.jsonl
 - ``latency``: inference latency per method, timed round-robin
 - ``stats``, ``claims``, ``report``: intervals, verdicts per claim, report.md, plots and the README block
 """

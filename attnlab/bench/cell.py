@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..files import atomic_write_text, git_commit, portable_path
 from .matrix import cell_overrides, fingerprint, same_digest, same_settings
-from .runs import host_info, one_line, read_curve
+from ..host import host_info
+from .runs import one_line, read_curve
 
 
 def run_cell(matrix, cell, runs_root, *, load_config, train, device=None) -> dict:

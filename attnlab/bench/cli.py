@@ -73,7 +73,7 @@ def _duration(text):
 
 
 def run(args):
-    from ..profiler import set_threads
+    from ..host import set_threads
 
     matrix = load_matrix(args.matrix)
     log = lambda s: print(s, flush=True)

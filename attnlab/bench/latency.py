@@ -6,7 +6,9 @@ from pathlib import Path
 from ..errors import AttnlabError
 from ..files import atomic_write_json, held_lock
 from .matrix import method_overrides
-from .runs import host_info, one_line
+from ..host import cpu_model, cpu_threads, host_info, timing_machine
+from ..measure import measure_latency
+from .runs import one_line
 
 
 def latency_model(matrix, method, load_config, device=None):
@@ -40,20 +42,6 @@ def read_latency(path) -> dict:
     return data
 
 
-def machine(device: str) -> str:
-    """What a latency depends on besides the model: the GPU, or the CPU with the vector kernels torch picks for it
-    (two 'AMD EPYC' machines here, one with AVX2 and one with AVX-512 kernels, time the same model differently),
-    the torch threads and release."""
-    import torch
-
-    from .. import profiler
-
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return (f"{profiler.cpu_model()}, {torch.backends.cpu.get_cpu_capability()} kernels, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-
-
 def time_matrix(matrix, results_dir, only=None, device=None, log=print) -> dict:
     """The latency step of ``attnlab bench`` (and all of ``--latency-only``): the matrix's methods (those in
     ``only``) missing from results_dir/latency.json are timed."""
@@ -75,8 +63,6 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
     entry for that device came from another machine (or does not say which) is timed again beside it.
     """
     import torch
-
-    from .. import profiler
 
     latency_path = Path(latency_path)
     data = read_latency(latency_path)
@@ -105,8 +91,8 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
                 if dev not in data["methods"][m["name"]]:
                     jobs.setdefault(dev, []).append(m["name"])
     for dev, names in jobs.items():
-        with profiler.cpu_threads(int(settings["threads"]) if dev == "cpu" else None):
-            here = machine(dev)
+        with cpu_threads(int(settings["threads"]) if dev == "cpu" else None):
+            here = timing_machine(dev)
             stale = [m for m in matrix["methods"] if m["name"] not in names
                      and _timed_elsewhere(data["methods"].get(m["name"], {}), dev, here) and build(m) is not None]
             if stale:
@@ -120,7 +106,7 @@ def measure_latencies(matrix, methods, latency_path, *, load_config, device=None
                 data["methods"][name][dev] = {
                     "batch": per_bs, "input_size": built[name][1], "machine": here,
                     "threads": torch.get_num_threads() if dev == "cpu" else None,
-                    "name": torch.cuda.get_device_name(0) if dev == "cuda" else profiler.cpu_model()}
+                    "name": torch.cuda.get_device_name(0) if dev == "cuda" else cpu_model()}
                 changed.add((name, dev))
                 log(f"[latency] {name} {dev}: "
                     + ", ".join(f"bs{bs} {v['median_ms']:.2f} ms" for bs, v in per_bs.items()))
@@ -169,8 +155,6 @@ def _time_round_robin(models, device, batch_sizes, settings) -> dict:
     rounds that each pass over every model, so load from other processes hits them alike."""
     import torch
 
-    from .. import profiler
-
     rounds = _rounds(settings)
     per_round = max(1, -(-int(settings["repeats"]) // rounds))
     times = {(name, bs): [] for name in models for bs in batch_sizes}
@@ -180,7 +164,7 @@ def _time_round_robin(models, device, batch_sizes, settings) -> dict:
             for name, (model, size) in models.items():
                 model.to(device)
                 for bs in batch_sizes:
-                    out = profiler.measure_latency(model, size, bs, device=device,
+                    out = measure_latency(model, size, bs, device=device,
                                                    warmup=settings["warmup"] if r == 0 else 1, repeats=per_round)
                     times[(name, bs)].extend(out["times_ms"])
                     round_medians[(name, bs)].append(statistics.median(out["times_ms"]))

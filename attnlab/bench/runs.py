@@ -5,8 +5,6 @@ so several writers never interleave; a torn line is skipped, and its cell counts
 """
 import csv
 import fcntl
-import os
-import platform
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -96,22 +94,6 @@ def read_curve(run_dir) -> list[float] | None:
             except (KeyError, TypeError, ValueError):
                 curve.append(float("nan"))
     return curve
-
-
-def host_info() -> dict:
-    import torch
-
-    from ..profiler import cpu_model
-    info = {"platform": platform.platform(), "machine": platform.machine(), "processor": cpu_model(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__,
-            # Machines of one model name differ in speed and float sums by the vector kernels torch picks for them.
-            "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_count"] = torch.cuda.device_count()
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def one_line(err: BaseException) -> str:

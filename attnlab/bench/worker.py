@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     from ..engine.config import load_config
     from ..files import atomic_write_text
     from ..engine.train import train
-    from ..profiler import set_threads
+    from ..host import set_threads
     from .matrix import cells, load_matrix
     from .cell import run_cell, stamp
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AttnlabError
-from ..profiler import cpu_threads
+from ..host import cpu_threads
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

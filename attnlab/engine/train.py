@@ -23,7 +23,6 @@ changes nothing when the run is complete. A fresh run refuses a run dir that hol
 """
 import json
 import os
-import platform
 import signal
 import sys
 import time
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import AttnlabError
+from ..host import device_name
 from ..files import (TEMP_SUFFIX, atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit,
                      remove_stale_temps, writable_dir, write_error)
 from .checkpoint import (atomic_save, init_from_state_dict, load_checkpoint, model_from_checkpoint, model_from_config,
@@ -471,7 +471,7 @@ class Trainer:
         self.elapsed["train_images"] += images
         self.elapsed["rates"] = list(self.elapsed.get("rates", [])) + [images / seconds]
         # A resumed run may train on with another thread count or GPU: results name every device and its epochs.
-        by_device, name = self.elapsed.setdefault("epochs_by_device", {}), _device_name(self.device)
+        by_device, name = self.elapsed.setdefault("epochs_by_device", {}), device_name(self.device)
         by_device[name] = by_device.get(name, 0) + 1
         by_precision = self.elapsed.setdefault("epochs_by_precision", {})
         by_precision[self.precision] = by_precision.get(self.precision, 0) + 1
@@ -617,7 +617,7 @@ class Trainer:
     def _announce(self) -> None:
         cfg, t, d = self.cfg, self.cfg.train, self.d
         self.log(f"{cfg.name}: {cfg.model.name} ({cfg.model.attention}) on {self.bundle.summary()}; "
-                 f"{t.epochs} epochs x {self.steps_per_epoch} steps of {t.batch_size} on {_device_name(self.device)}"
+                 f"{t.epochs} epochs x {self.steps_per_epoch} steps of {t.batch_size} on {device_name(self.device)}"
                  f"{f' x {d.world_size} ranks' if d.enabled else ''} in {self.precision}; run dir {self.run_dir}")
         if self.precision_notice:
             self.log(self.precision_notice)
@@ -651,7 +651,7 @@ class Trainer:
             # The median epoch leaves out a first epoch slowed by torch.compile's warm-up.
             "train_images_per_s_median_epoch": float(np.median(self.elapsed["rates"])) if self.elapsed.get("rates")
             else None,
-            "device": _device_name(self.device), "epochs_by_device": dict(self.elapsed.get("epochs_by_device", {})),
+            "device": device_name(self.device), "epochs_by_device": dict(self.elapsed.get("epochs_by_device", {})),
             "precision": _precision_of(self.elapsed, self.precision),
             "epochs_by_precision": dict(self.elapsed.get("epochs_by_precision", {})),
             "world_size": d.world_size, "torch": torch.__version__,
@@ -748,7 +748,7 @@ def _flops(model, image_size) -> int:
     """FLOPs (2 x MACs) of one image, counted by the profiler on a CPU copy of the model."""
     import copy
 
-    from ..profiler import count_flops
+    from ..measure import count_flops
     size = image_size if isinstance(image_size, int) else tuple(image_size)
     probe = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
     return int(count_flops(probe, size, batch_size=1))
@@ -758,9 +758,3 @@ def _precision_of(elapsed: dict, current: str) -> str:
     """The run's precision: the one every epoch trained in, or "mixed" when a resume changed it."""
     seen = set(elapsed.get("epochs_by_precision") or {}) or {current}
     return seen.pop() if len(seen) == 1 else "mixed"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
