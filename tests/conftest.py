@@ -14,6 +14,17 @@ from attnlab.data.sources import dataset_folder
 REQUIRE_DATA = os.environ.get("ATTNLAB_TESTS_REQUIRE_DATA") == "1"
 
 
+def load_benchmark(name: str):
+    """A script of benchmarks/ imported as a module (they are scripts, not a package), for testing its functions."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_data(*names): the test reads these offline datasets "
                                        "(cifar10, tiny-imagenet); skipped where they are missing")

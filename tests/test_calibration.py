@@ -1,19 +1,16 @@
 """benchmarks/calibration.py: the schedule is chosen on validation, and bf16 is set against its fp32 twin."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def cal():
-    spec = importlib.util.spec_from_file_location("calibration", ROOT / "benchmarks" / "calibration.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("calibration")
 
 
 def _record(method, seed, val, test, precision="bf16", ips=500.0):

@@ -1,5 +1,4 @@
 """benchmarks/cell_plan.py: a plan per machine from measured step rates (precision, workers x threads, cell time)."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -7,16 +6,14 @@ import pytest
 
 from attnlab.engine import precision
 from matrix_helpers import tiny_matrix_text
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def cell_plan():
-    spec = importlib.util.spec_from_file_location("cell_plan", ROOT / "benchmarks" / "cell_plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("cell_plan")
 
 
 def test_plan_says_precision_workers_and_which_cells_fit(cell_plan, tmp_path, monkeypatch, capsys):

@@ -1,18 +1,15 @@
 """docs/modules.md's table of every module (benchmarks/module_cost.py --table) covers the registry."""
-import importlib.util
 import re
 from pathlib import Path
 
 import attnlab
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("module_cost", ROOT / "benchmarks" / "module_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("module_cost")
 
 
 def test_every_registered_module_has_a_source_and_a_row():

@@ -252,13 +252,8 @@ def test_bn_recalibration_is_deterministic_and_restores_the_supernet(supernet_mo
 # ---- proof-run driver helpers ----------------------------------------------------------------------------------
 
 def _driver():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ean_resnet20.py"
-    spec = importlib.util.spec_from_file_location("ean_resnet20", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from conftest import load_benchmark
+    return load_benchmark("ean_resnet20")
 
 
 def test_driver_kendall_tau_spread_and_random_controls():

@@ -150,11 +150,8 @@ def test_short_training_run_decreases_loss():
 
 
 def test_spe_gate_script_measures_the_gate_each_block_applies():
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("spe_gate", Path(__file__).parents[1] / "benchmarks" / "spe_gate.py")
-    sg = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sg)
+    from conftest import load_benchmark
+    sg = load_benchmark("spe_gate")
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=10, attention="spe")
     images = [(torch.randn(4, 3, 32, 32), None), (torch.randn(3, 3, 32, 32), None)]

@@ -1,19 +1,17 @@
 """benchmarks/wsol_report.py: the report is rebuilt from committed localize copies, and its verdict follows the
 numbers."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def wr(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("wsol_report", ROOT / "benchmarks" / "wsol_report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("wsol_report")
     monkeypatch.setattr(mod, "HERE", tmp_path / "results")
     return mod
 
