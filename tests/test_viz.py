@@ -68,5 +68,5 @@ def test_show_works_on_cifar10_and_localize_says_there_are_no_boxes(tmp_path, ca
     assert _cli("localize", "--checkpoint", str(run)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["attnlab: error: dataset 'cifar10' has no bounding boxes (its val split has none; only "
-                   "tiny-imagenet has boxes), so localization metrics cannot be computed"]
+                   "tiny-imagenet and wsol have boxes), so localization metrics cannot be computed"]
     assert not (run / "localize.json").exists()

@@ -17,10 +17,11 @@ import torch
 from ..errors import AttnlabError, unknown
 from ..files import atomic_write_json
 from . import cache as _cache
+from .boxes import scale_boxes
 from .sources import Pool, Source, open_source
 from .splits import _TEST_SUBSET, per_class_subset, stratified_split, val_count
 
-DATASETS = ("cifar10", "cifar100", "imagefolder", "tiny-imagenet")
+DATASETS = ("cifar10", "cifar100", "imagefolder", "tiny-imagenet", "wsol")
 _ALIASES = {"tiny-imagenet-50": "tiny-imagenet", "tiny_imagenet": "tiny-imagenet", "cifar-10": "cifar10",
             "cifar-100": "cifar100", "image_folder": "imagefolder"}
 
@@ -34,6 +35,7 @@ class Split:
     labels: torch.Tensor
     boxes: torch.Tensor | None = None
     files: list[str] = field(default_factory=list)
+    box_sets: torch.Tensor | None = None  # N x K x 4, every box of each image (NaN rows pad), WSOL metadata only
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -120,62 +122,82 @@ def _stats(images: np.ndarray, stem: Path | None, index: np.ndarray):
 
 
 def _decode_pool(source: Source, pool: Pool, split: str, size, cache_dir):
-    """(images uint8 N x 3 x H x W numpy, boxes float32 N x 4 or None, cache stem)."""
+    """(images uint8 N x 3 x H x W numpy, boxes float32 N x 4 or None, cache stem, box sets N x K x 4 or None)."""
     if pool.arrays is not None:  # pickled CIFAR: already raw pixels
         images = pool.arrays
         if size is not None and tuple(images.shape[2:]) != size:
             t = torch.nn.functional.interpolate(torch.from_numpy(images).float(), size=size, mode="bilinear",
                                                 align_corners=False, antialias=True)
             images = t.round_().clamp_(0, 255).to(torch.uint8).numpy()
-        return images, pool.boxes, None
+        return images, pool.boxes, None, None
     tag = f"{source.name}-{split}"
     images, sizes, stem = _cache.cached_images(pool.root, pool.files, size, cache_dir, tag)
-    boxes = pool.boxes
-    if boxes is not None and size is not None:
-        # Inclusive pixel boxes cover [x0, x1 + 1) in continuous coordinates; scale that interval.
-        sy = size[0] / sizes[:, 0].astype(np.float32)
-        sx = size[1] / sizes[:, 1].astype(np.float32)
-        boxes = np.stack([boxes[:, 0] * sx, boxes[:, 1] * sy, (boxes[:, 2] + 1) * sx - 1,
-                          (boxes[:, 3] + 1) * sy - 1], axis=1).astype(np.float32)
-    return images, boxes, stem
+    if pool.sizes is not None:  # WSOL metadata states each image's size: the boxes are in that frame
+        wrong = np.flatnonzero((np.asarray(sizes) != pool.sizes).any(1))
+        if len(wrong):
+            i = int(wrong[0])
+            raise AttnlabError(f"dataset '{source.name}': image {pool.files[i]} is {sizes[i][1]}x{sizes[i][0]} but "
+                               f"image_sizes.txt says {pool.sizes[i][1]}x{pool.sizes[i][0]}")
+    boxes, box_sets = pool.boxes, pool.box_sets
+    if size is not None:
+        boxes = None if boxes is None else scale_boxes(boxes, sizes, size)
+        box_sets = None if box_sets is None else scale_boxes(box_sets, sizes, size)
+    return images, boxes, stem, box_sets
 
 
-def _split(name: str, images: np.ndarray, pool: Pool, boxes, index=None) -> Split:
+def _split(name: str, images: np.ndarray, pool: Pool, boxes, index=None, box_sets=None) -> Split:
     if index is not None:
         images = images[index]  # a copy into memory (fancy indexing reads the memory map once)
         labels = pool.labels[index]
         boxes = None if boxes is None else boxes[index]
+        box_sets = None if box_sets is None else box_sets[index]
         files = [pool.files[i] for i in index] if pool.files else []
     else:
         labels, files = pool.labels, list(pool.files)
-    return Split(name, torch.from_numpy(images), torch.from_numpy(np.ascontiguousarray(labels)),
-                 None if boxes is None else torch.from_numpy(np.ascontiguousarray(boxes)), files)
+    tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+    return Split(name, torch.from_numpy(images), torch.from_numpy(np.ascontiguousarray(labels)), tensor(boxes),
+                 files, tensor(box_sets))
 
 
-def dataset_for_config(cfg, data_dir=None) -> DatasetBundle:
+def dataset_for_config(cfg, data_dir=None, metadata=None) -> DatasetBundle:
     """The dataset a run's config trains on: its ``data`` section with its ``seed`` (so the same val split is held
-    out), from a DictConfig or a checkpoint's plain dict; ``data_dir`` replaces the config's folder."""
+    out), from a DictConfig or a checkpoint's plain dict; ``data_dir`` replaces the config's folder and
+    ``metadata`` its WSOL metadata folder."""
     data = cfg["data"]
+    size = data["image_size"] or (224 if data.get("pipeline") == "stream" else None)  # stream's default size
     return load_dataset(data["name"], data_dir=data_dir or data["data_dir"], val_size=data["val_size"],
                         subset=data["subset"], seed=cfg["seed"], cache_dir=data["cache_dir"],
-                        image_size=data["image_size"], test_subset=data.get("test_subset"))
+                        image_size=size, test_subset=data.get("test_subset"),
+                        metadata=metadata or data.get("metadata"))
 
 
 def select_pools(name: str, data_dir=None, val_size=None, subset=None, seed: int = 0, test_subset=None,
-                 download: bool = False):
+                 download: bool = False, metadata=None):
     """The files a dataset's splits hold, before any decoding: (key, source, train pool, test pool, train indices,
-    val indices into the train pool). ``load_dataset`` decodes them; the streaming pipeline reads them per batch."""
+    val indices into the train pool). ``load_dataset`` decodes them; the streaming pipeline reads them per batch.
+
+    A source with a val split of its own (WSOL metadata) has it appended to the train pool, whose indices then
+    name it: nothing is drawn out of train."""
     key = _ALIASES.get(str(name).lower(), str(name).lower())
     if key not in DATASETS:
         raise unknown("dataset", name, DATASETS)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise AttnlabError(f"seed must be an int, got {seed!r}")
-    source = open_source(key, data_dir, download=download)
+    if metadata is not None and key != "wsol":
+        raise AttnlabError(f"data.metadata is read by dataset 'wsol' only, not by '{key}'")
+    source = open_source(key, data_dir, download=download, metadata=metadata)
     train_pool, test_pool = source.train, source.test
     if subset is not None:
         train_pool = train_pool.select(per_class_subset(train_pool.labels, subset, seed))
     if test_subset is not None:
         test_pool = test_pool.select(per_class_subset(test_pool.labels, test_subset, 0, stream=_TEST_SUBSET))
+    if source.val is not None:
+        if val_size is not None:
+            raise AttnlabError(f"dataset '{key}' has its own val split (its metadata's val/); leave data.val_size "
+                               f"unset (got {val_size})")
+        n = len(train_pool)
+        return (key, source, Pool.concat(train_pool, source.val), test_pool, np.arange(n, dtype=np.int64),
+                np.arange(n, n + len(source.val), dtype=np.int64))
     if val_size is None:
         val_size = 0.1  # CIFAR-10: 5,000 of 50,000, the customary 45k/5k split
     train_idx, val_idx = stratified_split(train_pool.labels, val_count(val_size, len(train_pool)), seed)
@@ -183,8 +205,8 @@ def select_pools(name: str, data_dir=None, val_size=None, subset=None, seed: int
 
 
 def load_dataset(name: str, data_dir=None, val_size=None, subset=None, seed: int = 0,
-                 cache_dir=".cache/attnlab", image_size=None, test_subset=None, download: bool = False
-                 ) -> DatasetBundle:
+                 cache_dir=".cache/attnlab", image_size=None, test_subset=None, download: bool = False,
+                 metadata=None) -> DatasetBundle:
     """Load ``name`` as uint8 tensors split into train / val / test.
 
     - ``data_dir``: the dataset's own folder. Without it: ``$ATTNLAB_DATA/<folder>`` if that variable is set, else
@@ -196,17 +218,19 @@ def load_dataset(name: str, data_dir=None, val_size=None, subset=None, seed: int
     - ``subset``: images per class kept from the train pool (seeded) before the hold-out; ``test_subset``: images
       per class of the test split (fixed choice, independent of ``seed``).
     - ``image_size``: int or (h, w) to resize (bilinear) every image; required when a folder's images differ in size.
+    - ``metadata``: dataset ``wsol`` only, the wsolevaluation metadata folder (``wsol_metadata.py``); ``data_dir``
+      is then the image root its image ids are relative to, and its val split is used as given.
     - ``cache_dir``: where decoded uint8 arrays are kept (None: decode every time); ``download``: fetch CIFAR through
       torchvision when it is not found (never needed for the offline copies).
     """
     size = _size_arg(image_size)
     key, source, train_pool, test_pool, train_idx, val_idx = select_pools(name, data_dir, val_size, subset, seed,
-                                                                          test_subset, download)
-    pool_images, pool_boxes, stem = _decode_pool(source, train_pool, "train", size, cache_dir)
-    test_images, test_boxes, _ = _decode_pool(source, test_pool, "test", size, cache_dir)
-    train = _split("train", pool_images, train_pool, pool_boxes, train_idx)
-    val = _split("val", pool_images, train_pool, pool_boxes, val_idx)
-    test = _split("test", test_images, test_pool, test_boxes)
+                                                                          test_subset, download, metadata)
+    pool_images, pool_boxes, stem, pool_sets = _decode_pool(source, train_pool, "train", size, cache_dir)
+    test_images, test_boxes, _, test_sets = _decode_pool(source, test_pool, "test", size, cache_dir)
+    train = _split("train", pool_images, train_pool, pool_boxes, train_idx, pool_sets)
+    val = _split("val", pool_images, train_pool, pool_boxes, val_idx, pool_sets)
+    test = _split("test", test_images, test_pool, test_boxes, box_sets=test_sets)
     if len(train) == 0:
         raise AttnlabError(f"dataset '{key}': the train split is empty (val_size={val_size} took every image)")
     mean, std = _stats(train.images.numpy(), stem, train_idx)

@@ -34,12 +34,36 @@ class Pool:
     boxes: np.ndarray | None = None
     # Already-decoded images (torchvision's pickled CIFAR): N x C x H x W uint8, no cache needed.
     arrays: np.ndarray | None = None
+    # WSOL metadata: the original (h, w) the metadata states (checked against the decoded images), and every box of
+    # each image, (N, K, 4) padded with NaN rows (``boxes`` is then each image's first box).
+    sizes: np.ndarray | None = None
+    box_sets: np.ndarray | None = None
 
     def select(self, index: np.ndarray) -> "Pool":
         index = np.asarray(index, dtype=np.int64)
+        pick = lambda a: None if a is None else a[index]
         return Pool(self.root, [self.files[i] for i in index] if self.files else [], self.labels[index],
-                    None if self.boxes is None else self.boxes[index],
-                    None if self.arrays is None else self.arrays[index])
+                    pick(self.boxes), pick(self.arrays), pick(self.sizes), pick(self.box_sets))
+
+    @staticmethod
+    def concat(a: "Pool", b: "Pool") -> "Pool":
+        """``a`` then ``b`` (same root, image files): a source's own val pool appended to its train pool."""
+        n = (len(a), len(b))
+        k = max(p.box_sets.shape[1] if p.box_sets is not None else 1 for p in (a, b))
+
+        def sets(p, i):
+            out = np.full((n[i], k, 4), np.nan, dtype=np.float32)
+            if p.box_sets is not None:
+                out[:, :p.box_sets.shape[1]] = p.box_sets
+            elif p.boxes is not None:
+                out[:, 0] = p.boxes
+            return out
+
+        any_boxes = any(p.boxes is not None or p.box_sets is not None for p in (a, b))
+        box_sets = np.concatenate([sets(a, 0), sets(b, 1)]) if any_boxes else None
+        sizes = np.concatenate([a.sizes, b.sizes]) if a.sizes is not None and b.sizes is not None else None
+        return Pool(a.root, list(a.files) + list(b.files), np.concatenate([a.labels, b.labels]),
+                    None if box_sets is None else box_sets[:, 0].copy(), None, sizes, box_sets)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -53,7 +77,8 @@ class Source:
     train: Pool
     test: Pool
     class_names: list[str] = field(default_factory=list)
-    kind: str = "folder"  # folder | pickle | tiny-imagenet
+    kind: str = "folder"  # folder | pickle | tiny-imagenet | wsol
+    val: Pool | None = None  # a val split of its own (WSOL metadata); None: val is held out of train
 
 
 def repo_root() -> Path:
@@ -269,8 +294,13 @@ def _download_cifar(name: str, root: Path) -> None:
         raise AttnlabError(f"downloading {name} into {root} failed: {e}".replace("\n", " ")) from None
 
 
-def open_source(name: str, data_dir=None, download: bool = False) -> Source:
-    """Find dataset ``name`` on disk (see module docs for the search order) and list its files."""
+def open_source(name: str, data_dir=None, download: bool = False, metadata=None) -> Source:
+    """Find dataset ``name`` on disk (see module docs for the search order) and list its files.
+
+    ``wsol``: images under ``data_dir`` described by the wsolevaluation metadata folder ``metadata``."""
+    if name == "wsol":
+        from .wsol_metadata import wsol_source
+        return wsol_source(name, data_dir, metadata)
     if name == "imagefolder":
         if data_dir is None:
             raise AttnlabError("dataset 'imagefolder' needs data.data_dir=<folder with train/ and test/ subfolders>")

@@ -72,7 +72,8 @@ def stream_dataset(data, seed: int, data_dir=None) -> StreamBundle:
     """The splits a ``data`` config section selects (the same subset, hold-out and test subset as the cache)."""
     from .datasets import select_pools
     key, source, train_pool, test_pool, train_idx, val_idx = select_pools(
-        data["name"], data_dir or data["data_dir"], data["val_size"], data["subset"], seed, data.get("test_subset"))
+        data["name"], data_dir or data["data_dir"], data["val_size"], data["subset"], seed, data.get("test_subset"),
+        metadata=data.get("metadata"))
     if train_pool.arrays is not None or not train_pool.files:
         raise AttnlabError(f"data.pipeline=stream reads image files, and dataset '{key}' at {source.root} is a "
                            "pickled array: use data.pipeline=cache (or its JPEG copy, e.g. cifar10-jpeg)")

@@ -57,6 +57,9 @@ class StreamConfig:
 class DataConfig:
     name: str = "cifar10"
     data_dir: Optional[str] = None  # None: the data layer's default (../shared/data)
+    # name=wsol: wsolevaluation's metadata folder (e.g. metadata/CUB with train/ val/ test/); data_dir is the image
+    # root its image ids are relative to (docs/wsol.md)
+    metadata: Optional[str] = None
     val_size: Any = None  # held out of train for validation: a count (int) or a fraction (float); None: default
     subset: Optional[int] = None  # keep this many training images per class (None: all)
     test_subset: Optional[int] = None  # evaluate on this many test images per class (None: all)
@@ -253,6 +256,12 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _validate_data(data) -> None:
+    is_wsol = str(data.name).lower() == "wsol"
+    if is_wsol and (data.metadata is None or data.data_dir is None):
+        raise AttnlabError("data.name=wsol needs data.metadata=<metadata folder with train/ val/ test/> and "
+                           "data.data_dir=<image root>")
+    if data.metadata is not None and not is_wsol:
+        raise AttnlabError(f"data.metadata is read by data.name=wsol only, not by '{data.name}'")
     if data.pipeline not in ("cache", "stream"):
         raise unknown("value for data.pipeline", data.pipeline, ("cache", "stream"))
     if data.workers < 0:

@@ -1,10 +1,11 @@
 """``attnlab localize --checkpoint RUN``: weakly-supervised localization metrics of a trained classifier.
 
-The CAM of the ground-truth class on the held-out ``val`` split (boxes from Tiny-ImageNet's train annotations)
-chooses the threshold tau (best GT-known Loc); the ``test`` split (Tiny-ImageNet's official val) is then scored
-once at that tau, and every metric is also given at its oracle tau (see ``metrics.py``). The centre-Gaussian and
-full-image-box priors are computed on the same boxes and printed beside the model. Results go to
-``localize.json`` next to the checkpoint (written atomically).
+The CAM of the ground-truth class on the ``val`` split (Tiny-ImageNet: held out of train, boxes from its train
+annotations; WSOL metadata: the metadata's fully supervised val) chooses the threshold tau (best GT-known Loc); the
+``test`` split (Tiny-ImageNet's official val, or the metadata's test) is then scored once at that tau, and every
+metric is also given at its oracle tau (see ``metrics.py``). An image may have several boxes (WSOL metadata): a box
+hits when it matches any of them. The centre-Gaussian and full-image-box priors are computed on the same boxes and
+printed beside the model. Results go to ``localize.json`` next to the checkpoint (written atomically).
 """
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ import torch
 from ..errors import AttnlabError
 from ..files import portable_path
 from .cam import METHODS, score_maps
-from ..data.boxes import split_boxes
+from ..data.boxes import split_box_sets
 from .metrics import (BoxEvaluator, normalize_scoremaps, prior_baselines, require_cv2, select_threshold, summarize,
                       thresholds_grid)
 
 
-def open_run(checkpoint, device="auto", data_dir=None, use_ema: bool = True):
+def open_run(checkpoint, device="auto", data_dir=None, use_ema: bool = True, metadata=None):
     """(checkpoint path, checkpoint dict, dataset bundle, model in eval mode) of a training run."""
     from ..data import dataset_for_config
     from ..engine.checkpoint import load_training_checkpoint, model_from_checkpoint
@@ -33,7 +34,7 @@ def open_run(checkpoint, device="auto", data_dir=None, use_ema: bool = True):
         path = best if best.is_file() else path / "checkpoint_last.pt"
     ckpt = load_training_checkpoint(path)
     cfg = ckpt["config"]
-    bundle = dataset_for_config(cfg, data_dir)
+    bundle = dataset_for_config(cfg, data_dir, metadata)
     dev = resolve_device(device)
     return path, ckpt, bundle, model_from_checkpoint(ckpt, dev, use_ema=use_ema)
 
@@ -52,7 +53,7 @@ def batches(model, split, bundle, batch_size: int):
 
 def split_curves(model, split, bundle, thresholds, batch_size: int = 250, method: str = "cam"):
     """(V2 IoU curves, V1 IoU curves, top-1 hits, top-5 hits) of the ground-truth-class maps of ``split``."""
-    boxes = split_boxes(split, bundle.name).numpy()
+    boxes = split_box_sets(split, bundle.name)
     size = tuple(split.images.shape[2:])
     ev = BoxEvaluator(thresholds)
     hit1, hit5 = [], []
@@ -82,7 +83,7 @@ def localize(model, bundle, splits=("val", "test"), interval: float = 0.001, bat
         res = summarize(multi, single, thresholds, hit1, hit5, tau=tau)
         res["top1"], res["top5"] = float(100 * hit1.mean()), float(100 * hit5.mean())
         out["splits"][name] = res
-        boxes = split_boxes(split, bundle.name).numpy()
+        boxes = split_box_sets(split, bundle.name)
         priors = prior_baselines(boxes, split.images.shape[2:], thresholds, tau=prior_tau)
         prior_tau = priors["centre_gaussian"]["tau"]  # the prior's own tau, chosen on the first split too
         out["priors"][name] = priors
@@ -122,7 +123,8 @@ def add_arguments(p):
     p.add_argument("--interval", type=float, default=0.001, help="threshold grid step over [0, 1) (default 0.001)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--data-dir", default=None, help="dataset folder (default: the run's)")
+    p.add_argument("--data-dir", default=None, help="dataset folder, or WSOL image root (default: the run's)")
+    p.add_argument("--metadata", default=None, help="WSOL metadata folder (default: the run's data.metadata)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run kept an EMA")
     p.add_argument("--output", default=None, help="JSON path (default: localize.json next to the checkpoint)")
 
@@ -135,7 +137,7 @@ def run(args):
     if args.batch_size < 1:
         raise AttnlabError(f"--batch-size must be >= 1, got {args.batch_size}")
     require_cv2()
-    path, ckpt, bundle, model = open_run(args.checkpoint, args.device, args.data_dir, not args.no_ema)
+    path, ckpt, bundle, model = open_run(args.checkpoint, args.device, args.data_dir, not args.no_ema, args.metadata)
     start = time.perf_counter()
     res = localize(model, bundle, splits, args.interval, args.batch_size, args.cam)
     res.update(checkpoint=portable_path(path), epoch=ckpt.get("epoch"), attention=ckpt["config"]["model"]["attention"],

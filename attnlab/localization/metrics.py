@@ -9,7 +9,8 @@ Conventions (wsolevaluation ``evaluation.py`` / ``util.py``; our own code, check
     ``boundingRect`` (x, y, w, h) gives the box (x, y, min(x + w, W - 1), min(y + h, H - 1)) -- one pixel past the
     blob, as there; no contour gives the box (0, 0, 0, 0);
   * V1 keeps the contour of largest ``cv2.contourArea`` (polygon area, so a single pixel has area 0); V2 keeps all;
-  * IoU of inclusive pixel boxes: width x1 - x0 + 1; an image's IoU at tau is the best over its boxes x GT boxes;
+  * IoU of inclusive pixel boxes: width x1 - x0 + 1; an image's IoU at tau is the best over its boxes x GT boxes
+    (an image may have several GT boxes, as in wsolevaluation's metadata: matching any one is a hit);
   * MaxBoxAcc(delta) = max over tau of the % of images with IoU >= delta / 100 (each delta its own tau);
     MaxBoxAccV2 = mean of MaxBoxAcc(30, 50, 70) with all contours; MaxBoxAcc (V1) = MaxBoxAcc(50), largest contour.
 
@@ -229,8 +230,32 @@ def centre_gaussian(size, sigma_fraction: float = 0.25) -> np.ndarray:
     return ((g - g.min()) / (g.max() - g.min())).astype(np.float32)
 
 
+def _box_sets(gt_boxes) -> tuple[np.ndarray, np.ndarray]:
+    """(every box (M, 4), index of the first box of each image (N,)) of an (N, 4) array or a list of (k, 4)."""
+    if isinstance(gt_boxes, np.ndarray) and gt_boxes.ndim == 2:
+        sets = list(gt_boxes.reshape(-1, 1, 4))
+    else:
+        sets = [np.asarray(g, dtype=np.float64).reshape(-1, 4) for g in gt_boxes]
+    if any(len(g) == 0 for g in sets):
+        raise AttnlabError("every image needs at least one ground-truth box")
+    starts = np.cumsum([0] + [len(g) for g in sets[:-1]]).astype(np.int64)
+    flat = np.concatenate(sets) if sets else np.zeros((0, 4))
+    return flat.astype(np.float64), starts
+
+
+def best_iou_per_image(boxes, gt_boxes) -> np.ndarray:
+    """(N,) best IoU of ``boxes`` (k, 4) with each image's ground-truth boxes (any box may match, as
+    wsolevaluation's BoxEvaluator counts a hit when the estimate matches any ground-truth box)."""
+    flat, starts = _box_sets(gt_boxes)
+    if len(starts) == 0:
+        return np.zeros(0)
+    return np.maximum.reduceat(box_iou(boxes, flat).max(0), starts)
+
+
 def prior_baselines(gt_boxes, size, thresholds, tau: float | None = None) -> dict:
     """The two priors every CAM number must be read against, on the same boxes and thresholds.
+
+    ``gt_boxes``: (N, 4), one box per image, or a list of N (k, 4) arrays (an image's IoU is its best box's).
 
     ``tau``: the Gaussian's threshold for GT-known Loc, chosen on a held-out split; None chooses it on these boxes.
 
@@ -238,15 +263,15 @@ def prior_baselines(gt_boxes, size, thresholds, tau: float | None = None) -> dic
     MaxBoxAcc, GT-known Loc). ``full_image``: the box (0, 0, W - 1, H - 1) for every image, % with IoU >= delta.
     """
     h, w = int(size[0]), int(size[1])
-    gt = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
+    gt = list(gt_boxes.reshape(-1, 1, 4)) if isinstance(gt_boxes, np.ndarray) and gt_boxes.ndim == 2 else gt_boxes
     gauss = centre_gaussian(size)
     multi_boxes = boxes_from_scoremap(gauss, thresholds, multi_contour=True)
     single_boxes = boxes_from_scoremap(gauss, thresholds, multi_contour=False)
-    multi = np.stack([box_iou(b, gt).max(0) for b in multi_boxes], axis=1)
-    single = np.stack([box_iou(b, gt).max(0) for b in single_boxes], axis=1)
+    multi = np.stack([best_iou_per_image(b, gt) for b in multi_boxes], axis=1)
+    single = np.stack([best_iou_per_image(b, gt) for b in single_boxes], axis=1)
     if tau is None:
         tau = select_threshold(single, thresholds)[1]
-    full = box_iou([[0, 0, w - 1, h - 1]], gt)[0]
+    full = best_iou_per_image([[0, 0, w - 1, h - 1]], gt)
     full_acc = {str(d): float(100.0 * (full >= d / 100).mean()) for d in IOU_LEVELS}
     return {"centre_gaussian": summarize(multi, single, thresholds, tau=tau),
             "full_image": {"iou": full_acc, "mean": float(np.mean(list(full_acc.values()))),
