@@ -260,3 +260,6 @@ def test_train_then_localize_end_to_end(cub, tmp_path, capsys):
     assert res["splits"]["val"]["images"] == 3 and res["splits"]["test"]["images"] == 3
     assert set(res["priors"]["test"]) == {"centre_gaussian", "full_image"}
     assert "test: centre Gaussian" in capsys.readouterr().out
+    out = tmp_path / "pics"  # `attnlab show` reads the same data path (each image's first box drawn)
+    assert _cli("show", "--checkpoint", str(run), "--images", "3", "--out", str(out)) == 0
+    assert (out / "cams.png").is_file()
