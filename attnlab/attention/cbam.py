@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import check_bool, check_int
+from .gates import show_gate
 from .registry import register
 
 
@@ -33,7 +34,9 @@ class ChannelGate(nn.Module):
 
     def forward(self, x):
         logits = self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True))
-        return x * logits.sigmoid()
+        gate = logits.sigmoid()
+        show_gate(self, "channel", gate)
+        return x * gate
 
 
 class SpatialGate(nn.Module):
@@ -45,7 +48,9 @@ class SpatialGate(nn.Module):
     def forward(self, x):
         # The [mean; max] descriptor is not bound to a name, so it is freed as soon as the conv has run.
         logits = self.conv(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1))
-        return x * self.bn(logits).sigmoid()
+        gate = self.bn(logits).sigmoid()
+        show_gate(self, "spatial", gate)
+        return x * gate
 
 
 @register("cbam")

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import AttnlabError
+from .gates import show_gate
 from .registry import register
 
 
@@ -71,6 +72,7 @@ class DIA(nn.Module):
         state = self.step(f, self._state)
         if self._carry:
             self._state = state
+        show_gate(self, "channel", state[0])
         return x * state[0][:, :, None, None]
 
     def extra_repr(self):

@@ -12,6 +12,7 @@ import math
 import torch.nn as nn
 
 from ..errors import check_int
+from .gates import show_gate
 from .registry import register
 
 
@@ -36,4 +37,6 @@ class ECA(nn.Module):
     def forward(self, x):
         b, c = x.shape[:2]
         y = self.conv(x.mean((2, 3)).view(b, 1, c))
-        return x * y.view(b, c, 1, 1).sigmoid()
+        gate = y.view(b, c, 1, 1).sigmoid()
+        show_gate(self, "channel", gate)
+        return x * gate

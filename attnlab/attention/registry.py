@@ -17,6 +17,9 @@ Protocol every registered module follows:
       ``attach(block)``: called once, right after the block holding the module is built, so a module that
                          needs the block's inner widths (TDAM) creates its parameters before any optimizer exists;
       ``init_weights()``: called after the model's own (kaiming) initialisation, for a paper-prescribed init (SPEM).
+  * optional, for the pictures of ``attnlab show``: ``show_gate(self, kind, values)`` (``attention/gates.py``) for
+    each gate ``forward`` applies ("channel" or "spatial"); it does nothing unless someone watches. A module that
+    never calls it shows nothing; the picture code needs no change for a new module.
 """
 import functools
 import inspect

@@ -11,6 +11,7 @@ Paper vs implementations:
 import torch.nn as nn
 
 from ..errors import check_bool, check_int
+from .gates import show_gate
 from .registry import register
 
 
@@ -28,5 +29,6 @@ class SE(nn.Module):
 
     def forward(self, x):
         s = x.mean((2, 3), keepdim=True)
-        s = self.fc2(self.act(self.fc1(s)))
-        return x * s.sigmoid()
+        gate = self.fc2(self.act(self.fc1(s))).sigmoid()
+        show_gate(self, "channel", gate)
+        return x * gate

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import AttnlabError
+from .gates import show_gate
 from .registry import register
 
 VARIANTS = ("official", "figure")
@@ -77,7 +78,9 @@ class SPE(nn.Module):
         return torch.sigmoid((a + b) * (self.w_exc * mix + self.b_exc))
 
     def forward(self, u):
-        return u * self.gate(u)
+        gate = self.gate(u)
+        show_gate(self, "channel", gate)
+        return u * gate
 
     def extra_repr(self):
         return f"channels={self.w_rew.shape[1]}, variant={self.variant}, init_bias={self.init_bias}"

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import AttnlabError
+from .gates import show_gate
 from .registry import register
 
 SEARCHLIGHTS = ("joint", "top")
@@ -119,13 +120,15 @@ class TDAM(nn.Module):
     def _channel(x, s):
         return x * torch.sigmoid(s)
 
-    @staticmethod
-    def _spatial(x, s):
-        return x * torch.sigmoid((s * x).sum(1, keepdim=True))
+    def _spatial(self, x, s):
+        gate = torch.sigmoid((s * x).sum(1, keepdim=True))
+        show_gate(self, "spatial", gate)
+        return x * gate
 
     def modulate(self, bottom, top):
         """One top-down modulation of ``bottom`` by the searchlight computed from (top, bottom)."""
         s = self.searchlight(top, bottom)
+        show_gate(self, "channel", lambda: torch.sigmoid(s))  # the searchlight's channel gate, in every order
         if self.order == "channel->spatial":
             return self._spatial(self._channel(bottom, s), s)
         if self.order == "spatial->channel":

@@ -4,6 +4,8 @@ The slot (``self.attn``) sits on the residual branch after its last BatchNorm an
 SE/CBAM/ECA/SPEM/DIA position. An empty slot is ``nn.Identity`` and adds no parameters or state_dict keys, so
 the blocks' keys equal torchvision's. A module that must re-run part of the block itself (TDAM) sets
 ``wraps_block = True`` and provides ``forward_block(block, x)``; the block then hands its whole forward to it.
+A module its stage shares among its blocks (``shared=True``) is owned by the stage (``layerN.shared_attn``); the
+block only holds a plain reference to it, so the module is registered, saved and moved once.
 """
 import torch.nn as nn
 import torch.nn.functional as F
@@ -48,10 +50,13 @@ class Block(nn.Module):
     shortcut_kind = "B"  # see projection(); CifarBasicBlock uses "A"
     connected = True  # set per block by models.connections.set_connections; a class default keeps state_dict as is
 
-    def __init__(self, inplanes, planes, stride, attn):
+    def __init__(self, inplanes, planes, stride, attn, shared=False):
         super().__init__()
         self.downsample = projection(inplanes, planes * self.expansion, stride, self.shortcut_kind)
-        self.attn = attn if attn is not None else nn.Identity()
+        if attn is not None and shared:
+            object.__setattr__(self, "attn", attn)  # the stage's module: a reference, not a child of this block
+        else:
+            self.attn = attn if attn is not None else nn.Identity()
         self.relu = nn.ReLU(inplace=True)
 
     @property
@@ -76,8 +81,8 @@ class BasicBlock(Block):
     """3x3 -> 3x3 (ResNet-18/34, CIFAR ResNet-20..110)."""
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride=1, attn=None):
-        super().__init__(inplanes, planes, stride, attn)
+    def __init__(self, inplanes, planes, stride=1, attn=None, shared=False):
+        super().__init__(inplanes, planes, stride, attn, shared)
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes)
@@ -105,8 +110,8 @@ class Bottleneck(Block):
     """1x1 -> 3x3 (stride here, torchvision's v1.5) -> 1x1 expanding by 4 (ResNet-50/101, ResNet-164)."""
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, attn=None):
-        super().__init__(inplanes, planes, stride, attn)
+    def __init__(self, inplanes, planes, stride=1, attn=None, shared=False):
+        super().__init__(inplanes, planes, stride, attn, shared)
         self.conv1 = conv1x1(inplanes, planes)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes, stride)

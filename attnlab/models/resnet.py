@@ -10,6 +10,8 @@ Three families share one definition:
 {"stem", "stages", "blocks"} (and ``features="blocks"`` each block's (input, output) pair); CAM and the SSIA
 objective read them without any change to the model.
 """
+import operator
+
 import torch
 import torch.nn as nn
 
@@ -19,16 +21,43 @@ from .blocks import BasicBlock, Bottleneck
 from .placement import resolve_blocks
 
 
-class Stage(nn.Sequential):
-    """The blocks of one resolution. Holds the stage-wide shared attention module, if any."""
+class Stage(nn.Module):
+    """The blocks of one resolution and the attention module they share, if any.
 
-    # The shared module is registered here (so its weights are saved once, as layerN.shared_attn.*) but it
-    # is not a block: iteration and len() cover the blocks only.
-    def __iter__(self):
-        return (m for k, m in self._modules.items() if k != "shared_attn")
+    Children: the blocks as ``"0"``, ``"1"``, ... (torchvision's ``layerN.M.*`` keys) and, when the stage shares
+    one module among its blocks, ``shared_attn`` (saved, counted, moved and copied once, as ``layerN.shared_attn.*``;
+    these keys are the same as before the stage became a plain module, so older checkpoints load strictly).
+    The blocks using it hold a plain reference to it (``Block(..., shared=True)``), not a second registration.
+    A stage is a sequence of its blocks: ``len(stage)``, ``stage[j]`` and iteration cover the blocks only.
+    """
+
+    def __init__(self, blocks, shared_attn=None):
+        super().__init__()
+        self.depth = len(blocks)
+        for j, block in enumerate(blocks):
+            self.add_module(str(j), block)
+        self.shared_attn = shared_attn  # registered after the blocks: the order of modules() and state_dict()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "depth" not in self.__dict__:  # a whole model pickled by the older Stage, an nn.Sequential of its blocks
+            self.depth = sum(name.isdigit() for name in self._modules)
+            if "shared_attn" not in self._modules:
+                self.shared_attn = None
 
     def __len__(self):
-        return sum(1 for k in self._modules if k != "shared_attn")
+        return self.depth
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[i] for i in range(self.depth)[j]]
+        j = operator.index(j)
+        if not -self.depth <= j < self.depth:
+            raise IndexError(f"stage has {self.depth} blocks, got index {j}")
+        return self._modules[str(j % self.depth)]
+
+    def __iter__(self):
+        return (self._modules[str(j)] for j in range(self.depth))
 
     def forward(self, x, block_io=None):
         # Stateful modules (DIA's LSTM) start afresh in every stage, shared or not, and drop their state
@@ -49,15 +78,6 @@ class Stage(nn.Sequential):
             if hasattr(attn, "reset_state") and id(attn) not in seen:
                 seen.add(id(attn))
                 attn.reset_state()
-
-
-def share_into(block, module):
-    """Point ``block.attn`` at a module owned by its stage, without registering it in the block.
-
-    The shared weights then appear once in state_dict (``layerN.shared_attn.*``) however many blocks use them.
-    """
-    del block._modules["attn"]
-    object.__setattr__(block, "attn", module)
 
 
 class ResNet(nn.Module):
@@ -93,19 +113,16 @@ class ResNet(nn.Module):
         for i, (depth, width) in enumerate(zip(depths, planes)):
             out = width * block.expansion
             shared = registry.create(attention, out, **attention_kwargs) if share and any(masks[i]) else None
-            stage = Stage()
+            stage_blocks = []
             for j in range(depth):
                 stride = 2 if (i > 0 and j == 0) else 1
                 use = masks[i][j]
-                attn = registry.create(attention, out, **attention_kwargs) if use and not share else None
-                stage.append(block(inplanes, width, stride, attn))
-                if attn is not None and hasattr(attn, "attach"):
-                    attn.attach(stage[j])  # modules that re-run block layers (TDAM) size themselves here
-                if use and share:
-                    share_into(stage[j], shared)
+                attn = (shared if share else registry.create(attention, out, **attention_kwargs)) if use else None
+                stage_blocks.append(block(inplanes, width, stride, attn, shared=use and share))
+                if use and not share and hasattr(attn, "attach"):
+                    attn.attach(stage_blocks[j])  # modules that re-run block layers (TDAM) size themselves here
                 inplanes = out
-            if shared is not None:
-                stage.shared_attn = shared
+            stage = Stage(stage_blocks, shared)
             name = f"layer{i + 1}"
             self.add_module(name, stage)
             self.stage_names.append(name)
