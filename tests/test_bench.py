@@ -648,3 +648,26 @@ def test_device_is_where_a_cell_runs_not_what_it_computes(tmp_path):
     assert counts["config_errors"] == 0
     from attnlab.bench.matrix import cell_overrides
     assert cell_overrides(matrix, cell, "runs", "cuda")[-1] == "device=cuda"
+
+
+def test_a_machine_that_would_train_in_another_precision_is_refused_before_training(tmp_path, monkeypatch):
+    from attnlab.engine import precision
+    text = tiny_matrix_text({"none": "none", "se": "se", "se32": "se"}).replace(
+        "  train.epochs: 1\n", "  train.epochs: 1\n  train.amp: bf16\n").replace(
+        "{name: se32, overrides: {model.attention: se}}",
+        "{name: se32, overrides: {model.attention: se, train.amp: off}}")
+    matrix = load_matrix(_write(tmp_path, text))
+    res, runs = tmp_path / "res", tmp_path / "runs"
+    (res / "tiny").mkdir(parents=True)
+    (none0,) = cells(matrix, only=["none"])
+    done = {**_seed_record(matrix, "none", 0, 60.0), "precision": "bf16", "overrides": none0["overrides"]}
+    (res / "tiny" / "runs.jsonl").write_text(json.dumps(done) + "\n")
+    before = (res / "tiny" / "runs.jsonl").read_text()
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # as on an AVX2 machine
+    with pytest.raises(AttnlabError, match=r"none seed 0 trained in bf16, but here se seed 0 would train in fp32 "
+                                           r"\(train.amp=bf16: this CPU has no native bf16"):
+        run_matrix(matrix, results_root=res, runs_root=runs, latency=False)
+    assert (res / "tiny" / "runs.jsonl").read_text() == before and not (runs / "tiny" / "se-s0").exists()
+    # A method configured for fp32 (train.amp=off) is compared with finished fp32 cells only: none here.
+    counts = run_matrix(matrix, only=["se32"], results_root=res, runs_root=runs, latency=False)
+    assert counts["ok"] == 1

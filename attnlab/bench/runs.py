@@ -99,3 +99,12 @@ def read_curve(run_dir) -> list[float] | None:
 def one_line(err: BaseException) -> str:
     msg = " ".join(str(err).split())
     return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
+
+
+def precision_of(record: dict) -> str:
+    """The precision a cell trained in; records from before it was recorded trained in fp32 on a CPU and in bf16
+    autocast on CUDA (the engine's only behaviours then)."""
+    if record.get("precision"):
+        return record["precision"]
+    devices = record.get("epochs_by_device") or {record.get("device") or "": 1}
+    return "fp32" if all(str(d).startswith("cpu") for d in devices) else "bf16"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import AttnlabError
 from .claims import compare, judge_family
+from .runs import precision_of
 from .stats import isnan, mean_std, pooled_sd, welch_interval
 
 
@@ -176,15 +177,6 @@ def _mean_curve(curves):
         vals = [c[i] for c in curves if i < len(c) and not isnan(c[i])]
         out.append(sum(vals) / len(vals) if vals else float("nan"))
     return out
-
-
-def precision_of(record: dict) -> str:
-    """The precision a cell trained in; records from before it was recorded trained in fp32 on a CPU and in bf16
-    autocast on CUDA (the engine's only behaviours then)."""
-    if record.get("precision"):
-        return record["precision"]
-    devices = record.get("epochs_by_device") or {record.get("device") or "": 1}
-    return "fp32" if all(str(d).startswith("cpu") for d in devices) else "bf16"
 
 
 def _refuse_mixed_precision(records) -> None:
