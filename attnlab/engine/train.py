@@ -52,8 +52,9 @@ NO_BAD_STEP = 2 ** 62  # "no non-finite loss yet" (min-reduced across ranks)
 # Config keys a resume may change. The schedule is a pure function of the step and the config, so from the first
 # resumed epoch: train.epochs re-spreads the cosine (or multistep) schedule over the new length, train.lr scales it.
 # Every other key defines the run (model, data, seed, optimiser, ...): changing it is a new run, not a resume.
-RESUMABLE_CHANGES = ("train.epochs", "train.lr", "train.eval_batch_size", "data.data_dir", "data.cache_dir",
-                     "data.workers", "device", "debug.kill_at_step", "name", "out_dir")
+# data.data_dir and data.metadata say where the same files are (a moved folder), not which files.
+RESUMABLE_CHANGES = ("train.epochs", "train.lr", "train.eval_batch_size", "data.data_dir", "data.metadata",
+                     "data.cache_dir", "data.workers", "device", "debug.kill_at_step", "name", "out_dir")
 BENCH_MARKER = "bench_cell.json"  # written by attnlab bench into a fresh run dir before it calls train()
 # The step hooks a run was started with, written when it starts (checkpoints record them too, but a run killed in
 # epoch 1 has none): a resume with other hooks is refused either way. Absent: the run has no hooks.
