@@ -9,8 +9,8 @@ import pytest
 from attnlab.data.sources import dataset_folder
 
 # The offline data, found the way the package finds it ($ATTNLAB_DATA, else ../shared/data): one place decides
-# whether a test that needs it runs. With ATTNLAB_TESTS_REQUIRE_DATA=1 (CI sets it), a missing dataset fails
-# those tests instead of skipping them, so a green run always means they ran.
+# whether a test that needs it runs. With ATTNLAB_TESTS_REQUIRE_DATA=1 (CI sets it where it sees the data), a
+# missing dataset fails those tests instead of skipping them, so a green run there means they ran.
 REQUIRE_DATA = os.environ.get("ATTNLAB_TESTS_REQUIRE_DATA") == "1"
 
 
