@@ -127,11 +127,15 @@ def main(argv=None) -> None:
     atomic_write_json(path, out, "cell plan")
     for notice in out["notices"]:
         print(notice)
-    print(f"{out['workers']} worker(s) x {out['threads']} thread(s): " + ", ".join(
-        f"{k} {v['expected_cell_hours']:.2f} h" + ("" if v["setting"] == "shared" else
-                                                  f" ({v['setting']}: {v['expected_cell_hours_alone']:.2f} h alone)")
-        for k, v in out["methods"].items()))
+    print(f"{out['workers']} worker(s) x {out['threads']} thread(s): "
+          + ", ".join(f"{k} {v['expected_cell_hours']:.2f} h{_alone(v)}" for k, v in out["methods"].items()))
     print("run:\n  " + "\n  ".join(out["commands"]) + f"\nwrote {path}")
+
+
+def _alone(v) -> str:
+    if v["setting"] == "shared":
+        return ""
+    return f" ({v['setting']}; {v['expected_cell_hours_alone']:.2f} h with the machine to itself)"
 
 
 if __name__ == "__main__":
