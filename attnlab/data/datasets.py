@@ -10,6 +10,7 @@ import json
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -56,13 +57,14 @@ class DatasetBundle:
     image_size: int | tuple[int, int]
     root: Path | None = None
     class_names: list[str] = field(default_factory=list)  # human-readable (Tiny-ImageNet's words.txt)
+    kind: ClassVar[str] = ""  # how the splits are held, in the summary (" (streamed)")
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def summary(self) -> str:
-        return (f"{self.name}: {self.num_classes} classes, {self.image_size} px, train {len(self.train)}, "
+        return (f"{self.name}{self.kind}: {self.num_classes} classes, {self.image_size} px, train {len(self.train)}, "
                 f"val {len(self.val)}, test {len(self.test)}")
 
 

@@ -15,7 +15,7 @@ checkpoint is written after each epoch). Mixup/cutmix draws are seeded from (see
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import AttnlabError
+from .datasets import DatasetBundle
 from .loader import epoch_seed
 
 
@@ -46,26 +47,10 @@ class FileSplit:
 
 
 @dataclass
-class StreamBundle:
-    """The streamed counterpart of ``DatasetBundle``: splits are file lists; mean/std come from the config."""
-    name: str
-    train: FileSplit
-    val: FileSplit
-    test: FileSplit
-    classes: list[str]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    image_size: int
-    root: Path | None = None
-    class_names: list[str] = field(default_factory=list)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def summary(self) -> str:
-        return (f"{self.name} (streamed): {self.num_classes} classes, {self.image_size} px, train {len(self.train)}, "
-                f"val {len(self.val)}, test {len(self.test)}")
+class StreamBundle(DatasetBundle):
+    """A ``DatasetBundle`` whose splits are ``FileSplit`` file lists (decoded per batch); mean/std come from the
+    config, not from the images."""
+    kind = " (streamed)"
 
 
 def stream_dataset(data, seed: int, data_dir=None) -> StreamBundle:

@@ -17,9 +17,6 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
 def cpu_has_native_bf16() -> bool:
     """AVX512_BF16 or AMX-BF16, as torch reports them (the CPU's own flags where torch has no such query)."""
     cpu = getattr(torch, "cpu", None)
