@@ -16,6 +16,7 @@ import torch.nn as nn
 from .. import attention as registry
 from ..errors import AttnlabError
 from .placement import resolve_blocks
+from .resnet import init_attention, init_convs_and_norms
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 _TV_CLASSES: dict[type, type] = {}
@@ -82,16 +83,11 @@ def _tv_class(block_cls, forward):
 
 
 def _init(module):
-    """attnlab's models' init for a new module (ResNet._init_weights), then the module's own."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.constant_(m.weight, 1)
-            nn.init.constant_(m.bias, 0)
-    for m in module.modules():
-        if hasattr(m, "init_weights"):
-            m.init_weights()
+    """attnlab's models' init for a new module (as ResNet._init_weights does), then the module's own."""
+    init_convs_and_norms(module)
+    if hasattr(module, "init_weights"):  # init_attention covers the submodules
+        module.init_weights()
+    init_attention(module)
     return module
 
 

@@ -80,6 +80,23 @@ class Stage(nn.Module):
                 attn.reset_state()
 
 
+def init_convs_and_norms(module: nn.Module) -> None:
+    """torchvision's ResNet init for every conv and norm layer (the attention convs too, as SE/CBAM-ResNets do)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
+def init_attention(module: nn.Module) -> None:
+    """Then each attention module's own initialisation, where its paper prescribes one (e.g. SPEM)."""
+    for m in module.modules():
+        if m is not module and hasattr(m, "init_weights"):
+            m.init_weights()
+
+
 class ResNet(nn.Module):
     def __init__(self, block, depths, planes=(64, 128, 256, 512), num_classes=1000, stem="imagenet",
                  stem_width=64, attention="none", attention_kwargs=None, blocks=None, share=None,
@@ -132,21 +149,12 @@ class ResNet(nn.Module):
         self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual):
-        # torchvision's init for the backbone (and the attention convs, as SE/CBAM-ResNets do) ...
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_convs_and_norms(self)
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     nn.init.constant_(m.last_bn.weight, 0)
-        # ... then each attention module's own initialisation where its paper prescribes one (e.g. SPEM).
-        for m in self.modules():
-            if m is not self and hasattr(m, "init_weights"):
-                m.init_weights()
+        init_attention(self)
 
     def stages(self):
         return [getattr(self, n) for n in self.stage_names]
