@@ -27,6 +27,7 @@ import inspect
 import torch.nn as nn
 
 from ..errors import AttnlabError, unknown
+from . import from_timm
 
 _REGISTRY: dict[str, type] = {}
 
@@ -63,9 +64,7 @@ def names() -> list[str]:
 def get(name: str) -> type:
     """The class registered under ``name``, or timm's layer for ``timm:<kind>`` (usable as timm's ``attn_layer``)."""
     key = str(name).lower()
-    if key.startswith("timm:"):
-        from . import from_timm
-
+    if from_timm.is_timm_name(key):  # timm itself is imported only then
         return from_timm.get(key)
     if key not in _REGISTRY:
         raise unknown("attention", name, _REGISTRY)
