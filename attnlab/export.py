@@ -2,7 +2,8 @@
 
 The model is rebuilt from the checkpoint's ``config["model"]`` section, its weights (the EMA weights when the run
 kept an EMA, as ``attnlab eval`` does; ``--no-ema`` for the raw ones) are loaded with strict=True and it is exported
-in eval mode through ``model(x)``, the plain logits path. A run directory stands for its checkpoint_best.pt.
+in eval mode through ``model(x)``, the plain logits path. A run directory stands for its checkpoint_best.pt (else
+checkpoint_last.pt), as for every command that opens a trained run (``engine.run_folder.open_run``).
 Training-only objectives (SSIA, the SPE regulariser) live outside the model, so the graph is the same whether or not
 they were used in training.
 
@@ -17,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from .engine.checkpoint import load_training_checkpoint, model_from_checkpoint
+from .engine.run_folder import open_run
 from .errors import AttnlabError
 from .files import atomic_path, writable_dir
 
 def add_arguments(p):
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a checkpoint written by attnlab train, or a run directory (its checkpoint_best.pt)")
+                   help="a checkpoint written by attnlab train, or a run directory (its checkpoint_best.pt, else "
+                   "checkpoint_last.pt)")
     p.add_argument("--onnx", required=True, metavar="OUT", help="where to write the .onnx file")
     p.add_argument("--input-size", type=int, default=None,
                    help="H = W of the example input (default: data.image_size, else the model's default)")
@@ -49,9 +51,9 @@ def run(args):
 
 
 def load_checkpoint_model(path, use_ema: bool = True):
-    """(model in eval mode with the checkpoint's weights, the checkpoint's config dict)."""
-    ckpt = load_training_checkpoint(path)
-    return model_from_checkpoint(ckpt, "cpu", use_ema), ckpt["config"]
+    """(model in eval mode with the checkpoint's weights, on the CPU in contiguous memory; its config dict)."""
+    run = open_run(path, "cpu", use_ema=use_ema, channels_last=False)
+    return run.model, run.config
 
 
 def input_size_for(cfg: dict) -> int:

@@ -427,7 +427,7 @@ def test_budget_scales_estimates_by_the_pace_this_run_measured(tmp_path, capsys,
 
     import attnlab.engine.train
 
-    def slow_train(cfg, resume=False):
+    def slow_train(cfg, resume=False, keep=()):
         time.sleep(1.0)
         return {"best_val_top1": 10.0, "test_top1": 10.0, "wall_time_s": 1.0}
 
@@ -445,13 +445,13 @@ def test_pace_of_a_running_cell_is_its_time_per_finished_epoch_against_the_estim
     import time
 
     from attnlab.bench.plan import Planner, Started
-    from attnlab.bench.runs import read_curve
+    from attnlab.engine.run_folder import RunFolder
 
     text = tiny_matrix_text({"none": "none", "se": "se"}).replace("seeds: [0]", "seeds: [0, 1]")
     matrix = load_matrix(_write(tmp_path, text.replace("train.epochs: 1", "train.epochs: 4")))
     runs_dir = tmp_path / "runs" / "tiny"
     planner = Planner(Estimates([_seed_record(matrix, "none", 0, 400.0)]), None, epochs_of=lambda c: 4,
-                      epochs_done=lambda c: len(read_curve(runs_dir / c["run_name"]) or []), workers=2)
+                      epochs_done=lambda c: len(RunFolder(runs_dir / c["run_name"]).curve() or []), workers=2)
     [none1] = cells(matrix, seeds=[1], only=["none"])
     [se1] = cells(matrix, seeds=[1], only=["se"])
     running = [Started(none1, time.time() - 300.0), Started(se1, time.time() - 900.0)]

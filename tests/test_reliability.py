@@ -15,6 +15,7 @@ from attnlab.engine.checkpoint import load_checkpoint
 from attnlab.engine.config import load_config
 from attnlab.engine.optim import lr_factor
 from attnlab.engine.train import resume_config, train
+from attnlab.errors import AttnlabError
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.needs_data("cifar10")
@@ -92,11 +93,14 @@ def test_training_into_an_existing_run_refuses_and_changes_nothing(tmp_path, cap
     assert load_checkpoint(tmp_path / "quick" / "checkpoint_last.pt")["config"]["model"]["attention"] == "eca"
 
 
-def test_a_dir_holding_only_bench_cell_json_counts_as_empty(tmp_path):
+def test_a_dir_holding_only_the_callers_kept_files_counts_as_empty(tmp_path):
+    # bench writes its cell marker before it calls train(): the engine leaves the files the caller names alone.
     run_dir = tmp_path / "cell"
     run_dir.mkdir()
     (run_dir / "bench_cell.json").write_text('{"fingerprint": "x"}\n')
-    train(load_config(None, args(tmp_path, "cell", epochs=1)))
+    with pytest.raises(AttnlabError, match="already holds a run"):  # not named: another run's file
+        train(load_config(None, args(tmp_path, "cell", epochs=1)))
+    train(load_config(None, args(tmp_path, "cell", epochs=1)), keep=("bench_cell.json",))
     assert (run_dir / "results.json").is_file()
     assert (run_dir / "bench_cell.json").read_text() == '{"fingerprint": "x"}\n'
 

@@ -164,13 +164,13 @@ def test_hardware_line_counts_the_runs_per_cpu_kernel_set(results):
 
 
 def test_a_records_own_curve_wins_over_what_its_run_dir_holds_now(tmp_path):
-    from attnlab.bench.summary import record_curve as read_curve
+    from attnlab.bench.summary import record_curve
     run_dir = tmp_path / "se-s0"
     run_dir.mkdir()
     (run_dir / "metrics.csv").write_text("epoch,val_top1\n1,9.0\n")  # a later, partial run of the same cell
     record = {"run_dir": str(run_dir), "val_curve": [50.0, None, 70.0]}
-    assert read_curve(record)[::2] == [50.0, 70.0] and math.isnan(read_curve(record)[1])
-    assert read_curve({"run_dir": str(run_dir)}) == [9.0]  # an older record without its curve
+    assert record_curve(record)[::2] == [50.0, 70.0] and math.isnan(record_curve(record)[1])
+    assert record_curve({"run_dir": str(run_dir)}) == [9.0]  # an older record without its curve
 
 
 def test_plots_are_written_atomically(tmp_path):

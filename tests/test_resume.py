@@ -13,6 +13,7 @@ import torch
 from attnlab.engine.checkpoint import load_checkpoint
 from attnlab.engine.config import load_config
 from attnlab.engine.metrics import RunLog
+from attnlab.engine.run_folder import RunFolder
 from attnlab.engine.train import resume_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def test_metrics_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
     # A run killed after writing epoch 3's row but before its checkpoint replays epoch 3: that row is rewritten once.
     cols = "epoch,lr,train_loss,train_top1,val_loss,val_top1,val_top5,epoch_time_s,images_per_s\n"
     (tmp_path / "metrics.csv").write_text(cols + "".join(f"{e},0.1,1,2,3,4,5,6,7\n" for e in (1, 2, 3)))
-    log = RunLog(tmp_path, done=2)
+    log = RunLog(RunFolder(tmp_path), done=2)
     log.write({"epoch": 3, "lr": 0.05, "train_loss": 0.5, "train_top1": 9.0, "val_loss": 0.4, "val_top1": 8.0,
                "val_top5": 9.5, "epoch_time_s": 1.0, "images_per_s": 2.0}, [])
     log.close()
@@ -104,7 +105,7 @@ def test_a_metrics_row_torn_by_a_kill_is_dropped_on_resume(tmp_path):
     # Killed while appending epoch 12's row, before its checkpoint: only "1" of "12,..." reached the file.
     cols = "epoch,lr,train_loss,train_top1,val_loss,val_top1,val_top5,epoch_time_s,images_per_s\n"
     (tmp_path / "metrics.csv").write_text(cols + "".join(f"{e},0.1,1,2,3,4,5,6,7\n" for e in range(1, 12)) + "1")
-    log = RunLog(tmp_path, done=11)
+    log = RunLog(RunFolder(tmp_path), done=11)
     for epoch in (12, 13):
         log.write({"epoch": epoch, "lr": 0.05, "train_loss": 0.5, "train_top1": 9.0, "val_loss": 0.4,
                    "val_top1": 8.0, "val_top5": 9.5, "epoch_time_s": 1.0, "images_per_s": 2.0}, [])

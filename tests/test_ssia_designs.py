@@ -357,8 +357,9 @@ def _overrides(tmp, name):
 def test_engine_trains_checkpoints_and_resumes_training_only_modules_exactly(tmp_path, capsys):
     import csv
 
-    from attnlab.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from attnlab.engine.checkpoint import load_checkpoint
     from attnlab.engine.config import load_config
+    from attnlab.engine.run_folder import open_run
     from attnlab.engine.train import resume_config, train
 
     train(load_config(None, _overrides(tmp_path, "whole")))
@@ -369,7 +370,7 @@ def test_engine_trains_checkpoints_and_resumes_training_only_modules_exactly(tmp
     assert set(a["objective_modules"]) and not any(k.startswith("ssia") for k in a["model"])
     plain = attnlab.create_model("resnet20", num_classes=10)
     plain.load_state_dict(load_checkpoint(whole / "checkpoint_best.pt")["model"], strict=True)
-    model_from_checkpoint(whole)  # evaluation and export build the plain model, strictly
+    open_run(whole, "cpu")  # evaluation and export build the plain model, strictly
 
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.run([sys.executable, "-m", "attnlab", "train", *_overrides(tmp_path, "cut"),

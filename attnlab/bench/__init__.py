@@ -2,13 +2,13 @@
 
 - ``matrix``: the matrix file (recipe, overrides, methods, seeds, latency settings, the papers' claims)
 - ``runner``: runs the unfinished cells, K at a time (``worker``: one cell in its own process), within a budget
-- ``runs``: a cell's run folder (curve, lock); runs.jsonl is read and appended via attnlab.jsonl
+- ``runs``: runs.jsonl records (latest per cell, the cell lock); a run folder's files are engine.run_folder's
 - ``latency``: inference latency per method, timed round-robin
 - ``stats``, ``claims``, ``report``: intervals, verdicts per claim, report.md, plots and the README block
 """
 from .matrix import cell_overrides, cells, fingerprint, format_value, load_matrix, slug
 from .runner import run_matrix
-from .runs import latest_by_cell, read_curve
+from .runs import latest_by_cell
 
-__all__ = ["cell_overrides", "cells", "fingerprint", "format_value", "latest_by_cell", "load_matrix", "read_curve",
-           "run_matrix", "slug"]
+__all__ = ["cell_overrides", "cells", "fingerprint", "format_value", "latest_by_cell", "load_matrix", "run_matrix",
+           "slug"]

@@ -9,10 +9,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..engine.run_folder import RunFolder
 from ..files import atomic_write_text, git_commit, portable_path
 from .matrix import cell_overrides, fingerprint, same_digest, same_settings
 from ..host import host_info
-from .runs import one_line, read_curve
+from .runs import one_line
+
+# Written into a fresh run folder before the engine trains there: the settings and recipe digest the cell started
+# with. The engine is told to keep it (train's ``keep``) and never needs to know its name.
+CELL_MARKER = "bench_cell.json"
 
 
 def run_cell(matrix, cell, runs_root, *, load_config, train, device=None) -> dict:
@@ -25,7 +30,8 @@ def run_cell(matrix, cell, runs_root, *, load_config, train, device=None) -> dic
     start = time.time()
     try:
         cfg = load_config(matrix["recipe_path"], overrides=cell_overrides(matrix, cell, runs_root, device))
-        results = train(cfg, resume=prepare_run_dir(run_dir, record["fingerprint"], record["recipe_digest"]))
+        resume = prepare_run_dir(run_dir, record["fingerprint"], record["recipe_digest"])
+        results = train(cfg, resume=resume, keep=(CELL_MARKER,))
     except BrokenPipeError:  # our output is gone (`attnlab bench ... | head`): stop; the cell resumes next time
         raise
     except Exception as err:  # one bad cell must not stop the matrix: record it and move on
@@ -47,7 +53,7 @@ def run_cell(matrix, cell, runs_root, *, load_config, train, device=None) -> dic
         epochs_by_device=results.get("epochs_by_device"),
         git_commit=results.get("git_commit"),
         epochs=_get(cfg, "train.epochs"),
-        val_curve=read_curve(run_dir),
+        val_curve=RunFolder(run_dir).curve(),
     )
     return record
 
@@ -67,8 +73,8 @@ def prepare_run_dir(run_dir: Path, fp: str, digest: str | None = None):
     metrics.csv and TensorBoard start clean.
     """
     import shutil
-    marker = run_dir / "bench_cell.json"
-    if (run_dir / "checkpoint_last.pt").is_file() and marker.is_file():
+    marker = run_dir / CELL_MARKER
+    if RunFolder(run_dir).has_checkpoint() and marker.is_file():
         try:
             started = json.loads(marker.read_text())
             if same_settings(started.get("fingerprint"), fp) and same_digest(started.get("recipe_digest"), digest):

@@ -32,6 +32,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.run_folder import RunFolder
 from ..errors import AttnlabError
 from ..files import portable_path
 from ..jsonl import append_jsonl, read_jsonl
@@ -40,7 +41,7 @@ from .cell import run_cell, stamp
 from .plan import Planner, Started
 from .pool import HARNESS_DIR, WorkerPool
 from .matrix import cell_overrides, cells, fingerprint, format_value, same_recipe, same_settings, settings_of
-from .runs import cell_lock, latest_by_cell, one_line, precision_of, read_curve
+from .runs import cell_lock, latest_by_cell, one_line, precision_of
 
 
 
@@ -276,7 +277,7 @@ class _Runner:
                 signal.signal(signal.SIGTERM, previous)
 
     def _epochs_done(self, c) -> int:
-        return len(read_curve(self.runs_dir / c["run_name"]) or [])
+        return len(RunFolder(self.runs_dir / c["run_name"]).curve() or [])
 
     def _epochs(self, c) -> int:
         if c["run_name"] not in self.epochs:

@@ -1,9 +1,9 @@
-"""``results/<matrix>/runs.jsonl`` and a cell's run folder: what the runner and the report read and write.
+"""``results/<matrix>/runs.jsonl``: what the runner and the report read and write (a cell's run folder is the
+engine's ``RunFolder``).
 
 runs.jsonl holds one JSON line per finished cell, read and appended through :mod:`attnlab.jsonl` (locked appends,
 so several writers never interleave; a torn line is skipped, and its cell counts as not run and runs again).
 """
-import csv
 import fcntl
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,21 +79,6 @@ def cell_lock(path):
         yield f
     finally:
         f.close()
-
-
-def read_curve(run_dir) -> list[float] | None:
-    """val_top1 per epoch from a run's metrics.csv (None when there is none)."""
-    path = Path(run_dir) / "metrics.csv"
-    if not path.is_file():
-        return None
-    curve = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                curve.append(float(row["val_top1"]))
-            except (KeyError, TypeError, ValueError):
-                curve.append(float("nan"))
-    return curve
 
 
 def one_line(err: BaseException) -> str:

@@ -34,12 +34,12 @@ def record_curve(record):
     """val top-1 per epoch: the copy runs.jsonl keeps with the record, else (older records) the run dir's
     metrics.csv. The record first: the folder it names may hold another run of that cell by now (a cell merged
     from a GPU slot, retrained here since)."""
-    from .runs import read_curve as read_metrics_curve
+    from ..engine.run_folder import RunFolder
 
     curve = record.get("val_curve")
     if curve:
         return [float("nan") if v is None else float(v) for v in curve]
-    return read_metrics_curve(record["run_dir"]) if record.get("run_dir") else None
+    return RunFolder(record["run_dir"]).curve() if record.get("run_dir") else None
 
 
 def summarize(results_dir, baseline="none", matrix_file=None):

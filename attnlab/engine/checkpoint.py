@@ -1,8 +1,9 @@
 """Checkpoint files (atomic saves, safe loads), the RNG state that resume restores, and the one home for building a
 model: ``model_from_config`` (a config's model section -> a fresh model) and ``model_from_checkpoint`` (a checkpoint
-file, run dir or loaded dict -> the trained model in eval mode); ``init_from_state_dict`` starts a model from a
-torchvision or timm state_dict file (``model.init``). Trainer, ``attnlab eval``, ``attnlab export``,
-bench's latency model and ``attnlab profile`` all build through them.
+file or loaded dict -> the trained model in eval mode); ``init_from_state_dict`` starts a model from a
+torchvision or timm state_dict file (``model.init``). Trainer, ``open_run`` (run_folder.py: what a run folder means,
+for eval, localize, show, export and the search), bench's latency model and ``attnlab profile`` all build through
+them.
 
 A checkpoint is written by ``attnlab.files.atomic_write``: a temp file in the destination's directory,
 ``os.replace``-d over the old one, so a crash or a failed write (full disk, an exception mid-save) leaves the
@@ -25,9 +26,8 @@ def atomic_save(obj, path) -> None:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
+    """A checkpoint file, read with weights_only=True; a missing or unreadable file is a one-line error."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint_last.pt"
     if not path.is_file():
         raise AttnlabError(f"checkpoint '{path}' does not exist")
     try:
@@ -56,11 +56,8 @@ def model_from_config(model_cfg):
 
 
 def load_training_checkpoint(path) -> dict:
-    """A checkpoint written by ``attnlab train`` (a run directory stands for its checkpoint_best.pt), checked to
-    have the model weights and the config they were trained with."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint_best.pt"
+    """A checkpoint file written by ``attnlab train``, checked to have the model weights and the config they were
+    trained with (``run_folder.trained_checkpoint`` says which file a run folder means)."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("config"), dict) \
             or not isinstance(ckpt["config"].get("model"), dict):
@@ -70,7 +67,7 @@ def load_training_checkpoint(path) -> dict:
 
 
 def model_from_checkpoint(ckpt, device="cpu", use_ema: bool = True):
-    """The trained model of ``ckpt`` (a loaded dict, a checkpoint file or a run dir) on ``device``, in eval mode:
+    """The trained model of ``ckpt`` (a loaded dict or a checkpoint file) on ``device``, in eval mode:
     its EMA weights when the run kept an EMA and ``use_ema``, loaded strictly (a mismatch is a one-line error)."""
     if not isinstance(ckpt, dict):
         ckpt = load_training_checkpoint(ckpt)

@@ -13,7 +13,7 @@ from ..errors import AttnlabError
 from ..files import atomic_write_json, portable_path
 from .distributed import Dist
 from .metrics import Meter, topk_hits
-from .precision import autocast, resolve_precision
+from .precision import autocast
 
 
 @torch.no_grad()
@@ -48,7 +48,8 @@ def evaluate(model, loader, device, precision: str = "fp32", channels_last: bool
 
 
 def add_arguments(p):
-    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (its checkpoint_best.pt)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint file, or a run directory (its checkpoint_best.pt, else checkpoint_last.pt)")
     p.add_argument("--split", choices=("val", "test"), default="test")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--batch-size", type=int, default=None, help="evaluation batch (default: the run's)")
@@ -59,34 +60,19 @@ def add_arguments(p):
 
 
 def run(args):
-    from ..data.pipeline import build_loaders
-    from .checkpoint import load_training_checkpoint, model_from_checkpoint
-    from .distributed import resolve_device
+    from .run_folder import open_run
 
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / "checkpoint_best.pt"
-    ckpt = load_training_checkpoint(path)
-    cfg = ckpt["config"]
-    device = resolve_device(args.device)
-    t = cfg["train"]
-    batch = args.batch_size or t["eval_batch_size"]
-    loaders = build_loaders(cfg, device, 1, batch, data_dir=args.data_dir, with_train=False)
-    loader = getattr(loaders, args.split)
+    run = open_run(args.checkpoint, args.device, use_ema=not args.no_ema)
+    loader = getattr(run.loaders(args.batch_size, args.data_dir), args.split)
     if loader is None:
         raise AttnlabError(f"the run has no {args.split} split (data.val_size=0)")
-    model = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema)
-    channels_last = t["channels_last"] is None or bool(t["channels_last"])
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     start = time.perf_counter()
-    precision, _ = resolve_precision(device, t["amp"])
-    res = evaluate(model, loader, device, precision, channels_last=channels_last)
-    out = {"checkpoint": portable_path(path), "split": args.split, "epoch": ckpt.get("epoch"),
-           "ema": bool(ckpt.get("ema")) and not args.no_ema, "top1": res["top1"], "top5": res["top5"],
-           "loss": res["loss"], "precision": precision,
+    res = evaluate(run.model, loader, run.device, run.precision, channels_last=run.channels_last)
+    out = {"checkpoint": portable_path(run.checkpoint), "split": args.split, "epoch": run.ckpt.get("epoch"),
+           "ema": bool(run.ckpt.get("ema")) and not args.no_ema, "top1": res["top1"], "top5": res["top5"],
+           "loss": res["loss"], "precision": run.precision,
            "images": int(res["n"]), "seconds": round(time.perf_counter() - start, 3)}
-    dest = Path(args.out) if args.out else path.parent / f"eval_{args.split}.json"
+    dest = Path(args.out) if args.out else run.folder.eval_json(args.split)
     try:
         atomic_write_json(dest, out, "evaluation")
     except AttnlabError as err:

@@ -1,7 +1,6 @@
 """Per-epoch metrics: sums kept as device tensors during the epoch, one CSV row and TensorBoard scalars at its end."""
 import csv
 import io
-from pathlib import Path
 
 import torch
 
@@ -59,8 +58,9 @@ class RunLog:
     rows, its row); later rows are appended.
     """
 
-    def __init__(self, run_dir: Path, done: int):
-        self.path = Path(run_dir) / "metrics.csv"
+    def __init__(self, folder, done: int):
+        """``folder``: the run's ``RunFolder`` (metrics.csv and the TensorBoard events go into it)."""
+        self.path = folder.metrics
         self.columns, self.rows = None, []
         if done > 0 and self.path.is_file():
             with open(self.path, newline="") as f:
@@ -71,7 +71,7 @@ class RunLog:
                         break
                     self.rows.append(r)
         from torch.utils.tensorboard import SummaryWriter
-        self.tb = SummaryWriter(str(run_dir), purge_step=done + 1 if done > 0 else None)
+        self.tb = SummaryWriter(str(folder.path), purge_step=done + 1 if done > 0 else None)
 
     def write(self, row: dict, term_names) -> None:
         if self.columns is None:

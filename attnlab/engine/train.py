@@ -36,8 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..errors import AttnlabError
 from ..host import device_name
-from ..files import (TEMP_SUFFIX, atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit,
-                     remove_stale_temps, writable_dir, write_error)
+from ..files import (atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit, remove_stale_temps,
+                     writable_dir, write_error)
 from .checkpoint import (atomic_save, init_from_state_dict, load_checkpoint, model_from_checkpoint, model_from_config,
                          rng_state, set_rng_state)
 from .config import load_config, schema, to_dict
@@ -45,6 +45,7 @@ from .distributed import Dist, barrier, broadcast_object, cleanup, setup, sync_b
 from .ema import EMA
 from .evaluate import evaluate
 from .precision import autocast, resolve_precision
+from .run_folder import RunFolder, uses_channels_last
 from .metrics import Meter, RunLog, topk_hits
 from .optim import build_optimizer, build_scheduler
 
@@ -55,12 +56,6 @@ NO_BAD_STEP = 2 ** 62  # "no non-finite loss yet" (min-reduced across ranks)
 # data.data_dir and data.metadata say where the same files are (a moved folder), not which files.
 RESUMABLE_CHANGES = ("train.epochs", "train.lr", "train.eval_batch_size", "data.data_dir", "data.metadata",
                      "data.cache_dir", "data.workers", "device", "debug.kill_at_step", "name", "out_dir")
-BENCH_MARKER = "bench_cell.json"  # written by attnlab bench into a fresh run dir before it calls train()
-# The step hooks a run was started with, written when it starts (checkpoints record them too, but a run killed in
-# epoch 1 has none): a resume with other hooks is refused either way. Absent: the run has no hooks.
-HOOKS_FILE = "step_hooks.json"
-RUN_FILES = ("config.yaml", "metrics.csv", "events.out.tfevents.*", "checkpoint_*.pt", "results.json", "eval_*.json",
-             HOOKS_FILE)
 
 
 def add_arguments(p):
@@ -90,7 +85,7 @@ def run(args):
 def resume_config(run_dir, overrides=()) -> DictConfig:
     """The saved run's config (+ overrides, e.g. more epochs), pointed at ``run_dir`` itself."""
     run_dir = Path(run_dir)
-    saved = run_dir / "config.yaml"
+    saved = RunFolder(run_dir).config
     if not saved.is_file():
         raise AttnlabError(f"cannot resume: '{saved}' does not exist")
     base = OmegaConf.load(saved)
@@ -127,7 +122,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg, resume=None, step_hooks=(), overwrite=False) -> dict:
+def train(cfg, resume=None, step_hooks=(), overwrite=False, keep=()) -> dict:
     """Train as ``cfg`` says (a DictConfig from load_config, or a plain dict merged onto the defaults).
 
     ``step_hooks``: callables ``hook(trainer, epoch, step)`` run before the forward of every training step (epoch
@@ -139,42 +134,21 @@ def train(cfg, resume=None, step_hooks=(), overwrite=False) -> dict:
     starts and in every checkpoint: a resume with other hooks is refused, so a supernet never continues as a plain
     run, not even after a kill in epoch 1.
     A fresh run (``resume=None``) refuses a run dir that already holds a run unless ``overwrite`` (then that run's
-    files are removed first); a dir holding only bench's bench_cell.json counts as empty.
+    files are removed first); files named in ``keep`` are the caller's own (bench's cell marker): a dir holding only
+    those counts as empty.
     Returns the content of results.json. Under torchrun each rank calls this; rank 0 writes the files.
     """
     if not isinstance(cfg, DictConfig):
         cfg = load_config(base=cfg)
     _hook_specs(step_hooks)  # a spec that cannot be recorded is refused before --overwrite removes anything
     if resume is None:
-        _claim_run_dir(Path(cfg.out_dir) / str(cfg.name), overwrite)
+        RunFolder(Path(cfg.out_dir) / str(cfg.name)).claim(overwrite, keep)
     d, device = setup(cfg.device)
     try:
         with _determinism(bool(cfg.train.deterministic), device):
             return Trainer(cfg, d, device, resume, step_hooks).fit()
     finally:
         cleanup(d)
-
-
-def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to train a fresh run into a dir that holds another run's files, or remove them with ``overwrite``."""
-    if not run_dir.is_dir():
-        return
-    held = sorted(p for p in run_dir.iterdir() if p.name != BENCH_MARKER and not _is_temp(p))
-    if not held:
-        return
-    if not overwrite:
-        raise AttnlabError(f"run dir {run_dir} already holds a run ({', '.join(p.name for p in held[:3])}"
-                           f"{', ...' if len(held) > 3 else ''}); continue it with --resume {run_dir}, train under a "
-                           "new name=..., or pass --overwrite to replace it")
-    for pattern in RUN_FILES:
-        for p in run_dir.glob(pattern):
-            try:
-                p.unlink()
-            except FileNotFoundError:  # another DDP rank removed it first
-                pass
-            except OSError as err:
-                raise write_error(err, p, "run file") from None
-    remove_stale_temps(run_dir)
 
 
 def _hook_specs(hooks) -> list:
@@ -190,26 +164,6 @@ def _hook_specs(hooks) -> list:
     return specs
 
 
-def _recorded_hooks(run_dir: Path) -> list:
-    """The hook specs run_dir's step_hooks.json records ([] when absent: a run without hooks, or one from before
-    the file existed)."""
-    path = run_dir / HOOKS_FILE
-    if not path.is_file():
-        return []
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise AttnlabError(f"{path} is unreadable ({err}): it should list the run's step hooks as JSON") from None
-    if not isinstance(recorded, list):
-        raise AttnlabError(f"{path} holds {type(recorded).__name__}, not the list of the run's step hooks")
-    return recorded
-
-
-def _is_temp(p: Path) -> bool:
-    """A temp file a killed atomic write left (removed when training starts)."""
-    return p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)
-
-
 class Trainer:
     def __init__(self, cfg: DictConfig, d: Dist, device: torch.device, resume=None, step_hooks=()):
         from ..data.pipeline import build_loaders
@@ -220,6 +174,7 @@ class Trainer:
         self.hook_specs = _hook_specs(self.step_hooks)
         t = cfg.train
         self.run_dir = Path(cfg.out_dir) / cfg.name
+        self.folder = RunFolder(self.run_dir)
         self.log = print if d.is_main else (lambda *a, **k: None)
         if t.batch_size % d.world_size:
             raise AttnlabError(f"train.batch_size={t.batch_size} (the global batch) must divide by the "
@@ -238,14 +193,15 @@ class Trainer:
             raise AttnlabError(f"model.num_classes={cfg.model.num_classes} but dataset '{b.name}' has "
                                f"{b.num_classes} classes (use null to take the dataset's)")
         self.precision, self.precision_notice = resolve_precision(device, t.amp)
-        self.channels_last = t.channels_last is None or bool(t.channels_last)
+        self.channels_last = uses_channels_last(t)
         self.steps_per_epoch = len(self.train_loader)
         if cfg.debug.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, int(cfg.debug.max_steps_per_epoch))
 
         # Model, objectives, optimisation state.
         self.model = model_from_config(cfg.model)
-        if cfg.model.init and not (resume is not None and (Path(resume) / "checkpoint_last.pt").is_file()):
+        resumed = resume is not None and RunFolder(resume).has_checkpoint()
+        if cfg.model.init and not resumed:
             self.log(init_from_state_dict(self.model, cfg.model.init).summary())  # a resume loads its checkpoint
         self.model = self.model.to(device)
         if self.channels_last:
@@ -267,11 +223,11 @@ class Trainer:
         self.pending_rng = None
         self.resume_note = None  # what a resume changed, recorded at the top of config.yaml
         self._wall_mark = time.perf_counter()  # fit() restarts it; _tick_wall() adds the time since to wall_s
-        if resume is not None and (Path(resume) / "checkpoint_last.pt").is_file():
+        if resumed:
             # Loaded on the CPU: load_state_dict moves model and optimizer state to their parameters' device.
-            self._restore(load_checkpoint(Path(resume) / "checkpoint_last.pt", map_location="cpu"))
+            self._restore(load_checkpoint(RunFolder(resume).last, map_location="cpu"))
         elif resume is not None:
-            self._check_hooks(_recorded_hooks(Path(resume)))
+            self._check_hooks(RunFolder(resume).recorded_hooks())
             self.log(f"{resume} has no checkpoint yet (stopped during epoch 1): starting from the beginning")
 
         self.epochs_done = self.start_epoch  # epochs whose checkpoint is written (named in a non-finite loss error)
@@ -508,13 +464,13 @@ class Trainer:
         try:
             log.write(row, terms)  # before the checkpoint: a crash in between replays this epoch
             state = self._state(row["epoch"])
-            atomic_save(state, self.run_dir / "checkpoint_last.pt")
+            atomic_save(state, self.folder.last)
             if improved:
-                atomic_save(state, self.run_dir / "checkpoint_best.pt")
+                atomic_save(state, self.folder.best)
         except AttnlabError as err:
             return err
         except OSError as err:  # metrics.csv and TensorBoard are appended in place
-            return write_error(err, self.run_dir / "metrics.csv", "metrics")
+            return write_error(err, self.folder.metrics, "metrics")
         return None
 
     def _stop_if_rank0_failed(self, failed: AttnlabError | None) -> None:
@@ -532,16 +488,16 @@ class Trainer:
             try:
                 writable_dir(self.run_dir, "run dir")
                 remove_stale_temps(self.run_dir)
-                atomic_write_text(self.run_dir / "config.yaml", self._config_text(), "config")
+                atomic_write_text(self.folder.config, self._config_text(), "config")
                 if self.hook_specs:
-                    atomic_write_text(self.run_dir / HOOKS_FILE, json.dumps(self.hook_specs) + "\n", "step hooks")
+                    atomic_write_text(self.folder.hooks, json.dumps(self.hook_specs) + "\n", "step hooks")
             except AttnlabError as err:
                 failed = err
         self._stop_if_rank0_failed(failed)
 
     def _config_text(self) -> str:
         """The resolved config, under comment lines saying what each resume changed (kept from before)."""
-        path = self.run_dir / "config.yaml"
+        path = self.folder.config
         notes = [line for line in path.read_text().splitlines() if line.startswith("# resumed")] \
             if self.start_epoch > 0 and path.is_file() else []
         if self.resume_note:
@@ -565,7 +521,7 @@ class Trainer:
         self._stop_if_rank0_failed(failed)
 
     def _fix_best_file(self) -> None:
-        best_path, last_path = self.run_dir / "checkpoint_best.pt", self.run_dir / "checkpoint_last.pt"
+        best_path, last_path = self.folder.best, self.folder.last
         try:
             best_epoch = int(load_checkpoint(best_path)["epoch"]) if best_path.is_file() else None
         except AttnlabError:
@@ -584,7 +540,7 @@ class Trainer:
         if self.start_epoch < self.cfg.train.epochs:
             return None
         try:
-            saved = json.loads((self.run_dir / "results.json").read_text())
+            saved = json.loads(self.folder.results.read_text())
         except (OSError, ValueError):
             return None  # killed before results.json: test the best checkpoint now
         return saved if saved.get("epochs") == self.cfg.train.epochs else None
@@ -600,7 +556,7 @@ class Trainer:
         self._wall_mark = time.perf_counter()
         self._start_run_dir()
         self._reconcile_best()
-        log = RunLog(self.run_dir, self.start_epoch) if self.d.is_main else None
+        log = RunLog(self.folder, self.start_epoch) if self.d.is_main else None
         self._announce()
         if self.pending_rng is not None:
             set_rng_state(self.pending_rng)
@@ -634,7 +590,7 @@ class Trainer:
         """Test accuracy of checkpoint_best.pt, written to results.json (rank 0) and returned."""
         cfg, d = self.cfg, self.d
         barrier(d)
-        ck = load_checkpoint(self.run_dir / "checkpoint_best.pt", map_location=self.device)
+        ck = load_checkpoint(self.folder.best, map_location=self.device)
         best_model = model_from_checkpoint(ck, self.device, use_ema=True)
         if self.channels_last:
             best_model = best_model.to(memory_format=torch.channels_last)
@@ -659,7 +615,7 @@ class Trainer:
             "git_commit": git_commit(), "seed": cfg.seed,
         }
         if d.is_main:
-            atomic_write_json(self.run_dir / "results.json", results, "results")
+            atomic_write_json(self.folder.results, results, "results")
             print(results_table(results, self.run_dir), flush=True)
         return results
 

@@ -22,21 +22,11 @@ from .metrics import (BoxEvaluator, normalize_scoremaps, prior_baselines, requir
                       thresholds_grid)
 
 
-def open_run(checkpoint, device="auto", data_dir=None, use_ema: bool = True, metadata=None):
-    """(checkpoint path, checkpoint dict, dataset bundle, model in eval mode) of a training run."""
-    from ..data import dataset_for_config
-    from ..engine.checkpoint import load_training_checkpoint, model_from_checkpoint
-    from ..engine.distributed import resolve_device
-
-    path = Path(checkpoint)
-    if path.is_dir():
-        best = path / "checkpoint_best.pt"
-        path = best if best.is_file() else path / "checkpoint_last.pt"
-    ckpt = load_training_checkpoint(path)
-    cfg = ckpt["config"]
-    bundle = dataset_for_config(cfg, data_dir, metadata)
-    dev = resolve_device(device)
-    return path, ckpt, bundle, model_from_checkpoint(ckpt, dev, use_ema=use_ema)
+def open_trained(checkpoint, device="auto", use_ema: bool = True):
+    """The trained run (engine's ``open_run``) with its model kept in contiguous memory: CAMs read the hooked
+    features in fp32, whatever memory format and autocast the run trained in (as every committed WSOL result)."""
+    from ..engine.run_folder import open_run
+    return open_run(checkpoint, device, use_ema=use_ema, channels_last=False)
 
 
 def batches(model, split, bundle, batch_size: int):
@@ -116,7 +106,8 @@ def format_table(res: dict) -> str:
 
 
 def add_arguments(p):
-    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (its checkpoint_best.pt)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint file, or a run directory (its checkpoint_best.pt, else checkpoint_last.pt)")
     p.add_argument("--splits", default="val,test",
                    help="comma-separated; the first (default val, held out of train) chooses tau (default: val,test)")
     p.add_argument("--cam", choices=METHODS, default="cam", help="score map: cam (default) or gradcam")
@@ -137,13 +128,15 @@ def run(args):
     if args.batch_size < 1:
         raise AttnlabError(f"--batch-size must be >= 1, got {args.batch_size}")
     require_cv2()
-    path, ckpt, bundle, model = open_run(args.checkpoint, args.device, args.data_dir, not args.no_ema, args.metadata)
+    run = open_trained(args.checkpoint, args.device, not args.no_ema)
+    bundle = run.dataset(args.data_dir, args.metadata)
     start = time.perf_counter()
-    res = localize(model, bundle, splits, args.interval, args.batch_size, args.cam)
-    res.update(checkpoint=portable_path(path), epoch=ckpt.get("epoch"), attention=ckpt["config"]["model"]["attention"],
-               model=ckpt["config"]["model"]["name"], ema=bool(ckpt.get("ema")) and not args.no_ema,
-               seconds=round(time.perf_counter() - start, 2))
-    dest = Path(args.output) if args.output else path.parent / "localize.json"
+    res = localize(run.model, bundle, splits, args.interval, args.batch_size, args.cam)
+    model_cfg = run.config["model"]
+    res.update(checkpoint=portable_path(run.checkpoint), epoch=run.ckpt.get("epoch"),
+               attention=model_cfg["attention"], model=model_cfg["name"],
+               ema=bool(run.ckpt.get("ema")) and not args.no_ema, seconds=round(time.perf_counter() - start, 2))
+    dest = Path(args.output) if args.output else run.folder.path / "localize.json"
     atomic_write_json(dest, res, "localization results")
     print(format_table(res))
     print(f"-> {dest}")

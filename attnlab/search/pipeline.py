@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..engine.run_folder import RunFolder
 from ..errors import AttnlabError
 
 PHASES = ("supernet", "search", "retrain")
@@ -175,7 +176,7 @@ def run_supernet(cfg, sec, root):
     from ..engine import train as engine
     from .supernet import SupernetHook
     run_dir = supernet_dir(root)
-    if (run_dir / "results.json").is_file():
+    if RunFolder(run_dir).is_complete():
         _say(f"supernet: done ({run_dir}); skipped")
         return
     scfg = cfg.copy()
@@ -209,32 +210,23 @@ def read_result(root, sub: str = "search") -> dict:
 
 def build_evaluator(cfg, sec, ckpt_path, cache_path):
     """The supernet's final weights on the held-out val split, as a cached SchemeEvaluator."""
-    import torch
-    from ..data import dataset_for_config
     from ..data.loader import BatchLoader
-    from ..engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from ..engine.distributed import resolve_device
+    from ..engine.run_folder import open_run
     from .evaluator import SchemeEvaluator, checkpoint_context
 
-    device = resolve_device(cfg.device)
-    ck = load_checkpoint(ckpt_path, map_location="cpu")
-    model = model_from_checkpoint(ck, device, use_ema=False)
-    channels_last = cfg.train.channels_last is None or bool(cfg.train.channels_last)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    run = open_run(ckpt_path, cfg.device, use_ema=False)
     # The supernet's own data settings and seed: the val split must be the one held out of *its* training images.
-    seed = ck["config"]["seed"]
-    b = dataset_for_config(ck["config"])
+    seed, b = run.config["seed"], run.dataset()
     if len(b.val) == 0:
         raise AttnlabError("the search evaluates on the val split held out of train: set data.val_size > 0")
-    common = dict(mean=b.mean, std=b.std, device=device, seed=seed)
+    common = dict(mean=b.mean, std=b.std, device=run.device, seed=seed)
     val = BatchLoader(b.val, sec.search.eval_batch_size or cfg.train.eval_batch_size, **common)
     recal = None
     if sec.search.recal_batches:
         recal = BatchLoader(b.train, sec.search.recal_batch_size, shuffle=True, augment=False, drop_last=True,
                             **common)
-    return SchemeEvaluator(model, val, device, recal, sec.search.recal_batches, cache_path,
-                           f"{checkpoint_context(ckpt_path)}|data_seed={seed}", channels_last)
+    return SchemeEvaluator(run.model, val, run.device, recal, sec.search.recal_batches, cache_path,
+                           f"{checkpoint_context(ckpt_path)}|data_seed={seed}", run.channels_last)
 
 
 def _reward(sec):
@@ -276,7 +268,7 @@ def run_search_phase(cfg, sec, root, evaluator=None) -> dict:
     searcher = make_searcher(sec.search.searcher, **plan["options"])
     reward = _reward(sec)
     if evaluator is None:
-        ckpt = supernet_dir(root) / "checkpoint_last.pt"
+        ckpt = RunFolder(supernet_dir(root)).last
         if not ckpt.is_file():
             raise AttnlabError(f"no supernet checkpoint at {ckpt}: run the supernet phase first")
         evaluator = build_evaluator(cfg, sec, ckpt, out / "evaluations.jsonl")
@@ -370,7 +362,7 @@ def _check_retrained_scheme(run_dir: Path, blocks: str) -> None:
     """A retrain dir of another scheme (an earlier search, or another --scheme) is neither skipped as done nor
     resumed: refused, so the result read afterwards is always the scheme asked for."""
     from ..engine.train import resume_config
-    if not (run_dir / "config.yaml").is_file():
+    if not RunFolder(run_dir).config.is_file():
         return
     held = resume_config(run_dir).model.blocks
     if str(held) != str(blocks):
@@ -384,7 +376,7 @@ def run_retrain(cfg, sec, root, scheme: str):
         rcfg = retrain_config(cfg, sec, root, scheme, seed)
         run_dir = Path(rcfg.out_dir) / rcfg.name
         _check_retrained_scheme(run_dir, rcfg.model.blocks)
-        if (run_dir / "results.json").is_file():
+        if RunFolder(run_dir).is_complete():
             _say(f"retrain: done ({run_dir}); skipped")
             continue
         resume = run_dir if run_dir.is_dir() else None  # as the supernet: an existing dir is resumed

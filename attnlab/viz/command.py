@@ -245,7 +245,8 @@ def show(model, bundle, split_name: str, out_dir: Path, count: int = 8, tau: flo
 
 
 def add_arguments(p):
-    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (its checkpoint_best.pt)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint file, or a run directory (its checkpoint_best.pt, else checkpoint_last.pt)")
     p.add_argument("--split", choices=("val", "test"), default="test")
     p.add_argument("--images", type=int, default=8, help="images per grid (default 8)")
     p.add_argument("--tau", type=float, default=None,
@@ -258,17 +259,17 @@ def add_arguments(p):
 
 
 def run(args):
-    from ..localization.command import open_run
+    from ..localization.command import open_trained
     from ..localization.metrics import require_cv2
     if not 1 <= args.images <= 64:
         raise AttnlabError(f"--images must be 1..64, got {args.images}")
     if args.tau is not None and not 0 <= args.tau < 1:
         raise AttnlabError(f"--tau must be in [0, 1), got {args.tau}")
     require_cv2()
-    path, _, bundle, model = open_run(args.checkpoint, args.device, args.data_dir, not args.no_ema)
-    tau, source = _tau(path, args.tau)
-    out = Path(args.out) if args.out else path.parent / "show"
-    for f in show(model, bundle, args.split, out, args.images, tau, args.cam):
+    run = open_trained(args.checkpoint, args.device, not args.no_ema)
+    tau, source = _tau(run.checkpoint, args.tau)
+    out = Path(args.out) if args.out else run.folder.path / "show"
+    for f in show(run.model, run.dataset(args.data_dir), args.split, out, args.images, tau, args.cam):
         print(f"wrote {f}")
     print(f"tau {tau:.3f} ({source})")
     return 0
