@@ -5,7 +5,8 @@ machine that starts it. This times a few training steps of each method of ``--ma
 overrides: model, batch size, ``train.amp``) in the precision the engine would pick here, at one thread and at
 every core, and prints and saves:
 
-- the precision (bf16 where the recipe asks for it and the CPU has native bf16, else fp32);
+- the precision (bf16 where the recipe asks for it and the CPU has native bf16, else fp32), and whether the cells
+  compile (``train.compile``: the timed steps then run the compiled model, after warm-up steps that compile it);
 - workers x threads: two one-thread cells at once when that beats one cell on every core in images/s (on a 2-core
   CPU it nearly always does), and the expected wall time of each method's cell in that setting:
   epochs x (train images / rate + eval images / (3 x rate)) x ``--overhead`` (1.0 by default: on a 2-core Zen 4
@@ -17,7 +18,8 @@ every core, and prints and saves:
 Model-only steps on random tensors (the rate does not depend on the data). Pause other jobs first (kill -STOP):
 it times the machine.
 
-    .venv/bin/python benchmarks/cell_plan.py --matrix benchmarks/matrices/cifar10_resnet20_converged.yaml
+    .venv/bin/python benchmarks/cell_plan.py --matrix benchmarks/matrices/cifar10_resnet20_converged.yaml \
+        --compare-eager
 """
 import argparse
 import sys
@@ -45,12 +47,14 @@ SPLITS = {"cifar10": (45_000, 15_000), "cifar100": (45_000, 15_000)}
 
 
 def step_rate(cfg, precision: str, threads: int, steps: int) -> float:
-    """Training images/s of the config's model: SGD steps at its batch size, ``steps`` timed after 2 warm-up."""
+    """Training images/s of the config's model (compiled when ``train.compile``): SGD steps at its batch size,
+    ``steps`` timed after 2 warm-up steps (which hold the compilation)."""
     with cpu_threads(threads):
         torch.manual_seed(0)
         cfg.model.num_classes = cfg.model.num_classes or 10
         model = model_from_config(cfg.model).to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        forward = torch.compile(model) if cfg.train.compile else model
         size = cfg.data.image_size or 32
         x = torch.randn(cfg.train.batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, cfg.model.num_classes, (cfg.train.batch_size,))
@@ -58,14 +62,14 @@ def step_rate(cfg, precision: str, threads: int, steps: int) -> float:
             if i == 2:
                 start = time.perf_counter()
             with autocast(CPU, precision):
-                loss = F.cross_entropy(model(x).float(), y)
+                loss = F.cross_entropy(forward(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         return steps * cfg.train.batch_size / (time.perf_counter() - start)
 
 
-def plan(matrix: dict, steps: int, overhead: float, limit_h: float) -> dict:
+def plan(matrix: dict, steps: int, overhead: float, limit_h: float, compare_eager: bool = False) -> dict:
     cores = torch.get_num_threads()
     methods, notices = {}, set()
     for m in matrix["methods"]:
@@ -74,12 +78,22 @@ def plan(matrix: dict, steps: int, overhead: float, limit_h: float) -> dict:
         if notice:
             notices.add(notice)
         one, every = step_rate(cfg, precision, 1, steps), step_rate(cfg, precision, cores, steps)
+        eager = {}
+        if compare_eager and cfg.train.compile:  # the same steps uncompiled, timed right after (same load)
+            cfg.train.compile = False
+            rate = step_rate(cfg, precision, 1, steps)
+            cfg.train.compile = True
+            eager = {"eager_images_per_s_1_thread": round(rate, 1), "compile_speedup_1_thread": round(one / rate, 3)}
         train_images, eval_images = SPLITS.get(cfg.data.name, (50_000, 10_000))
-        methods[m["name"]] = {"precision": precision, "epochs": cfg.train.epochs, "cells": len(method_seeds(matrix, m)),
+        methods[m["name"]] = {"precision": precision, "compile": bool(cfg.train.compile), "epochs": cfg.train.epochs,
+                              "cells": len(method_seeds(matrix, m)),
                               "images_per_s_1_thread": round(one, 1), f"images_per_s_{cores}_threads": round(every, 1),
+                              **eager,
                               "_hours": {t: cfg.train.epochs * (train_images / r + eval_images / (3 * r)) * overhead
                                          / 3600 for t, r in ((1, one), (cores, every))}}
-        print(f"{m['name']}: {precision}, {one:.0f} images/s at 1 thread, {every:.0f} at {cores}", flush=True)
+        speedup = f" (x{eager['compile_speedup_1_thread']:.2f} over eager)" if eager else ""
+        print(f"{m['name']}: {precision}{', compiled' if cfg.train.compile else ''}, {one:.0f} images/s at 1 "
+              f"thread{speedup}, {every:.0f} at {cores}", flush=True)
     # Several one-thread cells at once against one cell on every core: total images/s of the whole machine.
     parallel = sum(cores * v["images_per_s_1_thread"] for v in methods.values())
     alone = sum(v[f"images_per_s_{cores}_threads"] for v in methods.values())
@@ -118,10 +132,12 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed training steps per method and thread count")
     p.add_argument("--overhead", type=float, default=1.0, help="factor for data loading and augmentation")
     p.add_argument("--limit", type=float, default=2.5, help="hours a cell may take on this machine")
+    p.add_argument("--compare-eager", action="store_true",
+                   help="for a matrix that compiles, also time its steps uncompiled at one thread (the speed-up)")
     p.add_argument("--out", help="JSON path (default results/<matrix>/cell_plan.json)")
     a = p.parse_args(argv)
     matrix = load_matrix(a.matrix)
-    out = plan(matrix, a.steps, a.overhead, a.limit)
+    out = plan(matrix, a.steps, a.overhead, a.limit, a.compare_eager)
     path = Path(a.out) if a.out else ROOT / "results" / matrix["name"] / "cell_plan.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, out, "cell plan")

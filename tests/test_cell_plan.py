@@ -47,3 +47,34 @@ def test_step_rate_trains_the_configs_model(cell_plan, tmp_path):
     from attnlab.engine.config import load_config
     cfg = load_config(None, ["model.name=resnet20", "model.attention=se", "train.batch_size=4"])
     assert cell_plan.step_rate(cfg, "fp32", 1, steps=1) > 0
+
+
+def test_step_rate_times_the_compiled_model_when_the_recipe_compiles(cell_plan, monkeypatch):
+    from attnlab.engine.config import load_config
+    compiled = []
+
+    def fake_compile(model):  # torch.compile itself takes most of a minute on a CPU: record the call instead
+        compiled.append(type(model).__name__)
+        return model
+    monkeypatch.setattr(cell_plan.torch, "compile", fake_compile)
+    base = ["model.name=resnet20", "model.attention=none", "train.batch_size=4"]
+    assert cell_plan.step_rate(load_config(None, base), "fp32", 1, steps=1) > 0 and compiled == []
+    assert cell_plan.step_rate(load_config(None, [*base, "train.compile=true"]), "fp32", 1, steps=1) > 0
+    assert compiled == ["ResNet"]
+
+
+def test_compare_eager_times_a_compiling_matrix_both_ways(cell_plan, tmp_path, monkeypatch):
+    matrix = tmp_path / "tiny.yaml"
+    matrix.write_text(tiny_matrix_text({"none": "none"}).replace("  train.epochs: 1\n",
+                                                                "  train.epochs: 1\n  train.compile: true\n"))
+    # compiled steps at 120 images/s, eager ones at 100 (per thread count)
+    monkeypatch.setattr(cell_plan, "step_rate",
+                        lambda cfg, prec, threads, steps: (120.0 if cfg.train.compile else 100.0) * threads)
+    monkeypatch.setattr(cell_plan.torch, "get_num_threads", lambda: 2)
+    out_path = tmp_path / "plan.json"
+    cell_plan.main(["--matrix", str(matrix), "--out", str(out_path), "--compare-eager"])
+    none = json.loads(out_path.read_text())["methods"]["none"]
+    assert none["compile"] is True and none["images_per_s_1_thread"] == 120.0
+    assert none["eager_images_per_s_1_thread"] == 100.0 and none["compile_speedup_1_thread"] == 1.2
+    cell_plan.main(["--matrix", str(matrix), "--out", str(out_path)])  # without the flag: compiled rates only
+    assert "eager_images_per_s_1_thread" not in json.loads(out_path.read_text())["methods"]["none"]
