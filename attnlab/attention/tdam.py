@@ -28,8 +28,8 @@ Differences from the official code (shantanuj/TDAM_Top_down_attention_module, ti
   * r is at least 1 (the official C_top // 16 would be 0 for CIFAR widths below 16);
   * only average pooling and the concat/top searchlights (no max/learned pooling, no 'bilinear' sum variant);
   * ``order`` offers the ablation's orders: 'channel->spatial' (default), 'spatial->channel', 'channel', 'spatial';
-  * the official evaluation's multi-step CAM/IoU "any step correct" top-1 is not implemented: accuracy is plain
-    single-output top-1.
+  * accuracy is plain single-output top-1; the official evaluation's "any step correct" top-1 is
+    ``eval.tdam_any_step`` (attnlab/engine/evaluate.py), without its IoU merge of steps whose CAM boxes overlap.
 """
 import torch
 import torch.nn as nn
