@@ -17,7 +17,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu" / "session.sh"
 def _session(tmp_path, *phases, **env):
     full = dict(os.environ, OUT=str(tmp_path / "out"), STATE=str(tmp_path / "state"), PYTHON=sys.executable)
     full.update({k: str(v) for k, v in env.items()})
-    return subprocess.run(["bash", str(SCRIPT), *phases], env=full, capture_output=True, text=True, timeout=300)
+    return subprocess.run(["bash", str(SCRIPT), *phases], env=full, capture_output=True, text=True, timeout=900)
 
 
 def _data_root():
@@ -85,3 +85,20 @@ def test_slot_runs_the_lanes_side_by_side_within_the_budget(tmp_path):
     # Too little budget left: the slot starts nothing and says so.
     late = _session(tmp_path, "slot", **dict(env, BUDGET_S=30))
     assert late.returncode == 0 and "nothing started" in late.stdout
+
+
+def test_stream_lane_dry_run_on_the_cpu_names_a_bottleneck(tmp_path):
+    """The `stream` phase's python part at a tiny size on the CPU: a generated folder, the loader alone, the step
+    alone and one engine epoch, all counted; the JSON names the slower of the first two as the bottleneck."""
+    tiny = ("--images 16 --val-images 4 --image-size 32 --batch-size 8 --epochs 1 --workers 1 --step-repeats 2 "
+            "--model resnet20")
+    done = _session(tmp_path, "stream", ATTNLAB_DATA=_data_root(), BUDGET_S=900, STREAM_DEVICE="cpu",
+                    STREAM_ARGS=tiny)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    res = json.loads((tmp_path / "out" / "stream_train.json").read_text())
+    assert res["loader_alone"]["images"] == 16 and res["step_alone"]["steps"] == 2
+    assert res["engine"]["steps"] == 2 and res["engine"]["epochs"] == 1
+    rates = {"loader": res["loader_alone"]["images_per_s"], "step": res["step_alone"]["images_per_s"]}
+    assert min(rates.values()) > 0 and res["bottleneck"] == min(rates, key=rates.get)
+    assert (tmp_path / "state" / "stream_folder" / "train").is_dir()  # kept for a second call on a warm machine
+    assert "stream lane: engine" in (tmp_path / "out" / "stream.log").read_text()

@@ -288,6 +288,67 @@ def test_memory_stays_flat_as_the_folder_grows(tmp_path):
     assert out[800][0] - out[100][0] < 4 * 1024, out  # < 4 MB more peak memory for 8x the images (22 MB decoded)
 
 
+def _tiny_jpegs(root: Path, n: int, size: int = 32) -> Path:
+    """root/train/class{0,1}/*.jpg (and one val image each): ``n`` small JPEGs (one encoded image per class written
+    ``n / 2`` times, so 8k files take a second)."""
+    import io
+    rng = np.random.default_rng(0)
+    blobs = []
+    for c in range(2):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=85)
+        blobs.append(buf.getvalue())
+    for c in range(2):
+        d = root / "train" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(n // 2):
+            (d / f"{i:05d}.jpg").write_bytes(blobs[c])
+        (root / "val" / f"class{c}").mkdir(parents=True)
+        (root / "val" / f"class{c}" / "0.jpg").write_bytes(blobs[c])
+    return root
+
+
+def test_peak_memory_of_a_loader_pass_with_workers_stays_flat_from_1k_to_8k_images(tmp_path):
+    """One pass over 1,000 and over 8,000 tiny JPEGs with 2 DataLoader workers: the peak RSS of the main process and
+    of the largest worker grows by the same amount (8,000 images held decoded would be 24 MB as uint8, 98 MB as
+    float32 batches; the tolerance is 8 MB)."""
+    script = textwrap.dedent("""
+        import resource, sys, torch
+        from torchvision.transforms import v2
+        from attnlab.data.stream import FileSplit, ImageFiles, StreamLoader
+        from attnlab.data.datasets import select_pools
+        torch.set_num_threads(1)
+        t = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
+        def split(folder, n):
+            *_, pool, _, idx, _ = select_pools("imagefolder", folder, val_size=0)
+            return FileSplit.from_pool("train", pool, idx[:n])
+        warm = StreamLoader(ImageFiles(split(sys.argv[1], 256), t), 256, workers=2)
+        for _ in warm:  # first-use allocations (PIL, the workers' imports) before the measurement
+            pass
+        self0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        kids0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        loader = StreamLoader(ImageFiles(split(sys.argv[1], None), t), 256, shuffle=True, workers=2)
+        seen = sum(len(y) for _, y in loader)
+        self1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        kids1 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        print(seen, self1 - self0, kids1, loader.resident_bytes())
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = {}
+    for n in (1000, 8000):
+        folder = _tiny_jpegs(tmp_path / f"f{n}", n)
+        # about 3 s of CPU for the 8k pass; the generous timeout is for a loaded machine, not the expected time
+        proc = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        seen, self_growth_kb, worker_peak_kb, resident = (int(v) for v in proc.stdout.split())
+        assert seen == n
+        out[n] = (self_growth_kb, worker_peak_kb, resident)
+    assert out[8000][2] <= 8000 * 64  # what the loader keeps: file names and labels
+    assert out[8000][0] - out[1000][0] < 8 * 1024, out  # main process: peak growth over the pass, in KB
+    assert out[8000][1] - out[1000][1] < 8 * 1024, out  # the largest worker's peak
+
+
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")
 def test_stream_trains_under_torchrun_with_two_processes(tmp_path):
     data = make_folder(tmp_path / "folder")

@@ -92,7 +92,7 @@ def test_reading_the_metadata_gives_labels_sizes_and_boxes(cub):
     assert sets[0].tolist() == [[2, 3, 11, 17]]
     # second box (40, 28, 62, 46): x 20 .. 63/2 - 1 = 30.5 -> 31; y 56/3 = 18.67 -> 18 .. 47*2/3 - 1 = 30.33 -> 31
     assert sets[1].tolist() == [[2, 3, 12, 17], [20, 18, 31, 31]]
-    assert split_boxes(b.val, "wsol").tolist() == [s[0].tolist() for s in sets]  # what `attnlab show` draws
+    assert split_boxes(b.val, "wsol").tolist() == [s[0].tolist() for s in sets]  # the first box of each image
     # the same function scales every dataset's boxes: Tiny-ImageNet's single boxes give the same numbers
     single = scale_boxes(np.array([[4, 5, 22, 26]], np.float32), np.array([[H, W]]), (32, 32))
     assert snap_to_pixels(torch.from_numpy(single), (32, 32)).tolist() == [[2, 3, 11, 17]]
@@ -183,6 +183,43 @@ def test_a_map_on_the_second_box_is_a_hit(cub):
     # the priors take box sets too: the full-image box against two boxes scores its better one
     pri = prior_baselines([first[None], np.stack([first, [0, 0, 31, 31]])], (32, 32), taus)
     assert pri["full_image"]["iou"]["70"] == 50.0
+
+
+def test_show_draws_every_box_of_an_image(cub, tmp_path, monkeypatch):
+    """``attnlab show``'s cams.png: an image with two ground-truth boxes gets both drawn (green, in the image row and
+    the CAM row), at their pixel positions; the red box from the CAM is drawn once."""
+    from matplotlib.colors import to_rgba
+    from matplotlib.patches import Rectangle
+    from attnlab.viz import command as viz
+    root, meta, _ = cub
+    b = load_dataset("wsol", data_dir=root, metadata=meta, image_size=32, cache_dir=None)
+    sets = split_box_sets(b.val, "wsol")
+    assert [len(s) for s in sets] == [1, 2, 2]
+    drawn = {}
+    save = viz.save_figure
+
+    def capture(fig, path):
+        if path.name == "cams.png":
+            axes = np.array(fig.axes[:3 * len(sets)]).reshape(3, -1)
+            for row in (0, 1):
+                for j, ax in enumerate(axes[row]):
+                    for r in ax.patches:
+                        if isinstance(r, Rectangle):
+                            colour = "green" if r.get_edgecolor() == to_rgba("lime") else "red"
+                            x, y = r.get_xy()
+                            drawn.setdefault((row, j, colour), []).append(
+                                [x + 0.5, y + 0.5, x - 0.5 + r.get_width(), y - 0.5 + r.get_height()])
+        return save(fig, path)
+
+    monkeypatch.setattr(viz, "save_figure", capture)
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=3).eval()
+    viz.show(model, b, "val", tmp_path / "show", count=3, tau=0.5)
+    idx = viz.pick_images(len(b.val), 3, b.val.labels)
+    for j, i in enumerate(idx):
+        for row in (0, 1):
+            assert sorted(drawn[(row, j, "green")]) == sorted(sets[i].tolist())
+        assert len(drawn[(1, j, "red")]) == 1 and (0, j, "red") not in drawn
 
 
 @pytest.mark.parametrize("case, pattern", [

@@ -28,9 +28,11 @@ Differences from the official code (shantanuj/TDAM_Top_down_attention_module, ti
   * r is at least 1 (the official C_top // 16 would be 0 for CIFAR widths below 16);
   * only average pooling and the concat/top searchlights (no max/learned pooling, no 'bilinear' sum variant);
   * ``order`` offers the ablation's orders: 'channel->spatial' (default), 'spatial->channel', 'channel', 'spatial';
-  * the official evaluation's multi-step CAM/IoU "any step correct" top-1 is not implemented: accuracy is plain
-    single-output top-1.
+  * accuracy is plain single-output top-1; the official evaluation's "any step correct" top-1 is
+    ``eval.tdam_any_step`` (attnlab/engine/evaluate.py), without its IoU merge of steps whose CAM boxes overlap.
 """
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 
@@ -175,3 +177,21 @@ class TDAM(nn.Module):
     def extra_repr(self):
         return (f"channels={self.channels}, searchlight={self.searchlight_kind}, time_steps={self.time_steps}, "
                 f"m={self.m}, reduction={self.reduction}, order={self.order}")
+
+
+def stage_tdams(stage) -> list:
+    """The TDAM modules of a stage's blocks, in block order (CAM per step, the any-step evaluation)."""
+    return [b.attn for b in stage if getattr(b.attn, "registry_name", None) == "tdam"]
+
+
+@contextmanager
+def tdam_steps(modules, t: int):
+    """Run ``modules`` with ``time_steps = t`` (restored afterwards, also after an error)."""
+    saved = [m.time_steps for m in modules]
+    try:
+        for m in modules:
+            m.time_steps = t
+        yield
+    finally:
+        for m, s in zip(modules, saved):
+            m.time_steps = s

@@ -104,6 +104,13 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    # TDAM's official evaluation beside plain top-1: an image counts as correct if the top-1 prediction of any of
+    # TDAM's T steps is (val_top1_any_step / test_top1_any_step; attnlab/engine/evaluate.py says where it differs)
+    tdam_any_step: bool = False
+
+
+@dataclass
 class DebugConfig:
     kill_at_step: Optional[int] = None  # SIGKILL the process at this global step (resume tests); cleared on resume
     max_steps_per_epoch: Optional[int] = None  # stop each training epoch early (smoke runs, benchmarks)
@@ -118,6 +125,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 

@@ -75,7 +75,8 @@ class RunLog:
 
     def write(self, row: dict, term_names) -> None:
         if self.columns is None:
-            self.columns = BASE_COLUMNS + list(term_names) + TAIL_COLUMNS
+            extra = [k for k in row if k.startswith("val_") and k not in BASE_COLUMNS]  # e.g. val_top1_any_step
+            self.columns = BASE_COLUMNS + extra + list(term_names) + TAIL_COLUMNS
         line = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
         if self.rows is not None:  # first write of this process: header, the rows kept from before, this row
             text = io.StringIO(newline="")

@@ -232,6 +232,9 @@ class Trainer:
 
         self.epochs_done = self.start_epoch  # epochs whose checkpoint is written (named in a non-finite loss error)
         self.eval_model = self.ema.module if self.ema else self.model
+        if cfg.eval.tdam_any_step:  # refused before the first epoch, not after it
+            from .evaluate import any_step_modules
+            any_step_modules(self.eval_model)
         # Wrappers for the training forward only; state_dicts and evaluation use the plain module.
         self.forward = self.model
         if d.enabled:
@@ -415,7 +418,8 @@ class Trainer:
         sync_buffers(self.eval_model, self.d)  # every rank evaluates (and later tests) rank 0's BN statistics
         if self.val_loader is None:
             return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan")}
-        return evaluate(self.eval_model, self.val_loader, self.device, self.precision, self.channels_last, self.d)
+        return evaluate(self.eval_model, self.val_loader, self.device, self.precision, self.channels_last, self.d,
+                        tdam_any_step=self.cfg.eval.tdam_any_step)
 
     def _run_epoch(self, epoch: int) -> tuple[dict, list]:
         """Train and validate one epoch: (its metrics.csv row, the objective-term names in it)."""
@@ -434,6 +438,8 @@ class Trainer:
         by_precision[self.precision] = by_precision.get(self.precision, 0) + 1
         row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["loss"], "train_top1": stats["top1"],
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+               **({"val_top1_any_step": val.get("top1_any_step", float("nan"))} if self.cfg.eval.tdam_any_step
+                  else {}),
                **{k: stats[k] for k in terms},
                "epoch_time_s": time.perf_counter() - e0, "images_per_s": images / seconds}
         return row, terms
@@ -581,9 +587,10 @@ class Trainer:
 
     def _print_epoch(self, row: dict, terms: list) -> None:
         extra = "".join(f"  {k} {row[k]:.4f}" for k in terms)
+        any_step = f" (any step {row['val_top1_any_step']:5.2f}%)" if "val_top1_any_step" in row else ""
         self.log(f"epoch {row['epoch']:>3}/{self.cfg.train.epochs}  lr {row['lr']:.4f}  train loss "
                  f"{row['train_loss']:.4f} top-1 {row['train_top1']:5.2f}%{extra}  val loss {row['val_loss']:.4f} "
-                 f"top-1 {row['val_top1']:5.2f}% top-5 {row['val_top5']:5.2f}%  {row['epoch_time_s']:.1f}s  "
+                 f"top-1 {row['val_top1']:5.2f}%{any_step} top-5 {row['val_top5']:5.2f}%  {row['epoch_time_s']:.1f}s  "
                  f"{row['images_per_s']:.0f} img/s", flush=True)
 
     def _finish(self) -> dict:
@@ -594,7 +601,8 @@ class Trainer:
         best_model = model_from_checkpoint(ck, self.device, use_ema=True)
         if self.channels_last:
             best_model = best_model.to(memory_format=torch.channels_last)
-        test = evaluate(best_model, self.test_loader, self.device, self.precision, self.channels_last, d)
+        test = evaluate(best_model, self.test_loader, self.device, self.precision, self.channels_last, d,
+                        tdam_any_step=cfg.eval.tdam_any_step)
         self._tick_wall()
         results = {
             "name": cfg.name, "model": cfg.model.name, "attention": cfg.model.attention, "dataset": self.bundle.name,
@@ -602,6 +610,7 @@ class Trainer:
             "best_val_top1": _number(ck["best_val_top1"]),
             "best_val_top5": _number(ck.get("best_val_top5", float("nan"))),
             "test_top1": test["top1"], "test_top5": test["top5"],
+            **({"test_top1_any_step": test["top1_any_step"]} if "top1_any_step" in test else {}),
             "test_loss": test["loss"], "params": sum(p.numel() for p in self.model.parameters()),
             "flops": _flops(self.model, self.bundle.image_size), "wall_time_s": round(self.elapsed["wall_s"], 2),
             "train_images_per_s": self.elapsed["train_images"] / max(self.elapsed["train_s"], 1e-9),
@@ -647,6 +656,7 @@ def results_table(r: dict, run_dir) -> str:
             ("best val top-1", "n/a (no validation split)" if r["best_val_top1"] is None else
              f"{r['best_val_top1']:.2f}% (epoch {r['best_epoch']}/{r['epochs']})"),
             ("test top-1 / top-5", f"{r['test_top1']:.2f}% / {r['test_top5']:.2f}%"),
+            *([("test any-step top-1 (TDAM)", f"{r['test_top1_any_step']:.2f}%")] if "test_top1_any_step" in r else []),
             ("params / FLOPs", f"{r['params'] / 1e6:.3f} M / {r['flops'] / 1e6:.1f} M"),
             ("train speed", f"{r['train_images_per_s']:.0f} images/s on {r['device']}"
              + (f" (median epoch {r['train_images_per_s_median_epoch']:.0f})"

@@ -17,11 +17,10 @@ class is the caller's choice.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 
+from ..attention.tdam import stage_tdams, tdam_steps
 from ..errors import AttnlabError
 
 METHODS = ("cam", "gradcam")
@@ -86,20 +85,7 @@ def score_maps(model, x, classes=None, method: str = "cam"):
 def tdam_modules(model, stage: int = -1) -> list:
     """The TDAM modules of one stage (default the last), in block order."""
     _check_model(model)
-    return [b.attn for b in model.stages()[stage] if getattr(b.attn, "registry_name", None) == "tdam"]
-
-
-@contextmanager
-def tdam_steps(modules, t: int):
-    """Run ``modules`` with ``time_steps = t`` (restored afterwards, also after an error)."""
-    saved = [m.time_steps for m in modules]
-    try:
-        for m in modules:
-            m.time_steps = t
-        yield
-    finally:
-        for m, s in zip(modules, saved):
-            m.time_steps = s
+    return stage_tdams(model.stages()[stage])
 
 
 @torch.no_grad()

@@ -216,17 +216,41 @@ def build_evaluator(cfg, sec, ckpt_path, cache_path):
 
     run = open_run(ckpt_path, cfg.device, use_ema=False)
     # The supernet's own data settings and seed: the val split must be the one held out of *its* training images.
-    seed, b = run.config["seed"], run.dataset()
-    if len(b.val) == 0:
-        raise AttnlabError("the search evaluates on the val split held out of train: set data.val_size > 0")
-    common = dict(mean=b.mean, std=b.std, device=run.device, seed=seed)
-    val = BatchLoader(b.val, sec.search.eval_batch_size or cfg.train.eval_batch_size, **common)
-    recal = None
-    if sec.search.recal_batches:
-        recal = BatchLoader(b.train, sec.search.recal_batch_size, shuffle=True, augment=False, drop_last=True,
-                            **common)
+    seed, batch = run.config["seed"], sec.search.eval_batch_size or cfg.train.eval_batch_size
+    if run.config["data"].get("pipeline", "cache") == "stream":
+        val, recal = _stream_search_loaders(run.config, sec, run.device, batch)
+    else:
+        b = run.dataset()
+        if len(b.val) == 0:
+            raise AttnlabError("the search evaluates on the val split held out of train: set data.val_size > 0")
+        common = dict(mean=b.mean, std=b.std, device=run.device, seed=seed)
+        val = BatchLoader(b.val, batch, **common)
+        recal = None
+        if sec.search.recal_batches:
+            recal = BatchLoader(b.train, sec.search.recal_batch_size, shuffle=True, augment=False, drop_last=True,
+                                **common)
     return SchemeEvaluator(run.model, val, run.device, recal, sec.search.recal_batches, cache_path,
                            f"{checkpoint_context(ckpt_path)}|data_seed={seed}", run.channels_last)
+
+
+def _stream_search_loaders(run_cfg, sec, device, batch):
+    """(val, recalibration or None) loaders of a streamed supernet (ImageNet-sized sets are never cached): the
+    evaluation transform (resize, centre crop) on the held-out val split; the recalibration batches are training
+    images under that same transform, in a seeded order."""
+    from ..data.stream import ImageFiles, StreamLoader, stream_dataset
+    from ..data.transforms import eval_transform
+    data, seed = run_cfg["data"], int(run_cfg["seed"])
+    b = stream_dataset(data, seed)
+    if len(b.val) == 0:
+        raise AttnlabError("the search evaluates on the val split held out of train: set data.val_size > 0")
+    tf = eval_transform(data["stream"], b.image_size)
+    common = dict(device=device, seed=seed, workers=int(data["workers"]))
+    val = StreamLoader(ImageFiles(b.val, tf), batch, **common)
+    recal = None
+    if sec.search.recal_batches:
+        recal = StreamLoader(ImageFiles(b.train, tf), sec.search.recal_batch_size, shuffle=True, drop_last=True,
+                             **common)
+    return val, recal
 
 
 def _reward(sec):

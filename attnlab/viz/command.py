@@ -1,7 +1,8 @@
 """``attnlab show --checkpoint RUN``: PNG grids of where a trained network looks.
 
 Written to ``<run>/show/`` (or ``--out``), each atomically:
-  * ``cams.png``: per image, the picture with its ground-truth box (green, when the dataset has boxes), the CAM of
+  * ``cams.png``: per image, the picture with its ground-truth boxes (green, every box of the image, when the
+    dataset has boxes; WSOL metadata may give several), the CAM of
     the ground-truth class with the box extracted at tau (red; largest contour, as GT-known Loc), and the CAM of
     the top-1 predicted class;
   * ``spatial_gates.png``: CBAM's spatial gate and TDAM's searchlight map sigmoid(sum_c S_c X'_c), last block of
@@ -79,8 +80,17 @@ def _short(name: str) -> str:
     return name.split(",")[0][:16]
 
 
+def _boxes(ax, boxes, color):
+    """Draw every box of one image (a (k, 4) array, or one (4,) box)."""
+    for box in np.asarray(boxes, dtype=np.float32).reshape(-1, 4):
+        _box(ax, box, color)
+
+
 def cam_figure(images, labels, class_names, gt_maps, pred_maps, preds, boxes, tau):
-    """Rows: image (+ GT box), GT-class CAM (+ its box at tau), predicted-class CAM; one column per image."""
+    """Rows: image (+ GT boxes), GT-class CAM (+ its box at tau), predicted-class CAM; one column per image.
+
+    ``boxes``: None, or per image its ground-truth boxes, a (k, 4) array (all k are drawn; the IoU shown is the
+    best over them, as wsolevaluation scores an image with several boxes)."""
     from ..localization.metrics import box_iou, boxes_from_scoremap
     plt = _plt()
     n = len(images)
@@ -91,15 +101,15 @@ def cam_figure(images, labels, class_names, gt_maps, pred_maps, preds, boxes, ta
         ax.imshow(img)
         ax.set_title(_short(class_names[int(labels[j])]), fontsize=8)
         if boxes is not None:
-            _box(ax, boxes[j], "lime")
+            _boxes(ax, boxes[j], "lime")
         ax = axes[1, j]
         ax.imshow(img)
         ax.imshow(gt_maps[j], cmap="jet", alpha=0.5, vmin=0, vmax=1)
         if boxes is not None:
             pred_box = boxes_from_scoremap(gt_maps[j], [tau], multi_contour=False)[0][0]
-            _box(ax, boxes[j], "lime")
+            _boxes(ax, boxes[j], "lime")
             _box(ax, pred_box, "red")
-            ax.set_title(f"IoU {box_iou(pred_box, boxes[j])[0, 0]:.2f}", fontsize=8)
+            ax.set_title(f"IoU {box_iou(pred_box, np.asarray(boxes[j]).reshape(-1, 4)).max():.2f}", fontsize=8)
         ax = axes[2, j]
         ax.imshow(img)
         ax.imshow(pred_maps[j], cmap="jet", alpha=0.5, vmin=0, vmax=1)
@@ -207,7 +217,7 @@ def _tau(path: Path, given):
 def show(model, bundle, split_name: str, out_dir: Path, count: int = 8, tau: float = DEFAULT_TAU,
          method: str = "cam") -> list[Path]:
     """Write the PNG grids for ``count`` images of the split; returns the files written."""
-    from ..data.boxes import has_boxes, split_boxes
+    from ..data.boxes import has_boxes, split_box_sets
     from ..localization.cam import score_maps, tdam_modules, tdam_step_cams
     from ..localization.metrics import normalize_scoremaps, require_cv2
     from .gates import capture_gates
@@ -216,7 +226,10 @@ def show(model, bundle, split_name: str, out_dir: Path, count: int = 8, tau: flo
     idx = pick_images(len(split), count, split.labels)
     images = split.images[idx]
     labels = split.labels[idx]
-    boxes = split_boxes(split, bundle.name)[idx].numpy() if has_boxes(split) else None
+    boxes = None
+    if has_boxes(split):
+        sets = split_box_sets(split, bundle.name)
+        boxes = [sets[i] for i in idx]
     device = next(model.parameters()).device
     mean = torch.tensor(bundle.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(bundle.std, device=device).view(1, 3, 1, 1)

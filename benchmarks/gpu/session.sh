@@ -14,6 +14,11 @@
 #               is spent and a cell still running at BUDGET_S is stopped and lost with the machine)
 # The single phases stay for a warm machine and for debugging:
 #   check | throughput | matrix ($MATRIX, stopped at $BUDGET_S) | latency ($MATRIX's missing latency entries)
+#   stream      the streaming pipeline alone on the GPU (benchmarks/gpu/stream_lane.py): a generated folder of 224 px
+#               JPEGs, ResNet-50 trained for ~300 steps through data.pipeline=stream, timed against the loader alone
+#               and the training step alone -> stream_train.json says which one is the bottleneck. Run it before
+#               `slot` (`session.sh stream slot`), never beside it: a shared GPU would blur the answer.
+#               $STREAM_ARGS is passed on (e.g. "--epochs 10 --workers 12"; the tests add a tiny CPU size).
 #
 # What comes back is $OUT (the device tool's folder; default gpu_out/ when run elsewhere): JSON files and logs, to
 # be copied into results/ here (docs/gpu.md). Bench results live in $STATE/results/ (git-ignored), seeded from the
@@ -36,11 +41,11 @@ mkdir -p "$OUT" "$STATE/results"
 export PYTHONUNBUFFERED=1
 log() { echo "[session $(( SECONDS - START ))s] $*"; }
 for phase in "$@"; do  # every phase name is checked before any work starts
-  case $phase in slot|check|throughput|matrix|latency) ;;
-    *) echo "session: unknown phase '$phase' (slot, check, throughput, matrix, latency)" >&2; exit 2 ;;
+  case $phase in slot|check|throughput|matrix|latency|stream) ;;
+    *) echo "session: unknown phase '$phase' (slot, check, throughput, matrix, latency, stream)" >&2; exit 2 ;;
   esac
 done
-[ $# -gt 0 ] || { echo "session: name the phases to run: slot, or check, throughput, matrix, latency" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "session: name the phases to run: slot, or check, throughput, matrix, latency, stream" >&2; exit 2; }
 # A lane is "name:workers" (benchmarks/matrices/<name>.yaml) or "path/to/<name>.yaml:workers".
 lane_file() { case ${1%%:*} in *.yaml) echo "${1%%:*}" ;; *) echo "benchmarks/matrices/${1%%:*}.yaml" ;; esac; }
 lane_name() { basename "$(lane_file "$1")" .yaml; }
@@ -102,6 +107,16 @@ run_throughput() {
     2>&1 | tee "$OUT/throughput.log"
 }
 
+run_stream() {
+  local left=$(( BUDGET_S - (SECONDS - START) ))
+  if [ "$left" -lt 120 ]; then log "stream: only ${left}s left of BUDGET_S=$BUDGET_S, skipped"; return 0; fi
+  log "stream lane (loader alone, step alone, engine) for at most ${left}s"
+  # shellcheck disable=SC2086  # STREAM_ARGS is a list of options
+  timeout --signal=TERM "$left" "$PY" benchmarks/gpu/stream_lane.py --device "${STREAM_DEVICE:-cuda}" \
+    --folder "$STATE/stream_folder" --out "$OUT/stream_train.json" ${STREAM_ARGS:-} 2>&1 | tee "$OUT/stream.log"
+  return "${PIPESTATUS[0]}"
+}
+
 # Everything at once within BUDGET_S: the check lane and one bench lane per matrix, all on the one GPU.
 run_slot() {
   local left=$(( BUDGET_S - (SECONDS - START) )) pids=() names=() st=0
@@ -138,6 +153,7 @@ for phase in "$@"; do
     slot) run_slot || status=1 ;;
     check) run_check || status=1 ;;
     throughput) run_throughput || status=1 ;;
+    stream) run_stream || status=1 ;;
     matrix)
       left=$(( BUDGET_S - (SECONDS - START) ))
       if [ "$left" -lt 60 ]; then log "matrix: only ${left}s left of BUDGET_S=$BUDGET_S, skipped"; continue; fi
