@@ -3,9 +3,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .matrix import load_matrix
+from .matrix import cells, load_matrix
 from .budget import parse_duration
 from .runner import default_workers, run_matrix
+from .scheduler import EXECUTORS, ClusterOptions, check_available
 
 
 def add_arguments(p):
@@ -32,6 +33,20 @@ def add_arguments(p):
     p.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
     p.add_argument("--threads", type=_positive, default=None,
                    help="torch CPU threads per cell (default: cores / workers with several workers, else torch's)")
+    g = p.add_argument_group("scheduler (docs/cluster.md; needs pip install 'attnlab[cluster]')")
+    g.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: worker processes here (default); slurm: each cell one SLURM job through submitit; "
+                        "submitit-local: the same jobs as local processes (how the SLURM path is tested)")
+    g.add_argument("--partition", default=None, help="SLURM partition of the cells' jobs")
+    g.add_argument("--gpus-per-cell", type=_gpus, default=0, help="GPUs per cell's job: 0 or 1 (default 0)")
+    g.add_argument("--cpus-per-cell", type=_positive, default=None,
+                   help="CPU cores per cell's job on SLURM (default: --threads, else 1); also its torch threads")
+    g.add_argument("--time-limit", type=_duration, default=None,
+                   help="wall-time limit of each job (e.g. 4h; default 24h): a longer cell is requeued at the limit "
+                        "and resumes from its last epoch checkpoint")
+    g.add_argument("--mem", type=_positive, default=None, help="memory per cell's job on SLURM, in GB")
+    g.add_argument("--slurm-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                   help="a further sbatch option for every job, e.g. account=myproject or qos=high (repeatable)")
 
 
 def _int_list(text):
@@ -64,6 +79,39 @@ def _workers(text):
         raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got '{text}'") from None
 
 
+def _gpus(text):
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"must be 0 or 1 (a cell trains on one device), got '{text}'")
+    return int(text)
+
+
+def _key_value(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE, e.g. account=myproject, got '{text}'")
+    return key.strip().replace("-", "_"), value
+
+
+def cluster_options(args, threads):
+    """The --executor options as a ClusterOptions (None for local workers); a one-line error for options that
+    mean nothing without a scheduler."""
+    from ..errors import AttnlabError
+    if args.executor == "local":
+        given = [flag for flag, value in (("--partition", args.partition), ("--gpus-per-cell", args.gpus_per_cell),
+                                          ("--cpus-per-cell", args.cpus_per_cell), ("--time-limit", args.time_limit),
+                                          ("--mem", args.mem), ("--slurm-arg", args.slurm_arg)) if value]
+        if given:
+            raise AttnlabError(f"{', '.join(given)} need --executor slurm (or submitit-local)")
+        return None
+    check_available(args.executor)
+    options = ClusterOptions(executor=args.executor, partition=args.partition, gpus_per_cell=args.gpus_per_cell,
+                             cpus_per_cell=args.cpus_per_cell or threads, mem_gb=args.mem,
+                             slurm_args=dict(args.slurm_arg))
+    if args.time_limit is not None:
+        options.time_limit_min = max(1, round(args.time_limit / 60))
+    return options
+
+
 def _duration(text):
     from ..errors import AttnlabError
     try:
@@ -82,12 +130,19 @@ def run(args):
         set_threads(args.threads)
         time_matrix(matrix, Path(args.results_root) / matrix["name"], args.only, args.device, log)
         return 0
-    workers = default_workers() if args.workers == "auto" else args.workers
-    if workers == 1:
+    cluster = cluster_options(args, args.threads)
+    if args.workers != "auto":
+        workers = args.workers
+    elif cluster is not None and cluster.executor == "slurm":
+        workers = max(1, len(cells(matrix, args.seeds, args.only)))  # every cell at once: the scheduler queues them
+    else:
+        workers = default_workers()
+    if workers == 1 and cluster is None:
         set_threads(args.threads)  # the cells train in this process
     counts = run_matrix(matrix, seeds=args.seeds, only=args.only, dry_run=args.dry_run,
                         results_root=args.results_root, runs_root=args.runs_root, latency=not args.no_latency,
-                        retry_failed=args.retry_failed, workers=workers, device=args.device, threads=args.threads,
-                        budget_s=args.budget, log=log)
+                        retry_failed=args.retry_failed, workers=workers, device=args.device,
+                        threads=args.threads or (cluster and cluster.cpus_per_cell),
+                        budget_s=args.budget, cluster=cluster, log=log)
     sys.stdout.flush()
     return 1 if counts["failed"] or counts.get("interrupted") or counts.get("config_errors") else 0

@@ -19,6 +19,8 @@ HARNESS_DIR = ".bench"  # runs/<matrix>/.bench/{locks,logs,records}: the harness
 
 
 class WorkerPool:
+    in_process = True  # with one worker the runner trains the cell in its own process instead
+
     def __init__(self, matrix, runs_dir, workers: int, threads, device, log):
         self.matrix, self.runs_dir, self.workers, self.threads, self.device, self.log = (
             matrix, runs_dir, workers, threads, device, log)
@@ -86,9 +88,9 @@ class WorkerPool:
         return record  # the runner deletes the file once the record is in runs.jsonl
 
     def why_ended(self, job) -> str:
-        """'killed by signal 9' / 'exited with code 1', and where its log is."""
+        """'worker killed by signal 9' / 'worker exited with code 1', and where its log is."""
         code = job.proc.returncode
-        why = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        why = f"worker killed by signal {-code}" if code < 0 else f"worker exited with code {code}"
         return f"{why} (log: {self.runs_dir / HARNESS_DIR / 'logs' / (job.cell['run_name'] + '.log')})"
 
     def stop_all(self):

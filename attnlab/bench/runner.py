@@ -20,8 +20,13 @@ finished cells may have run on a faster machine (or a less loaded one): once thi
 their finished epochs, take longer than those estimates, every estimate is scaled up by that pace (never down).
 Cells that do not fit are left for the next slice (``--budget`` again).
 
+Scheduler. With ``cluster`` (``--executor slurm``, or ``submitit-local`` which runs the same jobs here) each cell
+is one job of the scheduler instead of a worker process: the job takes the cell's lock, trains it (resuming from its
+checkpoint when requeued) and appends its own record to runs.jsonl, so this process only submits, follows and counts.
+
 Who does what: plan.py decides (estimates, pace, what fits, ETA; no processes, no files), pool.py runs the worker
-processes, cell.py trains one cell and makes its record, and this module is the loop between them.
+processes (scheduler.py the scheduler's jobs), cell.py trains one cell and makes its record, and this module is the
+loop between them.
 """
 import os
 import signal
@@ -76,13 +81,19 @@ class Job(Started):
     proc: subprocess.Popen | None = None
     record_path: Path | None = None
     reader: threading.Thread | None = None
+    handle: object = None  # a scheduler's job (submitit's Job)
+    recorded: bool = False  # its record is already in runs.jsonl (a scheduler's job appends its own)
+    skip: str | None = None  # why a scheduler's job trained nothing: 'busy', 'finished (ok)'
+    why: str = ""  # why a scheduler's job left no result
 
 
 def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="results", runs_root="runs",
                latency=True, retry_failed=False, workers=1, threads=None, budget_s=None, device=None,
-               log=print) -> dict:
+               cluster=None, log=print) -> dict:
     """Run every unfinished cell of ``matrix``; returns counts {'total', 'skipped', 'ok', 'failed', 'deferred',
-    'interrupted', 'busy'} (busy: being trained by another process)."""
+    'interrupted', 'busy'} (busy: being trained by another process). ``cluster`` (a scheduler.ClusterOptions)
+    hands the cells to a scheduler as jobs instead of local worker processes; ``workers`` is then how many of
+    them may be submitted at once."""
     results_dir = Path(results_root) / matrix["name"]
     runs_dir = Path(runs_root) / matrix["name"]
     runs_path = results_dir / "runs.jsonl"
@@ -97,8 +108,13 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
     from ..engine.config import load_config
     from ..engine.train import train
 
-    _refuse_another_precision(matrix, pending, records, runs_dir, runs_path, load_config, device)
-    if latency:
+    on_cluster = cluster is not None and cluster.executor == "slurm"
+    if not on_cluster:  # with SLURM the submitting machine is not the one that trains: each job checks for itself
+        refuse_another_precision(matrix, pending, records, runs_dir, runs_path, load_config, device)
+    if latency and on_cluster:
+        log("latency is not timed with --executor slurm (this machine is not the one that trains); time it on a "
+            "compute node with `attnlab bench --latency-only`")
+    elif latency:
         from .latency import time_matrix
         time_matrix(matrix, results_dir, only, device, log)
 
@@ -110,21 +126,23 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
         elif prev is not None:
             log(f"[{i}/{n_total}] {c['method']} seed {c['seed']}: finished earlier ({prev.get('status')}), skipped")
     queue = [(i, c) for i, (c, prev) in enumerate(pending, 1) if prev is None]
-    if threads is None and workers > 1:
+    if threads is None and workers > 1 and (cluster is None or cluster.executor == "submitit-local"):
         threads = threads_per_worker(workers)
     deadline = time.monotonic() + budget_s if budget_s is not None else None
     log(f"matrix {matrix['name']}: {len(queue)} of {n_total} cells to run, --workers {workers}"
+        + (f" --executor {cluster.executor}" if cluster is not None else "")
         + (f" x {threads} thread(s)" if threads else "")
         + (f", --budget {fmt_duration(budget_s)}" if budget_s is not None else ""))
     runner = _Runner(matrix, runs_dir, runs_path, n_total, workers, threads, deadline,
                      Estimates(records, planned_device_kind(matrix, device)), counts,
-                     log, load_config=load_config, train=train, device=device, retry_failed=retry_failed)
+                     log, load_config=load_config, train=train, device=device, retry_failed=retry_failed,
+                     cluster=cluster)
     runner.run(queue)
     _summary(matrix, counts, runs_path, log)
     return counts
 
 
-def _refuse_another_precision(matrix, pending, records, runs_dir, runs_path, load_config, device=None) -> None:
+def refuse_another_precision(matrix, pending, records, runs_dir, runs_path, load_config, device=None) -> None:
     """Stop before training when this machine would train a cell in another precision than the finished cells
     configured like it (same train.amp): a report refuses to compare them, so the hours would be lost. E.g. a bf16
     matrix started on a CPU with native bf16 and continued on one without, which would train in fp32."""
@@ -242,13 +260,18 @@ class _Runner:
     """The loop: starts cells while slots are free and the planner says they fit, and records each as it ends."""
 
     def __init__(self, matrix, runs_dir, runs_path, n_total, workers, threads, deadline, estimates, counts, log,
-                 *, load_config, train, device=None, retry_failed=False):
+                 *, load_config, train, device=None, retry_failed=False, cluster=None):
         self.matrix, self.runs_dir, self.runs_path, self.n_total = matrix, runs_dir, runs_path, n_total
         self.retry_failed, self.workers, self.threads, self.device = retry_failed, workers, threads, device
         self.counts, self.log, self.load_config, self.train = counts, log, load_config, train
         self.epochs: dict[str, int] = {}  # run name -> train.epochs, read once
         self.plan = Planner(estimates, deadline, self._epochs, self._epochs_done, workers)
-        self.pool = WorkerPool(matrix, runs_dir, workers, threads, device, log)
+        if cluster is None:
+            self.pool = WorkerPool(matrix, runs_dir, workers, threads, device, log)
+        else:
+            from .scheduler import SchedulerPool
+            self.pool = SchedulerPool(matrix, runs_dir, runs_path, workers, threads, device, log, cluster,
+                                      retry_failed=retry_failed, check_precision=cluster.executor == "slurm")
 
     def run(self, queue):
         self.queue = queue
@@ -304,7 +327,7 @@ class _Runner:
         estimate = self.plan.estimate(c, self.plan.pace(self.pool.running))
         job = Job(c, time.time(), self._epochs_done(c), estimate=estimate, index=i, stack=stack, lock=lock)
         self.log(f"[{i}/{self.n_total}] {name}: running{self.plan.eta(self.queue, self.pool.running)}")
-        if self.workers == 1:
+        if self.workers == 1 and self.pool.in_process:
             self._finish(job, run_cell(self.matrix, c, self.runs_dir, load_config=self.load_config,
                                        train=self.train, device=self.device))
             return
@@ -312,22 +335,32 @@ class _Runner:
         self.pool.running.append(job)
 
     def _collect(self, job, record):
+        name = f"[{job.index}/{self.n_total}] {job.cell['method']} seed {job.cell['seed']}"
+        if job.skip == "busy":  # a scheduler's job found the cell's lock taken
+            self.counts["busy"] += 1
+            self.log(f"{name}: being trained by another attnlab bench, skipped")
+            return
+        if job.skip:  # a scheduler's job found the cell in runs.jsonl
+            self.counts["skipped"] += 1
+            self.log(f"{name}: {job.skip.replace('finished', 'finished by another attnlab bench', 1)}, skipped")
+            return
         if record is None:
             job.stack.close()
             self.counts["interrupted"] += 1
-            self.log(f"[{job.index}/{self.n_total}] {job.cell['method']} seed {job.cell['seed']}: worker "
-                     f"{self.pool.why_ended(job)} after {fmt_duration(time.time() - job.started)}; not recorded, the "
-                     "next run resumes it from its last checkpoint")
+            self.log(f"{name}: {self.pool.why_ended(job)} after {fmt_duration(time.time() - job.started)}; not "
+                     "recorded, the next run resumes it from its last checkpoint")
             return
         self._finish(job, record, stamped=True)
-        job.record_path.unlink(missing_ok=True)  # only now: runs.jsonl holds the record
+        if job.record_path is not None:
+            job.record_path.unlink(missing_ok=True)  # only now: runs.jsonl holds the record
 
     def _finish(self, job, record, stamped=False):
         c, duration = job.cell, time.time() - job.started
         if not stamped:
             import torch
             stamp(record, torch.get_num_threads(), self.workers)
-        append_jsonl(self.runs_path, record)
+        if not job.recorded:
+            append_jsonl(self.runs_path, record)
         job.stack.close()
         self.counts[record["status"]] += 1
         name = f"[{job.index}/{self.n_total}] {c['method']} seed {c['seed']}"
