@@ -19,7 +19,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from attnlab.bench.claims import MIN_SEEDS, compare, judge_family
+from attnlab.bench.claims import MIN_SEEDS, Sample, compare, judge_family
 from attnlab.bench.readme import update_readme
 from attnlab.bench.stats import isnan, pooled_sd
 from attnlab.files import atomic_write_text
@@ -142,8 +142,8 @@ def comparisons(results: dict, base: str = "none") -> list[dict]:
         summaries = {}
         for method in _methods(results):
             by_seed = _test_by_seed(results, method, get)
-            summaries[method] = {"n": len(by_seed), "test_values": list(by_seed.values()), "test_by_seed": by_seed}
-        pooled = pooled_sd([m["test_values"] for m in summaries.values()])
+            summaries[method] = Sample(len(by_seed), list(by_seed.values()), by_seed)
+        pooled = pooled_sd([m.test_values for m in summaries.values()])
         family = [{**compare(summaries[m], summaries[base], pooled), "kind": "better", "method": m, "metric": name}
                   for m in summaries if m != base and base in summaries]
         rows += judge_family(family)

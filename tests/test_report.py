@@ -80,31 +80,31 @@ def test_welch_interval_by_hand():
 
 def test_summary_means_stds_and_intervals(results):
     s = summarize(results)
-    by = {m["name"]: m for m in s["methods"]}
+    by = {m.name: m for m in s.methods}
     assert list(by) == ["none", "se", "ssia", "tdam"]  # order of first appearance; tdam only failed
     for name in VAL:
-        assert by[name]["n"] == 3
-        assert by[name]["val"][0] == pytest.approx(statistics.mean(VAL[name]))
-        assert by[name]["val"][1] == pytest.approx(statistics.stdev(VAL[name]))
-        assert by[name]["test"][0] == pytest.approx(statistics.mean(TEST[name]))
-        assert by[name]["test"][1] == pytest.approx(statistics.stdev(TEST[name]))
+        assert by[name].n == 3
+        assert by[name].val[0] == pytest.approx(statistics.mean(VAL[name]))
+        assert by[name].val[1] == pytest.approx(statistics.stdev(VAL[name]))
+        assert by[name].test[0] == pytest.approx(statistics.mean(TEST[name]))
+        assert by[name].test[1] == pytest.approx(statistics.stdev(TEST[name]))
     # se - none: diff 4, both std 1, n 3 -> se = sqrt(2/3), df = 4.
-    d = by["se"]["delta_test"]
+    d = by["se"].delta_test
     half = 2.7764451 * math.sqrt(2 / 3)
     assert d["diff"] == pytest.approx(4.0)
     assert d["df"] == pytest.approx(4.0)
     assert (d["low"], d["high"]) == (pytest.approx(4 - half, abs=1e-5), pytest.approx(4 + half, abs=1e-5))
     # Paired by seed: se - none is +4 at every seed (no spread); ssia - none = [0.5, 1.5, -2].
-    assert (by["se"]["paired_test"]["low"], by["se"]["paired_test"]["high"]) == (pytest.approx(4.0), pytest.approx(4.0))
-    p = by["ssia"]["paired_test"]
+    assert (by["se"].paired_test["low"], by["se"].paired_test["high"]) == (pytest.approx(4.0), pytest.approx(4.0))
+    p = by["ssia"].paired_test
     half = 4.3026527 * statistics.stdev([0.5, 1.5, -2.0]) / math.sqrt(3)
     assert p["diff"] == pytest.approx(0.0, abs=1e-12) and p["high"] == pytest.approx(half, abs=1e-5)
-    assert by["none"]["delta_test"] is None
-    assert by["tdam"]["n"] == 0 and by["tdam"]["failed"] == 1
+    assert by["none"].delta_test is None
+    assert by["tdam"].n == 0 and by["tdam"].failed == 1
     # Mean curve over seeds, including the one read back from runs.jsonl (ssia seed 2 has no metrics.csv).
-    assert by["ssia"]["curve"][-1] == pytest.approx(statistics.mean(VAL["ssia"]))
-    assert len(by["none"]["curve"]) == 5
-    assert s["n_ok"] == 9 and s["n_failed"] == 1
+    assert by["ssia"].curve[-1] == pytest.approx(statistics.mean(VAL["ssia"]))
+    assert len(by["none"].curve) == 5
+    assert s.n_ok == 9 and s.n_failed == 1
 
 
 def test_devices_include_every_device_a_resumed_cell_trained_on(results):
@@ -113,7 +113,7 @@ def test_devices_include_every_device_a_resumed_cell_trained_on(results):
     first.update(device="cpu (x86_64, 1 threads)",
                  epochs_by_device={"cpu (x86_64, 2 threads)": 3, "cpu (x86_64, 1 threads)": 2})
     (results / "runs.jsonl").write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
-    assert summarize(results)["devices"] == ["cpu", "cpu (x86_64, 1 threads)", "cpu (x86_64, 2 threads)"]
+    assert summarize(results).devices == ["cpu", "cpu (x86_64, 1 threads)", "cpu (x86_64, 2 threads)"]
 
 
 def test_report_markdown_and_plots(results):
@@ -354,7 +354,7 @@ def test_report_merges_a_slots_runs_without_losing_cells_finished_here(results, 
     merged = [json.loads(line) for line in path.read_text().splitlines()]
     assert merged[-2] == local_new and merged[-1] == tdam  # appended, nothing rewritten
     summary = summarize(results)
-    assert summary["n_ok"] == 11 and "tdam" in [m["name"] for m in summary["methods"]]
+    assert summary.n_ok == 11 and "tdam" in [m.name for m in summary.methods]
     assert sorted(r["test_top1"] for r in merged if r["method"] == "none") == TEST["none"]
 
     # Merging again adds nothing; a slot cell run with other settings stops before anything is written.
@@ -464,14 +464,13 @@ def test_a_latency_verdict_needs_the_interval_to_exclude_one():
     from attnlab.bench.claims import latency_ratio, latency_verdict
 
     def method(rounds):
-        return {"latency": {"cpu": {"batch": {"1": {"median_ms": statistics.median(rounds),
-                                                    "round_medians_ms": rounds}}}}}
+        return {"cpu": {"batch": {"1": {"median_ms": statistics.median(rounds), "round_medians_ms": rounds}}}}
     base = method([4.0, 4.1, 3.9, 4.0, 4.2])
     assert latency_verdict(latency_ratio(method([3.0, 3.1, 2.9, 3.0, 3.2]), base)) == "lower"
     assert latency_verdict(latency_ratio(method([5.0, 5.2, 4.9, 5.0, 5.1]), base)) == "higher"
     noisy = latency_ratio(method([3.0, 5.5, 3.2, 5.0, 4.0]), base)
     assert noisy["low"] < 1 < noisy["high"] and latency_verdict(noisy) == "no difference shown"
-    old = {"latency": {"cpu": {"batch": {"1": {"median_ms": 3.0}}}}}  # timed before rounds were kept
+    old = {"cpu": {"batch": {"1": {"median_ms": 3.0}}}}  # timed before rounds were kept
     assert latency_verdict(latency_ratio(old, base)).startswith("no interval")
 
 
@@ -499,4 +498,4 @@ def test_report_refuses_cells_of_different_precisions(results, capsys):
     assert exit_info.value.code == 2 and not (results / "report.md").exists()
     lines[0]["precision"] = "fp32"  # recorded fp32 and unrecorded CPU cells are the same precision
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert summarize(results)["precisions"] == ["fp32"]
+    assert summarize(results).precisions == ["fp32"]

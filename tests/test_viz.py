@@ -70,3 +70,34 @@ def test_show_works_on_cifar10_and_localize_says_there_are_no_boxes(tmp_path, ca
     assert err == ["attnlab: error: dataset 'cifar10' has no bounding boxes (its val split has none; only "
                    "tiny-imagenet and wsol have boxes), so localization metrics cannot be computed"]
     assert not (run / "localize.json").exists()
+
+
+@pytest.fixture(scope="module")
+def cifar_bundle(tmp_path_factory, cifar10_dir):
+    from attnlab.data.datasets import load_dataset
+    return load_dataset("cifar10", subset=2, val_size=2, test_subset=1, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.mark.parametrize("attention,kwargs,pictures", [
+    ("simam", {}, ["spatial_gates.png", "channel_gates.png"]),
+    ("gct", {}, ["channel_gates.png"]),
+    ("fca", {}, ["channel_gates.png"]),
+    ("coord", {}, ["axis_gates.png"]),
+    ("triplet", {}, ["spatial_gates.png", "axis_gates.png"]),
+    ("bam", {}, ["spatial_gates.png", "channel_gates.png"]),
+    ("gc", {"fusion": "scale"}, ["channel_gates.png"]),
+    ("gc", {}, []),  # add fusion: no gate, so only the CAMs
+])
+def test_show_draws_the_gates_of_the_newer_modules(cifar_bundle, tmp_path, attention, kwargs, pictures):
+    import torch
+
+    from attnlab.models import create_model
+    from attnlab.viz.command import show
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, attention=attention, attention_kwargs=kwargs).eval()
+    written = show(model, cifar_bundle, "test", tmp_path, count=3)
+    assert [p.name for p in written] == ["cams.png", *pictures]
+    for path in written:
+        with Image.open(path) as im:
+            assert im.size[0] > 200 and im.size[1] > 150
+            assert np.asarray(im.convert("L")).std() > 10  # not blank

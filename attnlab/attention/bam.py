@@ -18,10 +18,13 @@ Paper, official code and timm:
   * The code pools with avg_pool2d(kernel=H), a global pool only for square maps; ours is global at any size.
   * The channel MLP's BatchNorm1d needs more than one sample per batch in training mode, as the official code.
   * timm has no BAM.
+Shown to ``attnlab show`` (attention/gates.py): the combined gate 1 + sigmoid(M_c + M_s) (or of M_c * M_s), a "full"
+gate in (1, 2); the two branches are not gates on their own (neither multiplies x before they are combined).
 """
 import torch.nn as nn
 
 from ..errors import check_int
+from .gates import show_gate
 from .registry import register
 
 
@@ -50,4 +53,6 @@ class BAM(nn.Module):
         m_c = self.channel(x.mean((2, 3))).view(b, c, 1, 1)
         m_s = self.spatial(x)
         m = m_c + m_s if self.combine == "add" else m_c * m_s
-        return x * (1 + m.sigmoid())
+        gate = 1 + m.sigmoid()
+        show_gate(self, "full", gate)
+        return x * gate

@@ -13,11 +13,13 @@ Paper, official code and timm (``timm.layers.CoordAttn``, ``timm:coord`` here):
   * timm: m = C * 1/16 * 2/3 rounded to a multiple of 8, convs without bias. ``tests/test_cnn_modules.py``
     builds timm's with the official width and biases and copies the weights.
   * The paper evaluates it in MobileNetV2/MobileNeXt; in a ResNet block the slot is after the last BN, as for SE.
+Shown to ``attnlab show`` (attention/gates.py): g_h as a "channel-height" gate and g_w as a "channel-width" gate.
 """
 import torch
 import torch.nn as nn
 
 from ..errors import check_int
+from .gates import show_gate
 from .registry import register
 
 
@@ -39,4 +41,8 @@ class CoordAttention(nn.Module):
         pooled = torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], dim=2)
         f = self.act(self.bn1(self.conv1(pooled)))
         f_h, f_w = torch.split(f, [h, w], dim=2)
-        return x * self.conv_h(f_h).sigmoid() * self.conv_w(f_w.transpose(2, 3)).sigmoid()
+        g_h = self.conv_h(f_h).sigmoid()                    # (B, C, H, 1)
+        g_w = self.conv_w(f_w.transpose(2, 3)).sigmoid()    # (B, C, 1, W)
+        show_gate(self, "channel-height", g_h)
+        show_gate(self, "channel-width", g_w)
+        return x * g_h * g_w

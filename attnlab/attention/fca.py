@@ -16,6 +16,7 @@ Paper, official code and timm:
   * The DCT basis is a fixed buffer, not a parameter: 2C^2/r parameters, SE's without its biases (the paper's
     FcaNet-50, 28.07M).
   * channels must be divisible by the number of frequencies (as the official code asserts). timm has no FcaNet.
+Shown to ``attnlab show`` (attention/gates.py): the channel gate s.
 """
 import math
 
@@ -24,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import check_int
+from .gates import show_gate
 from .registry import register
 
 # The paper's ranking of the 7x7 DCT frequencies by single-frequency ImageNet accuracy (first 16): (u along H,
@@ -75,4 +77,6 @@ class FcaAttention(nn.Module):
         k = self.dct_size
         pooled = x if x.shape[2:] == (k, k) else F.adaptive_avg_pool2d(x, k)
         y = (pooled * self.dct.to(pooled.dtype)).sum((2, 3), keepdim=True)
-        return x * self.fc2(self.act(self.fc1(y))).sigmoid()
+        gate = self.fc2(self.act(self.fc1(y))).sigmoid()
+        show_gate(self, "channel", gate)
+        return x * gate

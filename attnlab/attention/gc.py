@@ -21,12 +21,16 @@ Paper, official code and timm (``timm.layers.GlobalContext``; ``timm:gc`` / ``ti
     the official code.
   * The official code places the block after the residual branch's last BN (``gcb`` in ResNet stages c3-c5);
     placement is ``blocks`` here (every block by default).
+Shown to ``attnlab show`` (attention/gates.py): the scale fusion's channel gate sigmoid(t_s) ("scale", "both"). The
+default add fusion multiplies x by nothing (x + t adds a per-channel term), so it shows nothing; nor are the
+attention-pooling weights w a gate (they weigh the context, not x).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import check_int
+from .gates import show_gate
 from .registry import register
 
 FUSIONS = ("add", "scale", "both")
@@ -86,7 +90,9 @@ class GlobalContext(nn.Module):
             context = torch.bmm(x.reshape(b, c, h * w), weights.transpose(1, 2)).view(b, c, 1, 1)
         out = x
         if self.scale is not None:
-            out = out * self.scale(context).sigmoid()
+            gate = self.scale(context).sigmoid()
+            show_gate(self, "channel", gate)
+            out = out * gate
         if self.add is not None:
             out = out + self.add(context)
         return out

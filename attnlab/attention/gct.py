@@ -14,10 +14,12 @@ Paper, official code and timm:
   * The paper puts GCT before every convolution; here it sits in the residual slot after the last BN (use
     ``blocks`` for placement). timm has no GCT.
   * The official ``after_relu=True`` option (l1 mode without abs) is not offered: the slot's input is not ReLU'd.
+Shown to ``attnlab show`` (attention/gates.py): the channel gate 1 + tanh(n + beta), in (0, 2).
 """
 import torch
 import torch.nn as nn
 
+from .gates import show_gate
 from .registry import register
 
 
@@ -47,4 +49,6 @@ class GCT(nn.Module):
         else:
             s = x.abs().sum((2, 3), keepdim=True) * self.alpha
             n = self.gamma * s / (s.abs().mean(1, keepdim=True) + self.eps)
-        return x * (1 + torch.tanh(n + self.beta))
+        gate = 1 + torch.tanh(n + self.beta)
+        show_gate(self, "channel", gate)
+        return x * gate

@@ -18,7 +18,8 @@ Protocol every registered module follows:
                          needs the block's inner widths (TDAM) creates its parameters before any optimizer exists;
       ``init_weights()``: called after the model's own (kaiming) initialisation, for a paper-prescribed init (SPEM).
   * optional, for the pictures of ``attnlab show``: ``show_gate(self, kind, values)`` (``attention/gates.py``) for
-    each gate ``forward`` applies ("channel" or "spatial"); it does nothing unless someone watches. A module that
+    each gate ``forward`` applies ("channel", "spatial", "channel-height", "channel-width" or "full"); it does
+    nothing unless someone watches. A module that
     never calls it shows nothing; the picture code needs no change for a new module.
 """
 import functools

@@ -12,9 +12,11 @@ Paper, official code and timm:
   * A 1x1 map has no other neuron (H*W - 1 = 0, the official code divides by zero): the divisor is kept >= 1 here,
     so the gate is sigmoid(1/2) everywhere instead of NaN.
   * timm has no SimAM. No parameters, so ``share=True`` changes nothing.
+Shown to ``attnlab show`` (attention/gates.py): sigmoid(e_inv), a "full" gate (one value per element, in (0.62, 1)).
 """
 import torch.nn as nn
 
+from .gates import show_gate
 from .registry import register
 
 
@@ -30,4 +32,6 @@ class SimAM(nn.Module):
         n = max(x.shape[2] * x.shape[3] - 1, 1)
         d = (x - x.mean((2, 3), keepdim=True)).pow(2)
         e_inv = d / (4 * (d.sum((2, 3), keepdim=True) / n + self.e_lambda)) + 0.5
-        return x * e_inv.sigmoid()
+        gate = e_inv.sigmoid()
+        show_gate(self, "full", gate)
+        return x * gate

@@ -13,16 +13,21 @@ Z = [max; mean], BN with momentum 0.01 (PyTorch's convention; the official Basic
 
 Paper, official code and timm: the paper's Fig. 3 draws the pooling as [max; avg]; the code agrees. The official
 ResNets put the module after the branch's last BN, the slot used here. timm has no triplet attention.
+
+Shown to ``attnlab show`` (attention/gates.py): each branch's gate, rotated back to (B, C, H, W): C-W's as a
+"channel-width" gate, H-C's as "channel-height", H-W's as "spatial"; the output is x times their mean.
 """
 import torch
 import torch.nn as nn
 
 from ..errors import check_bool, check_int
+from .gates import show_gate
 from .registry import register
 
 
 class ZGate(nn.Module):
-    """Spatial gate over the last two axes of (B, D, P, Q), pooling axis 1 into [max; mean]."""
+    """Spatial gate over the last two axes of (B, D, P, Q), pooling axis 1 into [max; mean]: returns the gate
+    (B, 1, P, Q) that multiplies v."""
 
     def __init__(self, kernel_size):
         super().__init__()
@@ -31,7 +36,7 @@ class ZGate(nn.Module):
 
     def forward(self, v):
         z = torch.cat([v.amax(1, keepdim=True), v.mean(1, keepdim=True)], dim=1)
-        return v * self.bn(self.conv(z)).sigmoid()
+        return self.bn(self.conv(z)).sigmoid()
 
 
 @register("triplet")
@@ -45,8 +50,12 @@ class TripletAttention(nn.Module):
         self.hw = None if no_spatial else ZGate(kernel_size)
 
     def forward(self, x):
-        cw = self.cw(x.transpose(1, 2)).transpose(1, 2)        # (B, H, C, W): H pooled, gate over (C, W)
-        hc = self.hc(x.permute(0, 3, 2, 1)).permute(0, 3, 2, 1)  # (B, W, H, C): W pooled, gate over (H, C)
+        g_cw = self.cw(x.transpose(1, 2)).transpose(1, 2)          # of (B, H, C, W): H pooled; (B, C, 1, W)
+        g_hc = self.hc(x.permute(0, 3, 2, 1)).permute(0, 3, 2, 1)  # of (B, W, H, C): W pooled; (B, C, H, 1)
+        show_gate(self, "channel-width", g_cw)
+        show_gate(self, "channel-height", g_hc)
         if self.hw is None:
-            return (cw + hc) / 2
-        return (self.hw(x) + cw + hc) / 3
+            return (x * g_cw + x * g_hc) / 2
+        g_hw = self.hw(x)                                          # C pooled; (B, 1, H, W)
+        show_gate(self, "spatial", g_hw)
+        return (x * g_hw + x * g_cw + x * g_hc) / 3

@@ -20,6 +20,8 @@ The comparisons of one table form a family: their p-values are Holm-adjusted (``
 - ``latency: lower`` on a claim adds its inference-time part: the CPU latency ratio (method / baseline, smallest
   batch timed) with a 95% interval over the timing rounds; *lower* only when the whole interval is below 1.
 """
+from dataclasses import dataclass
+
 from .stats import (holm, isnan, mde, p_above, p_below, p_two_sided, paired_interval, pooled_interval,
                     ratio_interval, welch_interval)
 
@@ -27,14 +29,23 @@ MIN_SEEDS = 2
 ALPHA = 0.05
 
 
-def compare(m: dict, b: dict, pooled: tuple) -> dict:
-    """The statistics of method summary ``m`` against ``b`` (module docstring); ``pooled`` = (sd, df)."""
+@dataclass
+class Sample:
+    """What ``compare`` reads of a method: its seed count and test values (summary.MethodSummary has the same)."""
+    n: int
+    test_values: list
+    test_by_seed: dict
+
+
+def compare(m: Sample, b: Sample, pooled: tuple) -> dict:
+    """The statistics of method ``m`` against ``b`` (module docstring): each a :class:`Sample` or a
+    summary.MethodSummary; ``pooled`` = (sd, df)."""
     sd, df = pooled
-    welch = welch_interval(m["test_values"], b["test_values"])
-    pool = pooled_interval(m["test_values"], b["test_values"], sd, df)
-    return {"n": min(m["n"], b["n"]), "n_method": m["n"], "n_baseline": b["n"], "diff": welch["diff"],
-            "welch": welch, "pooled": pool, "paired": paired_interval(m["test_by_seed"], b["test_by_seed"]),
-            "mde": mde(sd, m["n"], b["n"], df), "pooled_sd": sd, "pooled_df": df}
+    welch = welch_interval(m.test_values, b.test_values)
+    pool = pooled_interval(m.test_values, b.test_values, sd, df)
+    return {"n": min(m.n, b.n), "n_method": m.n, "n_baseline": b.n, "diff": welch["diff"],
+            "welch": welch, "pooled": pool, "paired": paired_interval(m.test_by_seed, b.test_by_seed),
+            "mde": mde(sd, m.n, b.n, df), "pooled_sd": sd, "pooled_df": df}
 
 
 def _p_better(c: dict) -> tuple[float, str]:
@@ -98,12 +109,13 @@ def against_baseline(c: dict, baseline: str) -> str:
     return c["verdict"]
 
 
-def verdict_groups(methods: list[dict], baseline: str) -> list[str]:
-    """One line per verdict over the methods compared with the baseline (each holds its judged ``vs_base``)."""
+def verdict_groups(methods: list, baseline: str) -> list[str]:
+    """One line per verdict over the methods compared with the baseline (summary.MethodSummary, each holding its
+    judged ``vs_base``)."""
     groups = {}
     for m in methods:
-        key = {"holds": "beats", "reversed": "worse than"}.get(m["vs_base"]["verdict"], m["vs_base"]["verdict"])
-        groups.setdefault(key, []).append(m["name"])
+        key = {"holds": "beats", "reversed": "worse than"}.get(m.vs_base["verdict"], m.vs_base["verdict"])
+        groups.setdefault(key, []).append(m.name)
     lines = []
     for key, names in groups.items():
         if key in ("beats", "worse than"):
@@ -115,13 +127,13 @@ def verdict_groups(methods: list[dict], baseline: str) -> list[str]:
     return lines
 
 
-def latency_ratio(m, b) -> dict | None:
-    """Method / baseline CPU latency at the smallest batch both have: the geometric mean over timing rounds of the
-    per-round median ratio (paired by round) with its 95% interval; for entries timed before rounds were kept, the
-    ratio of the overall medians and no interval."""
+def latency_ratio(m: dict | None, b: dict | None) -> dict | None:
+    """Method / baseline CPU latency at the smallest batch both have (``m``, ``b``: their latency.json entries):
+    the geometric mean over timing rounds of the per-round median ratio (paired by round) with its 95% interval;
+    for entries timed before rounds were kept, the ratio of the overall medians and no interval."""
     if not m or not b:
         return None
-    cm, cb = (m.get("latency") or {}).get("cpu"), (b.get("latency") or {}).get("cpu")
+    cm, cb = m.get("cpu"), b.get("cpu")
     if not cm or not cb:
         return None
     common = sorted(set(cm.get("batch", {})) & set(cb.get("batch", {})), key=int)
@@ -146,16 +158,16 @@ def latency_verdict(r: dict | None) -> str:
 
 
 def judge_all(summary) -> list[dict]:
-    """The matrix's claims, judged as one Holm family."""
-    claims = (summary.get("matrix_spec") or {}).get("claims") or []
-    by_name = {m["name"]: m for m in summary["methods"]}
+    """The matrix's claims (``summary``: a summary.MatrixSummary), judged as one Holm family."""
+    claims = (summary.matrix_spec or {}).get("claims") or []
+    by_name = {m.name: m for m in summary.methods}
     rows = []
     for claim in claims:
         m, b = by_name.get(claim["method"]), by_name.get(claim["baseline"])
         row = {**claim, "n": 0, "welch": None}
         if m and b:
-            row.update(compare(m, b, summary["pooled"]))
-        row["latency"] = latency_ratio(m, b)
+            row.update(compare(m, b, summary.pooled))
+        row["latency"] = latency_ratio(m and m.latency, b and b.latency)
         rows.append(row)
     return judge_family(rows)
 

@@ -4,20 +4,20 @@ from pathlib import Path
 
 from ..files import save_figure
 from .stats import isnan
-from .summary import batch_sizes, latency_ms
+from .summary import MatrixSummary, batch_sizes, latency_ms
 
 PLOTS = ("acc_vs_latency.png", "acc_vs_params.png", "val_curves.png", "deltas.png")
 
 
-def write_plots(summary, out_dir) -> list[Path]:
+def write_plots(summary: MatrixSummary, out_dir) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
     out_dir = Path(out_dir)
-    methods = [m for m in summary["methods"] if m["n"] > 0]
-    colors = {m["name"]: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    methods = [m for m in summary.methods if m.n > 0]
+    colors = {m.name: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     cpu_sizes = batch_sizes(summary, "cpu")
     bs = cpu_sizes[0] if cpu_sizes else None
     paths = []
@@ -27,12 +27,12 @@ def write_plots(summary, out_dir) -> list[Path]:
         drawn = 0
         for m in methods:
             x = xkey(m)
-            if x is None or isnan(x) or isnan(m["test"][0]):
+            if x is None or isnan(x) or isnan(m.test[0]):
                 continue
-            yerr = 0.0 if isnan(m["test"][1]) else m["test"][1]
-            ax.errorbar([x], [m["test"][0]], yerr=[yerr], fmt="o", capsize=3, color=colors[m["name"]],
-                        label=m["name"])
-            ax.annotate(m["name"], (x, m["test"][0]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            yerr = 0.0 if isnan(m.test[1]) else m.test[1]
+            ax.errorbar([x], [m.test[0]], yerr=[yerr], fmt="o", capsize=3, color=colors[m.name],
+                        label=m.name)
+            ax.annotate(m.name, (x, m.test[0]), textcoords="offset points", xytext=(5, 4), fontsize=8)
             drawn += 1
         if not drawn:
             ax.text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=ax.transAxes)
@@ -47,16 +47,16 @@ def write_plots(summary, out_dir) -> list[Path]:
 
     scatter(out_dir / PLOTS[0], lambda m: latency_ms(m, "cpu", bs) if bs else None,
             f"CPU latency, batch {bs} (ms, median)" if bs else "CPU latency (not measured)",
-            f"{summary['matrix']}: accuracy vs CPU latency")
-    scatter(out_dir / PLOTS[1], lambda m: m["params"] / 1e6 if m["params"] else None, "parameters (millions)",
-            f"{summary['matrix']}: accuracy vs parameters")
+            f"{summary.matrix}: accuracy vs CPU latency")
+    scatter(out_dir / PLOTS[1], lambda m: m.params / 1e6 if m.params else None, "parameters (millions)",
+            f"{summary.matrix}: accuracy vs parameters")
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     drawn = 0
     for m in methods:
-        if m["curve"]:
-            ax.plot(range(1, len(m["curve"]) + 1), m["curve"], marker=".", color=colors[m["name"]],
-                    label=f"{m['name']} (n={m['n']})")
+        if m.curve:
+            ax.plot(range(1, len(m.curve) + 1), m.curve, marker=".", color=colors[m.name],
+                    label=f"{m.name} (n={m.n})")
             drawn += 1
     if drawn:
         ax.legend(fontsize=8, ncol=2)
@@ -65,7 +65,7 @@ def write_plots(summary, out_dir) -> list[Path]:
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("val top-1 (%), mean over seeds")
-    ax.set_title(f"{summary['matrix']}: validation accuracy per epoch")
+    ax.set_title(f"{summary.matrix}: validation accuracy per epoch")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     save_figure(fig, out_dir / PLOTS[2], "plot", dpi=110)
@@ -77,11 +77,11 @@ def write_plots(summary, out_dir) -> list[Path]:
 
 def _plot_deltas(summary, path, plt):
     """Each method's test top-1 minus the baseline's, with the Welch (thick) and paired (thin) 95% intervals."""
-    rows = [m for m in summary["methods"] if m.get("delta_test")]
+    rows = [m for m in summary.methods if m.delta_test]
     fig, ax = plt.subplots(figsize=(6.4, 0.45 * max(len(rows), 3) + 1.4))
     for k, m in enumerate(rows):
         y = len(rows) - 1 - k
-        d, p = m["delta_test"], m.get("paired_test")
+        d, p = m.delta_test, m.paired_test
         if not isnan(d["low"]):
             ax.plot([d["low"], d["high"]], [y, y], color="tab:blue", linewidth=4, alpha=0.5,
                     label="Welch 95%" if k == 0 else None)
@@ -90,9 +90,9 @@ def _plot_deltas(summary, path, plt):
                     label="paired 95%" if k == 0 else None)
         ax.plot([d["diff"]], [y], "o", color="black")
     ax.axvline(0.0, color="grey", linestyle="--", linewidth=1)
-    ax.set_yticks(range(len(rows)), [m["name"] for m in reversed(rows)])
-    ax.set_xlabel(f"test top-1 minus {summary['baseline']} (points)")
-    ax.set_title(f"{summary['matrix']}: difference to {summary['baseline']} (n = seeds)")
+    ax.set_yticks(range(len(rows)), [m.name for m in reversed(rows)])
+    ax.set_xlabel(f"test top-1 minus {summary.baseline} (points)")
+    ax.set_title(f"{summary.matrix}: difference to {summary.baseline} (n = seeds)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="best")
     if not rows:

@@ -11,15 +11,15 @@ from ..files import atomic_write_text
 from .plots import PLOTS, write_plots
 from .readme import BEGIN, END, update_readme
 from .render import readme_block, render_markdown
-from .summary import summarize
+from .summary import MatrixSummary, summarize
 
-def write_report(results_dir, baseline="none", readme=None, matrix_file=None) -> dict:
+def write_report(results_dir, baseline="none", readme=None, matrix_file=None) -> MatrixSummary:
     summary = summarize(results_dir, baseline=baseline, matrix_file=matrix_file)
     out_dir = Path(results_dir)
     atomic_write_text(out_dir / "report.md", render_markdown(summary), "report")
     write_plots(summary, out_dir)
     if readme:
-        update_readme(readme, readme_block(summary), summary["matrix"])
+        update_readme(readme, readme_block(summary), summary.matrix)
     return summary
 
 
@@ -45,5 +45,5 @@ def run(args):
               f"{n['kept']} also run here (this folder's record kept)")
     summary = write_report(args.results_dir, baseline=args.baseline, readme=args.readme, matrix_file=args.matrix)
     print(f"wrote {Path(args.results_dir) / 'report.md'} and {', '.join(PLOTS)} "
-          f"({summary['n_ok']} runs, {len(summary['methods'])} methods)")
+          f"({summary.n_ok} runs, {len(summary.methods)} methods)")
     return 0

@@ -5,10 +5,14 @@ Written to ``<run>/show/`` (or ``--out``), each atomically:
     dataset has boxes; WSOL metadata may give several), the CAM of
     the ground-truth class with the box extracted at tau (red; largest contour, as GT-known Loc), and the CAM of
     the top-1 predicted class;
-  * ``spatial_gates.png``: CBAM's spatial gate and TDAM's searchlight map sigmoid(sum_c S_c X'_c), last block of
-    each stage that has one (last modulation step), as heat maps;
-  * ``channel_gates.png``: SE / ECA / SPE / DIA / CBAM-channel / TDAM-searchlight channel gates, one panel per stage
-    (last block of the stage): mean over the shown images per channel, with the min-max band;
+  * ``spatial_gates.png``: the "spatial" gates (CBAM's, TDAM's searchlight map sigmoid(sum_c S_c X'_c), triplet's
+    H-W branch) and the channel mean of the "full" ones (SimAM, BAM), last block of each stage that has one (last
+    modulation step), as heat maps;
+  * ``channel_gates.png``: the "channel" gates (SE / ECA / SPE / DIA / CBAM / TDAM's searchlight / GCT / FcaNet /
+    GC's scale fusion) and the spatial mean of the "full" ones, one panel per stage (last block of the stage): mean
+    over the shown images per channel, with the min-max band;
+  * ``axis_gates.png``: the "channel-height" and "channel-width" gates (Coordinate Attention's g_h and g_w, triplet's
+    H-C and C-W branches), one panel per kind and stage: channels x rows (or columns), mean over the shown images;
   * ``tdam_steps.png``: TDAM's per-step CAMs side by side (step 1 = no feedback), each with its own top-1 class.
 Works without boxes (CIFAR-10): the box overlays are then left out. tau is read from ``localize.json`` next to the
 checkpoint when it exists (the threshold chosen on val), else ``--tau`` (default 0.25).
@@ -127,19 +131,40 @@ def cam_figure(images, labels, class_names, gt_maps, pred_maps, preds, boxes, ta
     return fig
 
 
-def last_per_stage(gates, kind: str) -> dict:
-    """{stage: Gate} for the last block (and last step) of each stage that recorded a ``kind`` gate."""
+SPATIAL, CHANNEL, AXIS = ("spatial", "full"), ("channel", "full"), ("channel-height", "channel-width")
+
+
+def last_per_stage(gates, kinds) -> dict:
+    """{stage: Gate} for the last block (and last step) of each stage that recorded a gate of one of ``kinds``."""
     out = {}
     for g in gates:
-        if g.kind == kind:
+        if g.kind in kinds:
             out[g.block.split(".")[0]] = g  # records come in forward order: the last one wins
     return out
 
 
+def spatial_map(g) -> torch.Tensor:
+    """(images, H, W): a spatial gate, or the mean over channels of a full one."""
+    return g.values.mean(1) if g.kind == "full" else g.values
+
+
+def channel_profile(g) -> torch.Tensor:
+    """(images, C): a channel gate, or the mean over positions of a full one."""
+    return g.values.mean((2, 3)) if g.kind == "full" else g.values
+
+
+def _top(values) -> float:
+    """The colour / axis top: 1 for gates below 1, else 5% above the largest (GCT's and BAM's reach 1 or more)."""
+    largest = max(float(v.max()) for v in values)
+    return 1.0 if largest < 1 else 1.05 * largest
+
+
 def spatial_figure(images, gates, attention):
     plt = _plt()
-    per_stage = last_per_stage(gates, "spatial")
+    per_stage = last_per_stage(gates, SPATIAL)
     stages = list(per_stage)
+    maps = {stage: spatial_map(g) for stage, g in per_stage.items()}
+    top = _top(maps.values())
     n = len(images)
     fig, axes = plt.subplots(n, 1 + len(stages), figsize=(1.9 * (1 + len(stages)), 1.9 * n), squeeze=False)
     for i in range(n):
@@ -147,37 +172,69 @@ def spatial_figure(images, gates, attention):
         for k, stage in enumerate(stages):
             g = per_stage[stage]
             ax = axes[i, 1 + k]
-            v = g.values[i].numpy()
-            im = ax.imshow(v, cmap="magma", vmin=0, vmax=1)
+            v = maps[stage][i].numpy()
+            im = ax.imshow(v, cmap="magma", vmin=0, vmax=top)
             if i == 0:
                 ax.set_title(f"{g.block} ({v.shape[0]}x{v.shape[1]})", fontsize=8)
             ax.set_xlabel(f"{v.min():.2f}..{v.max():.2f}", fontsize=7)
     for ax in axes.flat:
         _clean(ax)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="gate")
-    fig.suptitle(f"{attention}: spatial gates, last block of each stage", fontsize=10)
+    full = " (per-element gates: mean over channels)" if any(g.kind == "full" for g in per_stage.values()) else ""
+    fig.suptitle(f"{attention}: spatial gates, last block of each stage{full}", fontsize=10)
     return fig
 
 
 def channel_figure(gates, attention):
     plt = _plt()
-    per_stage = last_per_stage(gates, "channel")
+    per_stage = last_per_stage(gates, CHANNEL)
     stages = list(per_stage)
+    profiles = {stage: channel_profile(g) for stage, g in per_stage.items()}
+    top = _top(profiles.values())
     fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 2.8), squeeze=False)
     for k, stage in enumerate(stages):
         g = per_stage[stage]
-        v = g.values.numpy()  # (images, channels)
+        v = profiles[stage].numpy()  # (images, channels)
         ax = axes[0, k]
         x = np.arange(v.shape[1])
         ax.fill_between(x, v.min(0), v.max(0), color="tab:blue", alpha=0.25, lw=0, label="min-max over images")
         ax.plot(x, v.mean(0), color="tab:blue", lw=1.2, label="mean")
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, top)
         ax.set_xlabel("channel", fontsize=8)
-        ax.set_title(f"{g.block} ({v.shape[1]} channels)", fontsize=9)
+        mean = ", mean over H x W" if g.kind == "full" else ""
+        ax.set_title(f"{g.block} ({v.shape[1]} channels{mean})", fontsize=9)
         ax.tick_params(labelsize=7)
     axes[0, 0].set_ylabel("gate", fontsize=8)
     axes[0, 0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"{attention}: channel gates, last block of each stage", fontsize=10, y=1.04)
+    return fig
+
+
+def axis_figure(gates, attention):
+    """One row per kind (channel-height, channel-width), one panel per stage: channels x positions, mean over the
+    shown images."""
+    plt = _plt()
+    rows = [(kind, last_per_stage(gates, (kind,))) for kind in AXIS]
+    rows = [(kind, per_stage) for kind, per_stage in rows if per_stage]
+    stages = list(dict.fromkeys(stage for _, per_stage in rows for stage in per_stage))
+    top = _top(g.values for _, per_stage in rows for g in per_stage.values())
+    fig, axes = plt.subplots(len(rows), len(stages), figsize=(3.2 * len(stages), 3.3 * len(rows)), squeeze=False)
+    fig.subplots_adjust(hspace=0.45)
+    for r, (kind, per_stage) in enumerate(rows):
+        for k, stage in enumerate(stages):
+            ax = axes[r, k]
+            g = per_stage.get(stage)
+            if g is None:
+                ax.set_axis_off()
+                continue
+            v = g.values.mean(0).numpy()  # (channels, positions)
+            im = ax.imshow(v, cmap="magma", vmin=0, vmax=top, aspect="auto", interpolation="nearest")
+            ax.set_title(f"{g.block} {kind}", fontsize=8)
+            ax.set_xlabel("row" if kind == "channel-height" else "column", fontsize=7)
+            ax.set_ylabel("channel", fontsize=7)
+            ax.tick_params(labelsize=6)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="gate, mean over images")
+    fig.suptitle(f"{attention}: channel x row / column gates, last block of each stage", fontsize=10)
     return fig
 
 
@@ -245,10 +302,12 @@ def show(model, bundle, split_name: str, out_dir: Path, count: int = 8, tau: flo
     written = [save_figure(cam_figure(images, labels, names, normalize_scoremaps(gt_maps, size),
                                       normalize_scoremaps(pred_maps, size), preds, boxes, tau), out_dir / "cams.png")]
     attention = getattr(model, "attention", "?")
-    if any(g.kind == "spatial" for g in gates):
+    if any(g.kind in SPATIAL for g in gates):
         written.append(save_figure(spatial_figure(images, gates, attention), out_dir / "spatial_gates.png"))
-    if any(g.kind == "channel" for g in gates):
+    if any(g.kind in CHANNEL for g in gates):
         written.append(save_figure(channel_figure(gates, attention), out_dir / "channel_gates.png"))
+    if any(g.kind in AXIS for g in gates):
+        written.append(save_figure(axis_figure(gates, attention), out_dir / "axis_gates.png"))
     if tdam_modules(model):
         step_maps, step_logits = tdam_step_cams(model, x)
         written.append(save_figure(steps_figure(images, [normalize_scoremaps(m, size) for m in step_maps],

@@ -3,12 +3,17 @@
 The modules say what they can show themselves (``attnlab.attention.gates``: a module calls ``show_gate`` for every
 gate it applies); this file only watches every module in every block's slot and names the block that is running,
 so a new module needs no change here. Records are ``Gate(block, kind, step, values)``: ``block`` the qualified name
-("layer2.1"), ``kind`` "channel" (values B x C) or "spatial" (values B x H x W), ``step`` the index of a repeated
-gate within its block (TDAM's modulations; 0 elsewhere), values in (0, 1) on the CPU.
+("layer2.1"), ``kind`` one of attention.gates.KINDS with ``values`` on the CPU holding the batch axis and the axes
+the kind varies over ("channel": B x C, "spatial": B x H x W, "channel-height": B x C x H, "channel-width":
+B x C x W, "full": B x C x H x W), ``step`` the index of a repeated gate within its block (TDAM's modulations; 0
+elsewhere). The values are the multipliers themselves (mostly in (0, 1); GCT's in (0, 2), BAM's in (1, 2)).
 
-What the modules show today: SE and ECA their channel gate; CBAM its channel and spatial gates; SPE its gate v;
-DIA the hidden state h it multiplies by; TDAM, per modulation, the searchlight's channel gate sigmoid(S) and its
-spatial gate sigmoid(sum_c S_c X'_c) (T - 1 records of each per block).
+What the modules show today: SE, ECA, FcaNet and GCT their channel gate; CBAM its channel and spatial gates; SPE
+its gate v; DIA the hidden state h it multiplies by; TDAM, per modulation, the searchlight's channel gate sigmoid(S)
+and its spatial gate sigmoid(sum_c S_c X'_c) (T - 1 records of each per block); SimAM sigmoid of its inverse
+energy and BAM its 1 + sigmoid gate ("full"); Coordinate Attention g_h and g_w ("channel-height",
+"channel-width"); triplet attention its three branch gates (channel-width, channel-height, spatial); GC the scale
+fusion's channel gate, and nothing with its default add fusion (which multiplies by nothing).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention.gates import watch_gates
+from ..attention.gates import gate_axes, watch_gates
 
 
 @dataclass
@@ -41,12 +46,7 @@ def capture_gates(model):
     current = [""]  # the block now running: a pre-hook on every block sets it (a shared module serves many blocks)
 
     def add(module, kind, values):
-        values = values.detach().float().cpu()
-        if kind == "channel":
-            values = values.flatten(1)
-        elif values.dim() == 4:
-            values = values[:, 0]
-        records.append(Gate(current[0], kind, 0, values))
+        records.append(Gate(current[0], kind, 0, gate_axes(kind, values.detach().float().cpu())))
 
     def enter(name):
         def hook(module, inputs):
