@@ -228,7 +228,7 @@ def test_show_draws_every_box_of_an_image(cub, tmp_path, monkeypatch):
                 r" \(line 2 of .*image_ids\.txt"),
     ("outside", r"test[/\\]localization\.txt line 3: box \(40, 28, 65, 46\) of '002.*' is not inside its 64x48 "
                 r"frame"),
-    ("masks", r"test[/\\]localization\.txt line 1: per-image masks \(OpenImages' layout\) are not supported yet"),
+    ("masks", r"test[/\\]localization\.txt line 2: mixes mask lines \(image_id,mask_path,ignore_path\) with other"),
     ("unknown_id", r"val[/\\]class_labels\.txt line 3: image 'nope\.jpg' is not in image_ids\.txt"),
     ("not_a_number", r"val[/\\]image_sizes\.txt line 1: expected numbers, got '64,wide'"),
 ])
@@ -244,7 +244,8 @@ def test_bad_metadata_is_one_line_naming_file_and_line(cub, case, pattern):
         text = (test / "localization.txt").read_text().replace("40,28,62,46", "40,28,65,46", 1)
         (test / "localization.txt").write_text(text)
     elif case == "masks":
-        (test / "localization.txt").write_text("a.jpg,masks/a.png,ignore/a.png\n")
+        text = (test / "localization.txt").read_text()  # a mask line before the box lines
+        (test / "localization.txt").write_text("a.jpg,masks/a.png,ignore/a.png\n" + text)
     elif case == "unknown_id":
         lines = (val / "class_labels.txt").read_text().splitlines()
         (val / "class_labels.txt").write_text("\n".join(lines[:2] + ["nope.jpg,1"] + lines[2:]) + "\n")

@@ -37,6 +37,7 @@ class Split:
     boxes: torch.Tensor | None = None
     files: list[str] = field(default_factory=list)
     box_sets: torch.Tensor | None = None  # N x K x 4, every box of each image (NaN rows pad), WSOL metadata only
+    masks: list | None = None  # per image (mask paths, ignore path or None): WSOL metadata with masks only
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -154,11 +155,14 @@ def _split(name: str, images: np.ndarray, pool: Pool, boxes, index=None, box_set
         boxes = None if boxes is None else boxes[index]
         box_sets = None if box_sets is None else box_sets[index]
         files = [pool.files[i] for i in index] if pool.files else []
+        masks = None if pool.masks is None else [pool.masks[i] for i in index]
     else:
-        labels, files = pool.labels, list(pool.files)
+        labels, files, masks = pool.labels, list(pool.files), pool.masks
+    if masks is not None and all(m is None for m in masks):
+        masks = None  # the train part of a pool whose val images have masks
     tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))
     return Split(name, torch.from_numpy(images), torch.from_numpy(np.ascontiguousarray(labels)), tensor(boxes),
-                 files, tensor(box_sets))
+                 files, tensor(box_sets), None if masks is None else list(masks))
 
 
 def dataset_for_config(cfg, data_dir=None, metadata=None) -> DatasetBundle:

@@ -38,12 +38,16 @@ class Pool:
     # each image, (N, K, 4) padded with NaN rows (``boxes`` is then each image's first box).
     sizes: np.ndarray | None = None
     box_sets: np.ndarray | None = None
+    # WSOL metadata with masks (OpenImages' layout): per image (mask paths, ignore path or None), None for images
+    # without (train); ``masks.py`` decodes them at the evaluated size.
+    masks: list | None = None
 
     def select(self, index: np.ndarray) -> "Pool":
         index = np.asarray(index, dtype=np.int64)
         pick = lambda a: None if a is None else a[index]
         return Pool(self.root, [self.files[i] for i in index] if self.files else [], self.labels[index],
-                    pick(self.boxes), pick(self.arrays), pick(self.sizes), pick(self.box_sets))
+                    pick(self.boxes), pick(self.arrays), pick(self.sizes), pick(self.box_sets),
+                    None if self.masks is None else [self.masks[i] for i in index])
 
     @staticmethod
     def concat(a: "Pool", b: "Pool") -> "Pool":
@@ -62,8 +66,10 @@ class Pool:
         any_boxes = any(p.boxes is not None or p.box_sets is not None for p in (a, b))
         box_sets = np.concatenate([sets(a, 0), sets(b, 1)]) if any_boxes else None
         sizes = np.concatenate([a.sizes, b.sizes]) if a.sizes is not None and b.sizes is not None else None
+        any_masks = a.masks is not None or b.masks is not None
+        masks = [m for p in (a, b) for m in (p.masks or [None] * len(p))] if any_masks else None
         return Pool(a.root, list(a.files) + list(b.files), np.concatenate([a.labels, b.labels]),
-                    None if box_sets is None else box_sets[:, 0].copy(), None, sizes, box_sets)
+                    None if box_sets is None else box_sets[:, 0].copy(), None, sizes, box_sets, masks)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -6,7 +6,9 @@
 - ``class_labels.txt``: ``image_id,class`` (an integer class index);
 - ``image_sizes.txt``: ``image_id,width,height`` of the original image;
 - ``localization.txt`` (val and test): ``image_id,x0,y0,x1,y1``, one line per box, several lines for an image
-  with several boxes. OpenImages writes ``image_id,mask_path,ignore_path`` there instead: masks are refused.
+  with several boxes; or (OpenImages) ``image_id,mask_path,ignore_path``, one line per instance mask, the ignore
+  mask's path on one of an image's lines (the others leave it empty; an image may have none). Mask paths are
+  relative to the image root, like the image ids; every file must exist (checked here, decoded by ``masks.py``).
 
 Every problem is one AttnlabError naming the file and the line. Boxes are inclusive pixel boxes of the original
 image; a box may reach the frame's far edge (x1 = width, as CUB's x + w can), which is clipped to width - 1.
@@ -65,9 +67,10 @@ def _table(path: Path, ids: dict[str, int], n_fields: int, kind=float) -> dict[s
     return out
 
 
-def read_split(folder: Path, root: Path, boxes: bool) -> tuple[Pool, dict[int, str]]:
-    """One split's Pool (labels, original sizes (h, w) and, with ``boxes``, every box as an (N, K, 4) NaN-padded
-    array) and ``{class: image id}`` of the first image of each class (for class names)."""
+def read_split(folder: Path, root: Path, localization: bool) -> tuple[Pool, dict[int, str]]:
+    """One split's Pool (labels, original sizes (h, w) and, with ``localization``, its localization.txt: every box
+    as an (N, K, 4) NaN-padded array, or each image's masks) and ``{class: image id}`` of the first image of each
+    class (for class names)."""
     ids_file = folder / "image_ids.txt"
     ids, order = {}, []
     for line, text in _lines(ids_file):
@@ -98,19 +101,34 @@ def read_split(folder: Path, root: Path, boxes: bool) -> tuple[Pool, dict[int, s
     first = {}
     for image_id, c in zip(order, label_array.tolist()):
         first.setdefault(c, image_id)
-    box_sets = _read_boxes(folder / "localization.txt", ids, order, sizes) if boxes else None
+    box_sets = masks = None
+    if localization:
+        loc_file = folder / "localization.txt"
+        if _layout(loc_file) == "masks":
+            masks = _read_masks(loc_file, ids, order, root)
+        else:
+            box_sets = _read_boxes(loc_file, ids, order, sizes)
     return Pool(root, order, label_array, None if box_sets is None else box_sets[:, 0].copy(),
-                sizes=size_array, box_sets=box_sets), first
+                sizes=size_array, box_sets=box_sets, masks=masks), first
+
+
+def _layout(path: Path) -> str:
+    """'masks' when every line has 3 fields (OpenImages), 'boxes' otherwise; a file mixing both is refused."""
+    lines = _lines(path)
+    counts = {len(text.split(",")) for _, text in lines}
+    if 3 in counts and counts != {3}:
+        first = next(line for line, text in lines if len(text.split(",")) != 3)
+        raise _bad(path, first, "mixes mask lines (image_id,mask_path,ignore_path) with other lines")
+    return "masks" if counts == {3} else "boxes"
 
 
 def _read_boxes(path: Path, ids: dict[str, int], order: list[str], sizes) -> np.ndarray:
     per_image: list[list] = [[] for _ in order]
     for line, text in _lines(path):
         parts = [p.strip() for p in text.split(",")]
-        if len(parts) == 3:
-            raise _bad(path, line, "per-image masks (OpenImages' layout) are not supported yet; only boxes are")
         if len(parts) != 5:
-            raise _bad(path, line, f"expected image_id,x0,y0,x1,y1, got '{text}'")
+            raise _bad(path, line, f"expected image_id,x0,y0,x1,y1 (a box) or image_id,mask_path,ignore_path (a "
+                                   f"mask), got '{text}'")
         if parts[0] not in ids:
             raise _bad(path, line, f"image '{parts[0]}' is not in image_ids.txt")
         x0, y0, x1, y1 = _numbers(path, line, parts[1:])
@@ -130,6 +148,40 @@ def _read_boxes(path: Path, ids: dict[str, int], order: list[str], sizes) -> np.
     return out
 
 
+def _mask_file(path: Path, line: int, root: Path, name: str, what: str) -> Path:
+    """The existing file ``root / name`` (a path inside the image root), else one error naming the line."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise _bad(path, line, f"{what} '{name}' must be a path inside the image root")
+    file = root / name
+    if not file.is_file():
+        raise _bad(path, line, f"{what} file {file} does not exist")
+    return file
+
+
+def _read_masks(path: Path, ids: dict[str, int], order: list[str], root: Path) -> list:
+    """Per image (its instance mask files, its ignore mask file or None), in image order."""
+    masks: list[list] = [[] for _ in order]
+    ignore: list = [None] * len(order)
+    for line, text in _lines(path):
+        image_id, mask, ignore_name = (p.strip() for p in text.split(","))
+        if image_id not in ids:
+            raise _bad(path, line, f"image '{image_id}' is not in image_ids.txt")
+        if not mask:
+            raise _bad(path, line, f"image '{image_id}' has an empty mask path")
+        i = ids[image_id]
+        masks[i].append(_mask_file(path, line, root, mask, "mask"))
+        if ignore_name:
+            file = _mask_file(path, line, root, ignore_name, "ignore mask")
+            if ignore[i] is not None and ignore[i] != file:
+                raise _bad(path, line, f"image '{image_id}' has a second ignore mask ({ignore_name}); one per image")
+            ignore[i] = file
+    missing = [i for i, m in enumerate(masks) if not m]
+    if missing:
+        raise AttnlabError(f"WSOL metadata: {path} has no mask for image '{order[missing[0]]}' "
+                           f"({len(missing)} image(s) without a mask)")
+    return [(tuple(m), g) for m, g in zip(masks, ignore)]
+
+
 def wsol_source(name: str, root, metadata) -> Source:
     """The dataset at image root ``root`` described by the metadata folder ``metadata`` (holding train/ val/ test/).
 
@@ -147,9 +199,13 @@ def wsol_source(name: str, root, metadata) -> Source:
         raise AttnlabError(f"dataset 'wsol': image root {root} (data.data_dir) does not exist")
     pools, first = {}, {}
     for split in SPLITS:
-        pools[split], f = read_split(meta / split, root, boxes=split != "train")
+        pools[split], f = read_split(meta / split, root, localization=split != "train")
         for c, image_id in f.items():
             first.setdefault(c, image_id)
+    if (pools["val"].masks is None) != (pools["test"].masks is None):
+        kinds = {s: "masks" if pools[s].masks is not None else "boxes" for s in ("val", "test")}
+        raise AttnlabError(f"WSOL metadata {meta}: val/localization.txt lists {kinds['val']} but "
+                           f"test/localization.txt lists {kinds['test']}; both must use the same kind")
     num_classes = int(max(int(p.labels.max()) for p in pools.values())) + 1
     classes = [str(c) for c in range(num_classes)]
     # CUB and ImageNet keep each class's images in a folder named after it: the first image's folder names it.

@@ -6,20 +6,31 @@ annotations; WSOL metadata: the metadata's fully supervised val) chooses the thr
 metric is also given at its oracle tau (see ``metrics.py``). An image may have several boxes (WSOL metadata): a box
 hits when it matches any of them. The centre-Gaussian and full-image-box priors are computed on the same boxes and
 printed beside the model. Results go to ``localize.json`` next to the checkpoint (written atomically).
+
+WSOL metadata with masks (OpenImages' layout) is scored by PxAP instead (``pxap.py``), with the pixel IoU at the
+tau chosen on the first split and at its oracle tau; the priors are the same centre Gaussian and the full image (a
+constant map: PxAP = the foreground fraction). ``metric_family`` in the results says which family applies: box
+datasets have no PxAP, mask datasets no box metric.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import AttnlabError
 from ..files import portable_path
 from .cam import METHODS, score_maps
 from ..data.boxes import split_box_sets
-from .metrics import (BoxEvaluator, normalize_scoremaps, prior_baselines, require_cv2, select_threshold, summarize,
-                      thresholds_grid)
+from ..data.masks import has_masks, split_masks
+from .metrics import (BoxEvaluator, centre_gaussian, normalize_scoremaps, prior_baselines, require_cv2,
+                      select_threshold, summarize, thresholds_grid)
+from .pxap import MaskEvaluator, best_tau
+
+FAMILIES = {"boxes": "boxes: MaxBoxAccV2, MaxBoxAcc, GT-known / Top-1 / Top-5 Loc (PxAP needs masks)",
+            "masks": "masks: PxAP and pixel IoU (box metrics need boxes)"}
 
 
 def open_trained(checkpoint, device="auto", use_ema: bool = True):
@@ -50,11 +61,38 @@ def split_curves(model, split, bundle, thresholds, batch_size: int = 250, method
     for start, x, y in batches(model, split, bundle, batch_size):
         maps, logits = score_maps(model, x, y, method)
         ev.add(normalize_scoremaps(maps, size), boxes[start:start + len(y)])
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit1.append((top[:, 0] == y).cpu())
-        hit5.append((top == y[:, None]).any(1).cpu())
+        _hits(logits, y, hit1, hit5)
     multi, single = ev.curves()
     return multi, single, torch.cat(hit1).numpy(), torch.cat(hit5).numpy()
+
+
+def _hits(logits, y, hit1: list, hit5: list) -> None:
+    """Append the batch's top-1 and top-5 hits."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit1.append((top[:, 0] == y).cpu())
+    hit5.append((top == y[:, None]).any(1).cpu())
+
+
+def split_histograms(model, split, bundle, thresholds, batch_size: int = 250, method: str = "cam"):
+    """({"model", "centre_gaussian", "full_image"}: MaskEvaluator, top-1 hits, top-5 hits) of ``split``'s
+    ground-truth-class maps and of the two priors, each batch's masks decoded once for all three."""
+    size = tuple(split.images.shape[2:])
+    gauss = centre_gaussian(size)
+    evs = {k: MaskEvaluator(thresholds) for k in ("model", "centre_gaussian", "full_image")}
+    hit1, hit5 = [], []
+    for start, x, y in batches(model, split, bundle, batch_size):
+        maps, logits = score_maps(model, x, y, method)
+        masks = split_masks(split, range(start, start + len(y)), bundle.name)
+        evs["model"].add(normalize_scoremaps(maps, size), masks)
+        evs["centre_gaussian"].add(np.broadcast_to(gauss, masks.shape), masks)
+        evs["full_image"].add(np.zeros(masks.shape, np.float32), masks)  # a constant map normalises to zeros
+        _hits(logits, y, hit1, hit5)
+    return evs, torch.cat(hit1).numpy(), torch.cat(hit5).numpy()
+
+
+def metric_family(bundle, splits) -> str:
+    """'masks' when the evaluated splits carry masks (OpenImages' metadata), else 'boxes'."""
+    return "masks" if all(has_masks(getattr(bundle, s)) for s in splits) else "boxes"
 
 
 def localize(model, bundle, splits=("val", "test"), interval: float = 0.001, batch_size: int = 250,
@@ -62,8 +100,11 @@ def localize(model, bundle, splits=("val", "test"), interval: float = 0.001, bat
     """Metrics of the model and of the priors on ``splits`` (the first one chooses tau for the others)."""
     require_cv2()
     thresholds = thresholds_grid(interval)
-    out = {"dataset": bundle.name, "method": method, "interval": float(interval),
+    family = metric_family(bundle, splits)
+    out = {"dataset": bundle.name, "metric_family": family, "method": method, "interval": float(interval),
            "image_size": list(bundle.train.images.shape[2:]), "tau_split": splits[0], "splits": {}, "priors": {}}
+    if family == "masks":
+        return _localize_masks(out, model, bundle, splits, thresholds, batch_size, method)
     tau = prior_tau = None
     for name in splits:
         split = getattr(bundle, name)
@@ -81,6 +122,41 @@ def localize(model, bundle, splits=("val", "test"), interval: float = 0.001, bat
     return out
 
 
+def _localize_masks(out, model, bundle, splits, thresholds, batch_size, method) -> dict:
+    """``localize`` on a mask dataset: PxAP, pixel IoU and classification per split, and the priors' PxAP."""
+    tau = prior_tau = None
+    for name in splits:
+        evs, hit1, hit5 = split_histograms(model, getattr(bundle, name), bundle, thresholds, batch_size, method)
+        if tau is None:  # the first split chooses both taus: the model's and the Gaussian's own
+            tau, prior_tau = best_tau(evs["model"]), best_tau(evs["centre_gaussian"])
+        res = evs["model"].result(tau)
+        res.update(tau=tau, top1=float(100 * hit1.mean()), top5=float(100 * hit5.mean()))
+        out["splits"][name] = res
+        out["priors"][name] = {"centre_gaussian": dict(evs["centre_gaussian"].result(prior_tau), tau=prior_tau),
+                               "full_image": evs["full_image"].result()}
+    out["tau"] = tau
+    return out
+
+
+def _mask_row(label, r):
+    top = "".join(f"{r[k]:7.2f}" if k in r else f"{'-':>7}" for k in ("top1", "top5"))
+    iou = r["pixel_iou"]
+    at = f"{iou['at_tau']:6.2f} ({iou['oracle']:5.2f})" if "at_tau" in iou else f"{iou['oracle']:6.2f} (oracle)"
+    return f"{label:<22}{top}  {r['pxap']:6.2f}  {at}  {r['foreground_fraction']:6.2f}"
+
+
+def format_mask_table(res: dict) -> str:
+    lines = [f"metric family: {FAMILIES['masks']}",
+             f"tau = {res['tau']:.3f} (chosen on {res['tau_split']}: best pixel IoU); pixel IoU: at tau (oracle tau)",
+             f"{'':<22}{'top-1':>7}{'top-5':>7}  {'PxAP':>6}  {'pixel IoU':<14}  {'fg %':>6}"]
+    for name, r in res["splits"].items():
+        lines.append(_mask_row(f"{name}: model", r))
+        p = res["priors"][name]
+        lines.append(_mask_row(f"{name}: centre Gaussian", p["centre_gaussian"]))
+        lines.append(_mask_row(f"{name}: full image", p["full_image"]))
+    return "\n".join(lines)
+
+
 def _row(label, r):
     iou = r["max_box_acc_v2_iou"]
     loc = lambda key: (f"{r[key]['at_tau']:6.2f} ({r[key]['oracle']:5.2f})" if key in r and "at_tau" in r[key]
@@ -91,7 +167,10 @@ def _row(label, r):
 
 
 def format_table(res: dict) -> str:
-    lines = [f"tau = {res['tau']:.3f} (chosen on {res['tau_split']}: best GT-known Loc); Loc columns: at tau "
+    if res.get("metric_family") == "masks":
+        return format_mask_table(res)
+    lines = [f"metric family: {FAMILIES['boxes']}",
+             f"tau = {res['tau']:.3f} (chosen on {res['tau_split']}: best GT-known Loc); Loc columns: at tau "
              f"(oracle tau)",
              f"{'':<22}{'top-1':>6}  {'MaxBoxAccV2 (30/50/70)':<27}  {'V1':>6}  {'GT-known Loc':<14}  "
              f"{'Top-1 Loc':<14}  {'Top-5 Loc':<14}"]

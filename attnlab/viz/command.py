@@ -14,7 +14,10 @@ Written to ``<run>/show/`` (or ``--out``), each atomically:
   * ``axis_gates.png``: the "channel-height" and "channel-width" gates (Coordinate Attention's g_h and g_w, triplet's
     H-C and C-W branches), one panel per kind and stage: channels x rows (or columns), mean over the shown images;
   * ``tdam_steps.png``: TDAM's per-step CAMs side by side (step 1 = no feedback), each with its own top-1 class.
-Works without boxes (CIFAR-10): the box overlays are then left out. tau is read from ``localize.json`` next to the
+On a dataset with masks (WSOL metadata in OpenImages' layout) the image row shows the ground-truth mask as a
+translucent overlay (green; ignored pixels grey) and the CAM row outlines it (green) with the pixels whose score
+reaches tau (red), titled by their pixel IoU. Works without boxes or masks (CIFAR-10): the overlays are then left
+out. tau is read from ``localize.json`` next to the
 checkpoint when it exists (the threshold chosen on val), else ``--tau`` (default 0.25).
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 
 from .. import files
+from ..data.masks import FOREGROUND, IGNORE
 from ..errors import AttnlabError
 
 DEFAULT_TAU = 0.25
@@ -90,11 +94,41 @@ def _boxes(ax, boxes, color):
         _box(ax, box, color)
 
 
-def cam_figure(images, labels, class_names, gt_maps, pred_maps, preds, boxes, tau):
+def _mask_overlay(ax, mask):
+    """The ground-truth mask over the picture: foreground translucent green, ignored pixels translucent grey."""
+    rgba = np.zeros((*mask.shape, 4), np.float32)
+    rgba[mask == FOREGROUND] = (0.0, 1.0, 0.0, 0.45)
+    rgba[mask == IGNORE] = (0.5, 0.5, 0.5, 0.45)
+    ax.imshow(rgba, interpolation="nearest")
+
+
+def _outline(ax, region, colour):
+    """The border of a bool region (nothing to draw when it is empty or the whole frame)."""
+    if region.any() and not region.all():
+        ax.contour(region.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.2)
+
+
+def _mask_iou(scoremap, mask, tau) -> float:
+    """Pixel IoU of ``scoremap >= tau`` with the mask's foreground, ignored pixels left out (as PxAP does)."""
+    pred, fg, kept = scoremap >= tau, mask == FOREGROUND, mask != IGNORE
+    union = ((pred | fg) & kept).sum()
+    return float((pred & fg).sum() / union) if union else 0.0
+
+
+def _draw_masks(axes, j, mask, gt_map, tau):
+    """Column ``j`` of the first two rows for a mask dataset."""
+    _mask_overlay(axes[0, j], mask)
+    _outline(axes[1, j], mask == FOREGROUND, "lime")
+    _outline(axes[1, j], gt_map >= tau, "red")
+    axes[1, j].set_title(f"pixel IoU {_mask_iou(gt_map, mask, tau):.2f}", fontsize=8)
+
+
+def cam_figure(images, labels, class_names, gt_maps, pred_maps, preds, boxes, tau, masks=None):
     """Rows: image (+ GT boxes), GT-class CAM (+ its box at tau), predicted-class CAM; one column per image.
 
     ``boxes``: None, or per image its ground-truth boxes, a (k, 4) array (all k are drawn; the IoU shown is the
-    best over them, as wsolevaluation scores an image with several boxes)."""
+    best over them, as wsolevaluation scores an image with several boxes). ``masks``: None, or (n, H, W) uint8
+    ground-truth maps (``data.masks.gt_mask``), drawn instead of boxes."""
     from ..localization.metrics import box_iou, boxes_from_scoremap
     plt = _plt()
     n = len(images)
@@ -114,6 +148,8 @@ def cam_figure(images, labels, class_names, gt_maps, pred_maps, preds, boxes, ta
             _boxes(ax, boxes[j], "lime")
             _box(ax, pred_box, "red")
             ax.set_title(f"IoU {box_iou(pred_box, np.asarray(boxes[j]).reshape(-1, 4)).max():.2f}", fontsize=8)
+        if masks is not None:
+            _draw_masks(axes, j, masks[j], gt_maps[j], tau)
         ax = axes[2, j]
         ax.imshow(img)
         ax.imshow(pred_maps[j], cmap="jet", alpha=0.5, vmin=0, vmax=1)
@@ -122,11 +158,11 @@ def cam_figure(images, labels, class_names, gt_maps, pred_maps, preds, boxes, ta
                      color="black" if ok else "crimson")
     for ax in axes.flat:
         _clean(ax)
-    axes[0, 0].set_ylabel("image, GT box", fontsize=8)
-    axes[1, 0].set_ylabel(f"CAM of GT class\nbox at tau={tau:.3f}" if boxes is not None else "CAM of GT class",
-                          fontsize=8)
+    kind = "box" if boxes is not None else "mask" if masks is not None else None
+    axes[0, 0].set_ylabel(f"image, GT {kind}" if kind else "image", fontsize=8)
+    axes[1, 0].set_ylabel(f"CAM of GT class\n{kind} at tau={tau:.3f}" if kind else "CAM of GT class", fontsize=8)
     axes[2, 0].set_ylabel("CAM of top-1 class", fontsize=8)
-    fig.suptitle("Class activation maps (green: ground truth, red: box from the CAM)" if boxes is not None
+    fig.suptitle(f"Class activation maps (green: ground truth, red: {kind} from the CAM)" if kind
                  else "Class activation maps", fontsize=10)
     return fig
 
@@ -275,6 +311,7 @@ def show(model, bundle, split_name: str, out_dir: Path, count: int = 8, tau: flo
          method: str = "cam") -> list[Path]:
     """Write the PNG grids for ``count`` images of the split; returns the files written."""
     from ..data.boxes import has_boxes, split_box_sets
+    from ..data.masks import has_masks, split_masks
     from ..localization.cam import score_maps, tdam_modules, tdam_step_cams
     from ..localization.metrics import normalize_scoremaps, require_cv2
     from .gates import capture_gates
@@ -287,6 +324,7 @@ def show(model, bundle, split_name: str, out_dir: Path, count: int = 8, tau: flo
     if has_boxes(split):
         sets = split_box_sets(split, bundle.name)
         boxes = [sets[i] for i in idx]
+    masks = split_masks(split, idx, bundle.name) if has_masks(split) else None
     device = next(model.parameters()).device
     mean = torch.tensor(bundle.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(bundle.std, device=device).view(1, 3, 1, 1)
@@ -300,7 +338,8 @@ def show(model, bundle, split_name: str, out_dir: Path, count: int = 8, tau: flo
     preds = logits.argmax(1).cpu()
     pred_maps = score_maps(model, x, preds.to(device), method)[0]
     written = [save_figure(cam_figure(images, labels, names, normalize_scoremaps(gt_maps, size),
-                                      normalize_scoremaps(pred_maps, size), preds, boxes, tau), out_dir / "cams.png")]
+                                      normalize_scoremaps(pred_maps, size), preds, boxes, tau, masks),
+                                  out_dir / "cams.png")]
     attention = getattr(model, "attention", "?")
     if any(g.kind in SPATIAL for g in gates):
         written.append(save_figure(spatial_figure(images, gates, attention), out_dir / "spatial_gates.png"))
@@ -322,7 +361,7 @@ def add_arguments(p):
     p.add_argument("--split", choices=("val", "test"), default="test")
     p.add_argument("--images", type=int, default=8, help="images per grid (default 8)")
     p.add_argument("--tau", type=float, default=None,
-                   help="box threshold (default: localize.json's, else 0.25)")
+                   help="box (or mask) threshold (default: localize.json's, else 0.25)")
     p.add_argument("--cam", choices=("cam", "gradcam"), default="cam")
     p.add_argument("--out", default=None, help="folder for the PNGs (default: show/ next to the checkpoint)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
