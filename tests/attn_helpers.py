@@ -103,3 +103,16 @@ def randomise_bn(module, seed=0):
             m.weight.data.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
             m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
     return module
+
+
+def cam_test_model(num_classes: int):
+    """An untrained resnet20 in eval mode whose BN statistics are drawn (seed 0), so its class maps are not flat:
+    enough for tests that compare two ways of scoring the same maps."""
+    torch.manual_seed(0)
+    m = create_model("resnet20", num_classes=num_classes).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m

@@ -21,7 +21,7 @@ from attnlab.localization.cam import score_maps
 from attnlab.localization.command import localize
 from attnlab.localization.metrics import centre_gaussian, normalize_scoremaps, thresholds_grid
 from attnlab.localization.pxap import MaskEvaluator
-from attnlab.models import create_model
+from attn_helpers import cam_test_model
 
 W, H = 40, 30  # original image (and mask) size
 S = 20  # evaluated size: x scales by 1/2, y by 2/3
@@ -168,14 +168,7 @@ def test_a_smaller_mask_is_resized_nearest_neighbour(oi):
 
 
 def _model():
-    torch.manual_seed(0)
-    m = create_model("resnet20", num_classes=2).eval()
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.2, 0.2)
-                mod.running_var.uniform_(0.5, 1.5)
-    return m
+    return cam_test_model(num_classes=2)
 
 
 def test_localize_equals_pxap_of_the_same_maps(oi):

@@ -19,6 +19,7 @@ from attnlab.errors import AttnlabError
 from attnlab.localization.command import localize
 from attnlab.localization.metrics import BoxEvaluator, prior_baselines, summarize, thresholds_grid
 from attnlab.models import create_model
+from attn_helpers import cam_test_model
 
 W, H = 64, 48  # original image size (width, height)
 CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
@@ -119,14 +120,7 @@ def _tiny_layout(root):
 
 
 def _model():
-    torch.manual_seed(0)
-    m = create_model("resnet20", num_classes=3).eval()
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.2, 0.2)
-                mod.running_var.uniform_(0.5, 1.5)
-    return m
+    return cam_test_model(num_classes=3)
 
 
 def test_metadata_path_gives_the_same_metrics_as_the_tiny_imagenet_path(tmp_path):

@@ -23,6 +23,16 @@ from ..errors import AttnlabError
 from ..files import TEMP_SUFFIX, remove_stale_temps, write_error
 
 
+class _File:
+    """A run file as an attribute of RunFolder: its path inside that folder."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, folder, owner=None):
+        return self if folder is None else folder.path / self.name
+
+
 class RunFolder:
     CONFIG = "config.yaml"  # the resolved config (comment lines on top say what each resume changed)
     METRICS = "metrics.csv"  # one row per epoch, numbered from 1
@@ -39,29 +49,9 @@ class RunFolder:
     def __repr__(self) -> str:
         return f"RunFolder('{self.path}')"
 
-    @property
-    def config(self) -> Path:
-        return self.path / self.CONFIG
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / self.METRICS
-
-    @property
-    def last(self) -> Path:
-        return self.path / self.LAST
-
-    @property
-    def best(self) -> Path:
-        return self.path / self.BEST
-
-    @property
-    def results(self) -> Path:
-        return self.path / self.RESULTS
-
-    @property
-    def hooks(self) -> Path:
-        return self.path / self.HOOKS
+    # Their paths in this folder: ``folder.last`` is ``folder.path / "checkpoint_last.pt"``.
+    config, metrics, last, best = _File(CONFIG), _File(METRICS), _File(LAST), _File(BEST)
+    results, hooks = _File(RESULTS), _File(HOOKS)
 
     def eval_json(self, split: str) -> Path:
         return self.path / f"eval_{split}.json"
