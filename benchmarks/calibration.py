@@ -96,10 +96,29 @@ def precision_pairs(by_method: dict) -> list[dict]:
                           "fp32": _stats([r["test_top1"] for r in fp32]),
                           "bf16_minus_fp32": welch_interval([r["test_top1"] for r in bf16],
                                                             [r["test_top1"] for r in fp32])},
-            "train_images_per_s": {**speed, "bf16_over_fp32": speed["bf16"]["mean"] / speed["fp32"]["mean"]},
+            "train_images_per_s": {**speed, "bf16_over_fp32": _speed_ratio(speed, bf16, fp32)},
             "threads": sorted({r.get("threads") for r in bf16 + fp32} - {None}),
-            "note": "training throughput as the engine measured it, one cell per core beside another cell"})
+            "note": _speed_note(bf16, fp32)})
     return out
+
+
+def _threads(runs) -> set:
+    return {r.get("threads") for r in runs}
+
+
+def _speed_ratio(speed: dict, bf16: list, fp32: list):
+    """bf16 images/s over fp32's, or None when the two ran at different thread counts (not comparable)."""
+    if _threads(bf16) != _threads(fp32) or len(_threads(bf16)) != 1:
+        return None
+    return speed["bf16"]["mean"] / speed["fp32"]["mean"]
+
+
+def _speed_note(bf16: list, fp32: list) -> str:
+    if _threads(bf16) != _threads(fp32) or len(_threads(bf16)) != 1:
+        return (f"training throughput as the engine measured it; no ratio: the bf16 cells ran at "
+                f"{sorted(_threads(bf16), key=str)} threads and the fp32 cells at {sorted(_threads(fp32), key=str)}, "
+                "so their speeds are not comparable (results/cpu_bf16.json compares the two steps side by side)")
+    return "training throughput as the engine measured it, every cell at the same thread count"
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -39,3 +39,16 @@ def test_the_shortest_schedule_within_the_tolerance_of_the_longest_is_chosen_on_
     assert (res / "calibration.png").read_bytes()[:4] == b"\x89PNG"
     cal.main(["--results", str(res), "--tolerance", "0.1"])
     assert json.loads((res / "calibration.json").read_text())["choice"]["chosen_epochs"] == 60
+
+
+def test_no_speed_ratio_between_cells_that_ran_at_different_thread_counts(cal, tmp_path):
+    res = tmp_path / "cal"
+    res.mkdir()
+    fp32 = {**_record("e15_fp32", 0, 84.5, 84.5, "fp32", 385.0), "threads": 2}  # the machine to itself
+    records = [_record("e15", 0, 84.4, 84.2, ips=232.0), fp32]  # one thread beside another cell
+    (res / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cal.main(["--results", str(res)])
+    pair = json.loads((res / "precision.json").read_text())["pairs"][0]
+    assert pair["train_images_per_s"]["bf16_over_fp32"] is None and pair["threads"] == [1, 2]
+    assert "not comparable" in pair["note"]
+    assert pair["test_top1"]["bf16_minus_fp32"]["diff"] == pytest.approx(-0.3)
