@@ -35,10 +35,11 @@ sys.path.insert(0, str(ROOT))
 from attnlab.host import host_info  # noqa: E402
 
 
-def make_folder(root: Path, images: int, classes: int = 8, seed: int = 0) -> Path:
-    """root/<class>/*.jpg: ``images`` JPEGs of 320x256 to 400x300 (about ImageNet's mean size), smooth noise."""
+def make_folder(root: Path, images: int, classes: int = 8, seed: int = 0, rng=None) -> Path:
+    """root/<class>/*.jpg: ``images`` JPEGs of 320x256 to 400x300 (about ImageNet's mean size), smooth noise.
+    ``rng``: a numpy Generator to draw from (several folders from one stream), else one seeded with ``seed``."""
     from PIL import Image
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed) if rng is None else rng
     for i in range(images):
         d = root / f"class{i % classes}"
         d.mkdir(parents=True, exist_ok=True)

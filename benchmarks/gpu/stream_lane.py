@@ -32,18 +32,15 @@ sys.path.insert(0, str(ROOT))
 
 from attnlab.host import host_info  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from stream_loader import make_folder as generate_jpegs  # noqa: E402
+
 
 def make_folder(root: Path, train: int, val: int, classes: int = 10, seed: int = 0) -> Path:
-    """root/train/<class>/*.jpg and root/val/<class>/*.jpg, 256-300 x 320-400 px smooth-noise JPEGs."""
-    from PIL import Image
+    """root/train/<class>/*.jpg and root/val/<class>/*.jpg: stream_loader.py's generated JPEGs, one random stream."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", train), ("val", val)):
-        for i in range(n):
-            d = root / split / f"class{i % classes}"
-            d.mkdir(parents=True, exist_ok=True)
-            w, h = int(rng.integers(320, 401)), int(rng.integers(256, 301))
-            small = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
-            Image.fromarray(small).resize((w, h), Image.BILINEAR).save(d / f"{i:06d}.jpg", quality=90)
+        generate_jpegs(root / split, n, classes, rng=rng)
     return root
 
 
