@@ -14,6 +14,7 @@ with the converged recipe at 15, 30, 60 and 90 epochs, and an fp32 twin of the 3
     .venv/bin/python benchmarks/calibration.py [--results results/cifar10_calibration]
 """
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -28,6 +29,12 @@ from attnlab.jsonl import read_jsonl  # noqa: E402
 
 SCHEDULE = re.compile(r"^e(\d+)$")  # e30: 30 epochs in the matrix's own precision
 TWIN = re.compile(r"^e(\d+)_fp32$")  # e30_fp32: the same in fp32
+
+
+def _interval(a: list, b: list) -> dict:
+    """Welch's 95 % interval of mean(a) - mean(b); its fields are null (valid JSON, not NaN) while either side has
+    a single seed."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in welch_interval(a, b).items()}
 
 
 def _stats(values) -> dict:
@@ -90,12 +97,11 @@ def precision_pairs(by_method: dict) -> list[dict]:
             "precisions": {"bf16": sorted({r.get("precision") for r in bf16}),
                            "fp32": sorted({r.get("precision") for r in fp32})},
             "val_top1": {"bf16": _stats([r["val_top1"] for r in bf16]), "fp32": _stats([r["val_top1"] for r in fp32]),
-                         "bf16_minus_fp32": welch_interval([r["val_top1"] for r in bf16],
-                                                           [r["val_top1"] for r in fp32])},
+                         "bf16_minus_fp32": _interval([r["val_top1"] for r in bf16], [r["val_top1"] for r in fp32])},
             "test_top1": {"bf16": _stats([r["test_top1"] for r in bf16]),
                           "fp32": _stats([r["test_top1"] for r in fp32]),
-                          "bf16_minus_fp32": welch_interval([r["test_top1"] for r in bf16],
-                                                            [r["test_top1"] for r in fp32])},
+                          "bf16_minus_fp32": _interval([r["test_top1"] for r in bf16],
+                                                       [r["test_top1"] for r in fp32])},
             "train_images_per_s": {**speed, "bf16_over_fp32": _speed_ratio(speed, bf16, fp32)},
             "threads": sorted({r.get("threads") for r in bf16 + fp32} - {None}),
             "note": _speed_note(bf16, fp32)})

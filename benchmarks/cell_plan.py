@@ -15,8 +15,9 @@ every core, and prints and saves:
 - which cells would not finish within ``--limit`` (2.5 hours) that way, and whether they would with the machine to
   themselves (all threads, one worker): the bench commands for both groups.
 
-Model-only steps on random tensors (the rate does not depend on the data). Pause other jobs first (kill -STOP):
-it times the machine.
+The engine's training steps on random tensors (``attnlab.engine.step_timer``: the model with the cell's objectives
+and their training-only modules, so an SSIA design that runs the network twice is timed as such; the data pipeline
+is left out). Pause other jobs first (kill -STOP): it times the machine.
 
     .venv/bin/python benchmarks/cell_plan.py --matrix benchmarks/matrices/cifar10_resnet20_converged.yaml \
         --compare-eager
@@ -31,13 +32,12 @@ sys.path.insert(0, str(ROOT))
 
 import attnlab  # noqa: E402,F401  (before torch: it sets the OpenMP wait policy)
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from attnlab.bench.matrix import load_matrix, method_overrides, method_seeds  # noqa: E402
 from attnlab.host import host_info  # noqa: E402
-from attnlab.engine.checkpoint import model_from_config  # noqa: E402
 from attnlab.engine.config import load_config  # noqa: E402
-from attnlab.engine.precision import autocast, resolve_precision  # noqa: E402
+from attnlab.engine.precision import resolve_precision  # noqa: E402
+from attnlab.engine.step_timer import synthetic_step  # noqa: E402
 from attnlab.files import atomic_write_json  # noqa: E402
 from attnlab.host import cpu_threads  # noqa: E402
 
@@ -47,25 +47,14 @@ SPLITS = {"cifar10": (45_000, 15_000), "cifar100": (45_000, 15_000)}
 
 
 def step_rate(cfg, precision: str, threads: int, steps: int) -> float:
-    """Training images/s of the config's model (compiled when ``train.compile``): SGD steps at its batch size,
-    ``steps`` timed after 2 warm-up steps (which hold the compilation)."""
+    """Training images/s of the config's cell (its model, objectives and their training-only modules; compiled when
+    ``train.compile``): ``steps`` timed after 2 warm-up steps (which hold the compilation)."""
     with cpu_threads(threads):
-        torch.manual_seed(0)
-        cfg.model.num_classes = cfg.model.num_classes or 10
-        model = model_from_config(cfg.model).to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        forward = torch.compile(model) if cfg.train.compile else model
-        size = cfg.data.image_size or 32
-        x = torch.randn(cfg.train.batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, cfg.model.num_classes, (cfg.train.batch_size,))
+        step = synthetic_step(cfg, precision)
         for i in range(2 + steps):
             if i == 2:
                 start = time.perf_counter()
-            with autocast(CPU, precision):
-                loss = F.cross_entropy(forward(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step()
         return steps * cfg.train.batch_size / (time.perf_counter() - start)
 
 

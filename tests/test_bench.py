@@ -233,7 +233,7 @@ def test_tiny_matrix_runs_records_failures_and_resumes(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------- issue 10
-def test_cells_with_the_settings_of_another_matrix_reuse_its_results(tmp_path, capsys):
+def test_cells_with_the_settings_of_another_matrix_reuse_its_results(tmp_path, capsys, monkeypatch):
     src = tmp_path / "results" / "earlier"
     text = tiny_matrix_text({"plain": "none", "se": "se"}) + f"reuse: [{src}]\n"
     with pytest.raises(AttnlabError, match="reuse folder .* not found"):
@@ -269,6 +269,11 @@ def test_cells_with_the_settings_of_another_matrix_reuse_its_results(tmp_path, c
     run_matrix(third, only=["plain"], results_root=res, runs_root=runs, latency=False)
     [rec] = read_jsonl(res / "third" / "runs.jsonl")
     assert rec["reused_from"] == str(src / "runs.jsonl") and rec["matrix"] == "third"
+    # Run from the repository root, the origin is recorded relative to it (committed records hold no machine path).
+    monkeypatch.chdir(tmp_path)
+    fourth = load_matrix(_write(tmp_path, text.replace("name: tiny", "name: fourth")))
+    run_matrix(fourth, only=["plain"], results_root=res, runs_root=runs, latency=False)
+    assert read_jsonl(res / "fourth" / "runs.jsonl")[0]["reused_from"] == "results/earlier/runs.jsonl"
 
 
 def test_parse_duration():

@@ -52,3 +52,7 @@ def test_no_speed_ratio_between_cells_that_ran_at_different_thread_counts(cal, t
     assert pair["train_images_per_s"]["bf16_over_fp32"] is None and pair["threads"] == [1, 2]
     assert "not comparable" in pair["note"]
     assert pair["test_top1"]["bf16_minus_fp32"]["diff"] == pytest.approx(-0.3)
+    # One seed a side: no interval, written as null (strict JSON), not NaN.
+    strict = json.loads((res / "precision.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    interval = strict["pairs"][0]["val_top1"]["bf16_minus_fp32"]
+    assert interval["low"] is None and interval["high"] is None and interval["diff"] == pytest.approx(-0.1)

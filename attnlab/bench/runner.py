@@ -205,7 +205,7 @@ def _reuse(matrix, pending, runs_path, write=True):
         if hit is not None:
             source, r = hit
             prev = {**r, "matrix": matrix["name"], "matrix_file": portable_path(matrix["path"]), "method": c["method"],
-                    "reused_from": r.get("reused_from") or str(source)}  # a reused record names its origin
+                    "reused_from": r.get("reused_from") or portable_path(source)}  # names its origin
             if write:
                 append_jsonl(runs_path, prev)
         out.append((c, prev))

@@ -322,20 +322,8 @@ class Trainer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
-            if self.features:
-                logits, feats = self.forward(x, features=self.features)
-            else:
-                logits, feats = self.forward(x), None
-            # Class indices, or class probabilities from mixup/cutmix (the soft-target loss; objectives get the
-            # dominant class).
-            ce = F.cross_entropy(logits, y, label_smoothing=self.cfg.train.label_smoothing)
-            terms = {}
-            for obj in self.objectives:
-                extra = {"inputs": x} if getattr(obj, "needs_inputs", False) else {}
-                terms.update(obj(model=self.model, logits=logits, targets=hard_labels(y), features=feats,
-                                 epoch=epoch, step=step, **extra))
-            loss = ce + sum(terms.values()) if terms else ce
-        return loss, logits, terms
+            return training_loss(self.forward, self.model, self.objectives, self.features, x, y, epoch=epoch,
+                                 step=step, label_smoothing=self.cfg.train.label_smoothing)
 
     def _update(self, loss) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -649,6 +637,29 @@ class LazyScalar:
             self.event = torch.cuda.Event()
             self.event.record()
         return self.value
+
+
+def training_loss(forward, model, objectives, features, x, y, *, epoch: int, step: int, label_smoothing: float):
+    """(loss, logits, objective terms) of one batch: cross-entropy plus every objective's weighted terms.
+
+    ``forward`` is the module that runs the batch (the model, or its DDP / compiled wrapper); ``model`` the plain
+    network, which objectives read (a teacher design runs it again). The engine's loss, and the one
+    benchmarks/ssia_cost.py times, so both measure the same step.
+    """
+    if features:
+        logits, feats = forward(x, features=features)
+    else:
+        logits, feats = forward(x), None
+    # Class indices, or class probabilities from mixup/cutmix (the soft-target loss; objectives get the dominant
+    # class).
+    ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    terms = {}
+    for obj in objectives:
+        extra = {"inputs": x} if getattr(obj, "needs_inputs", False) else {}
+        terms.update(obj(model=model, logits=logits, targets=hard_labels(y), features=feats, epoch=epoch,
+                         step=step, **extra))
+    loss = ce + sum(terms.values()) if terms else ce
+    return loss, logits, terms
 
 
 def results_table(r: dict, run_dir) -> str:

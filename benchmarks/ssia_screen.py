@@ -1,0 +1,219 @@
+"""Issue 31's SSIA screen: each design's training cost, and the screen table ranked on validation top-1 only.
+
+    .venv/bin/python benchmarks/ssia_screen.py cost    # results/ssia_screen/cost.json (times the machine)
+    .venv/bin/python benchmarks/ssia_screen.py table   # results/ssia_screen/screen.json and screen.md
+
+``cost`` builds every method of the screen matrix (benchmarks/matrices/ssia_screen.yaml: its recipe, overrides,
+batch size and precision) with its objectives and their training-only modules, and times the engine's training
+step (``attnlab.engine.train.training_loss``, backward, the recipe's SGD step) on random tensors, interleaved with
+the plain network's step (A B, then B A, ...) in the same process, so machine load hits both alike. The ratio is
+median(design step) / median(plain step) over ``--rounds`` fresh model pairs; an A/A row (plain against plain)
+shows the noise floor. Objective terms are timed switched on (the step is past any warm-up). Steps run uncompiled
+unless ``--compile`` (the cells compile; compiling costs about 45 s per model here). Pause other jobs first.
+
+``table`` reads the screen's runs.jsonl (with the converged matrix's ``none`` when the screen reuses it) and never
+its test top-1: the screen ranks on validation, and test is read once, for the chosen design, in the converged
+matrix. Each row: design, weight, warm-up, validation top-1 and its difference to ``none``, the step-time ratio from
+``cost``, and the cells' own images/s against ``none``'s (cells that ran at other times, on a machine shared with
+other work: a rough check only). One seed per design: the smallest difference it could detect (80 % power,
+two-sided 95 %) is stated from a pooled validation SD of a multi-seed matrix.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import attnlab  # noqa: E402,F401  (before torch: it sets the OpenMP wait policy)
+import torch  # noqa: E402
+
+from attnlab.bench.matrix import load_matrix, method_overrides  # noqa: E402
+from attnlab.bench.runs import latest_by_cell  # noqa: E402
+from attnlab.bench.stats import isnan, mde, pooled_sd  # noqa: E402
+from attnlab.engine.config import load_config  # noqa: E402
+from attnlab.engine.precision import resolve_precision  # noqa: E402
+from attnlab.engine.step_timer import synthetic_step  # noqa: E402
+from attnlab.files import atomic_write_json, atomic_write_text  # noqa: E402
+from attnlab.host import cpu_threads, host_info  # noqa: E402
+from attnlab.jsonl import read_jsonl  # noqa: E402
+from attnlab.objectives import objective_defaults  # noqa: E402
+
+CPU = torch.device("cpu")
+MATRIX = ROOT / "benchmarks" / "matrices" / "ssia_screen.yaml"
+OUT = ROOT / "results" / "ssia_screen"
+# Multi-seed matrices whose pooled validation SD sizes what one seed per design can detect (the first with one).
+SD_SOURCES = (ROOT / "results" / "cifar10_resnet20_converged" / "runs.jsonl",
+              ROOT / "results" / "cifar10_resnet20" / "runs.jsonl")
+
+
+# ---- cost ------------------------------------------------------------------------------------------------------
+
+def interleaved(step_a, step_b, steps: int, warmup: int) -> tuple[list, list]:
+    """Wall seconds of ``steps`` calls of each, alternating A B then B A, after ``warmup`` pairs."""
+    ta, tb = [], []
+    for i in range(warmup + steps):
+        order = ((step_a, ta), (step_b, tb)) if i % 2 == 0 else ((step_b, tb), (step_a, ta))
+        for fn, out in order:
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                out.append(time.perf_counter() - t0)
+    return ta, tb
+
+
+def cost(matrix: dict, baseline: str, steps: int, warmup: int, rounds: int, threads: int, compile_: bool) -> dict:
+    by_name = {m["name"]: m for m in matrix["methods"]}
+    if baseline not in by_name:
+        raise SystemExit(f"ssia_screen cost: the matrix has no method '{baseline}' to compare against")
+
+    def config(name):
+        cfg = load_config(matrix["recipe_path"], method_overrides(matrix, by_name[name]))
+        cfg.train.compile = compile_
+        return cfg
+
+    rows = {}
+    with cpu_threads(threads):
+        for name in [baseline, *(n for n in by_name if n != baseline)]:  # the baseline's row is the A/A control
+            plain_ms, design_ms = [], []
+            for r in range(rounds):
+                plain_cfg, design_cfg = config(baseline), config(name)
+                precision, _ = resolve_precision(CPU, design_cfg.train.amp)
+                plain = synthetic_step(plain_cfg, resolve_precision(CPU, plain_cfg.train.amp)[0], seed=r)
+                design = synthetic_step(design_cfg, precision, seed=r)
+                ta, tb = interleaved(plain, design, steps, warmup)
+                plain_ms += [1000 * t for t in ta]
+                design_ms += [1000 * t for t in tb]
+            p, d = statistics.median(plain_ms), statistics.median(design_ms)
+            rows[name] = {"step_ratio": round(d / p, 3), "plain_step_ms": round(p, 1), "step_ms": round(d, 1),
+                          "precision": precision}
+            print(f"{name}: x{d / p:.3f} ({d:.0f} ms against {p:.0f} ms)", flush=True)
+    return {"benchmark": "ssia_screen_cost", "matrix": matrix["path"], "baseline": baseline,
+            "command": "ssia_screen.py cost " + " ".join(sys.argv[2:]), "host": host_info(), "threads": threads,
+            "compiled": compile_, "steps": steps, "warmup": warmup, "rounds": rounds,
+            "note": f"the '{baseline}' row times the plain step against itself (A/A): the noise floor",
+            "methods": rows}
+
+
+# ---- table -----------------------------------------------------------------------------------------------------
+
+def design_of(method: dict) -> dict:
+    """The SSIA options a screen method trains with (the objective's defaults under its overrides)."""
+    ov = method["overrides"]
+    if not ov.get("ssia.enabled"):
+        smoothing = ov.get("train.label_smoothing")
+        return {"design": "none" if smoothing is None else f"label smoothing {smoothing}",
+                "weight": None, "warmup_epochs": None, "shuffled": False}
+    options = {**objective_defaults()["ssia"], **{k[len("ssia."):]: v for k, v in ov.items() if k.startswith("ssia.")}}
+    return {"design": options["design"], "weight": options["weight"], "warmup_epochs": options["warmup_epochs"],
+            "shuffled": bool(options["shuffle_target"])}
+
+
+def val_sd(sources=SD_SOURCES) -> dict:
+    """Pooled SD of validation top-1 over the methods of the first matrix in ``sources`` that has a method with two
+    seeds or more: {'sd', 'df', 'source'}."""
+    for path in sources:
+        groups = {}
+        for r in latest_by_cell(read_jsonl(path)).values():
+            if r.get("status") == "ok":
+                groups.setdefault(r["method"], []).append(r["val_top1"])
+        groups = [g for g in groups.values() if len(g) > 1]
+        if groups:
+            sd, df = pooled_sd(groups)
+            return {"sd": sd, "df": df, "source": str(path.relative_to(ROOT))}
+    return {"sd": float("nan"), "df": 0, "source": None}
+
+
+def table(matrix: dict, folder: Path, baseline: str, cost_json: dict | None, sd: dict) -> dict:
+    """The screen's rows (``folder``/runs.jsonl), ranked on validation top-1."""
+    records = [r for source in matrix["reuse"] for r in read_jsonl(Path(source) / "runs.jsonl")
+               if r.get("method") == baseline]  # another matrix's none with the same settings, if it has one
+    records += read_jsonl(folder / "runs.jsonl")  # after: the screen's own record of a cell wins
+    cells = {k: r for k, r in latest_by_cell(records).items() if r.get("status") == "ok"}
+    base = next((r for (m, _), r in cells.items() if m == baseline), None)
+    ratios = (cost_json or {}).get("methods", {})
+    rows = []
+    for m in matrix["methods"]:
+        r = next((r for (name, _), r in cells.items() if name == m["name"]), None)
+        row = {"method": m["name"], **design_of(m), "seed": r["seed"] if r else None,
+               "val_top1": r["val_top1"] if r else None,
+               "val_vs_none": round(r["val_top1"] - base["val_top1"], 2) if r and base else None,
+               "step_ratio": ratios.get(m["name"], {}).get("step_ratio"),
+               "cell_speed_ratio": (round(base["train_images_per_s"] / r["train_images_per_s"], 2)
+                                    if r and base and r.get("train_images_per_s") else None),
+               "precision": r.get("precision") if r else None}
+        rows.append(row)
+    done = sorted((x for x in rows if x["val_top1"] is not None), key=lambda x: -x["val_top1"])
+    for rank, x in enumerate(done, 1):
+        x["rank"] = rank
+    detectable = mde(sd["sd"], 1, 1, sd["df"])
+    return {"benchmark": "ssia_screen_table", "matrix": matrix["path"], "baseline": baseline,
+            "ranked_on": "validation top-1 (test is not read here)", "cells_done": len(done),
+            "cells": len(rows), "val_sd": {**sd, "sd": None if isnan(sd["sd"]) else round(sd["sd"], 3)},
+            "mde_one_seed_each": None if isnan(detectable) else round(detectable, 2),
+            "cost_file": "cost.json" if cost_json else None,
+            "rows": sorted(rows, key=lambda x: (x.get("rank") or 10 ** 6))}
+
+
+def markdown(t: dict) -> str:
+    def cell(v, fmt="{}"):
+        return "–" if v is None else fmt.format(v)
+    sd = t["val_sd"]
+    lines = [f"# SSIA screen ({t['cells_done']} of {t['cells']} cells)", "",
+             f"Ranked on {t['ranked_on']}; one seed per design. `step ×` is the step-time ratio against the plain "
+             "network timed in the same run (`ssia_screen.py cost`); `cell ×` is `none`'s images/s over the "
+             "cell's, from cells that ran at other times on a shared machine (rough).", ""]
+    if t["mde_one_seed_each"] is not None:
+        lines += [f"With one seed each, a difference in validation top-1 is detectable (80 % power, two-sided 95 %) "
+                  f"from about **{t['mde_one_seed_each']:.1f} points** (pooled validation SD {sd['sd']:.2f}, "
+                  f"df {sd['df']}, from {sd['source']}). Smaller differences are a ranking for the 5-seed runs, "
+                  "not a result.", ""]
+    lines += ["| rank | method | design | weight | warm-up | val top-1 | vs none | step × | cell × |",
+              "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in t["rows"]:
+        design = r["design"] + (", shuffled target" if r["shuffled"] else "")
+        lines.append(f"| {cell(r.get('rank'))} | {r['method']} | {design} | {cell(r['weight'])} | "
+                     f"{cell(r['warmup_epochs'])} | {cell(r['val_top1'], '{:.2f}')} | "
+                     f"{cell(r['val_vs_none'], '{:+.2f}')} | {cell(r['step_ratio'], '{:.2f}')} | "
+                     f"{cell(r['cell_speed_ratio'], '{:.2f}')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("job", choices=("cost", "table"))
+    p.add_argument("--matrix", default=str(MATRIX))
+    p.add_argument("--baseline", default="none", help="the plain network's method in the matrix")
+    p.add_argument("--steps", type=int, default=10, help="cost: timed steps of each arm per round")
+    p.add_argument("--warmup", type=int, default=2, help="cost: untimed step pairs first")
+    p.add_argument("--rounds", type=int, default=2, help="cost: fresh model pairs per method")
+    p.add_argument("--threads", type=int, default=1, help="cost: torch threads (the cells run at 1)")
+    p.add_argument("--compile", action="store_true", help="cost: compile both arms, as the cells do")
+    p.add_argument("--only", help="cost: comma-separated methods (default: all)")
+    p.add_argument("--out", default=str(OUT), help="folder for cost.json, screen.json and screen.md")
+    a = p.parse_args(argv)
+    matrix = load_matrix(a.matrix)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.job == "cost":
+        if a.only:
+            keep = set(a.only.split(",")) | {a.baseline}
+            matrix["methods"] = [m for m in matrix["methods"] if m["name"] in keep]
+        result = cost(matrix, a.baseline, a.steps, a.warmup, a.rounds, a.threads, a.compile)
+        atomic_write_json(out / "cost.json", result, "ssia screen cost")
+        print(f"wrote {out / 'cost.json'}")
+        return
+    cost_path = out / "cost.json"
+    cost_json = json.loads(cost_path.read_text()) if cost_path.is_file() else None
+    t = table(matrix, out, a.baseline, cost_json, val_sd())
+    atomic_write_json(out / "screen.json", t, "ssia screen table")
+    atomic_write_text(out / "screen.md", markdown(t))
+    print(markdown(t), end="")
+    print(f"wrote {out / 'screen.json'} and {out / 'screen.md'}")
+
+
+if __name__ == "__main__":
+    main()
