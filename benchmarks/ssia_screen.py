@@ -37,7 +37,7 @@ from attnlab.bench.stats import isnan, mde, pooled_sd  # noqa: E402
 from attnlab.engine.config import load_config  # noqa: E402
 from attnlab.engine.precision import resolve_precision  # noqa: E402
 from attnlab.engine.step_timer import synthetic_step  # noqa: E402
-from attnlab.files import atomic_write_json, atomic_write_text  # noqa: E402
+from attnlab.files import atomic_write_json, atomic_write_text, portable_path  # noqa: E402
 from attnlab.host import cpu_threads, host_info  # noqa: E402
 from attnlab.jsonl import read_jsonl  # noqa: E402
 from attnlab.objectives import objective_defaults  # noqa: E402
@@ -91,7 +91,7 @@ def cost(matrix: dict, baseline: str, steps: int, warmup: int, rounds: int, thre
             rows[name] = {"step_ratio": round(d / p, 3), "plain_step_ms": round(p, 1), "step_ms": round(d, 1),
                           "precision": precision}
             print(f"{name}: x{d / p:.3f} ({d:.0f} ms against {p:.0f} ms)", flush=True)
-    return {"benchmark": "ssia_screen_cost", "matrix": matrix["path"], "baseline": baseline,
+    return {"benchmark": "ssia_screen_cost", "matrix": portable_path(matrix["path"]), "baseline": baseline,
             "command": "ssia_screen.py cost " + " ".join(sys.argv[2:]), "host": host_info(), "threads": threads,
             "compiled": compile_, "steps": steps, "warmup": warmup, "rounds": rounds,
             "note": f"the '{baseline}' row times the plain step against itself (A/A): the noise floor",
@@ -150,7 +150,7 @@ def table(matrix: dict, folder: Path, baseline: str, cost_json: dict | None, sd:
     for rank, x in enumerate(done, 1):
         x["rank"] = rank
     detectable = mde(sd["sd"], 1, 1, sd["df"])
-    return {"benchmark": "ssia_screen_table", "matrix": matrix["path"], "baseline": baseline,
+    return {"benchmark": "ssia_screen_table", "matrix": portable_path(matrix["path"]), "baseline": baseline,
             "ranked_on": "validation top-1 (test is not read here)", "cells_done": len(done),
             "cells": len(rows), "val_sd": {**sd, "sd": None if isnan(sd["sd"]) else round(sd["sd"], 3)},
             "mde_one_seed_each": None if isnan(detectable) else round(detectable, 2),
