@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/ssia_screen.py cost    # results/ssia_screen/cost.json (times the machine)
     .venv/bin/python benchmarks/ssia_screen.py table   # results/ssia_screen/screen.json and screen.md
+    .venv/bin/python benchmarks/ssia_screen.py table --merge FILES/ssia_screen_runs.jsonl   # after a GPU slot
 
 ``cost`` builds every method of the screen matrix (benchmarks/matrices/ssia_screen.yaml: its recipe, overrides,
 batch size and precision) with its objectives and their training-only modules, and times the engine's training
@@ -32,7 +33,7 @@ import attnlab  # noqa: E402,F401  (before torch: it sets the OpenMP wait policy
 import torch  # noqa: E402
 
 from attnlab.bench.matrix import load_matrix, method_overrides  # noqa: E402
-from attnlab.bench.runs import latest_by_cell  # noqa: E402
+from attnlab.bench.runs import latest_by_cell, merge_runs  # noqa: E402
 from attnlab.bench.stats import isnan, mde, pooled_sd  # noqa: E402
 from attnlab.engine.config import load_config  # noqa: E402
 from attnlab.engine.precision import resolve_precision  # noqa: E402
@@ -193,7 +194,11 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="cost: torch threads (the cells run at 1)")
     p.add_argument("--compile", action="store_true", help="cost: compile both arms, as the cells do")
     p.add_argument("--only", help="cost: comma-separated methods (default: all)")
-    p.add_argument("--out", default=str(OUT), help="folder for cost.json, screen.json and screen.md")
+    p.add_argument("--out", default=str(OUT), help="the screen's results folder: its runs.jsonl, and cost.json, "
+                                                   "screen.json and screen.md are written there")
+    p.add_argument("--merge", action="append", default=[], metavar="RUNS_JSONL",
+                   help="table: first append the cells this runs.jsonl finished and the folder's has not (a GPU "
+                        "slot's file, as `attnlab report --merge` does, without a report that would show test)")
     a = p.parse_args(argv)
     matrix = load_matrix(a.matrix)
     out = Path(a.out)
@@ -206,6 +211,9 @@ def main(argv=None) -> None:
         atomic_write_json(out / "cost.json", result, "ssia screen cost")
         print(f"wrote {out / 'cost.json'}")
         return
+    for source in a.merge:
+        n = merge_runs(source, out / "runs.jsonl")
+        print(f"merged {source}: {n['added']} cells added, {n['same']} already here, {n['kept']} kept as they were")
     cost_path = out / "cost.json"
     cost_json = json.loads(cost_path.read_text()) if cost_path.is_file() else None
     t = table(matrix, out, a.baseline, cost_json, val_sd())

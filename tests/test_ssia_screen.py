@@ -46,6 +46,15 @@ def test_table_ranks_on_validation_and_never_shows_test(screen, tmp_path):
     assert sd["df"] >= 2 and t["mde_one_seed_each"] == pytest.approx(mde(sd["sd"], 1, 1, sd["df"]), abs=0.01)
 
 
+def test_table_merges_a_slots_cells_first(screen, tmp_path):
+    slot = tmp_path / "slot_runs.jsonl"
+    slot.write_text(json.dumps({**record("cam-w2", 86.0, 85.0, 900.0), "fingerprint": None}) + "\n")
+    (tmp_path / "runs.jsonl").write_text(json.dumps(record("none", 87.0, 87.9, 300.0)) + "\n")
+    screen.main(["table", "--out", str(tmp_path), "--merge", str(slot)])
+    rows = {r["method"]: r for r in json.loads((tmp_path / "screen.json").read_text())["rows"]}
+    assert rows["cam-w2"]["val_vs_none"] == -1.0 and rows["cam-w2"]["rank"] == 2
+
+
 def test_val_sd_pools_the_first_matrix_with_repeated_seeds(screen, tmp_path):
     one_seed, repeated = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     one_seed.write_text(json.dumps(record("none", 80.0, 0, 1)) + "\n")

@@ -8,7 +8,7 @@
 #
 #   slot        concurrently: lane "check" (nvidia-smi, versions, the CUDA tests, a 50-step engine run on CUDA)
 #               then "throughput" (benchmarks/train_throughput.py --device cuda); and one lane per matrix in
-#               $SLOT_MATRICES ("name:workers ...", default cifar10_resnet20_converged:4), each
+#               $SLOT_MATRICES ("name:workers ...", default "cifar10_resnet20_converged:3 ssia_screen:2"), each
 #               `attnlab bench --workers K --budget` so that no cell starts that would not end by BUDGET_S
 #               (estimated from that matrix's finished GPU cells; with none yet, cells start until the budget
 #               is spent and a cell still running at BUDGET_S is stopped and lost with the machine)
@@ -32,7 +32,7 @@ MATRIX_FILE=${MATRIX_FILE:-benchmarks/matrices/$MATRIX.yaml}
 STATE=${STATE:-.gpu}                                       # git-ignored: wheels' install, data, bench results
 BUDGET_S=${BUDGET_S:-500}
 # The converged evidence matrix's pending cells come first: on the CPU each takes ~1.7 h.
-SLOT_MATRICES=${SLOT_MATRICES:-"cifar10_resnet20_converged:4"}
+SLOT_MATRICES=${SLOT_MATRICES:-"cifar10_resnet20_converged:3 ssia_screen:2"}
 SLOT_DEVICE=${SLOT_DEVICE:-cuda}                           # tests run the slot on the CPU
 SLOT_CHECK=${SLOT_CHECK:-1}                                # 0: no check/throughput lane (tests on the CPU)
 DRY_RUN=${DRY_RUN:-0}
