@@ -9,7 +9,8 @@ flip 0.5, colour jitter 0.4, no erasing), with the same batch size and DataLoade
     with ``create_transform`` from the same parameters (its CPU path: ``use_prefetcher=False``, so normalisation runs
     in the workers as in attnlab); ``persistent_workers=False`` so both start their workers every pass.
 One full pass per repeat, the two interleaved so that both see the same background load; the medians are reported.
-Each pass's time includes starting the workers, as an epoch's does.
+Each pass's time includes starting the workers, as an epoch's does. Then ``ms_per_image_one_thread`` says where a
+worker's time goes: decoding, each stage of both transforms, and attnlab's per-image seeding.
 
     .venv/bin/python benchmarks/stream_loader.py                         # writes results/stream_loader.json
     .venv/bin/python benchmarks/stream_loader.py --images 64 --repeats 1 --out /tmp/x.json   # smoke run
@@ -32,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from attnlab.files import atomic_write_json  # noqa: E402
 from attnlab.host import host_info  # noqa: E402
 
 
@@ -86,6 +88,57 @@ def timm_loader(folder: Path, files, batch: int, workers: int):
                          std=(0.229, 0.224, 0.225))
 
 
+def stage_costs(folder: Path, files, images: int = 200, rounds: int = 3) -> dict:
+    """Where a worker's time goes, in the main process at one thread: ms per image of decoding and of each stage of
+    the two transforms (the same images, each transform's stages run one by one; the best of ``rounds`` means), and
+    of the per-image seeding that makes attnlab's draws a pure function of (seed, epoch, index): torch's
+    ``fork_rng`` + ``manual_seed`` against ``attnlab.data.stream.cpu_rng_seeded``."""
+    from PIL import Image
+    from attnlab.data.stream import cpu_rng_seeded
+    ours = attnlab_loader(folder, files, [0] * len(files), 1, 0).dataset.transform
+    theirs = timm_loader(folder, files, 1, 0).dataset.transform
+
+    def decode(f):
+        with Image.open(folder / f) as im:
+            return im.convert("RGB")
+
+    def fork_seed(i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(i)
+
+    def own_seed(i):
+        with cpu_rng_seeded(i):
+            pass
+    sample = files[:images]
+    decoded = [decode(f) for f in sample]
+    best = {}
+
+    def keep(name, seconds):
+        best[name] = min(best.get(name, float("inf")), 1000 * seconds / len(sample))
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for f in sample:
+            decode(f)
+        keep("decode", time.perf_counter() - t)
+        for who, compose in (("attnlab", ours), ("timm", theirs)):
+            spent = {}
+            for im in decoded:
+                x = im
+                for stage in compose.transforms:
+                    t = time.perf_counter()
+                    x = stage(x)
+                    spent[type(stage).__name__] = spent.get(type(stage).__name__, 0.0) + time.perf_counter() - t
+            for stage, seconds in spent.items():
+                keep(f"{who}: {stage}", seconds)
+            keep(f"{who}: all stages", sum(spent.values()))
+        for name, fn in (("seeding: fork_rng + manual_seed", fork_seed), ("seeding: cpu_rng_seeded", own_seed)):
+            t = time.perf_counter()
+            for i in range(len(sample)):
+                fn(i)
+            keep(name, time.perf_counter() - t)
+    return {k: round(v, 3) for k, v in best.items()}
+
+
 def one_pass(loader, epoch: int) -> tuple[float, int]:
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
@@ -128,6 +181,7 @@ def main(argv=None) -> int:
                 print(f"repeat {r + 1}/{args.repeats} {name}: {n} images in {dt:.2f} s, {n / dt:.1f} images/s",
                       flush=True)
             load.append(os.getloadavg()[0])
+        stages = stage_costs(folder, files)
     med = {k: statistics.median(v) for k, v in rates.items()}
     out = {
         "what": "training-batch images/s of one full pass (worker start included), 224 px, RandomResizedCrop + "
@@ -138,13 +192,14 @@ def main(argv=None) -> int:
         "ratio_attnlab_over_timm": round(med["attnlab_stream"] / med["timm_create_loader"], 3),
         "per_repeat": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "load_average_1min": [round(x, 2) for x in load],
+        "ms_per_image_one_thread": stages,
         "host": host_info(), "timm": __import__("timm").__version__,
         "note": "on a shared CPU the numbers move with the background load (load_average_1min); compare the two "
                 "loaders within one run only",
     }
     dest = Path(args.out)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(out, indent=2) + "\n")
+    atomic_write_json(dest, out, "loader benchmark")
     print(json.dumps(out["images_per_s"]), f"ratio {out['ratio_attnlab_over_timm']}", f"-> {dest}")
     return 0
 

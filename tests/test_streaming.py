@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from attnlab.data.pipeline import build_loaders
-from attnlab.data.transforms import BatchMixer, eval_transform, train_transform
+from attnlab.data.transforms import BatchMixer, Contiguous, eval_transform, train_transform
 from attnlab.engine.checkpoint import load_checkpoint
 from attnlab.engine.config import load_config
 from attnlab.engine.train import resume_config, train
@@ -88,10 +88,35 @@ def test_train_transform_carries_the_configured_parameters():
     aa = train_transform(load_config(None, ["data.stream.auto_augment=autoaugment"]).data.stream, 224)
     assert _find(aa, v2.AutoAugment).policy == v2.AutoAugmentPolicy.IMAGENET
     plain = train_transform(load_config(None, ["data.stream.hflip=0"]).data.stream, 224)
-    assert [type(s) for s in plain.transforms] == [v2.RandomResizedCrop, v2.PILToTensor, v2.ToDtype, v2.Normalize]
+    assert [type(s) for s in plain.transforms] == [v2.RandomResizedCrop, v2.PILToTensor, Contiguous, v2.ToDtype,
+                                                   v2.Normalize]
     const = train_transform(load_config(None, ["data.stream.random_erasing=0.5", "data.stream.erasing_mode=const"]
                                         ).data.stream, 224)
     assert _find(const, v2.RandomErasing).value == [0.0]
+
+
+def test_per_image_seeding_draws_as_manual_seed_and_leaves_the_process_rng_alone():
+    from attnlab.data.stream import cpu_rng_seeded
+    torch.manual_seed(11)
+    expected = torch.rand(5)
+    torch.manual_seed(3)
+    ahead = torch.rand(4)  # the process's own stream after seed 3
+    torch.manual_seed(3)
+    with cpu_rng_seeded(11):
+        drawn = torch.rand(5)
+    assert torch.equal(drawn, expected) and torch.equal(torch.rand(4), ahead)
+
+
+def test_normalising_in_place_and_contiguous_gives_the_strided_out_of_place_result():
+    t = train_transform(load_config(None, ["data.stream.hflip=0"]).data.stream, 32)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    x = t(image)
+    torch.manual_seed(0)
+    norm = _find(t, v2.Normalize)
+    as_before = v2.Compose([s for s in t.transforms if not isinstance(s, (Contiguous, v2.Normalize))]
+                           + [v2.Normalize(norm.mean, norm.std)])  # strided and out of place
+    assert norm.inplace and x.is_contiguous() and torch.equal(x, as_before(image))
 
 
 def test_eval_transform_resizes_by_the_crop_fraction_and_centre_crops():

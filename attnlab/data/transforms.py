@@ -1,10 +1,12 @@
 """The streaming pipeline's per-image transforms and its batch mixing, built from torchvision.transforms.v2.
 
 ``train_transform``: RandomResizedCrop(size, scale, ratio, interpolation) -> horizontal flip -> colour jitter ->
-RandAugment or AutoAugment -> uint8 tensor -> float in 0..1 -> Normalize -> RandomErasing (``pixel``: normal noise
-per erased pixel, as timm's ``pixel`` mode; ``const``: zeros). ``eval_transform``: resize the short side to
-``floor(size / crop_fraction)`` and take the centre ``size`` crop (timm's ``crop_pct``; 0.875 gives 256 -> 224).
-Every stage is the library's own class, so a recipe's parameters can be read back from the built objects.
+RandAugment or AutoAugment -> uint8 tensor (made contiguous) -> float in 0..1 -> Normalize -> RandomErasing
+(``pixel``: normal noise per erased pixel, as timm's ``pixel`` mode; ``const``: zeros). ``eval_transform``: resize
+the short side to ``floor(size / crop_fraction)`` and take the centre ``size`` crop (timm's ``crop_pct``; 0.875
+gives 256 -> 224).
+Every stage but ``Contiguous`` (a memory layout, no parameter) is torchvision's own class, so a recipe's parameters
+can be read back from the built objects.
 
 ``BatchMixer``: mixup / cutmix on a whole batch (torchvision's MixUp and CutMix, one lambda per batch, as timm's
 ``batch`` mode): with probability ``mix_prob`` a batch is mixed, by cutmix with probability ``mix_switch_prob``
@@ -23,9 +25,19 @@ _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": Interpolati
                   "nearest": InterpolationMode.NEAREST}
 
 
+class Contiguous(torch.nn.Module):
+    """``x.contiguous()``. PILToTensor returns a channels-first view of the HWC image; normalising a float tensor
+    laid out that way took 0.29 ms at 224 px against 0.06 ms contiguous, more than the uint8 copy costs (0.09 ms;
+    benchmarks/stream_loader.py's per-stage times, docs/data.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
+
+
 def _normalize(cfg) -> list:
-    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize([float(m) for m in cfg["mean"]], [float(s) for s in cfg["std"]])]
+    # In place: ToDtype has just made a new float tensor, so normalising it needs no second one.
+    return [v2.PILToTensor(), Contiguous(), v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([float(m) for m in cfg["mean"]], [float(s) for s in cfg["std"]], inplace=True)]
 
 
 def train_transform(cfg, size: int) -> v2.Compose:
