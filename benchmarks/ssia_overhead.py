@@ -47,7 +47,9 @@ def make_step(model, obj):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     def step(x, y):
-        # The engine's training step: one forward (asking for features only when an objective reads them).
+        # A plain fp32 step, not the engine's (no autocast, channels_last or label smoothing, SGD over the model's
+        # parameters): one forward, asking for features only when the objective reads them. The per-design costs of
+        # ssia_screen.py time the engine's own step (engine/step_timer.py).
         if obj is None:
             loss = F.cross_entropy(model(x), y)
         else:

@@ -15,9 +15,11 @@ unless ``--compile`` (the cells compile; compiling costs about 45 s per model he
 ``table`` reads the screen's runs.jsonl (with the converged matrix's ``none`` when the screen reuses it) and never
 its test top-1: the screen ranks on validation, and test is read once, for the chosen design, in the converged
 matrix. Each row: design, weight, warm-up, validation top-1 and its difference to ``none``, the step-time ratio from
-``cost``, and the cells' own images/s against ``none``'s (cells that ran at other times, on a machine shared with
-other work: a rough check only). One seed per design: the smallest difference it could detect (80 % power,
-two-sided 95 %) is stated from a pooled validation SD of a multi-seed matrix.
+``cost``, and the cells' own images/s against ``none``'s (only between cells on the same device and thread count;
+they ran at other times, on a machine shared with other work: a rough check only). One seed per design: the
+smallest difference it could detect (80 % power, two-sided 95 %) is stated from a pooled validation SD of a
+multi-seed matrix. (The bench's own log prints every cell's test top-1, as for any matrix; the screen is decided
+from this table.)
 """
 import argparse
 import json
@@ -32,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 import attnlab  # noqa: E402,F401  (before torch: it sets the OpenMP wait policy)
 import torch  # noqa: E402
 
-from attnlab.bench.matrix import load_matrix, method_overrides  # noqa: E402
+from attnlab.bench.matrix import cells, load_matrix, method_overrides, method_seeds  # noqa: E402
+from attnlab.bench.runner import reuse_finished  # noqa: E402
 from attnlab.bench.runs import latest_by_cell, merge_runs  # noqa: E402
 from attnlab.bench.stats import isnan, mde, pooled_sd  # noqa: E402
 from attnlab.engine.config import load_config  # noqa: E402
@@ -66,7 +69,8 @@ def interleaved(step_a, step_b, steps: int, warmup: int) -> tuple[list, list]:
     return ta, tb
 
 
-def cost(matrix: dict, baseline: str, steps: int, warmup: int, rounds: int, threads: int, compile_: bool) -> dict:
+def cost(matrix: dict, baseline: str, steps: int, warmup: int, rounds: int, threads: int, compile_: bool,
+         command: str = "ssia_screen.py cost") -> dict:
     by_name = {m["name"]: m for m in matrix["methods"]}
     if baseline not in by_name:
         raise SystemExit(f"ssia_screen cost: the matrix has no method '{baseline}' to compare against")
@@ -93,7 +97,7 @@ def cost(matrix: dict, baseline: str, steps: int, warmup: int, rounds: int, thre
                           "precision": precision}
             print(f"{name}: x{d / p:.3f} ({d:.0f} ms against {p:.0f} ms)", flush=True)
     return {"benchmark": "ssia_screen_cost", "matrix": portable_path(matrix["path"]), "baseline": baseline,
-            "command": "ssia_screen.py cost " + " ".join(sys.argv[2:]), "host": host_info(), "threads": threads,
+            "command": command, "host": host_info(), "threads": threads,
             "compiled": compile_, "steps": steps, "warmup": warmup, "rounds": rounds,
             "note": f"the '{baseline}' row times the plain step against itself (A/A): the noise floor",
             "methods": rows}
@@ -113,10 +117,10 @@ def design_of(method: dict) -> dict:
             "shuffled": bool(options["shuffle_target"])}
 
 
-def val_sd(sources=SD_SOURCES) -> dict:
+def val_sd(sources=None) -> dict:
     """Pooled SD of validation top-1 over the methods of the first matrix in ``sources`` that has a method with two
-    seeds or more: {'sd', 'df', 'source'}."""
-    for path in sources:
+    seeds or more (default ``SD_SOURCES``): {'sd', 'df', 'source'}."""
+    for path in SD_SOURCES if sources is None else sources:
         groups = {}
         for r in latest_by_cell(read_jsonl(path)).values():
             if r.get("status") == "ok":
@@ -130,33 +134,43 @@ def val_sd(sources=SD_SOURCES) -> dict:
 
 def table(matrix: dict, folder: Path, baseline: str, cost_json: dict | None, sd: dict) -> dict:
     """The screen's rows (``folder``/runs.jsonl), ranked on validation top-1."""
-    records = [r for source in matrix["reuse"] for r in read_jsonl(Path(source) / "runs.jsonl")
-               if r.get("method") == baseline]  # another matrix's none with the same settings, if it has one
-    records += read_jsonl(folder / "runs.jsonl")  # after: the screen's own record of a cell wins
-    cells = {k: r for k, r in latest_by_cell(records).items() if r.get("status") == "ok"}
-    base = next((r for (m, _), r in cells.items() if m == baseline), None)
+    runs_path = folder / "runs.jsonl"
+    own = latest_by_cell(read_jsonl(runs_path))
+    # The cells this file lacks take a finished cell of the same settings and seed from a reuse: matrix (the
+    # converged matrix's none), exactly as the bench would.
+    pending = [(c, own.get((c["method"], c["seed"]))) for c in cells(matrix)]
+    done = {(c["method"], c["seed"]): r for c, r in reuse_finished(matrix, pending, runs_path, write=False)
+            if r is not None and r.get("status") == "ok"}
     ratios = (cost_json or {}).get("methods", {})
     rows = []
     for m in matrix["methods"]:
-        r = next((r for (name, _), r in cells.items() if name == m["name"]), None)
-        row = {"method": m["name"], **design_of(m), "seed": r["seed"] if r else None,
-               "val_top1": r["val_top1"] if r else None,
-               "val_vs_none": round(r["val_top1"] - base["val_top1"], 2) if r and base else None,
-               "step_ratio": ratios.get(m["name"], {}).get("step_ratio"),
-               "cell_speed_ratio": (round(base["train_images_per_s"] / r["train_images_per_s"], 2)
-                                    if r and base and r.get("train_images_per_s") else None),
-               "precision": r.get("precision") if r else None}
-        rows.append(row)
-    done = sorted((x for x in rows if x["val_top1"] is not None), key=lambda x: -x["val_top1"])
-    for rank, x in enumerate(done, 1):
+        for seed in method_seeds(matrix, m):
+            r, base = done.get((m["name"], seed)), done.get((baseline, seed))
+            rows.append({"method": m["name"], **design_of(m), "seed": seed,
+                         "val_top1": r["val_top1"] if r else None,
+                         "val_vs_none": round(r["val_top1"] - base["val_top1"], 2) if r and base else None,
+                         "step_ratio": ratios.get(m["name"], {}).get("step_ratio"),
+                         "cell_speed_ratio": _speed_ratio(r, base), "device": r.get("device") if r else None,
+                         "precision": r.get("precision") if r else None})
+    ranked = sorted((x for x in rows if x["val_top1"] is not None), key=lambda x: -x["val_top1"])
+    for rank, x in enumerate(ranked, 1):
         x["rank"] = rank
     detectable = mde(sd["sd"], 1, 1, sd["df"])
     return {"benchmark": "ssia_screen_table", "matrix": portable_path(matrix["path"]), "baseline": baseline,
-            "ranked_on": "validation top-1 (test is not read here)", "cells_done": len(done),
+            "ranked_on": "validation top-1 (test is not read here)", "cells_done": len(ranked),
             "cells": len(rows), "val_sd": {**sd, "sd": None if isnan(sd["sd"]) else round(sd["sd"], 3)},
             "mde_one_seed_each": None if isnan(detectable) else round(detectable, 2),
             "cost_file": "cost.json" if cost_json else None,
             "rows": sorted(rows, key=lambda x: (x.get("rank") or 10 ** 6))}
+
+
+def _speed_ratio(r, base):
+    """``base``'s training images/s over ``r``'s, only between cells on the same device and thread count."""
+    if not r or not base or not r.get("train_images_per_s"):
+        return None
+    if (r.get("device"), r.get("threads")) != (base.get("device"), base.get("threads")):
+        return None
+    return round(base["train_images_per_s"] / r["train_images_per_s"], 2)
 
 
 def markdown(t: dict) -> str:
@@ -207,7 +221,9 @@ def main(argv=None) -> None:
         if a.only:
             keep = set(a.only.split(",")) | {a.baseline}
             matrix["methods"] = [m for m in matrix["methods"] if m["name"] in keep]
-        result = cost(matrix, a.baseline, a.steps, a.warmup, a.rounds, a.threads, a.compile)
+        args = sys.argv[1:] if argv is None else list(argv)
+        command = " ".join(["ssia_screen.py", *args])
+        result = cost(matrix, a.baseline, a.steps, a.warmup, a.rounds, a.threads, a.compile, command)
         atomic_write_json(out / "cost.json", result, "ssia screen cost")
         print(f"wrote {out / 'cost.json'}")
         return

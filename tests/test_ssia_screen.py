@@ -1,6 +1,7 @@
 """benchmarks/ssia_screen.py (issue 31's screen: the table ranked on validation only, each design's step cost) and
 the engine's synthetic step it times."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from attnlab.engine import step_timer
 from attnlab.engine.config import load_config
 from conftest import load_benchmark
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 
 @pytest.fixture
@@ -17,50 +20,86 @@ def screen():
     return load_benchmark("ssia_screen")
 
 
-def record(method, val, test, speed, seed=0):
+def record(method, val, test, speed, seed=0, **extra):
     return {"matrix": "ssia_screen", "method": method, "seed": seed, "status": "ok", "val_top1": val,
-            "test_top1": test, "train_images_per_s": speed, "precision": "bf16"}
+            "test_top1": test, "train_images_per_s": speed, "precision": "bf16", "device": "cpu (x86_64, 1 threads)",
+            "threads": 1, **extra}
 
 
-def test_table_ranks_on_validation_and_never_shows_test(screen, tmp_path):
+def _repeated_seeds() -> str:
+    """runs.jsonl lines of none at 2 seeds and se at 3 (validation 80, 82 and 81, 81, 84)."""
+    groups = (("none", (80.0, 82.0)), ("se", (81.0, 81.0, 84.0)))
+    return "".join(json.dumps(record(m, v, 0, 1, seed=i)) + "\n" for m, vals in groups for i, v in enumerate(vals))
+
+
+@pytest.fixture
+def setup(screen, tmp_path, monkeypatch):
+    """The real screen matrix, reusing a converged folder of our own; the SD from a file of our own."""
+    from attnlab.bench.matrix import cells, fingerprint, load_matrix
+    converged, folder = tmp_path / "converged", tmp_path / "screen"
+    converged.mkdir()
+    folder.mkdir()
+    text = (ROOT / "benchmarks" / "matrices" / "ssia_screen.yaml").read_text()
+    text = text.replace("reuse: [results/cifar10_resnet20_converged]", f"reuse: [{converged}]")
+    text = text.replace("recipe: configs/", f"recipe: {ROOT}/configs/")
+    matrix_path = tmp_path / "screen.yaml"
+    matrix_path.write_text(text)
+    matrix = load_matrix(matrix_path)
+    none0 = next(c for c in cells(matrix) if c["method"] == "none")
+    same = {"fingerprint": fingerprint(matrix, none0), "recipe_digest": matrix["recipe_digest"]}
+    # The converged matrix's none at seeds 1 and 0 (file order is not seed order): seed 0 is the screen's.
+    (converged / "runs.jsonl").write_text(json.dumps({**record("none", 99.0, 99.0, 300.0, seed=1), **same}) + "\n"
+                                          + json.dumps({**record("none", 87.0, 87.91, 300.0), **same}) + "\n")
+    sd = tmp_path / "sd.jsonl"
+    sd.write_text(_repeated_seeds())
+    monkeypatch.setattr(screen, "SD_SOURCES", (sd,))
+    monkeypatch.setattr(screen, "ROOT", tmp_path)
+    return matrix_path, folder
+
+
+def test_table_ranks_on_validation_and_never_shows_test(screen, setup):
+    matrix_path, folder = setup
     # byot is best on validation and worst on test: the table must follow validation and hold no test number.
-    rows = [record("none", 87.0, 87.91, 300.0), record("byot-w0.5", 87.5, 86.13, 250.0),
-            record("maps-w0.5", 86.25, 88.77, 290.0), {"method": "cam-w2", "seed": 0, "status": "failed"}]
-    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "cost.json").write_text(json.dumps({"methods": {"byot-w0.5": {"step_ratio": 1.19}}}))
-    screen.main(["table", "--out", str(tmp_path)])
-    t = json.loads((tmp_path / "screen.json").read_text())
+    rows = [record("byot-w0.5", 87.5, 86.13, 250.0), record("maps-w0.5", 86.25, 88.77, 290.0),
+            record("attn-w2", 86.5, 88.55, 2000.0, device="cuda:0 (NVIDIA H100)"),
+            {"method": "cam-w2", "seed": 0, "status": "failed"}]
+    (folder / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "cost.json").write_text(json.dumps({"methods": {"byot-w0.5": {"step_ratio": 1.19}}}))
+    screen.main(["table", "--matrix", str(matrix_path), "--out", str(folder)])
+    t = json.loads((folder / "screen.json").read_text())
     ranked = [r["method"] for r in t["rows"] if r.get("rank")]
-    assert ranked == ["byot-w0.5", "none", "maps-w0.5"] and t["cells_done"] == 3 and t["cells"] == 15
-    byot = t["rows"][0]
+    assert ranked == ["byot-w0.5", "none", "attn-w2", "maps-w0.5"] and t["cells_done"] == 4 and t["cells"] == 15
+    byot, none = t["rows"][0], t["rows"][1]
+    assert none["val_top1"] == 87.0 and none["seed"] == 0  # the reused seed-0 cell, not seed 1's 99.0
     assert byot["val_vs_none"] == 0.5 and byot["step_ratio"] == 1.19 and byot["cell_speed_ratio"] == 1.2
     assert byot["design"] == "self_distill" and byot["weight"] == 0.5 and byot["warmup_epochs"] == 0
+    attn = t["rows"][2]
+    assert attn["val_vs_none"] == -0.5 and attn["cell_speed_ratio"] is None  # a GPU cell against a CPU none
     shuffled = next(r for r in t["rows"] if r["method"] == "cam-shuffled")
     assert shuffled["shuffled"] and shuffled["design"] == "cam" and shuffled["val_top1"] is None
-    text = (tmp_path / "screen.md").read_text() + (tmp_path / "screen.json").read_text()
-    for test_value in ("87.91", "86.13", "88.77"):
+    text = (folder / "screen.md").read_text() + (folder / "screen.json").read_text()
+    for test_value in ("87.91", "86.13", "88.77", "88.55"):
         assert test_value not in text
     assert "test_top1" not in text
-    # The smallest detectable difference between two single cells, from the pooled SD of a multi-seed matrix.
-    sd = t["val_sd"]
-    assert sd["df"] >= 2 and t["mde_one_seed_each"] == pytest.approx(mde(sd["sd"], 1, 1, sd["df"]), abs=0.01)
+    # The smallest detectable difference between two single cells, from the pooled SD (by hand: sqrt(8 / 3), 3 df).
+    assert t["val_sd"]["df"] == 3 and t["val_sd"]["source"] == "sd.jsonl"
+    assert t["mde_one_seed_each"] == pytest.approx(mde((8 / 3) ** 0.5, 1, 1, 3), abs=0.01)
+    assert not (folder / "runs.jsonl").read_text().count("reused_from")  # the table writes no record
 
 
-def test_table_merges_a_slots_cells_first(screen, tmp_path):
+def test_table_merges_a_slots_cells_first(screen, setup, tmp_path):
+    matrix_path, folder = setup
     slot = tmp_path / "slot_runs.jsonl"
     slot.write_text(json.dumps({**record("cam-w2", 86.0, 85.0, 900.0), "fingerprint": None}) + "\n")
-    (tmp_path / "runs.jsonl").write_text(json.dumps(record("none", 87.0, 87.9, 300.0)) + "\n")
-    screen.main(["table", "--out", str(tmp_path), "--merge", str(slot)])
-    rows = {r["method"]: r for r in json.loads((tmp_path / "screen.json").read_text())["rows"]}
+    screen.main(["table", "--matrix", str(matrix_path), "--out", str(folder), "--merge", str(slot)])
+    rows = {r["method"]: r for r in json.loads((folder / "screen.json").read_text())["rows"]}
     assert rows["cam-w2"]["val_vs_none"] == -1.0 and rows["cam-w2"]["rank"] == 2
 
 
 def test_val_sd_pools_the_first_matrix_with_repeated_seeds(screen, tmp_path):
     one_seed, repeated = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     one_seed.write_text(json.dumps(record("none", 80.0, 0, 1)) + "\n")
-    repeated.write_text("".join(json.dumps(record(m, v, 0, 1, seed=s)) + "\n"
-                                for m, vals in (("none", (80.0, 82.0)), ("se", (81.0, 81.0, 84.0)))
-                                for s, v in enumerate(vals)))
+    repeated.write_text(_repeated_seeds())
     screen.ROOT = tmp_path  # sources are reported relative to the repository
     out = screen.val_sd((one_seed, repeated))
     # by hand: none s^2 = 2 (1 df), se s^2 = 3 (2 df): pooled sqrt((2 + 6) / 3)
@@ -104,5 +143,6 @@ def test_synthetic_step_trains_the_objectives_modules_and_runs_the_teacher_twice
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, aux)]
     step()
     assert len(forwards) == 2  # the student and the weight-shared teacher
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # as the engine lays it out
     for was, module in zip(before, (model, aux)):  # both optimised
         assert any(not torch.equal(was[k], v) for k, v in module.state_dict().items())

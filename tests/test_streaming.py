@@ -105,6 +105,12 @@ def test_per_image_seeding_draws_as_manual_seed_and_leaves_the_process_rng_alone
     with cpu_rng_seeded(11):
         drawn = torch.rand(5)
     assert torch.equal(drawn, expected) and torch.equal(torch.rand(4), ahead)
+    torch.manual_seed(3)
+    with pytest.raises(ValueError):  # a transform that fails still leaves the process's stream where it was
+        with cpu_rng_seeded(11):
+            torch.rand(5)
+            raise ValueError("bad image")
+    assert torch.equal(torch.rand(4), ahead)
 
 
 def test_normalising_in_place_and_contiguous_gives_the_strided_out_of_place_result():

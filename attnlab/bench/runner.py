@@ -99,7 +99,7 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
     runs_path = results_dir / "runs.jsonl"
     records = read_jsonl(runs_path)
     pending = _pending(matrix, cells(matrix, seeds, only), latest_by_cell(records), runs_path, retry_failed)
-    pending = _reuse(matrix, pending, runs_path, write=not dry_run)
+    pending = reuse_finished(matrix, pending, runs_path, write=not dry_run)
     n_total = len(pending)
     n_skip = sum(1 for _, prev in pending if prev is not None)
     if dry_run:
@@ -187,9 +187,10 @@ def _pending(matrix, todo, done, runs_path, retry_failed):
     return out
 
 
-def _reuse(matrix, pending, runs_path, write=True):
+def reuse_finished(matrix, pending, runs_path, write=True):
     """Cells not yet run here whose settings and seed match a finished (ok) cell of a ``reuse:`` matrix take its
-    result: the record is appended to this runs.jsonl (when ``write``) with ``reused_from`` naming its file."""
+    result: the record is appended to this runs.jsonl (when ``write``) with ``reused_from`` naming its file.
+    ``pending``: (cell, its record here or None) pairs; returns them with the reused records filled in."""
     if not matrix.get("reuse") or all(prev is not None for _, prev in pending):
         return pending
     found = {}

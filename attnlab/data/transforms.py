@@ -27,7 +27,7 @@ _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": Interpolati
 
 class Contiguous(torch.nn.Module):
     """``x.contiguous()``. PILToTensor returns a channels-first view of the HWC image; normalising a float tensor
-    laid out that way took 0.29 ms at 224 px against 0.06 ms contiguous, more than the uint8 copy costs (0.09 ms;
+    laid out that way took 0.29 ms at 224 px against 0.06 ms contiguous, more than the uint8 copy costs (0.10 ms;
     benchmarks/stream_loader.py's per-stage times, docs/data.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -644,7 +644,8 @@ def training_loss(forward, model, objectives, features, x, y, *, epoch: int, ste
 
     ``forward`` is the module that runs the batch (the model, or its DDP / compiled wrapper); ``model`` the plain
     network, which objectives read (a teacher design runs it again). The engine's loss, and the one
-    benchmarks/ssia_cost.py times, so both measure the same step.
+    benchmarks time through ``engine/step_timer.py`` (cell_plan.py, ssia_screen.py cost), so both measure the same
+    step.
     """
     if features:
         logits, feats = forward(x, features=features)
