@@ -25,7 +25,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +45,9 @@ from attnlab.host import cpu_threads, host_info  # noqa: E402
 from attnlab.jsonl import read_jsonl  # noqa: E402
 from attnlab.objectives import objective_defaults  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from ssia_overhead import interleaved  # noqa: E402  (A B, then B A: the same alternation as the maps benchmark)
+
 CPU = torch.device("cpu")
 MATRIX = ROOT / "benchmarks" / "matrices" / "ssia_screen.yaml"
 OUT = ROOT / "results" / "ssia_screen"
@@ -56,39 +58,26 @@ SD_SOURCES = (ROOT / "results" / "cifar10_resnet20_converged" / "runs.jsonl",
 
 # ---- cost ------------------------------------------------------------------------------------------------------
 
-def interleaved(step_a, step_b, steps: int, warmup: int) -> tuple[list, list]:
-    """Wall seconds of ``steps`` calls of each, alternating A B then B A, after ``warmup`` pairs."""
-    ta, tb = [], []
-    for i in range(warmup + steps):
-        order = ((step_a, ta), (step_b, tb)) if i % 2 == 0 else ((step_b, tb), (step_a, ta))
-        for fn, out in order:
-            t0 = time.perf_counter()
-            fn()
-            if i >= warmup:
-                out.append(time.perf_counter() - t0)
-    return ta, tb
-
-
 def cost(matrix: dict, baseline: str, steps: int, warmup: int, rounds: int, threads: int, compile_: bool,
          command: str = "ssia_screen.py cost") -> dict:
     by_name = {m["name"]: m for m in matrix["methods"]}
     if baseline not in by_name:
         raise SystemExit(f"ssia_screen cost: the matrix has no method '{baseline}' to compare against")
 
-    def config(name):
+    def step_of(name: str, seed: int):
+        """(one training step of the method's cell, the precision it runs in)."""
         cfg = load_config(matrix["recipe_path"], method_overrides(matrix, by_name[name]))
         cfg.train.compile = compile_
-        return cfg
+        precision, _ = resolve_precision(CPU, cfg.train.amp)
+        return synthetic_step(cfg, precision, seed=seed), precision
 
     rows = {}
     with cpu_threads(threads):
         for name in [baseline, *(n for n in by_name if n != baseline)]:  # the baseline's row is the A/A control
             plain_ms, design_ms = [], []
             for r in range(rounds):
-                plain_cfg, design_cfg = config(baseline), config(name)
-                precision, _ = resolve_precision(CPU, design_cfg.train.amp)
-                plain = synthetic_step(plain_cfg, resolve_precision(CPU, plain_cfg.train.amp)[0], seed=r)
-                design = synthetic_step(design_cfg, precision, seed=r)
+                plain, _ = step_of(baseline, r)
+                design, precision = step_of(name, r)
                 ta, tb = interleaved(plain, design, steps, warmup)
                 plain_ms += [1000 * t for t in ta]
                 design_ms += [1000 * t for t in tb]

@@ -1,6 +1,7 @@
 """benchmarks/ssia_screen.py (issue 31's screen: the table ranked on validation only, each design's step cost) and
 the engine's synthetic step it times."""
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -119,7 +120,7 @@ def test_cost_times_each_design_against_the_plain_step_interleaved(screen, tmp_p
             clock[0] += cost
         return step
     monkeypatch.setattr(screen, "synthetic_step", fake_step)
-    monkeypatch.setattr(screen.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])  # the clock the interleaving reads
     screen.main(["cost", "--only", "teacher-w2", "--steps", "2", "--warmup", "1", "--rounds", "1",
                  "--out", str(tmp_path)])
     out = json.loads((tmp_path / "cost.json").read_text())
