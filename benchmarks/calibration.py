@@ -112,15 +112,18 @@ def _threads(runs) -> set:
     return {r.get("threads") for r in runs}
 
 
+def _same_threads(bf16: list, fp32: list) -> bool:
+    """Whether every cell of both ran at one and the same thread count (their speeds are then comparable)."""
+    return _threads(bf16) == _threads(fp32) and len(_threads(bf16)) == 1
+
+
 def _speed_ratio(speed: dict, bf16: list, fp32: list):
     """bf16 images/s over fp32's, or None when the two ran at different thread counts (not comparable)."""
-    if _threads(bf16) != _threads(fp32) or len(_threads(bf16)) != 1:
-        return None
-    return speed["bf16"]["mean"] / speed["fp32"]["mean"]
+    return speed["bf16"]["mean"] / speed["fp32"]["mean"] if _same_threads(bf16, fp32) else None
 
 
 def _speed_note(bf16: list, fp32: list) -> str:
-    if _threads(bf16) != _threads(fp32) or len(_threads(bf16)) != 1:
+    if not _same_threads(bf16, fp32):
         return (f"training throughput as the engine measured it; no ratio: the bf16 cells ran at "
                 f"{sorted(_threads(bf16), key=str)} threads and the fp32 cells at {sorted(_threads(fp32), key=str)}, "
                 "so their speeds are not comparable (results/cpu_bf16.json compares the two steps side by side)")
