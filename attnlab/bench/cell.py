@@ -2,7 +2,9 @@
 
 The harness owns runs/<matrix>/<cell>/: ``prepare_run_dir`` continues a folder only when its bench_cell.json says it
 was started with the same settings and recipe, and clears anything else, so metrics.csv and TensorBoard start
-clean. ``stamp`` adds how and where the cell ran.
+clean. ``stamp`` adds how and where the cell ran. ``refuse_another_precision`` stops a cell before it trains
+where it would train in another precision than the finished cells configured like it (the bench calls it for
+its own machine, a scheduler's job for the machine that trains).
 """
 import json
 import time
@@ -10,10 +12,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..engine.run_folder import RunFolder
+from ..errors import AttnlabError
 from ..files import atomic_write_text, git_commit, portable_path
-from .matrix import cell_overrides, fingerprint, same_digest, same_settings
+from .matrix import cell_overrides, fingerprint, format_value, same_digest, same_settings
 from ..host import host_info
-from .runs import one_line
+from .runs import latest_by_cell, one_line, precision_of
 
 # Written into a fresh run folder before the engine trains there: the settings and recipe digest the cell started
 # with. The engine is told to keep it (train's ``keep``) and never needs to know its name.
@@ -96,3 +99,30 @@ def _get(cfg, dotted):
         except (KeyError, TypeError, AttributeError):
             return None
     return node
+
+
+def refuse_another_precision(matrix, pending, records, runs_dir, runs_path, load_config, device=None) -> None:
+    """Stop before training when this machine would train a cell in another precision than the finished cells
+    configured like it (same train.amp): a report refuses to compare them, so the hours would be lost. E.g. a bf16
+    matrix started on a CPU with native bf16 and continued on one without, which would train in fp32."""
+    from ..engine.distributed import resolve_device
+    from ..engine.precision import resolve_precision
+
+    def configured(overrides):
+        return load_config(matrix["recipe_path"], overrides=overrides)
+    finished = {}  # train.amp -> {precision: a cell}
+    for r in latest_by_cell(records).values():
+        if r.get("status") == "ok" and isinstance(r.get("overrides"), dict):
+            amp = configured([f"{k}={format_value(v)}" for k, v in r["overrides"].items()]).train.amp
+            finished.setdefault(amp, {}).setdefault(precision_of(r), f"{r['method']} seed {r['seed']}")
+    for c, prev in pending:
+        if prev is not None:
+            continue
+        cfg = configured(cell_overrides(matrix, c, runs_dir, device))
+        here, why = resolve_precision(resolve_device(cfg.device), cfg.train.amp)
+        others = {p: cell for p, cell in finished.get(cfg.train.amp, {}).items() if p != here}
+        if others:
+            precision, cell = next(iter(others.items()))
+            raise AttnlabError(f"{runs_path}: {cell} trained in {precision}, but here {c['method']} seed {c['seed']} "
+                               f"would train in {here}{f' ({why})' if why else ''}; a report refuses to compare "
+                               "them, so run this matrix where the precision is the same")

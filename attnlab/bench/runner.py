@@ -25,7 +25,7 @@ is one job of the scheduler instead of a worker process: the job takes the cell'
 checkpoint when requeued) and appends its own record to runs.jsonl, so this process only submits, follows and counts.
 
 Who does what: plan.py decides (estimates, pace, what fits, ETA; no processes, no files), pool.py runs the worker
-processes (scheduler.py the scheduler's jobs), cell.py trains one cell and makes its record, and this module is the
+processes (scheduler.py the scheduler's jobs), cell.py checks, trains one cell and makes its record, and this module is the
 loop between them.
 """
 import os
@@ -42,11 +42,11 @@ from ..errors import AttnlabError
 from ..files import portable_path
 from ..jsonl import append_jsonl, read_jsonl
 from .budget import Estimates, fmt_duration, pace_note, planned_device_kind
-from .cell import run_cell, stamp
+from .cell import refuse_another_precision, run_cell, stamp
 from .plan import Planner, Started
 from .pool import HARNESS_DIR, WorkerPool
-from .matrix import cell_overrides, cells, fingerprint, format_value, same_recipe, same_settings, settings_of
-from .runs import cell_lock, latest_by_cell, one_line, precision_of
+from .matrix import cell_overrides, cells, fingerprint, same_recipe, same_settings, settings_of
+from .runs import cell_lock, latest_by_cell, one_line
 
 
 
@@ -140,33 +140,6 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
     runner.run(queue)
     _summary(matrix, counts, runs_path, log)
     return counts
-
-
-def refuse_another_precision(matrix, pending, records, runs_dir, runs_path, load_config, device=None) -> None:
-    """Stop before training when this machine would train a cell in another precision than the finished cells
-    configured like it (same train.amp): a report refuses to compare them, so the hours would be lost. E.g. a bf16
-    matrix started on a CPU with native bf16 and continued on one without, which would train in fp32."""
-    from ..engine.distributed import resolve_device
-    from ..engine.precision import resolve_precision
-
-    def configured(overrides):
-        return load_config(matrix["recipe_path"], overrides=overrides)
-    finished = {}  # train.amp -> {precision: a cell}
-    for r in latest_by_cell(records).values():
-        if r.get("status") == "ok" and isinstance(r.get("overrides"), dict):
-            amp = configured([f"{k}={format_value(v)}" for k, v in r["overrides"].items()]).train.amp
-            finished.setdefault(amp, {}).setdefault(precision_of(r), f"{r['method']} seed {r['seed']}")
-    for c, prev in pending:
-        if prev is not None:
-            continue
-        cfg = configured(cell_overrides(matrix, c, runs_dir, device))
-        here, why = resolve_precision(resolve_device(cfg.device), cfg.train.amp)
-        others = {p: cell for p, cell in finished.get(cfg.train.amp, {}).items() if p != here}
-        if others:
-            precision, cell = next(iter(others.items()))
-            raise AttnlabError(f"{runs_path}: {cell} trained in {precision}, but here {c['method']} seed {c['seed']} "
-                               f"would train in {here}{f' ({why})' if why else ''}; a report refuses to compare "
-                               "them, so run this matrix where the precision is the same")
 
 
 def _pending(matrix, todo, done, runs_path, retry_failed):

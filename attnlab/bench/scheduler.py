@@ -103,8 +103,7 @@ class CellJob:
         from ..engine.train import train
         from ..host import set_threads
         from ..jsonl import read_jsonl
-        from .cell import run_cell, stamp
-        from .runner import refuse_another_precision
+        from .cell import refuse_another_precision, run_cell, stamp
 
         set_threads(self.threads)
         if self.check_precision:  # the bench could not: its machine is not the one that trains

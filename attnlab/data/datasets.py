@@ -19,7 +19,8 @@ from ..errors import AttnlabError, unknown
 from ..files import atomic_write_json
 from . import cache as _cache
 from .boxes import scale_boxes
-from .sources import Pool, Source, open_source
+from .pools import Pool, Source
+from .sources import open_source
 from .splits import _TEST_SUBSET, per_class_subset, stratified_split, val_count
 
 DATASETS = ("cifar10", "cifar100", "imagefolder", "tiny-imagenet", "wsol")

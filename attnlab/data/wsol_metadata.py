@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AttnlabError
-from .sources import Pool, Source
+from .pools import Pool, Source
 
 SPLITS = ("train", "val", "test")
 FILES = ("image_ids.txt", "class_labels.txt", "image_sizes.txt")
