@@ -11,6 +11,8 @@ the plain network's step (A B, then B A, ...) in the same process, so machine lo
 median(design step) / median(plain step) over ``--rounds`` fresh model pairs; an A/A row (plain against plain)
 shows the noise floor. Objective terms are timed switched on (the step is past any warm-up). Steps run uncompiled
 unless ``--compile`` (the cells compile; compiling costs about 45 s per model here). Pause other jobs first.
+``--only a,b`` times those methods (and the A/A row) and adds their rows to an existing cost.json, refusing
+before it times anything when that file was measured with other settings or on another kind of machine.
 
 ``table`` reads the screen's runs.jsonl (with the converged matrix's ``none`` when the screen reuses it) and never
 its test top-1: the screen ranks on validation, and test is read once, for the chosen design, in the converged
@@ -90,6 +92,43 @@ def cost(matrix: dict, baseline: str, steps: int, warmup: int, rounds: int, thre
             "compiled": compile_, "steps": steps, "warmup": warmup, "rounds": rounds,
             "note": f"the '{baseline}' row times the plain step against itself (A/A): the noise floor",
             "methods": rows}
+
+
+# Settings a row's ratio depends on: rows measured under other settings do not go into one cost.json.
+COST_SETTINGS = ("matrix", "baseline", "threads", "compiled", "steps", "warmup", "rounds")
+HOST_KEYS = ("processor", "cpu_count", "cpu_kernels", "torch")  # the same kind of machine and torch
+
+
+def cost_settings(result: dict) -> dict:
+    """What a cost.json's rows were measured under (``COST_SETTINGS`` and the host's ``HOST_KEYS``)."""
+    host = result.get("host") or {}
+    return {**{k: result.get(k) for k in COST_SETTINGS}, **{f"host {k}": host.get(k) for k in HOST_KEYS}}
+
+
+def refuse_other_settings(path: Path, settings: dict) -> None:
+    """Stop, naming the first difference, when the cost.json at ``path`` was measured under other settings: its
+    rows and this run's would not compare. Called before measuring, so no time is spent on rows that cannot go in."""
+    if not path.is_file():
+        return
+    theirs = cost_settings(json.loads(path.read_text()))
+    for key, value in settings.items():
+        if theirs[key] != value:
+            raise SystemExit(f"ssia_screen cost: {path} was measured with {key} {theirs[key]!r}, this run would "
+                             f"measure with {value!r}; use the same settings, or give --out another folder")
+
+
+def merged_cost(path: Path, new: dict) -> dict:
+    """``new``'s rows added to the cost.json at ``path``, whose settings ``refuse_other_settings`` checked (each row
+    is its own interleaved ratio, so rows measured at different times stand side by side); the command of every
+    run that wrote rows is kept."""
+    if not path.is_file():
+        return new
+    old = json.loads(path.read_text())
+    refuse_other_settings(path, cost_settings(new))
+    commands = old.get("commands") or [old["command"]]
+    merged = {**{k: v for k, v in new.items() if k != "command"}, "commands": [*commands, new["command"]]}
+    merged["methods"] = {**old["methods"], **new["methods"]}
+    return merged
 
 
 # ---- table -----------------------------------------------------------------------------------------------------
@@ -212,7 +251,13 @@ def main(argv=None) -> None:
             matrix["methods"] = [m for m in matrix["methods"] if m["name"] in keep]
         args = sys.argv[1:] if argv is None else list(argv)
         command = " ".join(["ssia_screen.py", *args])
+        if a.only:
+            refuse_other_settings(out / "cost.json", cost_settings({
+                "matrix": portable_path(matrix["path"]), "baseline": a.baseline, "threads": a.threads,
+                "compiled": a.compile, "steps": a.steps, "warmup": a.warmup, "rounds": a.rounds, "host": host_info()}))
         result = cost(matrix, a.baseline, a.steps, a.warmup, a.rounds, a.threads, a.compile, command)
+        if a.only:  # add these rows to what is measured already, rather than lose the other methods' rows
+            result = merged_cost(out / "cost.json", result)
         atomic_write_json(out / "cost.json", result, "ssia screen cost")
         print(f"wrote {out / 'cost.json'}")
         return

@@ -109,25 +109,53 @@ def test_val_sd_pools_the_first_matrix_with_repeated_seeds(screen, tmp_path):
     assert out["df"] == 3 and out["sd"] == pytest.approx((8 / 3) ** 0.5) and out["source"] == "b.jsonl"
 
 
-def test_cost_times_each_design_against_the_plain_step_interleaved(screen, tmp_path, monkeypatch):
+@pytest.fixture
+def fake_clock(screen, monkeypatch):
+    """A fake clock the interleaving reads: a teacher step costs 2, a self_distill step 1.5, any other 1. Returns the
+    list of the steps taken, in order."""
     clock, calls = [0.0], []
 
-    def fake_step(cfg, precision, seed=0):  # a fake clock: the teacher's step costs twice the plain one
-        cost = 2.0 if cfg.ssia.enabled and cfg.ssia.design == "teacher" else 1.0
+    def fake_step(cfg, precision, seed=0):
+        design = cfg.ssia.design if cfg.ssia.enabled else "plain"
+        cost = {"teacher": 2.0, "self_distill": 1.5}.get(design, 1.0)
 
         def step():
-            calls.append("teacher" if cost == 2.0 else "plain")
+            calls.append(design if design in ("teacher", "self_distill") else "plain")
             clock[0] += cost
         return step
     monkeypatch.setattr(screen, "synthetic_step", fake_step)
-    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])  # the clock the interleaving reads
-    screen.main(["cost", "--only", "teacher-w2", "--steps", "2", "--warmup", "1", "--rounds", "1",
-                 "--out", str(tmp_path)])
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    return calls
+
+
+QUICK = ["--steps", "2", "--warmup", "1", "--rounds", "1"]
+
+
+def test_cost_times_each_design_against_the_plain_step_interleaved(screen, tmp_path, fake_clock):
+    calls = fake_clock
+    screen.main(["cost", "--only", "teacher-w2", *QUICK, "--out", str(tmp_path)])
     out = json.loads((tmp_path / "cost.json").read_text())
     assert set(out["methods"]) == {"none", "teacher-w2"} and out["compiled"] is False
     assert out["methods"]["none"]["step_ratio"] == 1.0  # the A/A row
     assert out["methods"]["teacher-w2"]["step_ratio"] == 2.0
     assert calls[-6:] == ["plain", "teacher", "teacher", "plain", "plain", "teacher"]  # A B, B A, A B
+
+
+def test_cost_only_adds_its_rows_to_the_ones_measured_before(screen, tmp_path, fake_clock):
+    screen.main(["cost", "--only", "teacher-w2", *QUICK, "--out", str(tmp_path)])
+    screen.main(["cost", "--only", "byot-aux0.1", *QUICK, "--out", str(tmp_path)])
+    out = json.loads((tmp_path / "cost.json").read_text())
+    assert set(out["methods"]) == {"none", "teacher-w2", "byot-aux0.1"}
+    assert out["methods"]["teacher-w2"]["step_ratio"] == 2.0 and out["methods"]["byot-aux0.1"]["step_ratio"] == 1.5
+    assert [c.split(" --only ")[1].split()[0] for c in out["commands"]] == ["teacher-w2", "byot-aux0.1"]
+
+
+def test_cost_refuses_to_add_rows_measured_otherwise_before_timing_anything(screen, tmp_path, fake_clock):
+    screen.main(["cost", "--only", "teacher-w2", *QUICK, "--out", str(tmp_path)])
+    before, n_steps = (tmp_path / "cost.json").read_text(), len(fake_clock)
+    with pytest.raises(SystemExit, match="threads 1.*with 2"):
+        screen.main(["cost", "--only", "byot-aux0.1", *QUICK, "--threads", "2", "--out", str(tmp_path)])
+    assert (tmp_path / "cost.json").read_text() == before and len(fake_clock) == n_steps
 
 
 def test_synthetic_step_trains_the_objectives_modules_and_runs_the_teacher_twice(monkeypatch):
