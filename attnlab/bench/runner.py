@@ -25,8 +25,8 @@ is one job of the scheduler instead of a worker process: the job takes the cell'
 checkpoint when requeued) and appends its own record to runs.jsonl, so this process only submits, follows and counts.
 
 Who does what: plan.py decides (estimates, pace, what fits, ETA; no processes, no files), pool.py runs the worker
-processes (scheduler.py the scheduler's jobs), cell.py checks, trains one cell and makes its record, and this module is the
-loop between them.
+processes (scheduler.py the scheduler's jobs), cell.py checks, trains one cell and makes its record, and this
+module is the loop between them.
 """
 import os
 import signal
