@@ -87,11 +87,17 @@ def cost(matrix: dict, baseline: str, steps: int, warmup: int, rounds: int, thre
             rows[name] = {"step_ratio": round(d / p, 3), "plain_step_ms": round(p, 1), "step_ms": round(d, 1),
                           "precision": precision}
             print(f"{name}: x{d / p:.3f} ({d:.0f} ms against {p:.0f} ms)", flush=True)
-    return {"benchmark": "ssia_screen_cost", "matrix": portable_path(matrix["path"]), "baseline": baseline,
-            "command": command, "host": host_info(), "threads": threads,
-            "compiled": compile_, "steps": steps, "warmup": warmup, "rounds": rounds,
+    return {**cost_header(matrix, baseline, steps, warmup, rounds, threads, compile_), "command": command,
             "note": f"the '{baseline}' row times the plain step against itself (A/A): the noise floor",
             "methods": rows}
+
+
+def cost_header(matrix: dict, baseline: str, steps: int, warmup: int, rounds: int, threads: int,
+                compile_: bool) -> dict:
+    """The fields of cost.json that say how its rows were measured (what ``cost_settings`` compares)."""
+    return {"benchmark": "ssia_screen_cost", "matrix": portable_path(matrix["path"]), "baseline": baseline,
+            "host": host_info(), "threads": threads, "compiled": compile_, "steps": steps, "warmup": warmup,
+            "rounds": rounds}
 
 
 # Settings a row's ratio depends on: rows measured under other settings do not go into one cost.json.
@@ -118,13 +124,12 @@ def refuse_other_settings(path: Path, settings: dict) -> None:
 
 
 def merged_cost(path: Path, new: dict) -> dict:
-    """``new``'s rows added to the cost.json at ``path``, whose settings ``refuse_other_settings`` checked (each row
-    is its own interleaved ratio, so rows measured at different times stand side by side); the command of every
-    run that wrote rows is kept."""
+    """``new``'s rows added to the cost.json at ``path``, whose settings ``refuse_other_settings`` checked before
+    ``new`` was measured (each row is its own interleaved ratio, so rows measured at different times stand side by
+    side); the command of every run that wrote rows is kept."""
     if not path.is_file():
         return new
     old = json.loads(path.read_text())
-    refuse_other_settings(path, cost_settings(new))
     commands = old.get("commands") or [old["command"]]
     merged = {**{k: v for k, v in new.items() if k != "command"}, "commands": [*commands, new["command"]]}
     merged["methods"] = {**old["methods"], **new["methods"]}
@@ -251,11 +256,10 @@ def main(argv=None) -> None:
             matrix["methods"] = [m for m in matrix["methods"] if m["name"] in keep]
         args = sys.argv[1:] if argv is None else list(argv)
         command = " ".join(["ssia_screen.py", *args])
-        if a.only:
-            refuse_other_settings(out / "cost.json", cost_settings({
-                "matrix": portable_path(matrix["path"]), "baseline": a.baseline, "threads": a.threads,
-                "compiled": a.compile, "steps": a.steps, "warmup": a.warmup, "rounds": a.rounds, "host": host_info()}))
-        result = cost(matrix, a.baseline, a.steps, a.warmup, a.rounds, a.threads, a.compile, command)
+        settings = (matrix, a.baseline, a.steps, a.warmup, a.rounds, a.threads, a.compile)
+        if a.only:  # before timing anything: rows measured otherwise could not join the file's
+            refuse_other_settings(out / "cost.json", cost_settings(cost_header(*settings)))
+        result = cost(*settings, command)
         if a.only:  # add these rows to what is measured already, rather than lose the other methods' rows
             result = merged_cost(out / "cost.json", result)
         atomic_write_json(out / "cost.json", result, "ssia screen cost")
