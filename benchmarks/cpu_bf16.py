@@ -1,9 +1,9 @@
 """Would bf16 autocast make CPU training faster? fp32 against ``torch.autocast("cpu", torch.bfloat16)`` per method.
 
-The engine trains in fp32 on a CPU (``train.amp`` applies to CUDA only) because on most CPUs bf16 autocast is
-slower. CPUs with AVX512-BF16 (this machine's Zen 4 has it) may be the exception, and the long CPU matrices would
-finish sooner; this measures it before anything changes. Model-only training steps (ResNet-20, batch 128,
-channels_last, SGD; no data loading), the same steps for both precisions:
+The engine autocasts to bf16 on a CPU only where it has native bf16 (``train.amp=bf16``, engine/precision.py):
+this measured the gain on a 2-core Zen 4 with AVX512_BF16 (results/cpu_bf16.json) and the loss where bf16 is
+emulated, on a 2-core Xeon with AVX512 but no AVX512_BF16 (results/cpu_bf16_no_native.json). Model-only training
+steps (ResNet-20, batch 128, channels_last, SGD; no data loading), the same steps for both precisions:
 
 - rate: images/s over ``--steps`` timed steps after 3 warm-up steps, at 1 thread (what each of bench's two workers
   gets) and at every core; ``--rounds`` rounds with the precision order alternating, median per setting, and the
@@ -12,6 +12,7 @@ channels_last, SGD; no data loading), the same steps for both precisions:
   fp32 and bf16 (a large gap would say bf16 changes training here).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/cpu_bf16.py     # -> results/cpu_bf16.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/cpu_bf16.py --methods none,se --out results/cpu_bf16_no_native.json
 Pause background jobs while it runs (kill -STOP), it compares rates.
 """
 import argparse

@@ -56,3 +56,22 @@ def test_no_speed_ratio_between_cells_that_ran_at_different_thread_counts(cal, t
     strict = json.loads((res / "precision.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     interval = strict["pairs"][0]["val_top1"]["bf16_minus_fp32"]
     assert interval["low"] is None and interval["high"] is None and interval["diff"] == pytest.approx(-0.1)
+
+
+def test_no_speed_ratio_between_cells_that_ran_on_different_processors(cal, tmp_path):
+    res = tmp_path / "cal"
+    res.mkdir()
+    zen4, xeon = {"processor": "AMD EPYC"}, {"processor": "Intel(R) Xeon(R) Processor @ 2.80GHz"}
+    records = [{**_record("e30", 0, 86.4, 86.3, ips=560.0), "threads": 2, "host": zen4},
+               {**_record("e30_fp32", 0, 86.5, 86.2, "fp32", 263.0), "threads": 2, "host": xeon}]
+    (res / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cal.main(["--results", str(res)])
+    pair = json.loads((res / "precision.json").read_text())["pairs"][0]
+    assert pair["threads"] == [2] and pair["processors"] == sorted([zen4["processor"], xeon["processor"]])
+    assert pair["train_images_per_s"]["bf16_over_fp32"] is None and "not comparable" in pair["note"]
+    # On one processor at one thread count the ratio is there.
+    records[1]["host"] = zen4
+    (res / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cal.main(["--results", str(res)])
+    pair = json.loads((res / "precision.json").read_text())["pairs"][0]
+    assert pair["train_images_per_s"]["bf16_over_fp32"] == pytest.approx(560.0 / 263.0)
