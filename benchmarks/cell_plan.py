@@ -15,6 +15,10 @@ every core, and prints and saves:
 - which cells would not finish within ``--limit`` (2.5 hours) that way, and whether they would with the machine to
   themselves (all threads, one worker): the bench commands for both groups.
 
+No plan where bench would refuse to train: when this machine would train a cell in another precision than the
+matrix's finished cells configured like it (a bf16 matrix on a CPU without native bf16), it says so in one line
+and measures and writes nothing.
+
 The engine's training steps on random tensors (``attnlab.engine.step_timer``: the model with the cell's objectives
 and their training-only modules, so an SSIA design that runs the network twice is timed as such; the data pipeline
 is left out). Pause other jobs first (kill -STOP): it times the machine.
@@ -33,13 +37,16 @@ sys.path.insert(0, str(ROOT))
 import attnlab  # noqa: E402,F401  (before torch: it sets the OpenMP wait policy)
 import torch  # noqa: E402
 
-from attnlab.bench.matrix import load_matrix, method_overrides, method_seeds  # noqa: E402
-from attnlab.host import host_info  # noqa: E402
+from attnlab.bench.cell import refuse_another_precision  # noqa: E402
+from attnlab.bench.matrix import cells, load_matrix, method_overrides, method_seeds  # noqa: E402
+from attnlab.bench.runs import latest_by_cell  # noqa: E402
 from attnlab.engine.config import load_config  # noqa: E402
 from attnlab.engine.precision import resolve_precision  # noqa: E402
 from attnlab.engine.step_timer import synthetic_step  # noqa: E402
+from attnlab.errors import AttnlabError  # noqa: E402
 from attnlab.files import atomic_write_json  # noqa: E402
-from attnlab.host import cpu_threads  # noqa: E402
+from attnlab.host import cpu_threads, host_info  # noqa: E402
+from attnlab.jsonl import read_jsonl  # noqa: E402
 
 CPU = torch.device("cpu")
 # Images per epoch of the data sets the matrices train on: (train, val + test) at the default hold-out.
@@ -123,11 +130,22 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=float, default=2.5, help="hours a cell may take on this machine")
     p.add_argument("--compare-eager", action="store_true",
                    help="for a matrix that compiles, also time its steps uncompiled at one thread (the speed-up)")
-    p.add_argument("--out", help="JSON path (default results/<matrix>/cell_plan.json)")
+    p.add_argument("--results", help="the matrix's results folder, whose runs.jsonl holds the finished cells "
+                   "(default results/<matrix>)")
+    p.add_argument("--out", help="JSON path (default <results>/cell_plan.json)")
     a = p.parse_args(argv)
     matrix = load_matrix(a.matrix)
+    results = Path(a.results) if a.results else ROOT / "results" / matrix["name"]
+    records = read_jsonl(results / "runs.jsonl")
+    finished = latest_by_cell(records)
+    pending = [(c, finished.get((c["method"], c["seed"]))) for c in cells(matrix)]
+    try:
+        refuse_another_precision(matrix, pending, records, Path("runs") / matrix["name"], results / "runs.jsonl",
+                                 load_config)
+    except AttnlabError as err:
+        raise SystemExit(f"cell_plan: no plan for this machine: {err}") from None
     out = plan(matrix, a.steps, a.overhead, a.limit, a.compare_eager)
-    path = Path(a.out) if a.out else ROOT / "results" / matrix["name"] / "cell_plan.json"
+    path = Path(a.out) if a.out else results / "cell_plan.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, out, "cell plan")
     for notice in out["notices"]:

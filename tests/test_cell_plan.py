@@ -78,3 +78,27 @@ def test_compare_eager_times_a_compiling_matrix_both_ways(cell_plan, tmp_path, m
     assert none["eager_images_per_s_1_thread"] == 100.0 and none["compile_speedup_1_thread"] == 1.2
     cell_plan.main(["--matrix", str(matrix), "--out", str(out_path)])  # without the flag: compiled rates only
     assert "eager_images_per_s_1_thread" not in json.loads(out_path.read_text())["methods"]["none"]
+
+
+def test_no_plan_where_bench_would_refuse_the_precision(cell_plan, tmp_path, monkeypatch):
+    from attnlab.bench.matrix import cells, load_matrix
+    matrix = tmp_path / "tiny.yaml"
+    matrix.write_text(tiny_matrix_text({"none": "none", "se": "se"}).replace("  train.epochs: 1\n",
+                                                                            "  train.epochs: 1\n  train.amp: bf16\n"))
+    (none0,) = cells(load_matrix(matrix), only=["none"])
+    results = tmp_path / "results"
+    results.mkdir()
+    done = {"method": "none", "seed": 0, "status": "ok", "precision": "bf16", "overrides": none0["overrides"]}
+    (results / "runs.jsonl").write_text(json.dumps(done) + "\n")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # a CPU without native bf16
+    timed = []
+    monkeypatch.setattr(cell_plan, "step_rate", lambda *args: timed.append(args) or 100.0)
+    with pytest.raises(SystemExit, match=r"no plan for this machine: .*none seed 0 trained in bf16, but here "
+                                         r"se seed 0 would train in fp32"):
+        cell_plan.main(["--matrix", str(matrix), "--results", str(results)])
+    assert not timed and not (results / "cell_plan.json").exists()
+    # Where the CPU has native bf16 the cells train in bf16 like the finished one: the plan is made.
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(cell_plan.torch, "get_num_threads", lambda: 2)
+    cell_plan.main(["--matrix", str(matrix), "--results", str(results)])
+    assert json.loads((results / "cell_plan.json").read_text())["methods"]["se"]["precision"] == "bf16"
