@@ -119,7 +119,7 @@ def _processors(runs) -> set:
 
 def _same_setting(bf16: list, fp32: list) -> bool:
     """Whether every cell of both ran at one thread count on one kind of processor (their speeds are then
-    comparable: the same recipe trains at 263 images/s in fp32 on a 2-core Xeon and about 400 on a 2-core Zen 4)."""
+    comparable; an fp32 twin may have trained on another machine than its bf16 cell)."""
     return (_threads(bf16) == _threads(fp32) and len(_threads(bf16)) == 1
             and _processors(bf16) == _processors(fp32) and len(_processors(bf16)) == 1)
 
