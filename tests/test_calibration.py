@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 from conftest import load_benchmark
 
+from attnlab.errors import AttnlabError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -75,3 +77,29 @@ def test_no_speed_ratio_between_cells_that_ran_on_different_processors(cal, tmp_
     cal.main(["--results", str(res)])
     pair = json.loads((res / "precision.json").read_text())["pairs"][0]
     assert pair["train_images_per_s"]["bf16_over_fp32"] == pytest.approx(560.0 / 263.0)
+
+
+def test_the_tables_replace_the_readme_block_and_nothing_else(cal, tmp_path):
+    res = tmp_path / "results" / "cal"
+    res.mkdir(parents=True)
+    records = [_record("e15", 0, 88.0, 87.5), _record("e30", 0, 89.6, 89.5), _record("e30", 1, 89.8, 89.0),
+               _record("e30_fp32", 0, 89.5, 89.2, "fp32", 300.0)]
+    (res / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    other = "<!-- results:begin -->\nanother matrix's table\n<!-- results:end -->"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n<!-- results:cifar10_calibration:begin -->\nold\n"
+                      f"<!-- results:cifar10_calibration:end -->\n{other}\n")
+    cal.main(["--results", str(res), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old" not in text and other in text and text.startswith("intro\n")
+    assert "| 30 epochs | bf16 | 2 | 89.70 ± 0.14 | 89.25 ± 0.35 |" in text
+    assert "Chosen: **30 epochs**" in text                       # 89.70 is within 0.5 of e30 itself, the longest
+    # One seed a side: the difference without an interval; links point into the results folder from the README.
+    assert "| 30 epochs | 0 | 89.60 | 89.50 | +0.10 (one seed a side: no interval) |" in text
+    assert "(results/cal/calibration.json)" in text
+    assert "(calibration.json)" in (res / "calibration.md").read_text()
+    # A README without the calibration block is refused, and the matrix block is not taken instead.
+    readme.write_text(f"intro\n{other}\n")
+    with pytest.raises(AttnlabError, match="results:cifar10_calibration:begin"):
+        cal.main(["--results", str(res), "--readme", str(readme)])
+    assert readme.read_text() == f"intro\n{other}\n"

@@ -15,17 +15,20 @@ def markers(matrix_name: str | None = None) -> tuple[str, str]:
     return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
 
 
-def update_readme(readme_path, block: str, matrix_name: str | None = None) -> None:
-    """Replace the matrix's own block (``<!-- results:NAME:begin -->``) if the README has one, else the default."""
+def update_readme(readme_path, block: str, matrix_name: str | None = None, fallback: bool = True) -> None:
+    """Replace the matrix's own block (``<!-- results:NAME:begin -->``) if the README has one, else (with
+    ``fallback``) the default block."""
     path = Path(readme_path)
     if not path.is_file():
         raise AttnlabError(f"README not found: {path}")
     text = path.read_text()
-    for begin, end in ([markers(matrix_name)] if matrix_name else []) + [markers()]:
+    candidates = ([markers(matrix_name)] if matrix_name else []) + ([markers()] if fallback or not matrix_name else [])
+    for begin, end in candidates:
         pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
         if pattern.search(text):
             break
     else:
-        raise AttnlabError(f"{path} has no '{BEGIN}' ... '{END}' block to replace")
+        begin, end = candidates[0]
+        raise AttnlabError(f"{path} has no '{begin}' ... '{end}' block to replace")
     text = pattern.sub(lambda _: f"{begin}\n{block}\n{end}", text, count=1)
     atomic_write_text(path, text, "README")
