@@ -1,6 +1,7 @@
-"""The README's commands work as written: every `attnlab` line parses and its recipe and overrides load, the
-Python block runs, the single-node torchrun line trains (2 CPU ranks, gloo) at tiny size with the files the
-README's table lists, and the tools the README puts on PATH are in the environment's bin/."""
+"""The commands of the README and of its usage page (docs/usage.md) work as written: every `attnlab` line parses and
+its recipe and overrides load, the README's Python block runs, the single-node torchrun line trains (2 CPU ranks,
+gloo) at tiny size with the files the usage page's table lists, and the tools the README puts on PATH are in the
+environment's bin/."""
 import importlib
 import json
 import os
@@ -18,14 +19,16 @@ from attnlab.engine.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+USAGE = (ROOT / "docs" / "usage.md").read_text()
 
 
-def blocks(lang):
-    return re.findall(rf"```{lang}\n(.*?)```", README, re.S)
+def blocks(lang, text=README + USAGE):
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
 
 
 def shell_commands():
-    """Each command of the README's bash blocks: comments dropped, continuations joined, `&&` split."""
+    """Each command of the README's and the usage page's bash blocks: comments dropped, continuations joined,
+    `&&` split."""
     text = "\n".join(blocks("bash")).replace("\\\n", " ")
     out = []
     for line in text.splitlines():
@@ -79,7 +82,7 @@ def test_train_commands_use_their_own_run_names():
 
 
 def test_the_python_block_runs():
-    (code,) = blocks("python")
+    (code,) = blocks("python", README)
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
     logits, feats = scope["logits"], scope["feats"]
@@ -92,8 +95,8 @@ def test_the_environment_has_the_tools_the_readme_puts_on_path():
         assert (bin_dir / tool).is_file(), f"{tool} is not in {bin_dir}"
 
 
-def run_files_in_readme():
-    section = README[README.index("### Where a run's files go"):]
+def run_files_listed():
+    section = USAGE[USAGE.index("### Where a run's files go"):]
     table = section[section.index("| file |"):]
     table = table[:table.index("\n\n")]
     return [re.match(r"\| `([^`]+)`", row).group(1) for row in table.splitlines()[2:]]
@@ -123,5 +126,5 @@ def test_single_node_torchrun_command_as_written(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["world_size"] == 2                              # two ranks trained together
     assert "x 2 ranks" in proc.stdout and "of 32 " in proc.stdout   # the 32 is the global batch
-    for pattern in run_files_in_readme():                          # every file the README says a run writes
+    for pattern in run_files_listed():                          # every file the usage page says a run writes
         assert list(run_dir.glob(pattern)), f"{pattern} missing from {sorted(p.name for p in run_dir.iterdir())}"
