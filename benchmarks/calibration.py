@@ -66,8 +66,7 @@ def schedules(by_method: dict) -> list[dict]:
                      "val_top1": _stats([r["val_top1"] for r in runs]),
                      "test_top1": _stats([r["test_top1"] for r in runs]),
                      "train_hours": _stats([r["wall_time_s"] / 3600 for r in runs]),
-                     "threads": [r.get("threads") for r in runs],
-                     "processors": [(r.get("host") or {}).get("processor") for r in runs]})
+                     "ran_on": [_ran_on(r) for r in runs]})
     return sorted(rows, key=lambda r: r["epochs"])
 
 
@@ -109,10 +108,19 @@ def precision_pairs(by_method: dict) -> list[dict]:
                           "bf16_minus_fp32": _interval([r["test_top1"] for r in bf16],
                                                        [r["test_top1"] for r in fp32])},
             "train_images_per_s": {**speed, "bf16_over_fp32": _speed_ratio(speed, bf16, fp32)},
+            "train_hours": {"bf16": _stats([r["wall_time_s"] / 3600 for r in bf16]),
+                            "fp32": _stats([r["wall_time_s"] / 3600 for r in fp32])},
+            "ran_on": {"bf16": [_ran_on(r) for r in bf16], "fp32": [_ran_on(r) for r in fp32]},
             "threads": sorted({r.get("threads") for r in bf16 + fp32} - {None}),
             "processors": sorted(_processors(bf16 + fp32) - {None}),
             "note": _speed_note(bf16, fp32)})
     return out
+
+
+def _ran_on(record: dict) -> str:
+    """"2 threads, Intel Xeon @ 2.80GHz": where a cell trained, which its hours and images/s depend on."""
+    threads, processor = record.get("threads"), (record.get("host") or {}).get("processor")
+    return f"{threads} thread{'s' if threads != 1 else ''}, {_short_processor(processor)}"
 
 
 def _threads(runs) -> set:
@@ -181,10 +189,9 @@ def _delta(interval: dict) -> str:
     return f"{interval['diff']:+.2f} [{interval['low']:+.2f}, {interval['high']:+.2f}]"
 
 
-def _where(row: dict) -> str:
+def _where(hours: list, ran_on: list) -> str:
     """Each seed's hours, thread count and processor: cells of one schedule may have run on different machines."""
-    return ", ".join(f"{h:.2f} h ({t} thread{'s' if t != 1 else ''}, {_short_processor(p)})"
-                     for h, t, p in zip(row["train_hours"]["values"], row["threads"], row["processors"]))
+    return ", ".join(f"{h:.2f} h ({where})" for h, where in zip(hours, ran_on))
 
 
 def markdown(rows: list[dict], choice: dict, pairs: list[dict], folder: str = "") -> str:
@@ -198,7 +205,8 @@ def markdown(rows: list[dict], choice: dict, pairs: list[dict], folder: str = ""
              "|---|---|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['epochs']} epochs | {', '.join(r['precision'])} | {r['val_top1']['n']} | "
-                     f"{_mean_sd(r['val_top1'])} | {_mean_sd(r['test_top1'])} | {_where(r)} |")
+                     f"{_mean_sd(r['val_top1'])} | {_mean_sd(r['test_top1'])} | "
+                     f"{_where(r['train_hours']['values'], r['ran_on'])} |")
     if choice:
         lines += ["", f"Chosen: **{choice['chosen_epochs']} epochs**, the shortest schedule whose mean val top-1 "
                   f"({choice['chosen_val_top1']:.2f}) is within {choice['tolerance']:g} point of the longest run so "
@@ -207,10 +215,12 @@ def markdown(rows: list[dict], choice: dict, pairs: list[dict], folder: str = ""
     if pairs:
         lines += ["", "fp32 against bf16 at the same schedule and seeds (Δ = bf16 - fp32, Welch 95 % interval):", "",
                   "| schedule | seeds | val bf16 | val fp32 | Δ val | test bf16 | test fp32 | Δ test | "
-                  "bf16 / fp32 images/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "bf16 / fp32 images/s (or where each ran) |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for p in sorted(pairs, key=lambda p: p["epochs"]):
             ratio = p["train_images_per_s"]["bf16_over_fp32"]
-            speed = f"{ratio:.2f}" if ratio is not None else "not comparable (other machine or threads)"
+            speed = f"{ratio:.2f}" if ratio is not None else (
+                f"no ratio: bf16 {_where(p['train_hours']['bf16']['values'], p['ran_on']['bf16'])}; "
+                f"fp32 {_where(p['train_hours']['fp32']['values'], p['ran_on']['fp32'])}")
             lines.append(f"| {p['epochs']} epochs | {', '.join(map(str, p['seeds']))} | "
                          f"{_mean_sd(p['val_top1']['bf16'])} | {_mean_sd(p['val_top1']['fp32'])} | "
                          f"{_delta(p['val_top1']['bf16_minus_fp32'])} | {_mean_sd(p['test_top1']['bf16'])} | "

@@ -69,6 +69,7 @@ def test_no_speed_ratio_between_cells_that_ran_on_different_processors(cal, tmp_
     (res / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     cal.main(["--results", str(res)])
     pair = json.loads((res / "precision.json").read_text())["pairs"][0]
+    assert pair["ran_on"] == {"bf16": ["2 threads, AMD EPYC"], "fp32": ["2 threads, Intel Xeon @ 2.80GHz"]}
     assert pair["threads"] == [2] and pair["processors"] == sorted([zen4["processor"], xeon["processor"]])
     assert pair["train_images_per_s"]["bf16_over_fp32"] is None and "not comparable" in pair["note"]
     # On one processor at one thread count the ratio is there.
