@@ -46,6 +46,10 @@ def _stats(values) -> dict:
     return {"mean": mean, "std": std if n > 1 else None, "n": n, "values": list(values)}
 
 
+def _hours(runs) -> dict:
+    return _stats([r["wall_time_s"] / 3600 for r in runs])
+
+
 def _group(records) -> dict:
     """{method: [records by seed]} of the finished cells."""
     out = {}
@@ -65,7 +69,7 @@ def schedules(by_method: dict) -> list[dict]:
                      "precision": sorted({r.get("precision") or "fp32" for r in runs}),
                      "val_top1": _stats([r["val_top1"] for r in runs]),
                      "test_top1": _stats([r["test_top1"] for r in runs]),
-                     "train_hours": _stats([r["wall_time_s"] / 3600 for r in runs]),
+                     "train_hours": _hours(runs),
                      "ran_on": [_ran_on(r) for r in runs]})
     return sorted(rows, key=lambda r: r["epochs"])
 
@@ -108,8 +112,7 @@ def precision_pairs(by_method: dict) -> list[dict]:
                           "bf16_minus_fp32": _interval([r["test_top1"] for r in bf16],
                                                        [r["test_top1"] for r in fp32])},
             "train_images_per_s": {**speed, "bf16_over_fp32": _speed_ratio(speed, bf16, fp32)},
-            "train_hours": {"bf16": _stats([r["wall_time_s"] / 3600 for r in bf16]),
-                            "fp32": _stats([r["wall_time_s"] / 3600 for r in fp32])},
+            "train_hours": {"bf16": _hours(bf16), "fp32": _hours(fp32)},
             "ran_on": {"bf16": [_ran_on(r) for r in bf16], "fp32": [_ran_on(r) for r in fp32]},
             "threads": sorted({r.get("threads") for r in bf16 + fp32} - {None}),
             "processors": sorted(_processors(bf16 + fp32) - {None}),
@@ -119,16 +122,20 @@ def precision_pairs(by_method: dict) -> list[dict]:
 
 def _ran_on(record: dict) -> str:
     """"2 threads, Intel Xeon @ 2.80GHz": where a cell trained, which its hours and images/s depend on."""
-    threads, processor = record.get("threads"), (record.get("host") or {}).get("processor")
-    return f"{threads} thread{'s' if threads != 1 else ''}, {_short_processor(processor)}"
+    threads = record.get("threads")
+    return f"{threads} thread{'s' if threads != 1 else ''}, {_short_processor(_processor(record))}"
 
 
 def _threads(runs) -> set:
     return {r.get("threads") for r in runs}
 
 
+def _processor(record: dict):
+    return (record.get("host") or {}).get("processor")
+
+
 def _processors(runs) -> set:
-    return {(r.get("host") or {}).get("processor") for r in runs}
+    return {_processor(r) for r in runs}
 
 
 def _same_setting(bf16: list, fp32: list) -> bool:
