@@ -43,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from attnlab.bench.stats import ratio_interval  # noqa: E402
 from attnlab.files import atomic_write_bytes, save_figure  # noqa: E402
 from attnlab.jsonl import read_jsonl  # noqa: E402
 from attnlab.search.replay import read_table, replay_study, write_json  # noqa: E402
@@ -362,17 +363,25 @@ def phase_report(a):
                               for m, v in by.items()}
         lat_path = results / "ean_retrain" / "latency.json"
         if lat_path.is_file():  # inference latency ratio to the plain backbone, per batch size (round-robin)
-            lat = json.loads(lat_path.read_text())["methods"]
-            base = lat.get("none", {}).get("cpu", {}).get("batch", {})
-            summary["latency_ratio_to_none_cpu"] = {
-                m: {bs: v["cpu"]["batch"][bs]["median_ms"] / base[bs]["median_ms"] for bs in base
-                    if bs in v.get("cpu", {}).get("batch", {})} for m, v in lat.items()}
+            summary["latency_ratio_to_none_cpu"] = latency_ratios(json.loads(lat_path.read_text())["methods"])
             summary["latency_file"] = str(lat_path)
     write_json(results / "summary.json", summary)
     plots(a, ranked, res, results)
     if retrain and matrix_path(a, "ean_retrain").is_file():  # report.md with the claims' verdicts and plots
         attnlab("report", results / "ean_retrain", "--matrix", matrix_path(a, "ean_retrain"))
     print(f"report: wrote {results / 'summary.json'}", flush=True)
+
+
+def latency_ratios(methods: dict) -> dict:
+    """Each method's CPU latency over ``none``'s per batch size, as report.md states it: the geometric mean over
+    timing rounds of the per-round ratio, with its 95% interval (``ratio``, ``low``, ``high``, ``n`` rounds)."""
+    base = methods.get("none", {}).get("cpu", {}).get("batch", {})
+    out = {}
+    for m, v in methods.items():
+        timed = v.get("cpu", {}).get("batch", {})
+        out[m] = {bs: ratio_interval(timed[bs]["round_medians_ms"], base[bs]["round_medians_ms"])
+                  for bs in base if bs in timed}
+    return out
 
 
 def plots(a, ranked, res, results):

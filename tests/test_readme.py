@@ -75,6 +75,38 @@ def test_every_attnlab_command_parses_and_its_recipe_loads():
             assert (ROOT / ns.results_dir / "runs.jsonl").is_file(), command
 
 
+PLACEHOLDERS = ("...", "<", "RECIPE", "METHODS", "$")  # a sketch of a command, not one to run as written
+
+
+def docs_commands():
+    """Each `attnlab` or `torchrun ... -m attnlab` line of every fenced block of docs/*.md (placeholders skipped)."""
+    out = []
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        for block in re.findall(r"```[a-z]*\n(.*?)```", page.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                for part in line.split(" #", 1)[0].split("&&"):
+                    part = part.strip()
+                    if part.startswith(("attnlab ", "torchrun ")) and not any(p in part for p in PLACEHOLDERS):
+                        out.append((page.name, part))
+    return out
+
+
+def test_every_command_of_the_docs_parses_and_its_recipe_loads():
+    """As above, for the pages under docs/: a recipe with a data folder of its own still has to accept the
+    overrides the page gives it (a wsol dataset, for one, refuses a held-out val_size)."""
+    parser = build_parser({n: importlib.import_module(m) for n, (m, _) in COMMANDS.items()})
+    commands = docs_commands()
+    assert len(commands) >= 20 and {page for page, _ in commands} >= {"imagenet.md", "wsol.md", "ean.md"}
+    for page, command in commands:
+        try:
+            ns = parser.parse_args(attnlab_args(command))
+        except SystemExit as e:
+            raise AssertionError(f"docs/{page}: command does not parse: {command}") from e
+        if getattr(ns, "config", None) and ns.command == "train":
+            assert (ROOT / ns.config).is_file(), (page, command)
+            load_config(ROOT / ns.config, ns.overrides)
+
+
 def test_train_commands_use_their_own_run_names():
     """`make demo` made runs/quick: a README train command must not write into it again."""
     trains = [c for c in shell_commands() if " train --config " in c]

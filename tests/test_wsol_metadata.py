@@ -2,6 +2,7 @@
 the same metrics as the Tiny-ImageNet path on the same maps, several boxes per image, one-line errors, and
 ``attnlab train`` + ``attnlab localize`` end to end."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,6 +258,9 @@ def test_config_keys_and_their_errors(cub, tmp_path):
     assert cfg.data.metadata == str(meta)
     with pytest.raises(AttnlabError, match="data.name=wsol needs data.metadata"):
         load_config(None, ["data.name=wsol", f"data.data_dir={root}"])
+    with pytest.raises(AttnlabError, match=r"own val split .*set data.val_size=null \(got 50000\)"):
+        load_config(Path(__file__).parents[1] / "configs" / "imagenet_resnet50_tdam.yaml",  # holds images out
+                    ["data.name=wsol", f"data.data_dir={root}", f"data.metadata={meta}"])
     with pytest.raises(AttnlabError, match="data.metadata is read by data.name=wsol only"):
         load_config(None, ["data.name=cifar10", f"data.metadata={meta}"])
     from attnlab.data.stream import stream_dataset

@@ -45,7 +45,7 @@ def test_tdam_gain_holds_and_report_survives_losing_runs(wr, tmp_path):
     _write_runs(runs, {"none": [(39.0, 53.0, 22.5), (39.6, 53.2, 22.7), (39.3, 52.9, 22.3)],
                        "tdam": [(40.0, 54.0, 27.4), (40.5, 54.4, 27.9), (40.1, 54.1, 27.2)]})
     text, block = wr.report(runs)
-    assert "**TDAM's claim (+4.93 Top-1 Loc over the plain ResNet-50 on ImageNet): holds at this scale.**" in text
+    assert "**TDAM's claim (+4.51 Top-1 Loc over the plain ResNet-50 on ImageNet): holds at this scale.**" in text
     assert "tdam - none = +5.00 [" in text and "is inside that interval" in text
     assert "| tdam | 3 | 40.20 ± 0.26 |" in text
     assert (tmp_path / "results" / "localize" / "tdam-s2.json").is_file()
@@ -80,7 +80,7 @@ def test_cams_below_the_prior_make_the_claim_untestable(wr, tmp_path):
     _write_runs(runs, {"none": [(39.0, 53.0, 22.5), (39.6, 53.2, 22.7), (39.3, 52.9, 22.3)],
                        "tdam": [(40.0, 53.4, 27.4), (40.5, 53.3, 27.9), (40.1, 53.1, 27.2)]})
     text, block = wr.report(runs)
-    headline = "**TDAM's claim (+4.93 Top-1 Loc over the plain ResNet-50 on ImageNet): untestable here: CAMs score"
+    headline = "**TDAM's claim (+4.51 Top-1 Loc over the plain ResNet-50 on ImageNet): untestable here: CAMs score"
     assert headline + " below the prior.**" in text and headline in block
     assert "holds at this scale" not in text  # Top-1 Loc is +5 here, but the boxes are no better than the prior
 

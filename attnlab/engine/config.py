@@ -268,6 +268,9 @@ def _validate_data(data) -> None:
     if is_wsol and (data.metadata is None or data.data_dir is None):
         raise AttnlabError("data.name=wsol needs data.metadata=<metadata folder with train/ val/ test/> and "
                            "data.data_dir=<image root>")
+    if is_wsol and data.val_size is not None:  # said here, before any image is read, as load_dataset says it
+        raise AttnlabError(f"data.name=wsol has its own val split (its metadata's val/); set data.val_size=null "
+                           f"(got {data.val_size})")
     if data.metadata is not None and not is_wsol:
         raise AttnlabError(f"data.metadata is read by data.name=wsol only, not by '{data.name}'")
     if data.pipeline not in ("cache", "stream"):
