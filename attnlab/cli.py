@@ -68,7 +68,14 @@ def build_parser(modules):
 
 def main(argv=None):
     modules = {name: importlib.import_module(module) for name, (module, _) in COMMANDS.items()}
-    args = build_parser(modules).parse_args(argv)
+    parser = build_parser(modules)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse takes one run of key=value words; more of them between the options are overrides too
+        takes_overrides = isinstance(getattr(args, "overrides", None), list)
+        if takes_overrides and all("=" in w and not w.startswith("-") for w in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         result = modules[args.command].run(args)
     except AttnlabError as err:

@@ -1,4 +1,5 @@
 """One exception type for bad input: the CLI prints its message as one line and exits with code 2."""
+import argparse
 import difflib
 import operator
 
@@ -33,3 +34,15 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a command's count or size option: an integer >= 1 (0 is refused, not read as 'the
+    default')."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
+    return n

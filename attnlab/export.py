@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .engine.run_folder import open_run
-from .errors import AttnlabError
+from .errors import AttnlabError, positive_int
 from .files import atomic_path, writable_dir
 
 def add_arguments(p):
@@ -27,7 +27,7 @@ def add_arguments(p):
                    help="a checkpoint written by attnlab train, or a run directory (its checkpoint_best.pt, else "
                    "checkpoint_last.pt)")
     p.add_argument("--onnx", required=True, metavar="OUT", help="where to write the .onnx file")
-    p.add_argument("--input-size", type=int, default=None,
+    p.add_argument("--input-size", type=positive_int, default=None,
                    help="H = W of the example input (default: data.image_size, else the model's default)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17 legacy, 18 dynamo)")
     p.add_argument("--exporter", choices=("auto", "legacy", "dynamo"), default="auto",

@@ -119,7 +119,9 @@ def save_figure(fig, path, what: str = "plot", **savefig_kwargs) -> Path:
 def write_error(err: Exception, path, what: str = "file") -> Exception:
     """The one-line AttnlabError for a failed write of ``path`` (the error itself if it is not about the disk)."""
     code = getattr(err, "errno", None)
-    kept = f"the previous {what} is kept" if Path(path).exists() else f"no {what} was written"
+    if Path(path).is_dir():
+        return AttnlabError(f"cannot write {what} {path}: it is a folder; give a file path")
+    kept = f"the previous {what} is kept" if Path(path).is_file() else f"no {what} was written"
     if code == errno.ENOSPC or "No space left" in str(err):
         return AttnlabError(f"no space left on device writing {path}; {kept}")
     if code in _READ_ONLY:

@@ -135,6 +135,34 @@ def test_dry_run_flags_bad_config(tmp_path, capsys):
     assert "unknown attention 'nope'" in out
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--latency-only", "--no-latency"], "--latency-only times latency and trains nothing: it conflicts with "
+                                         "--no-latency"),
+    (["--latency-only", "--dry-run"], "it conflicts with --dry-run"),
+])
+def test_contradictory_flags_are_refused_before_anything_runs(tmp_path, capsys, flags, message):
+    path = _write(tmp_path, tiny_matrix_text({"none": "none"}))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--matrix", str(path), "--results-root", str(tmp_path / "res"), *flags])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "res").exists()
+    with pytest.raises(SystemExit) as info:  # a folder given as the matrix says so
+        cli.main(["bench", "--matrix", str(tmp_path)])
+    assert "is a folder, not a YAML file" in capsys.readouterr().err
+
+
+def test_a_results_root_that_cannot_hold_results_is_refused_before_any_cell_trains(tmp_path, capsys):
+    path = _write(tmp_path, tiny_matrix_text({"none": "none"}))
+    (tmp_path / "a_file").write_text("x\n")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--matrix", str(path), "--results-root", str(tmp_path / "a_file"), "--no-latency",
+                  "--runs-root", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"cannot create results folder {tmp_path / 'a_file' / 'tiny'}" in err
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
 def test_latency_times_again_the_methods_timed_on_another_machine(tmp_path):
     from attnlab.bench.latency import measure_latencies
     from attnlab.host import cpu_threads, timing_machine as machine
@@ -342,6 +370,13 @@ def test_an_edited_recipe_is_not_mixed_with_cells_trained_before_the_edit(tmp_pa
     assert prepare_run_dir(run_dir, fingerprint(edited, cell), matrix["recipe_digest"]) == run_dir
     assert prepare_run_dir(run_dir, fingerprint(edited, cell), edited["recipe_digest"]) is None
     assert not (run_dir / "checkpoint_last.pt").exists()
+    # A finished run of other settings is moved aside, not deleted: another runs.jsonl may point at it.
+    (run_dir / "checkpoint_last.pt").write_bytes(b"x")
+    (run_dir / "results.json").write_text('{"test_top1": 50.0}\n')
+    assert prepare_run_dir(run_dir, fingerprint(edited, cell), matrix["recipe_digest"]) is None
+    (aside,) = run_dir.parent.glob(f"{run_dir.name}.replaced-*")
+    assert (aside / "results.json").read_text() == '{"test_top1": 50.0}\n'
+    assert sorted(p.name for p in run_dir.iterdir()) == ["bench_cell.json"]
     # A GPU slot's cell trained with the edited recipe does not merge into the old recipe's runs.jsonl.
     from attnlab.bench.runs import merge_runs
     slot = tmp_path / "slot.jsonl"

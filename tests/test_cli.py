@@ -152,3 +152,70 @@ def test_list_names_what_a_recipe_can_use(capsys):
     with pytest.raises(SystemExit) as info:
         main(["list", "losses"])
     assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def _torch_file(path, obj):
+    import torch
+    torch.save(obj, path)
+    return path
+
+
+class _NotPlain:  # pickled by torch.save below: a class, which weights_only loading refuses
+    pass
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes(b""), r"is empty \(0 bytes\): cut short or never written"),
+    (lambda p: p.write_bytes(_torch_file(p, {"w": [1.0] * 1000}).read_bytes()[:300]),
+     r"corrupt or truncated \(RuntimeError: PytorchStreamReader failed reading zip archive"),
+    (lambda p: _torch_file(p, {"x": _NotPlain()}),
+     r"holds more than tensors and plain values.*never unpickled: that could run code\)$"),
+])
+def test_an_unreadable_checkpoint_is_one_line_without_torchs_advice_to_unpickle_it(make, message, capsys, tmp_path):
+    path = tmp_path / "bad.pt"
+    make(path)
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--checkpoint", str(path)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert re.search(message, err.strip()), err
+    assert "weights_only" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--checkpoint", "x", "--batch-size", "0"], "argument --batch-size: must be a positive integer, got '0'"),
+    (["localize", "--checkpoint", "x", "--batch-size", "-1"], "argument --batch-size: must be a positive integer"),
+    (["show", "--checkpoint", "x", "--images", "0"], "argument --images: must be a positive integer"),
+    (["export", "--checkpoint", "x", "--onnx", "x.onnx", "--input-size", "-4"],
+     "argument --input-size: must be a positive integer, got '-4'"),
+    (["eval", "--checkpoint", "x", "--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
+    (["localize", "--checkpoint", "x", "--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
+])
+def test_a_size_of_zero_or_an_unknown_device_is_refused_not_replaced_by_a_default(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_an_unknown_device_in_a_recipe_is_refused():
+    from attnlab.engine.distributed import resolve_device
+    from attnlab.errors import AttnlabError
+    with pytest.raises(AttnlabError, match=r"unknown device 'gpu'.*valid choices: auto, cpu, cuda"):
+        resolve_device("gpu")
+    assert resolve_device("cpu").type == "cpu"
+
+
+def test_overrides_may_come_before_between_and_after_the_options(monkeypatch):
+    import importlib
+    from attnlab.cli import COMMANDS, build_parser
+    modules = {n: importlib.import_module(m) for n, (m, _) in COMMANDS.items()}
+    argv = ["train", "name=x", "--config", "configs/quick.yaml", "train.epochs=1", "--overwrite", "seed=3"]
+    with pytest.raises(SystemExit):  # argparse alone takes only the first run of key=value words
+        build_parser(modules).parse_args(argv)
+    seen = {}
+    monkeypatch.setattr(modules["train"], "run", lambda args: seen.update(vars(args)) or 0)
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    assert seen["overrides"] == ["name=x", "train.epochs=1", "seed=3"] and seen["overwrite"] is True

@@ -1,4 +1,5 @@
 """Config schema, YAML + override merging, and the errors for unknown keys and bad values."""
+import re
 from pathlib import Path
 
 import pytest
@@ -95,10 +96,19 @@ def test_a_newly_registered_objective_gets_a_checked_section():
 def test_missing_or_malformed_recipe(tmp_path):
     with pytest.raises(AttnlabError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(AttnlabError, match=f"config file '{tmp_path}' is a folder, not a YAML file"):
+        load_config(tmp_path)
     with pytest.raises(AttnlabError, match="cannot read config"):
         load_config(write(tmp_path, "train: [unclosed\n"))
     with pytest.raises(AttnlabError, match="mapping"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", "."])
+def test_a_run_name_that_is_not_a_plain_folder_name_is_refused(name):
+    """The run dir is out_dir/name: a name with a path in it would put the run outside out_dir."""
+    with pytest.raises(AttnlabError, match=f"name must be a plain folder name .*got {re.escape(repr(name))}"):
+        load_config(None, [f"name={name}"])
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))

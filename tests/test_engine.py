@@ -152,6 +152,10 @@ def test_eval_command_matches_the_run(run, capsys):
         assert saved["split"] == split and saved["images"] == (100 if split == "test" else 20)
         assert saved["top1"] == pytest.approx(expected, abs=1e-6)  # same weights, same images, same answer
         assert f"{saved['top1']:.2f}%" in out
+    with pytest.raises(SystemExit) as info:  # --out naming a folder: said so, not "the previous one is kept"
+        main(["eval", "--checkpoint", str(best), "--out", str(run_dir)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"{run_dir}: it is a folder; give a file path" in err and "kept" not in err
 
 
 def test_atomic_save_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):

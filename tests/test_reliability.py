@@ -86,6 +86,12 @@ def test_training_into_an_existing_run_refuses_and_changes_nothing(tmp_path, cap
     assert "already holds a run" in err and f"--resume {tmp_path / 'quick'}" in err and "name=" in err \
         and "--overwrite" in err
     assert snapshot(tmp_path / "quick") == before
+    # --overwrite with a run that cannot start (its data folder is missing; the batch is larger than the data):
+    # the error is said and the old run is still whole.
+    for bad in (f"data.data_dir={tmp_path / 'nowhere'}", "train.batch_size=5000"):
+        code, _, err = cli(["train", *args(tmp_path, "quick", epochs=1), bad, "--overwrite"], capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert snapshot(tmp_path / "quick") == before, bad
     # --overwrite replaces it: one fresh metrics row, one TensorBoard file, the new attention in the checkpoint.
     code, _, _ = cli(["train", *args(tmp_path, "quick", epochs=1), "model.attention=eca", "--overwrite"], capsys)
     assert code == 0

@@ -226,7 +226,21 @@ def test_cli_report_and_errors(results, tmp_path, capsys):
         cli.main(["report", str(tmp_path / "missing")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("attnlab: error: no runs.jsonl") and "\n" not in err
+    assert err == f"attnlab: error: results folder '{tmp_path / 'missing'}' does not exist"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["report", str(tmp_path / "empty")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("attnlab: error: no runs.jsonl") and "\n" not in err
+    with pytest.raises(SystemExit) as exit_:  # the file itself instead of its folder
+        cli.main(["report", str(results / "runs.jsonl")])
+    assert "is a file: give the results/<matrix>/ folder that holds runs.jsonl" in capsys.readouterr().err
+    before = (results / "report.md").read_bytes()
+    with pytest.raises(SystemExit) as exit_:  # a misspelt baseline is not read as "no baseline run yet"
+        cli.main(["report", str(results), "--baseline", "sse"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "unknown baseline method 'sse' (did you mean se" in err and "\n" not in err
+    assert (results / "report.md").read_bytes() == before
 
 
 CLAIMS_MATRIX = """name: fake

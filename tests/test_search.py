@@ -2,6 +2,7 @@
 the budgeted oracle, the replay study, the supernet mask hook, and the evaluator (deterministic, cached, BN
 recalibration) on a real tiny model."""
 import json
+import re
 
 import pytest
 import torch
@@ -138,6 +139,18 @@ def test_table_round_trip_and_ranks(tmp_path, table):
     assert all(back[b]["top1"] == pytest.approx(table[b]["top1"], rel=1e-5) for b in table)
     r = ranks({(0,): 3.0, (1,): 5.0, (2,): 3.0})
     assert r == {(1,): 1, (0,): 2, (2,): 2}
+
+
+@pytest.mark.parametrize("content, message", [
+    (bytes(range(128, 256)), "is not a CSV text file (UnicodeDecodeError)"),
+    (b"scheme,top1\n101,0.5\n1x1,0.4\n", "line 3: a scheme of 0/1 digits and numbers expected"),
+    (b"scheme,top1\n101,high\n", "line 2: a scheme of 0/1 digits and numbers expected"),
+])
+def test_a_table_that_is_not_one_is_a_one_line_error(tmp_path, content, message):
+    path = tmp_path / "table.csv"
+    path.write_bytes(content)
+    with pytest.raises(AttnlabError, match=re.escape(message)):
+        read_table(path)
 
 
 def test_replay_study_ranks_each_searchers_pick(table):

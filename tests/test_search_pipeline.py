@@ -316,6 +316,12 @@ def test_whole_pipeline_runs_and_skips_done_phases(tmp_path, capsys, monkeypatch
     (["--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
     (["--config", str(CONFIG), "--phases", "supernet,serch"], "unknown phase 'serch'"),
     (["--config", str(CONFIG), "search.dir=../x"], "search.dir must be a plain folder name"),
+    # Said before the supernet trains (the default phases run it first), so nothing waits behind a typo.
+    (["--config", str(CONFIG), "search.searcher=reinfroce"], "unknown searcher 'reinfroce' (did you mean reinforce"),
+    (["--config", str(CONFIG), "search.select=best"], "unknown search.select rule 'best'"),
+    (["--config", str(CONFIG), "search.options.stepz=3"], "reinforce has no option stepz"),
+    (["--config", str(CONFIG), "--phases", ","], "--phases names no phase"),
+    (["--config", str(CONFIG), "--phases", "search,retrain", "--scheme", "111-111-111"], "give --phases retrain"),
 ])
 def test_search_command_bad_input_is_one_line(args, message, capsys):
     from attnlab.cli import main

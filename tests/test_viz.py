@@ -56,6 +56,9 @@ def test_localize_and_show_on_a_tdam_checkpoint(tmp_path, capsys):
         with Image.open(out / name) as im:
             assert im.size[0] > 200 and im.size[1] > 150
             assert np.asarray(im.convert("L")).std() > 10  # not blank
+    (tmp_path / "a_file").write_text("x\n")
+    assert _cli("show", "--checkpoint", str(run), "--images", "3", "--out", str(tmp_path / "a_file")) == 2
+    assert "is a file; show writes its PNGs into a folder" in capsys.readouterr().err
 
 
 @pytest.mark.needs_data("cifar10")

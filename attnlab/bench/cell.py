@@ -72,8 +72,9 @@ def prepare_run_dir(run_dir: Path, fp: str, digest: str | None = None):
     """The run dir to resume from (this cell was interrupted mid-training), or None after clearing a stale one.
 
     The harness owns runs/<matrix>/<cell>/: bench_cell.json records the settings (and the recipe's digest) the run
-    was started with, so only a run of the same settings and recipe is continued; anything else there is removed so
-    metrics.csv and TensorBoard start clean.
+    was started with, so only a run of the same settings and recipe is continued. A finished run of other settings
+    (results.json written) is moved aside to ``<cell>.replaced-<UTC time>``, said in one line, since another
+    runs.jsonl may still point at it; anything else there is removed so metrics.csv and TensorBoard start clean.
     """
     import shutil
     marker = run_dir / CELL_MARKER
@@ -84,7 +85,12 @@ def prepare_run_dir(run_dir: Path, fp: str, digest: str | None = None):
                 return run_dir
         except (OSError, json.JSONDecodeError, AttributeError):
             pass
-    if run_dir.exists():
+    if RunFolder(run_dir).is_complete():
+        aside = run_dir.with_name(f"{run_dir.name}.replaced-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
+        run_dir.rename(aside)
+        print(f"{run_dir} held a finished run of other settings: moved to {aside.name}, this cell starts afresh",
+              flush=True)
+    elif run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     atomic_write_text(marker, json.dumps({"fingerprint": fp, "recipe_digest": digest}) + "\n", "cell marker")

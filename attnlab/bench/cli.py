@@ -3,6 +3,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import positive_int
 from .matrix import cells, load_matrix
 from .budget import parse_duration
 from .runner import default_workers, run_matrix
@@ -31,7 +32,7 @@ def add_arguments(p):
     p.add_argument("--latency-only", action="store_true",
                    help="measure the missing latency.json entries and train nothing (delete the file to re-measure)")
     p.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
-    p.add_argument("--threads", type=_positive, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads per cell (default: cores / workers with several workers, else torch's)")
     g = p.add_argument_group("scheduler (docs/cluster.md; needs pip install 'attnlab[cluster]')")
     g.add_argument("--executor", choices=EXECUTORS, default="local",
@@ -39,12 +40,12 @@ def add_arguments(p):
                         "submitit-local: the same jobs as local processes (how the SLURM path is tested)")
     g.add_argument("--partition", default=None, help="SLURM partition of the cells' jobs")
     g.add_argument("--gpus-per-cell", type=_gpus, default=0, help="GPUs per cell's job: 0 or 1 (default 0)")
-    g.add_argument("--cpus-per-cell", type=_positive, default=None,
+    g.add_argument("--cpus-per-cell", type=positive_int, default=None,
                    help="CPU cores per cell's job on SLURM (default: --threads, else 1); also its torch threads")
     g.add_argument("--time-limit", type=_duration, default=None,
                    help="wall-time limit of each job (e.g. 4h; default 24h): a longer cell is requeued at the limit "
                         "and resumes from its last epoch checkpoint")
-    g.add_argument("--mem", type=_positive, default=None, help="memory per cell's job on SLURM, in GB")
+    g.add_argument("--mem", type=positive_int, default=None, help="memory per cell's job on SLURM, in GB")
     g.add_argument("--slurm-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="a further sbatch option for every job, e.g. account=myproject or qos=high (repeatable)")
 
@@ -60,21 +61,11 @@ def _str_list(text):
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _positive(text):
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
-    return n
-
-
 def _workers(text):
     if text == "auto":
         return text
     try:
-        return _positive(text)
+        return positive_int(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got '{text}'") from None
 
@@ -123,6 +114,10 @@ def _duration(text):
 def run(args):
     from ..host import set_threads
 
+    if args.latency_only and (args.no_latency or args.dry_run):
+        from ..errors import AttnlabError
+        raise AttnlabError(f"--latency-only times latency and trains nothing: it conflicts with "
+                           f"{'--no-latency' if args.no_latency else '--dry-run'}")
     matrix = load_matrix(args.matrix)
     log = lambda s: print(s, flush=True)
     if args.latency_only:

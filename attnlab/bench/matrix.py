@@ -39,7 +39,8 @@ def load_matrix(path) -> dict:
     """Read and check a matrix YAML; returns a dict with name, recipe, overrides, methods, seeds, latency, claims."""
     path = Path(path)
     if not path.is_file():
-        raise AttnlabError(f"matrix file not found: {path}")
+        raise AttnlabError(f"matrix file '{path}' is a folder, not a YAML file" if path.is_dir() else
+                           f"matrix file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

@@ -192,7 +192,8 @@ def _claims_section(s) -> list[str]:
 def _baseline_section(s) -> list[str]:
     base = s.baseline
     if base is None:
-        return ["## Against the baseline", "", "No baseline (`none`) runs finished, so no differences are shown.", ""]
+        return ["## Against the baseline", "", f"No baseline (`{s.baseline_asked}`) runs finished, so no differences "
+                "are shown.", ""]
     out = [f"## Against the baseline (`{base}`, test top-1)", ""]
     for m in s.methods:
         if m.delta_test is None:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from ..engine.run_folder import RunFolder
 from ..errors import AttnlabError
-from ..files import portable_path
+from ..files import portable_path, writable_dir
 from ..jsonl import append_jsonl, read_jsonl
 from .budget import Estimates, fmt_duration, pace_note, planned_device_kind
 from .cell import refuse_another_precision, run_cell, stamp
@@ -108,6 +108,9 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
     from ..engine.config import load_config
     from ..engine.train import train
 
+    if any(prev is None for _, prev in pending):  # said now, not after the first cell has trained
+        writable_dir(results_dir, "results folder")
+        writable_dir(runs_dir, "runs folder")
     on_cluster = cluster is not None and cluster.executor == "slurm"
     if not on_cluster:  # with SLURM the submitting machine is not the one that trains: each job checks for itself
         refuse_another_precision(matrix, pending, records, runs_dir, runs_path, load_config, device)

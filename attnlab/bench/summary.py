@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import AttnlabError
+from ..errors import AttnlabError, unknown
 from .claims import compare, judge_family
 from .runs import precision_of
 from .stats import isnan, mean_std, pooled_sd, welch_interval
@@ -81,6 +81,7 @@ class MatrixSummary:
     latency_machines: dict = field(default_factory=dict)
     epochs: int | None = None
     git_commits: list[str] = field(default_factory=list)
+    baseline_asked: str = "none"   # the method asked for as the baseline (``baseline`` is None until it has a run)
 
 
 def load_results(results_dir):
@@ -92,6 +93,10 @@ def load_results(results_dir):
     results_dir = Path(results_dir)
     runs_path = results_dir / "runs.jsonl"
     if not runs_path.is_file():
+        if results_dir.is_file():
+            raise AttnlabError(f"'{results_dir}' is a file: give the results/<matrix>/ folder that holds runs.jsonl")
+        if not results_dir.is_dir():
+            raise AttnlabError(f"results folder '{results_dir}' does not exist")
         raise AttnlabError(f"no runs.jsonl in {results_dir}: run `attnlab bench --matrix ...` first")
     lines = read_jsonl(runs_path)
     if not lines:
@@ -127,6 +132,8 @@ def summarize(results_dir, baseline="none", matrix_file=None) -> MatrixSummary:
     order = _method_order(matrix, lines)
     methods = _methods(order, ok, failed, latency.get("methods", {}))
     _refuse_mixed_precision(ok)
+    if baseline not in order and all(m.name != baseline for m in methods):
+        raise unknown("baseline method", baseline, [m.name for m in methods])
     pooled = pooled_sd([m.test_values for m in methods])
     base = _against_baseline(methods, baseline, pooled)
     devices = sorted({str(d) for r in ok for d in (r.get("epochs_by_device") or [r.get("device")]) if d})
@@ -135,6 +142,7 @@ def summarize(results_dir, baseline="none", matrix_file=None) -> MatrixSummary:
         matrix=recorded_name or results_dir.name, matrix_file=matrix_file, matrix_given=given, matrix_spec=matrix,
         results_dir=str(results_dir), setup=_setup(records, order), pooled=pooled,
         precisions=sorted({precision_of(r) for r in ok}), baseline=baseline if base is not None else None,
+        baseline_asked=baseline,
         methods=methods, failed=failed, n_ok=len(ok), n_failed=len(failed), devices=devices,
         host=hosts[-1] if hosts else {},
         cpu_kernels=dict(Counter((r.get("host") or {}).get("cpu_kernels", "not recorded") for r in ok)),

@@ -29,13 +29,20 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """A checkpoint file, read with weights_only=True; a missing or unreadable file is a one-line error."""
     path = Path(path)
     if not path.is_file():
-        raise AttnlabError(f"checkpoint '{path}' does not exist")
+        raise AttnlabError(f"checkpoint '{path}' does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    if path.stat().st_size == 0:
+        raise AttnlabError(f"checkpoint '{path}' is empty (0 bytes): cut short or never written")
     try:
         # Our checkpoints hold only tensors, numbers, strings and containers (the config is a plain dict).
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise AttnlabError(f"cannot read checkpoint '{path}': {type(err).__name__}: {str(err).splitlines()[0]}") \
-            from None
+        first = (str(err).splitlines() or [""])[0]
+        if first.startswith("Weights only load failed"):  # torch's advice to unpickle anyway is not ours to give
+            raise AttnlabError(f"cannot read checkpoint '{path}': it holds more than tensors and plain values, as "
+                               "no attnlab checkpoint does (corrupt, or another program's pickle, which is never "
+                               "unpickled: that could run code)") from None
+        raise AttnlabError(f"cannot read checkpoint '{path}': corrupt or truncated ({type(err).__name__}: "
+                           f"{first.split('. ')[0][:160]})") from None
 
 
 MODEL_KEYS = ("name", "num_classes", "attention", "attention_kwargs", "blocks", "share", "zero_init_residual")

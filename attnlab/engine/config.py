@@ -216,7 +216,8 @@ def load_config(path=None, overrides=(), base: DictConfig | dict | None = None) 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise AttnlabError(f"config file '{path}' does not exist")
+            raise AttnlabError(f"config file '{path}' " + ("is a folder, not a YAML file" if path.is_dir() else
+                                                           "does not exist"))
         try:
             recipe = OmegaConf.load(path)
         except Exception as err:  # YAML syntax errors come in several types
@@ -246,6 +247,10 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise unknown(f"value for {key}", value, allowed)
+    name = str(cfg.name)
+    if name in ("", ".", "..") or "/" in name or "\\" in name:  # the run dir is out_dir/name: it stays inside
+        raise AttnlabError(f"name must be a plain folder name (no '/', not '.' or '..'), got {name!r}; "
+                           "give out_dir=<folder> to train elsewhere")
     t = cfg.train
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if t[key] < 1:

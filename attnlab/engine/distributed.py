@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import AttnlabError
+from ..errors import AttnlabError, unknown
 
 
 @dataclass
@@ -31,6 +31,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         if not torch.cuda.is_available():
             raise AttnlabError("device=cuda was asked for but no CUDA device is available (use device=auto or cpu)")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if name != "cpu":  # a typo must not train or evaluate on the CPU unnoticed
+        raise unknown("device", name, ("auto", "cpu", "cuda"))
     return torch.device("cpu")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import AttnlabError
+from ..errors import AttnlabError, positive_int
 from ..files import atomic_write_json, portable_path
 from .distributed import Dist
 from .metrics import Meter, topk_hits
@@ -97,8 +97,8 @@ def add_arguments(p):
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint file, or a run directory (its checkpoint_best.pt, else checkpoint_last.pt)")
     p.add_argument("--split", choices=("val", "test"), default="test")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch (default: the run's)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto | cpu | cuda")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="evaluation batch (default: the run's)")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the run's)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if the run kept an EMA")
     p.add_argument("--tdam-any-step", action="store_true",

@@ -133,20 +133,24 @@ def train(cfg, resume=None, step_hooks=(), overwrite=False, keep=()) -> dict:
     name, so two plain functions both record as "function"). The specs are recorded in step_hooks.json when the run
     starts and in every checkpoint: a resume with other hooks is refused, so a supernet never continues as a plain
     run, not even after a kill in epoch 1.
-    A fresh run (``resume=None``) refuses a run dir that already holds a run unless ``overwrite`` (then that run's
-    files are removed first); files named in ``keep`` are the caller's own (bench's cell marker): a dir holding only
-    those counts as empty.
+    A fresh run (``resume=None``) refuses a run dir that already holds a run unless ``overwrite``; then that run's
+    files are removed once the new run's data, model and optimiser are built, so a new config that fails loses
+    nothing. Files named in ``keep`` are the caller's own (bench's cell marker): a dir holding only those counts as
+    empty.
     Returns the content of results.json. Under torchrun each rank calls this; rank 0 writes the files.
     """
     if not isinstance(cfg, DictConfig):
         cfg = load_config(base=cfg)
-    _hook_specs(step_hooks)  # a spec that cannot be recorded is refused before --overwrite removes anything
-    if resume is None:
-        RunFolder(Path(cfg.out_dir) / str(cfg.name)).claim(overwrite, keep)
+    _hook_specs(step_hooks)
+    replace = None  # with --overwrite: the caller's own files, kept when the old run is removed
+    if resume is None and overwrite:
+        replace = tuple(keep)
+    elif resume is None:  # refused before anything loads
+        RunFolder(Path(cfg.out_dir) / str(cfg.name)).claim(False, keep)
     d, device = setup(cfg.device)
     try:
         with _determinism(bool(cfg.train.deterministic), device):
-            return Trainer(cfg, d, device, resume, step_hooks).fit()
+            return Trainer(cfg, d, device, resume, step_hooks, replace).fit()
     finally:
         cleanup(d)
 
@@ -165,13 +169,14 @@ def _hook_specs(hooks) -> list:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, d: Dist, device: torch.device, resume=None, step_hooks=()):
+    def __init__(self, cfg: DictConfig, d: Dist, device: torch.device, resume=None, step_hooks=(), replace=None):
         from ..data.pipeline import build_loaders
         from ..objectives import build_objectives, features_needed, training_modules
 
         self.cfg, self.d, self.device = cfg, d, device
         self.step_hooks = tuple(step_hooks)
         self.hook_specs = _hook_specs(self.step_hooks)
+        self.replace = replace  # not None: remove the run this fresh one replaces (keeping these files) at the start
         t = cfg.train
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.folder = RunFolder(self.run_dir)
@@ -476,10 +481,13 @@ class Trainer:
             raise AttnlabError(f"rank 0 stopped: {message}")
 
     def _start_run_dir(self) -> None:
-        """Create the run dir, drop temp files a kill left, write config.yaml; every rank learns if that failed."""
+        """Remove the run this one replaces (--overwrite), create the run dir, drop temp files a kill left, write
+        config.yaml; every rank learns if that failed."""
         failed = None
         if self.d.is_main:
             try:
+                if self.replace is not None:
+                    self.folder.claim(True, self.replace)
                 writable_dir(self.run_dir, "run dir")
                 remove_stale_temps(self.run_dir)
                 atomic_write_text(self.folder.config, self._config_text(), "config")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import AttnlabError
+from ..errors import AttnlabError, positive_int
 from ..files import portable_path
 from .cam import METHODS, score_maps
 from ..data.boxes import split_box_sets
@@ -191,8 +191,8 @@ def add_arguments(p):
                    help="comma-separated; the first (default val, held out of train) chooses tau (default: val,test)")
     p.add_argument("--cam", choices=METHODS, default="cam", help="score map: cam (default) or gradcam")
     p.add_argument("--interval", type=float, default=0.001, help="threshold grid step over [0, 1) (default 0.001)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto | cpu | cuda")
+    p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--data-dir", default=None, help="dataset folder, or WSOL image root (default: the run's)")
     p.add_argument("--metadata", default=None, help="WSOL metadata folder (default: the run's data.metadata)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run kept an EMA")

@@ -98,7 +98,8 @@ def load_pipeline(path, overrides=()):
     from ..engine.config import load_config, parse_overrides
     path = Path(path)
     if not path.is_file():
-        raise AttnlabError(f"config file '{path}' does not exist")
+        raise AttnlabError(f"config file '{path}' " + ("is a folder, not a YAML file" if path.is_dir() else
+                                                       "does not exist"))
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as err:  # YAML syntax errors come in several types
@@ -122,7 +123,23 @@ def load_pipeline(path, overrides=()):
     raw.setdefault("name", path.stem)
     cfg = load_config(None, engine, base=raw)
     _check_supernet_config(cfg)
+    _check_search(sections)
     return cfg, sections
+
+
+def _check_search(sec):
+    """The search section's searcher, its options, the selection rule and the reward, checked before any phase
+    runs: a misspelt searcher must not wait behind a supernet's training, nor be written into plan.json."""
+    from .searchers import SELECT_RULES, make_searcher
+    from ..errors import unknown
+    s = sec.search
+    try:
+        make_searcher(s.searcher, **OmegaConf.to_container(s.options))
+    except TypeError as err:  # an option the searcher does not take
+        raise AttnlabError(f"search.options for searcher '{s.searcher}': {err}") from None
+    if s.select not in SELECT_RULES:
+        raise unknown("search.select rule", s.select, SELECT_RULES)
+    _reward(sec)
 
 
 def _check_supernet_config(cfg):
@@ -142,6 +159,11 @@ def run(args):
     for p in phases:
         if p not in PHASES:
             raise AttnlabError(f"unknown phase '{p}'; valid phases: {', '.join(PHASES)}")
+    if not phases:
+        raise AttnlabError(f"--phases names no phase; give some of {','.join(PHASES)}")
+    if args.scheme is not None and "search" in phases:
+        raise AttnlabError("--scheme retrains the scheme it names instead of a searched one: give --phases retrain "
+                           "(or drop --scheme to search)")
     if _world_size() > 1 and phases != ["supernet"]:
         # The search evaluates on one device, and the retrain's seed loop would let the ranks disagree on which run
         # dir to resume: under torchrun the supernet is trained alone, the rest runs as one process afterwards.

@@ -32,14 +32,21 @@ def read_table(path) -> dict[tuple, dict]:
     path = Path(path)
     if not path.is_file():
         raise AttnlabError(f"reward table '{path}' does not exist")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise AttnlabError(f"reward table '{path}' is not a CSV text file ({type(err).__name__})") from None
     if not rows or "scheme" not in rows[0] or "top1" not in rows[0]:
         raise AttnlabError(f"reward table '{path}' needs a header with 'scheme' and 'top1' columns")
     table = {}
-    for row in rows:
-        bits = tuple(int(c) for c in row["scheme"].replace("-", ""))
-        table[bits] = {k: float(v) for k, v in row.items() if k not in ("scheme", "blocks") and v != ""}
+    for line, row in enumerate(rows, 2):
+        try:
+            bits = tuple(int(c) for c in row["scheme"].replace("-", ""))
+            table[bits] = {k: float(v) for k, v in row.items() if k not in ("scheme", "blocks") and v != ""}
+        except (ValueError, TypeError, AttributeError):
+            raise AttnlabError(f"reward table '{path}' line {line}: a scheme of 0/1 digits and numbers expected, "
+                               f"got {dict(row)}") from None
     n = {len(b) for b in table}
     if len(n) != 1:
         raise AttnlabError(f"reward table '{path}' mixes schemes of lengths {sorted(n)}")

@@ -30,7 +30,7 @@ import torch
 
 from .. import files
 from ..data.masks import FOREGROUND, IGNORE
-from ..errors import AttnlabError
+from ..errors import AttnlabError, positive_int
 
 DEFAULT_TAU = 0.25
 
@@ -331,7 +331,9 @@ def show(model, bundle, split_name: str, out_dir: Path, count: int = 8, tau: flo
     x = (images.to(device).float() / 255 - mean) / std
     size = tuple(images.shape[2:])
     names = bundle.class_names or bundle.classes
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AttnlabError(f"--out '{out_dir}' is a file; show writes its PNGs into a folder")
+    files.writable_dir(out_dir, "show folder")
 
     with capture_gates(model) as gates:
         gt_maps, logits = score_maps(model, x, labels.to(device), method)
@@ -359,12 +361,12 @@ def add_arguments(p):
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint file, or a run directory (its checkpoint_best.pt, else checkpoint_last.pt)")
     p.add_argument("--split", choices=("val", "test"), default="test")
-    p.add_argument("--images", type=int, default=8, help="images per grid (default 8)")
+    p.add_argument("--images", type=positive_int, default=8, help="images per grid (default 8)")
     p.add_argument("--tau", type=float, default=None,
                    help="box (or mask) threshold (default: localize.json's, else 0.25)")
     p.add_argument("--cam", choices=("cam", "gradcam"), default="cam")
     p.add_argument("--out", default=None, help="folder for the PNGs (default: show/ next to the checkpoint)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto | cpu | cuda")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the run's)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run kept an EMA")
 
