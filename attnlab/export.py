@@ -73,6 +73,10 @@ def export_onnx(model, path, input_size: int, opset: int | None = None, exporter
         raise AttnlabError(f"--exporter dynamo needs torch >= 2.5 (this is {torch.__version__})")
     if opset is None:
         opset = 17 if exporter == "legacy" else 18  # 18: the dynamo exporter's lowest native opset
+    low, high = _opsets(exporter)
+    if not low <= opset <= high:  # refused here: torch prints the whole traced graph before its own error
+        raise AttnlabError(f"--opset {opset}: the {exporter} exporter of torch {torch.__version__} writes opsets "
+                           f"{low} to {high}")
     path = Path(path)
     writable_dir(path.parent, "export folder")
     model = model.eval()
@@ -81,6 +85,14 @@ def export_onnx(model, path, input_size: int, opset: int | None = None, exporter
     with atomic_path(path, "ONNX file") as tmp:
         _export(model, x, tmp, exporter, opset, has_flag)
     return path
+
+
+def _opsets(exporter: str) -> tuple[int, int]:
+    """The opsets this torch's ``exporter`` writes (torch keeps them in a private module: read with fallbacks)."""
+    known = getattr(torch.onnx, "_constants", None)
+    low = getattr(known, "ONNX_MIN_OPSET", 7)
+    high = getattr(known, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", None) if exporter == "legacy" else None
+    return low, high or getattr(known, "ONNX_MAX_OPSET", 20)
 
 
 def _export(model, x, tmp, exporter: str, opset: int, has_flag: bool) -> None:

@@ -102,6 +102,8 @@ def test_missing_or_malformed_recipe(tmp_path):
         load_config(write(tmp_path, "train: [unclosed\n"))
     with pytest.raises(AttnlabError, match="mapping"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(AttnlabError, match="is empty; give a recipe"):
+        load_config(write(tmp_path, "# nothing set yet\n"))
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "..", "."])

@@ -110,6 +110,16 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     assert code.value.code == 2 and "do not match model 'resnet32'" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
 
+    plain = tmp_path / "plain.pt"  # an opset the exporter does not write: one line, before anything is traced
+    torch.save({"model": attnlab.create_model("resnet20").state_dict(), "config": {"model": {"name": "resnet20"}}},
+               plain)
+    for opset in ("3", "999"):
+        with pytest.raises(SystemExit) as code:
+            main(["export", "--checkpoint", str(plain), "--onnx", str(tmp_path / "m.onnx"), "--opset", opset])
+        out, err = capsys.readouterr()
+        assert code.value.code == 2 and f"--opset {opset}: the legacy exporter of torch" in err
+        assert err.count("\n") == 1 and not out and not (tmp_path / "m.onnx").exists()
+
 
 def test_export_takes_a_run_directory_and_prefers_the_ema_weights(trained, tmp_path):
     from attnlab.export import load_checkpoint_model

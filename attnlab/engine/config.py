@@ -224,6 +224,9 @@ def load_config(path=None, overrides=(), base: DictConfig | dict | None = None) 
             raise AttnlabError(f"cannot read config '{path}': {str(err).splitlines()[0]}") from None
         if not isinstance(recipe, DictConfig):
             raise AttnlabError(f"config '{path}' must be a mapping of keys to values")
+        if not recipe:  # an unsaved or wrong file: training every default instead would say nothing
+            raise AttnlabError(f"config '{path}' is empty; give a recipe (e.g. configs/quick.yaml), or no --config "
+                               "to train the defaults")
         cfg = _merge(cfg, recipe, f"'{path}'")
     if overrides:
         cfg = _merge(cfg, parse_overrides(overrides), "the overrides")
