@@ -36,6 +36,14 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_flag(name: str, value) -> bool:
+    """``check_bool`` for an argument of a model builder: the one-line AttnlabError itself (``bool("false")`` is
+    True, so a string must never be read as a flag)."""
+    if not isinstance(value, bool):
+        raise AttnlabError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type of a command's count or size option: an integer >= 1 (0 is refused, not read as 'the
     default')."""

@@ -106,6 +106,16 @@ def test_missing_or_malformed_recipe(tmp_path):
         load_config(write(tmp_path, "# nothing set yet\n"))
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["train.milestones=[1,2]"], "train.milestones are read by train.schedule=multistep only, not by cosine"),
+    (["train.nesterov=true", "train.momentum=0"], "train.nesterov=true needs train.momentum > 0, got 0"),
+    (["seed=-1"], "seed must be >= 0, got -1"),
+])
+def test_settings_that_would_be_ignored_are_refused(overrides, message):
+    with pytest.raises(AttnlabError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
 @pytest.mark.parametrize("name", ["../escape", "a/b", "..", "."])
 def test_a_run_name_that_is_not_a_plain_folder_name_is_refused(name):
     """The run dir is out_dir/name: a name with a path in it would put the run outside out_dir."""

@@ -110,6 +110,15 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     assert code.value.code == 2 and "do not match model 'resnet32'" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
 
+    shaped = tmp_path / "shaped.pt"  # the same keys, a 5-class head under a config of 10 classes
+    torch.save({"model": attnlab.create_model("resnet20", num_classes=5).state_dict(),
+                "config": {"model": {"name": "resnet20", "num_classes": 10}}}, shaped)
+    with pytest.raises(SystemExit) as code:
+        main(["export", "--checkpoint", str(shaped), "--onnx", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and err.count("\n") == 1
+    assert "fc.weight is (5, 64), the model wants (10, 64)" in err
+
     plain = tmp_path / "plain.pt"  # an opset the exporter does not write: one line, before anything is traced
     torch.save({"model": attnlab.create_model("resnet20").state_dict(), "config": {"model": {"name": "resnet20"}}},
                plain)

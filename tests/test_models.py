@@ -262,11 +262,38 @@ def test_blocks_place_attention_exactly_where_asked(blocks, expected):
     ({2: "some"}, "wants 'all' or a list"),
     ("layer3", "not understood"),
     (2.5, "not understood"),
+    ("", "selects no block"),  # would build a model without attention, saying nothing
+    (" , ", "selects no block"),
+    ([], "selects no block"),
 ])
 def test_bad_blocks_give_one_line_errors(blocks, message):
     with pytest.raises(AttnlabError, match=message) as info:
         create_model("resnet50", attention="se", blocks=blocks)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    # bool("false") is True: a string read as a flag would share SE although asked not to.
+    (dict(attention="se", share="false"), "share must be True or False, got 'false'"),
+    (dict(attention="se", share=1), "share must be True or False, got 1"),
+    (dict(zero_init_residual="yes"), "zero_init_residual must be True or False, got 'yes'"),
+    (dict(attention="se", attention_kwargs="reduction=4"), "attention_kwargs must be a dict, got str"),
+    (dict(attention="tdam", attention_kwargs={"time_steps": 1.5}), "time_steps must be an integer >= 1, got 1.5"),
+    (dict(attention="tdam", attention_kwargs={"step_bn": "no"}), "step_bn must be true or false, got 'no'"),
+    (dict(attention="dia", attention_kwargs={"reduction": 2.5}), "reduction must be an integer >= 1, got 2.5"),
+])
+def test_option_values_are_checked_not_converted(kwargs, message):
+    with pytest.raises(AttnlabError, match=message):
+        create_model("resnet20", **kwargs)
+    assert create_model("resnet20", attention="se", share=False, blocks="000-000-000")  # no block, said explicitly
+    with pytest.raises(AttnlabError, match="blocks must be True or False"):
+        create_model("resnet20").forward_features(torch.zeros(1, 3, 32, 32), blocks="no")
+
+
+@pytest.mark.parametrize("channels", [0, -8, 64.0, "64", True])
+def test_a_module_needs_a_whole_positive_channel_count(channels):
+    with pytest.raises(AttnlabError, match=f"attention 'se': channels must be an integer >= 1, got {channels!r}"):
+        attnlab.attention.create("se", channels)
 
 
 def test_shared_attention_is_one_module_per_stage():

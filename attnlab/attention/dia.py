@@ -24,7 +24,7 @@ block works. ``share=False`` gives each block its own unit, whose state then sta
 import torch
 import torch.nn as nn
 
-from ..errors import AttnlabError
+from ..errors import AttnlabError, check_int
 from .gates import show_gate
 from .registry import register
 
@@ -39,9 +39,8 @@ class DIA(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 4):
         super().__init__()
-        if int(reduction) < 1:
-            raise ValueError(f"reduction must be >= 1, got {reduction}")
-        hidden = max(1, channels // int(reduction))
+        check_int("reduction", reduction)
+        hidden = max(1, channels // reduction)
         self.channels = channels
         self.w_ih = _bottleneck_mlp(channels, hidden)
         self.w_hh = _bottleneck_mlp(channels, hidden)

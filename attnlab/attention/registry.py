@@ -27,7 +27,7 @@ import inspect
 
 import torch.nn as nn
 
-from ..errors import AttnlabError, unknown
+from ..errors import AttnlabError, check_int, unknown
 from . import from_timm
 
 _REGISTRY: dict[str, type] = {}
@@ -88,6 +88,10 @@ def check_kwargs(name: str, kwargs: dict) -> None:
 def create(name: str, channels: int, **kwargs) -> nn.Module:
     """Instantiate attention ``name`` for a ``channels``-wide feature map."""
     check_kwargs(name, kwargs)
+    try:
+        check_int("channels", channels)  # torch would build empty or negative-width layers, or fail deep inside
+    except ValueError as err:
+        raise AttnlabError(f"attention '{name}': {err}") from None
     try:
         return get(name)(channels, **kwargs)
     except (TypeError, ValueError, AssertionError) as err:  # timm's layers check their options with assert

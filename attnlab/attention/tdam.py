@@ -36,7 +36,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from ..errors import AttnlabError
+from ..errors import AttnlabError, check_bool, check_int
 from .gates import show_gate
 from .registry import register
 
@@ -70,19 +70,17 @@ class TDAM(nn.Module):
                                f"valid choices: {', '.join(SEARCHLIGHTS)}")
         if order not in ORDERS:
             raise AttnlabError(f"attention 'tdam': unknown order '{order}'; valid choices: {', '.join(ORDERS)}")
-        if int(time_steps) < 1:
-            raise AttnlabError(f"attention 'tdam': time_steps must be >= 1, got {time_steps}")
-        if not 0 <= int(m) <= 3:
+        check_int("time_steps", time_steps)  # 1.5 must not become 1 (T = 1 is the plain block) unnoticed
+        check_int("reduction", reduction)
+        if check_int("m", m, minimum=0) > 3:
             raise AttnlabError(f"attention 'tdam': m must be 0..3 (bottleneck) or 0..2 (basic block), got {m}")
-        if int(reduction) < 1:
-            raise AttnlabError(f"attention 'tdam': reduction must be >= 1, got {reduction}")
         self.channels = channels  # C_top: the block's output width
-        self.reduction = int(reduction)
-        self.time_steps = int(time_steps)
-        self.m = int(m)
+        self.reduction = reduction
+        self.time_steps = time_steps
+        self.m = m
         self.searchlight_kind = searchlight
         self.order = order
-        self.step_bn = bool(step_bn)
+        self.step_bn = check_bool("step_bn", step_bn)
         self.attached = False
 
     def attach(self, block):

@@ -82,10 +82,16 @@ def model_from_checkpoint(ckpt, device="cpu", use_ema: bool = True):
     model = model_from_config(model_cfg)
     ema = ckpt.get("ema")
     state = ema["module"] if use_ema and isinstance(ema, dict) and "module" in ema else ckpt["model"]
-    want, have = set(model.state_dict()), set(state)
+    expected = model.state_dict()
+    want, have = set(expected), set(state)
     if want != have:
         raise AttnlabError(f"checkpoint weights do not match model '{model_cfg['name']}': missing "
                            f"{sorted(want - have)[:3]}, unexpected {sorted(have - want)[:3]}")
+    for key, tensor in state.items():  # torch's own message lists every mismatch over many lines
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != expected[key].shape:
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise AttnlabError(f"checkpoint weights do not match model '{model_cfg['name']}': {key} is {got}, "
+                               f"the model wants {tuple(expected[key].shape)}")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
 

@@ -14,7 +14,7 @@ Any other architecture, and modules that re-run attnlab's own blocks (TDAM), are
 import torch.nn as nn
 
 from .. import attention as registry
-from ..errors import AttnlabError
+from ..errors import AttnlabError, check_flag
 from .placement import resolve_blocks
 from .resnet import init_attention, init_convs_and_norms
 
@@ -110,7 +110,7 @@ def attach(model: nn.Module, attention: str, blocks=None, attention_kwargs: dict
     if getattr(cls, "wraps_block", False):
         raise AttnlabError(f"attention '{attention}' re-runs its block's layers, which only attnlab's own models "
                            f"allow; use attnlab.create_model")
-    share = getattr(cls, "shared_by_default", False) if share is None else bool(share)
+    share = getattr(cls, "shared_by_default", False) if share is None else check_flag("share", share)
     for i, stage in enumerate(stages):
         for j, block in enumerate(stage):
             own = getattr(block, "attn", None)

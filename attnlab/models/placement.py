@@ -25,6 +25,8 @@ def resolve_blocks(spec, depths, default_stages=None):
         spec = [spec]
     if isinstance(spec, str):
         text = spec.strip()
+        if not text.strip(", "):  # '' or ',' would silently give a model without attention
+            raise AttnlabError(f"blocks={spec!r} selects no block; {_FORMS} (or attention='none' for none)")
         if text == "all":
             return [[True] * d for d in depths]
         # A lone "0"/"1" is a stage index; any longer 0/1 string (or one with '-') is per-stage bits.
@@ -53,7 +55,9 @@ def resolve_blocks(spec, depths, default_stages=None):
     if not isinstance(spec, Iterable):
         raise AttnlabError(f"blocks={spec!r} is not understood; {_FORMS}")
     spec = list(spec)
-    if spec and all(isinstance(s, str) for s in spec):
+    if not spec:
+        raise AttnlabError(f"blocks=[] selects no block; {_FORMS} (or attention='none' for none)")
+    if all(isinstance(s, str) for s in spec):
         if len(spec) != n or any(len(s) != d or set(s) - set("01") for s, d in zip(spec, depths)):
             raise AttnlabError(
                 f"blocks: bit strings must be one per stage with lengths {list(depths)} of 0/1, got {spec}")

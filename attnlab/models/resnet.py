@@ -11,12 +11,13 @@ Three families share one definition:
 objective read them without any change to the model.
 """
 import operator
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
 
 from .. import attention as registry
-from ..errors import AttnlabError
+from ..errors import AttnlabError, check_flag
 from .blocks import BasicBlock, Bottleneck
 from .placement import resolve_blocks
 
@@ -104,11 +105,15 @@ class ResNet(nn.Module):
         super().__init__()
         if int(num_classes) < 1:
             raise AttnlabError(f"num_classes must be >= 1, got {num_classes}")
+        if attention_kwargs is not None and not isinstance(attention_kwargs, Mapping):
+            raise AttnlabError(f"attention_kwargs must be a dict, got {type(attention_kwargs).__name__} "
+                               f"{attention_kwargs!r}")
         attention_kwargs = dict(attention_kwargs or {})
         attn_cls = registry.get(attention)
         registry.check_kwargs(attention, attention_kwargs)
         masks = resolve_blocks(blocks, depths, getattr(attn_cls, "default_stages", None))
-        share = getattr(attn_cls, "shared_by_default", False) if share is None else bool(share)
+        share = getattr(attn_cls, "shared_by_default", False) if share is None else check_flag("share", share)
+        zero_init_residual = check_flag("zero_init_residual", zero_init_residual)
         if share and getattr(attn_cls, "wraps_block", False):
             raise AttnlabError(f"attention '{attention}' re-runs its block and cannot be shared across blocks")
         self.attention = attention
@@ -185,4 +190,4 @@ class ResNet(nn.Module):
 
     def forward_features(self, x, blocks: bool = False):
         """The hierarchical features alone: {"stem", "stages", "blocks"}."""
-        return self(x, features="blocks" if blocks else "stages")[1]
+        return self(x, features="blocks" if check_flag("blocks", blocks) else "stages")[1]
