@@ -101,6 +101,13 @@ def test_bad_val_size_and_subset_raise(tmp_path, bad):
         load_dataset("imagefolder", data_dir=root, subset=bad if bad != 1.5 else 0, cache_dir=tmp_path / "c")
 
 
+@pytest.mark.parametrize("bad", ["32", 0, (32,), (32, -1), True])
+def test_a_bad_image_size_is_refused(tmp_path, bad):
+    root = make_folder(tmp_path / "ds")  # "32" must not become a 3 x 2 resize
+    with pytest.raises(AttnlabError, match="image_size must be a positive int or \\(height, width\\)"):
+        load_dataset("imagefolder", data_dir=root, image_size=bad, cache_dir=tmp_path / "c")
+
+
 @needs_cifar
 def test_mean_std_are_float64_train_statistics(cifar):
     x = cifar.train.images.numpy().astype(np.float64) / 255.0

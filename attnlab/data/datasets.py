@@ -79,6 +79,8 @@ def _size_arg(image_size):
         return None
     if isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool):
         size = (int(image_size), int(image_size))
+    elif isinstance(image_size, (str, bytes)):
+        size = ()  # "32" would otherwise be read as the pair ("3", "2")
     else:
         try:
             size = tuple(int(s) for s in image_size)
