@@ -128,7 +128,9 @@ def test_create_checks_names_and_options():
         attnlab.attention.create("se", 64, ratio=8)
     bad_values = [("se", {"reduction": 0}, "reduction"), ("se", {"reduction": 2.5}, "reduction"),
                   ("se", {"bias": "yes"}, "bias"), ("cbam", {"kernel_size": 4}, "kernel_size"),
-                  ("eca", {"kernel_size": 0}, "kernel_size"), ("eca", {"gamma": 0}, "gamma")]
+                  ("eca", {"kernel_size": 0}, "kernel_size"), ("eca", {"gamma": 0}, "gamma"),
+                  ("eca", {"gamma": float("inf")}, "gamma"), ("eca", {"beta": float("nan")}, "gamma"),
+                  ("tdam", {"time_steps": 1.5}, "time_steps"), ("dia", {"reduction": 2.5}, "reduction")]
     for name, kwargs, key in bad_values:
         with pytest.raises(AttnlabError, match=rf"attention '{name}' rejected .*{key} must be") as info:
             attnlab.attention.create(name, 64, **kwargs)

@@ -73,8 +73,9 @@ def test_init_bias_opens_the_gate_and_survives_model_init():
     assert torch.all(mod.b_rew == 2) and torch.all(mod.b_exc == 2) and torch.all(mod.w_rew == 0)
     u = torch.randn(2, mod.w_rew.shape[1], 4, 4)
     torch.testing.assert_close(mod(u), u * (sig(4) * sig(2)))  # ~0.87 instead of ~0.03
-    with pytest.raises(AttnlabError, match="init_bias must be a number"):
-        create_model("resnet20", attention="spe", attention_kwargs={"init_bias": "open"})
+    for bad in ("open", float("nan"), float("inf")):  # NaN would make every gate NaN
+        with pytest.raises(AttnlabError, match="init_bias must be a finite number"):
+            create_model("resnet20", attention="spe", attention_kwargs={"init_bias": bad})
 
 
 def test_bad_variant():

@@ -27,9 +27,10 @@ class ECA(nn.Module):
         super().__init__()
         if kernel_size is not None:
             check_int("kernel_size", kernel_size, odd=True)  # odd keeps C outputs with padding (k - 1) // 2
-        elif isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0 or \
-                isinstance(beta, bool) or not isinstance(beta, (int, float)):
-            raise ValueError(f"gamma must be a number > 0 and beta a number, got gamma={gamma!r}, beta={beta!r}")
+        elif isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf or \
+                isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+            raise ValueError(f"gamma must be a finite number > 0 and beta a finite number, got gamma={gamma!r}, "
+                             f"beta={beta!r}")
         k = kernel_size if kernel_size is not None else eca_kernel_size(channels, gamma, beta)
         self.kernel_size = k
         self.conv = nn.Conv1d(1, 1, k, padding=(k - 1) // 2, bias=False)

@@ -22,6 +22,8 @@ The official training adds 0.1 * sum_blocks ||p||^2 to the loss: attnlab.objecti
 Our differences: the official code only has SPEM in bottleneck blocks of CIFAR ResNet-164; here it fits any
 block. torch.amax/amin split the gradient evenly among tied maxima, where AdaptiveMaxPool2d gives it to one.
 """
+import math
+
 import torch
 import torch.nn as nn
 
@@ -41,8 +43,8 @@ class SPE(nn.Module):
         super().__init__()
         if variant not in VARIANTS:
             raise AttnlabError(f"attention 'spe': unknown variant '{variant}'; valid choices: {', '.join(VARIANTS)}")
-        if isinstance(init_bias, bool) or not isinstance(init_bias, (int, float)):
-            raise AttnlabError(f"attention 'spe': init_bias must be a number, got {init_bias!r}")
+        if isinstance(init_bias, bool) or not isinstance(init_bias, (int, float)) or not math.isfinite(init_bias):
+            raise AttnlabError(f"attention 'spe': init_bias must be a finite number, got {init_bias!r}")
         self.variant, self.init_bias = variant, float(init_bias)
         shape = (1, channels, 1, 1)
         self.w_rew = nn.Parameter(torch.empty(shape))
