@@ -3,7 +3,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import positive_int
+from ..errors import AttnlabError, positive_int
 from .matrix import cells, load_matrix
 from .budget import parse_duration
 from .runner import default_workers, run_matrix
@@ -86,7 +86,6 @@ def _key_value(text):
 def cluster_options(args, threads):
     """The --executor options as a ClusterOptions (None for local workers); a one-line error for options that
     mean nothing without a scheduler."""
-    from ..errors import AttnlabError
     if args.executor == "local":
         given = [flag for flag, value in (("--partition", args.partition), ("--gpus-per-cell", args.gpus_per_cell),
                                           ("--cpus-per-cell", args.cpus_per_cell), ("--time-limit", args.time_limit),
@@ -104,7 +103,6 @@ def cluster_options(args, threads):
 
 
 def _duration(text):
-    from ..errors import AttnlabError
     try:
         return parse_duration(text)
     except AttnlabError as err:
@@ -115,7 +113,6 @@ def run(args):
     from ..host import set_threads
 
     if args.latency_only and (args.no_latency or args.dry_run):
-        from ..errors import AttnlabError
         raise AttnlabError(f"--latency-only times latency and trains nothing: it conflicts with "
                            f"{'--no-latency' if args.no_latency else '--dry-run'}")
     matrix = load_matrix(args.matrix)

@@ -29,7 +29,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """A checkpoint file, read with weights_only=True; a missing or unreadable file is a one-line error."""
     path = Path(path)
     if not path.is_file():
-        raise AttnlabError(f"checkpoint '{path}' does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+        raise AttnlabError(f"checkpoint '{path}' is a folder, not a checkpoint file" if path.is_dir() else
+                           f"checkpoint '{path}' does not exist")
     if path.stat().st_size == 0:
         raise AttnlabError(f"checkpoint '{path}' is empty (0 bytes): cut short or never written")
     try:
