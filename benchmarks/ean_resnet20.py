@@ -379,8 +379,12 @@ def latency_ratios(methods: dict) -> dict:
     out = {}
     for m, v in methods.items():
         timed = v.get("cpu", {}).get("batch", {})
-        out[m] = {bs: ratio_interval(timed[bs]["round_medians_ms"], base[bs]["round_medians_ms"])
-                  for bs in base if bs in timed}
+        out[m] = {}
+        for bs in (bs for bs in base if bs in timed):
+            r = ratio_interval(timed[bs].get("round_medians_ms") or [], base[bs].get("round_medians_ms") or [])
+            if r["n"] == 0:  # timed before rounds were kept: the ratio of the medians, without an interval
+                r["ratio"] = timed[bs]["median_ms"] / base[bs]["median_ms"]
+            out[m][bs] = r
     return out
 
 

@@ -107,13 +107,29 @@ def test_missing_or_malformed_recipe(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.milestones=[1,2]"], "train.milestones are read by train.schedule=multistep only, not by cosine"),
     (["train.nesterov=true", "train.momentum=0"], "train.nesterov=true needs train.momentum > 0, got 0"),
     (["seed=-1"], "seed must be >= 0, got -1"),
 ])
 def test_settings_that_would_be_ignored_are_refused(overrides, message):
     with pytest.raises(AttnlabError, match=re.escape(message)):
         load_config(None, overrides)
+
+
+def test_milestones_outside_multistep_are_refused_when_a_run_starts_not_when_it_resumes(tmp_path):
+    from attnlab.engine.config import refuse_ignored_settings
+    from attnlab.engine.train import resume_config, train
+    cfg = load_config(None, ["train.milestones=[1,2]", f"out_dir={tmp_path}", "name=old"])  # loads: a saved run
+    message = "train.milestones are read by train.schedule=multistep only, not by cosine"
+    with pytest.raises(AttnlabError, match=re.escape(message)):
+        refuse_ignored_settings(cfg)
+    with pytest.raises(AttnlabError, match=re.escape(message)):
+        train(cfg)  # a fresh run: refused before anything is written
+    assert not (tmp_path / "old").exists()
+    # A run saved with them (and with a name from before names had to be plain) still resumes.
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg).replace("name: old", "name: exp/old"))
+    assert resume_config(run).name == "old" and list(resume_config(run).train.milestones) == [1, 2]
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "..", "."])

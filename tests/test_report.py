@@ -241,6 +241,12 @@ def test_cli_report_and_errors(results, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "unknown baseline method 'sse' (did you mean se" in err and "\n" not in err
     assert (results / "report.md").read_bytes() == before
+    # A matrix without a `none` method (a schedule calibration, say) still reports under the default baseline.
+    path = results / "runs.jsonl"
+    path.write_text(path.read_text().replace('"method": "none"', '"method": "plain"'))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["report", str(results)])
+    assert exit_.value.code == 0 and "No baseline (`none`) runs finished" in (results / "report.md").read_text()
 
 
 CLAIMS_MATRIX = """name: fake

@@ -132,7 +132,7 @@ def summarize(results_dir, baseline="none", matrix_file=None) -> MatrixSummary:
     order = _method_order(matrix, lines)
     methods = _methods(order, ok, failed, latency.get("methods", {}))
     _refuse_mixed_precision(ok)
-    if baseline not in order and all(m.name != baseline for m in methods):
+    if baseline != "none" and baseline not in order and all(m.name != baseline for m in methods):  # a typo
         raise unknown("baseline method", baseline, [m.name for m in methods])
     pooled = pooled_sd([m.test_values for m in methods])
     base = _against_baseline(methods, baseline, pooled)

@@ -268,14 +268,19 @@ def validate(cfg: DictConfig) -> None:
         raise AttnlabError(f"train.warmup_epochs must be in [0, train.epochs], got {t.warmup_epochs}")
     if list(t.milestones) != sorted(t.milestones):
         raise AttnlabError(f"train.milestones must be increasing, got {list(t.milestones)}")
-    # Settings that would otherwise be accepted and then ignored:
-    if t.milestones and t.schedule != "multistep":
-        raise AttnlabError(f"train.milestones are read by train.schedule=multistep only, not by {t.schedule}")
     if t.nesterov and t.momentum <= 0:
         raise AttnlabError(f"train.nesterov=true needs train.momentum > 0, got {t.momentum}")
     if cfg.seed < 0:
         raise AttnlabError(f"seed must be >= 0, got {cfg.seed}")
     _validate_data(cfg.data)
+
+
+def refuse_ignored_settings(cfg: DictConfig) -> None:
+    """Settings a fresh run would accept and then ignore (checked when a run starts, not on its resume: a run
+    saved with them keeps training as it began)."""
+    t = cfg.train
+    if t.milestones and t.schedule != "multistep":
+        raise AttnlabError(f"train.milestones are read by train.schedule=multistep only, not by {t.schedule}")
 
 
 def _validate_data(data) -> None:

@@ -40,7 +40,7 @@ from ..files import (atomic_write_bytes, atomic_write_json, atomic_write_text, g
                      writable_dir, write_error)
 from .checkpoint import (atomic_save, init_from_state_dict, load_checkpoint, model_from_checkpoint, model_from_config,
                          rng_state, set_rng_state)
-from .config import load_config, schema, to_dict
+from .config import load_config, refuse_ignored_settings, schema, to_dict
 from .distributed import Dist, barrier, broadcast_object, cleanup, setup, sync_buffers
 from .ema import EMA
 from .evaluate import evaluate
@@ -90,6 +90,9 @@ def resume_config(run_dir, overrides=()) -> DictConfig:
         raise AttnlabError(f"cannot resume: '{saved}' does not exist")
     base = OmegaConf.load(saved)
     OmegaConf.update(base, "debug.kill_at_step", None, force_add=True)  # a debugging kill: that attempt's only
+    # The run is where it is: a name saved before names had to be plain folder names must not block its resume.
+    OmegaConf.update(base, "out_dir", str(run_dir.parent), force_add=True)
+    OmegaConf.update(base, "name", run_dir.name, force_add=True)
     cfg = load_config(None, overrides, base=base)
     cfg.out_dir, cfg.name = str(run_dir.parent), run_dir.name
     return cfg
@@ -142,6 +145,8 @@ def train(cfg, resume=None, step_hooks=(), overwrite=False, keep=()) -> dict:
     if not isinstance(cfg, DictConfig):
         cfg = load_config(base=cfg)
     _hook_specs(step_hooks)
+    if resume is None:  # a saved run keeps what it started with: its resume is not refused for them
+        refuse_ignored_settings(cfg)
     replace = None  # with --overwrite: the caller's own files, kept when the old run is removed
     if resume is None and overwrite:
         replace = tuple(keep)
