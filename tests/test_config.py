@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from attnlab.engine.config import load_config, schema, valid_keys
 from attnlab.errors import AttnlabError
 from attnlab.objectives import Objective, _OBJECTIVES, objective_defaults, register_objective
+from attnlab.search.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,17 +94,19 @@ def test_a_newly_registered_objective_gets_a_checked_section():
         _OBJECTIVES.pop("tiny_cfg_probe")
 
 
-def test_missing_or_malformed_recipe(tmp_path):
+@pytest.mark.parametrize("load", [load_config, load_pipeline], ids=["train", "search"])
+def test_missing_or_malformed_recipe(tmp_path, load):
+    """Train and search read recipes through one reader: the same one-line message for each bad file."""
     with pytest.raises(AttnlabError, match="does not exist"):
-        load_config(tmp_path / "nope.yaml")
+        load(tmp_path / "nope.yaml")
     with pytest.raises(AttnlabError, match=f"config file '{tmp_path}' is a folder, not a YAML file"):
-        load_config(tmp_path)
+        load(tmp_path)
     with pytest.raises(AttnlabError, match="cannot read config"):
-        load_config(write(tmp_path, "train: [unclosed\n"))
+        load(write(tmp_path, "train: [unclosed\n"))
     with pytest.raises(AttnlabError, match="mapping"):
-        load_config(write(tmp_path, "- 1\n- 2\n"))
+        load(write(tmp_path, "- 1\n- 2\n"))
     with pytest.raises(AttnlabError, match="is empty; give a recipe"):
-        load_config(write(tmp_path, "# nothing set yet\n"))
+        load(write(tmp_path, "# nothing set yet\n"))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -208,26 +208,31 @@ def parse_overrides(overrides) -> DictConfig:
         raise AttnlabError(f"cannot parse overrides {items}: {str(err).splitlines()[0]}") from None
 
 
+def read_recipe(path) -> DictConfig:
+    """A recipe file's settings, or one line saying why there are none (missing, a folder, bad YAML, not a mapping,
+    empty). The one reader for the engine's and the search pipeline's recipes, so their messages agree."""
+    path = Path(path)
+    if not path.is_file():
+        raise AttnlabError(f"config file '{path}' " + ("is a folder, not a YAML file" if path.is_dir() else
+                                                       "does not exist"))
+    try:
+        recipe = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors come in several types
+        raise AttnlabError(f"cannot read config '{path}': {str(err).splitlines()[0]}") from None
+    if not isinstance(recipe, DictConfig):
+        raise AttnlabError(f"config '{path}' must be a mapping of keys to values")
+    if not recipe:  # an unsaved or wrong file: training every default instead would say nothing
+        raise AttnlabError(f"config '{path}' is empty; give a recipe (e.g. configs/quick.yaml)")
+    return recipe
+
+
 def load_config(path=None, overrides=(), base: DictConfig | dict | None = None) -> DictConfig:
     """Schema <- ``base`` (a saved run's config, for resume) <- YAML at ``path`` <- ``key=value`` overrides."""
     cfg = schema()
     if base is not None:
         cfg = _merge(cfg, OmegaConf.create(OmegaConf.to_container(OmegaConf.create(base))), "the saved config")
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise AttnlabError(f"config file '{path}' " + ("is a folder, not a YAML file" if path.is_dir() else
-                                                           "does not exist"))
-        try:
-            recipe = OmegaConf.load(path)
-        except Exception as err:  # YAML syntax errors come in several types
-            raise AttnlabError(f"cannot read config '{path}': {str(err).splitlines()[0]}") from None
-        if not isinstance(recipe, DictConfig):
-            raise AttnlabError(f"config '{path}' must be a mapping of keys to values")
-        if not recipe:  # an unsaved or wrong file: training every default instead would say nothing
-            raise AttnlabError(f"config '{path}' is empty; give a recipe (e.g. configs/quick.yaml), or no --config "
-                               "to train the defaults")
-        cfg = _merge(cfg, recipe, f"'{path}'")
+        cfg = _merge(cfg, read_recipe(path), f"'{path}'")
     if overrides:
         cfg = _merge(cfg, parse_overrides(overrides), "the overrides")
     if cfg.name is None:

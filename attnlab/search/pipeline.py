@@ -95,17 +95,9 @@ def add_arguments(p):
 
 def load_pipeline(path, overrides=()):
     """(engine config of the supernet run, the pipeline's own sections) from the recipe and overrides."""
-    from ..engine.config import load_config, parse_overrides
+    from ..engine.config import load_config, parse_overrides, read_recipe
     path = Path(path)
-    if not path.is_file():
-        raise AttnlabError(f"config file '{path}' " + ("is a folder, not a YAML file" if path.is_dir() else
-                                                       "does not exist"))
-    try:
-        raw = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception as err:  # YAML syntax errors come in several types
-        raise AttnlabError(f"cannot read config '{path}': {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise AttnlabError(f"config '{path}' must be a mapping of keys to values")
+    raw = OmegaConf.to_container(read_recipe(path))
     own = {k: raw.pop(k) for k in PHASES if k in raw}
     mine = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in PHASES]
     engine = [o for o in overrides if o not in mine]
