@@ -175,25 +175,43 @@ def _hook_specs(hooks) -> list:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, d: Dist, device: torch.device, resume=None, step_hooks=(), replace=None):
-        from ..data.pipeline import build_loaders
-        from ..objectives import build_objectives, features_needed, training_modules
-
         self.cfg, self.d, self.device = cfg, d, device
         self.step_hooks = tuple(step_hooks)
         self.hook_specs = _hook_specs(self.step_hooks)
         self.replace = replace  # not None: remove the run this fresh one replaces (keeping these files) at the start
-        t = cfg.train
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.folder = RunFolder(self.run_dir)
         self.log = print if d.is_main else (lambda *a, **k: None)
-        if t.batch_size % d.world_size:
-            raise AttnlabError(f"train.batch_size={t.batch_size} (the global batch) must divide by the "
+        if cfg.train.batch_size % d.world_size:
+            raise AttnlabError(f"train.batch_size={cfg.train.batch_size} (the global batch) must divide by the "
                                f"{d.world_size} DDP processes")
+        resumed = resume is not None and RunFolder(resume).has_checkpoint()
+        # The order below is the order the seeded generators are drawn from (data, then model, then objectives'
+        # modules): changing it changes every run's numbers.
         seed_everything(cfg.seed)
+        self._build_data()
+        self._build_model(init=bool(cfg.model.init) and not resumed)  # a resume loads its checkpoint instead
+        self._build_optimisation()
+        if resumed:
+            # Loaded on the CPU: load_state_dict moves model and optimizer state to their parameters' device.
+            self._restore(load_checkpoint(RunFolder(resume).last, map_location="cpu"))
+        elif resume is not None:
+            self._check_hooks(RunFolder(resume).recorded_hooks())
+            self.log(f"{resume} has no checkpoint yet (stopped during epoch 1): starting from the beginning")
+        self.epochs_done = self.start_epoch  # epochs whose checkpoint is written (named in a non-finite loss error)
+        self.eval_model = self.ema.module if self.ema else self.model
+        if cfg.eval.tdam_any_step:  # refused before the first epoch, not after it
+            from .evaluate import any_step_modules
+            any_step_modules(self.eval_model)
+        self.forward = self._training_forward()
 
-        # Data: the uint8 cache (rank 0 builds it first, the others then read it) or the streaming pipeline.
-        loaders = build_loaders(cfg, device, t.batch_size // d.world_size, t.eval_batch_size, d.rank, d.world_size,
-                                sync=lambda: barrier(d))
+    def _build_data(self) -> None:
+        """Loaders (the uint8 cache, which rank 0 builds first and the others then read, or the streaming
+        pipeline), the model's class count from the data, the precision and the epoch's length."""
+        from ..data.pipeline import build_loaders
+        cfg, d, t = self.cfg, self.d, self.cfg.train
+        loaders = build_loaders(cfg, self.device, t.batch_size // d.world_size, t.eval_batch_size, d.rank,
+                                d.world_size, sync=lambda: barrier(d))
         self.bundle, self.train_loader, self.val_loader, self.test_loader = \
             loaders.bundle, loaders.train, loaders.val, loaders.test
         b = self.bundle
@@ -202,26 +220,31 @@ class Trainer:
         elif cfg.model.num_classes < b.num_classes:
             raise AttnlabError(f"model.num_classes={cfg.model.num_classes} but dataset '{b.name}' has "
                                f"{b.num_classes} classes (use null to take the dataset's)")
-        self.precision, self.precision_notice = resolve_precision(device, t.amp)
+        self.precision, self.precision_notice = resolve_precision(self.device, t.amp)
         self.channels_last = uses_channels_last(t)
         self.steps_per_epoch = len(self.train_loader)
         if cfg.debug.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, int(cfg.debug.max_steps_per_epoch))
 
-        # Model, objectives, optimisation state.
-        self.model = model_from_config(cfg.model)
-        resumed = resume is not None and RunFolder(resume).has_checkpoint()
-        if cfg.model.init and not resumed:
-            self.log(init_from_state_dict(self.model, cfg.model.init).summary())  # a resume loads its checkpoint
-        self.model = self.model.to(device)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.objectives = build_objectives(cfg, self.model)
+    def _build_model(self, init: bool) -> None:
+        """The model (with ``model.init``'s weights when ``init``) and the objectives with their training-only
+        modules, on the device in the run's memory format."""
+        from ..objectives import build_objectives, features_needed, training_modules
+        self.model = model_from_config(self.cfg.model)
+        if init:
+            self.log(init_from_state_dict(self.model, self.cfg.model.init).summary())
+        fmt = torch.channels_last if self.channels_last else torch.preserve_format
+        self.model = self.model.to(self.device, memory_format=fmt)
+        self.objectives = build_objectives(self.cfg, self.model)
         self.features = features_needed(self.objectives)
         # Objectives' training-only modules: optimised with the model, saved in checkpoint_last only (never "model").
         self.aux = training_modules(self.objectives)
         if self.aux is not None:
-            self.aux.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+            self.aux.to(self.device, memory_format=fmt)
+
+    def _build_optimisation(self) -> None:
+        """Optimizer, schedule, gradient scaler, EMA, and the progress a fresh run starts from."""
+        t = self.cfg.train
         trainable = self.model if self.aux is None else torch.nn.ModuleList([self.model, self.aux])
         self.optimizer = build_optimizer(trainable, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.steps_per_epoch)
@@ -233,29 +256,19 @@ class Trainer:
         self.pending_rng = None
         self.resume_note = None  # what a resume changed, recorded at the top of config.yaml
         self._wall_mark = time.perf_counter()  # fit() restarts it; _tick_wall() adds the time since to wall_s
-        if resumed:
-            # Loaded on the CPU: load_state_dict moves model and optimizer state to their parameters' device.
-            self._restore(load_checkpoint(RunFolder(resume).last, map_location="cpu"))
-        elif resume is not None:
-            self._check_hooks(RunFolder(resume).recorded_hooks())
-            self.log(f"{resume} has no checkpoint yet (stopped during epoch 1): starting from the beginning")
 
-        self.epochs_done = self.start_epoch  # epochs whose checkpoint is written (named in a non-finite loss error)
-        self.eval_model = self.ema.module if self.ema else self.model
-        if cfg.eval.tdam_any_step:  # refused before the first epoch, not after it
-            from .evaluate import any_step_modules
-            any_step_modules(self.eval_model)
-        # Wrappers for the training forward only; state_dicts and evaluation use the plain module.
-        self.forward = self.model
-        if d.enabled:
+    def _training_forward(self):
+        """The model as the training forward calls it: wrapped in DDP and compiled when the run asks; state_dicts
+        and evaluation use the plain module."""
+        forward = self.model
+        if self.d.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
             # A step hook that switches modules off for a step (a supernet's random mask) leaves their parameters
             # without gradient on that step, which DDP rejects unless it searches the graph for unused ones.
             find_unused = any(getattr(h, "leaves_parameters_unused", False) for h in self.step_hooks)
-            self.forward = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None,
-                               find_unused_parameters=find_unused)
-        if t.compile:
-            self.forward = torch.compile(self.forward)
+            forward = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                          find_unused_parameters=find_unused)
+        return torch.compile(forward) if self.cfg.train.compile else forward
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 
