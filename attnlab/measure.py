@@ -221,3 +221,11 @@ def profile_model(model: nn.Module, input_size, device="cpu", batch_sizes=(1, 64
         wu = max(0, default_repeats(device, b)[0] - 1) if warmup is None else warmup
         result["latency"][str(b)] = measure_latency(model, shape, b, device, wu, repeats)
     return result
+
+
+def fmt_duration(seconds: float) -> str:
+    """A duration as people read it in a progress line: '1h05m' from an hour on, else '4m07s'."""
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -3,6 +3,7 @@ atomic writes, NaN handling, the eval command, and the schedule/optimizer/EMA pi
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from attnlab.engine.ema import EMA
 from attnlab.engine.optim import build_optimizer, lr_factor
 from attnlab.engine.train import train
 from attnlab.errors import AttnlabError
+from attnlab.measure import fmt_duration
 from attnlab.objectives import Objective, _OBJECTIVES, register_objective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,6 +158,20 @@ def test_eval_command_matches_the_run(run, capsys):
         main(["eval", "--checkpoint", str(best), "--out", str(run_dir)])
     err = capsys.readouterr().err
     assert info.value.code == 2 and f"{run_dir}: it is a folder; give a file path" in err and "kept" not in err
+
+
+def test_each_epoch_line_says_the_time_left_but_the_last(tmp_path, capsys):
+    train(tiny(tmp_path, "eta", "train.epochs=2"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2
+    assert re.search(r"img/s  \d+m\d\ds left$", lines[0]), lines[0]  # one epoch left at the first epoch's pace
+    assert lines[1].endswith("img/s")
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0m00s"), (59.6, "1m00s"), (247, "4m07s"), (3599, "59m59s"),
+                                           (3600, "1h00m"), (3900, "1h05m"), (90061, "25h01m")])
+def test_durations_read_as_hours_and_minutes_or_minutes_and_seconds(seconds, text):
+    assert fmt_duration(seconds) == text
 
 
 def test_atomic_save_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):

@@ -22,13 +22,6 @@ def parse_duration(text) -> float:
     return seconds
 
 
-def fmt_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 class Estimates:
     """Expected wall time of a method's cell: the median of its finished cells on the same kind of device (CPU or
     GPU: a CPU cell says nothing about a GPU one), else the slowest method's median."""

@@ -16,7 +16,8 @@ The planner learns a cell's length and progress through two functions the runner
 import time
 from dataclasses import dataclass, field
 
-from .budget import Estimates, fmt_duration
+from ..measure import fmt_duration
+from .budget import Estimates
 
 
 @dataclass

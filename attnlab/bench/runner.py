@@ -41,7 +41,8 @@ from ..engine.run_folder import RunFolder
 from ..errors import AttnlabError
 from ..files import portable_path, writable_dir
 from ..jsonl import append_jsonl, read_jsonl
-from .budget import Estimates, fmt_duration, pace_note, planned_device_kind
+from ..measure import fmt_duration
+from .budget import Estimates, pace_note, planned_device_kind
 from .cell import refuse_another_precision, run_cell, stamp
 from .plan import Planner, Started
 from .pool import HARNESS_DIR, WorkerPool

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..errors import AttnlabError
 from ..host import device_name
+from ..measure import fmt_duration
 from ..files import (atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit, remove_stale_temps,
                      writable_dir, write_error)
 from .checkpoint import (atomic_save, init_from_state_dict, load_checkpoint, model_from_checkpoint, model_from_config,
@@ -580,12 +581,15 @@ class Trainer:
         self._announce()
         if self.pending_rng is not None:
             set_rng_state(self.pending_rng)
+        started = time.perf_counter()  # this attempt's pace gives the time left on each epoch line
         try:
             for epoch in range(self.start_epoch, self.cfg.train.epochs):
                 row, terms = self._run_epoch(epoch)
                 improved = self._track_best(row)
                 self._save_epoch(log, row, terms, improved)
-                self._print_epoch(row, terms)
+                done = epoch + 1 - self.start_epoch
+                self._print_epoch(row, terms, left_s=(time.perf_counter() - started) / done * (
+                    self.cfg.train.epochs - epoch - 1))
         finally:
             if log is not None:
                 log.close()
@@ -599,13 +603,16 @@ class Trainer:
         if self.precision_notice:
             self.log(self.precision_notice)
 
-    def _print_epoch(self, row: dict, terms: list) -> None:
+    def _print_epoch(self, row: dict, terms: list, left_s: float) -> None:
+        """The epoch's line; it ends with the time the remaining epochs will take at this attempt's pace (training,
+        evaluation and checkpoints), e.g. '1h05m left'."""
         extra = "".join(f"  {k} {row[k]:.4f}" for k in terms)
         any_step = f" (any step {row['val_top1_any_step']:5.2f}%)" if "val_top1_any_step" in row else ""
+        left = f"  {fmt_duration(left_s)} left" if left_s > 0 else ""
         self.log(f"epoch {row['epoch']:>3}/{self.cfg.train.epochs}  lr {row['lr']:.4f}  train loss "
                  f"{row['train_loss']:.4f} top-1 {row['train_top1']:5.2f}%{extra}  val loss {row['val_loss']:.4f} "
                  f"top-1 {row['val_top1']:5.2f}%{any_step} top-5 {row['val_top5']:5.2f}%  {row['epoch_time_s']:.1f}s  "
-                 f"{row['images_per_s']:.0f} img/s", flush=True)
+                 f"{row['images_per_s']:.0f} img/s{left}", flush=True)
 
     def _finish(self) -> dict:
         """Test accuracy of checkpoint_best.pt, written to results.json (rank 0) and returned."""
