@@ -1,5 +1,5 @@
 """Params, FLOPs, latency, throughput and peak memory of a model: the measuring functions behind ``attnlab profile``,
-the bench's latency step and the benchmarks.
+the bench's latency step and the benchmarks; and ``fmt_duration``, how every progress line writes a duration.
 
 Conventions (printed with every table and stored in the JSON):
   * FLOPs = 2 x MACs, counted by ``torch.utils.flop_counter.FlopCounterMode`` for one forward pass. Only
