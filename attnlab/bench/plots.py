@@ -10,53 +10,57 @@ PLOTS = ("acc_vs_latency.png", "acc_vs_params.png", "val_curves.png", "deltas.pn
 
 
 def write_plots(summary: MatrixSummary, out_dir) -> list[Path]:
+    """The report's four plots (PLOTS): accuracy against CPU latency and against parameters, validation curves, and
+    each method's difference to the baseline."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     out_dir = Path(out_dir)
     methods = [m for m in summary.methods if m.n > 0]
     colors = {m.name: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     cpu_sizes = batch_sizes(summary, "cpu")
     bs = cpu_sizes[0] if cpu_sizes else None
-    paths = []
+    _scatter(plt, out_dir / PLOTS[0], methods, colors, lambda m: latency_ms(m, "cpu", bs) if bs else None,
+             f"CPU latency, batch {bs} (ms, median)" if bs else "CPU latency (not measured)",
+             f"{summary.matrix}: accuracy vs CPU latency")
+    _scatter(plt, out_dir / PLOTS[1], methods, colors, lambda m: m.params / 1e6 if m.params else None,
+             "parameters (millions)", f"{summary.matrix}: accuracy vs parameters")
+    _plot_curves(plt, out_dir / PLOTS[2], methods, colors, summary.matrix)
+    return [out_dir / name for name in PLOTS[:3]] + [_plot_deltas(summary, out_dir / PLOTS[3], plt)]
 
-    def scatter(path, xkey, xlabel, title):
-        fig, ax = plt.subplots(figsize=(6.4, 4.6))
-        drawn = 0
-        for m in methods:
-            x = xkey(m)
-            if x is None or isnan(x) or isnan(m.test[0]):
-                continue
-            yerr = 0.0 if isnan(m.test[1]) else m.test[1]
-            ax.errorbar([x], [m.test[0]], yerr=[yerr], fmt="o", capsize=3, color=colors[m.name],
-                        label=m.name)
-            ax.annotate(m.name, (x, m.test[0]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-            drawn += 1
-        if not drawn:
-            ax.text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test top-1 (%), mean ± std over seeds")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        save_figure(fig, path, "plot", dpi=110)
-        plt.close(fig)
-        paths.append(path)
 
-    scatter(out_dir / PLOTS[0], lambda m: latency_ms(m, "cpu", bs) if bs else None,
-            f"CPU latency, batch {bs} (ms, median)" if bs else "CPU latency (not measured)",
-            f"{summary.matrix}: accuracy vs CPU latency")
-    scatter(out_dir / PLOTS[1], lambda m: m.params / 1e6 if m.params else None, "parameters (millions)",
-            f"{summary.matrix}: accuracy vs parameters")
+def _scatter(plt, path, methods, colors, xkey, xlabel, title) -> None:
+    """Test top-1 (mean ± SD over seeds) of each method against ``xkey(method)``; methods without it are left out."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    drawn = 0
+    for m in methods:
+        x = xkey(m)
+        if x is None or isnan(x) or isnan(m.test[0]):
+            continue
+        yerr = 0.0 if isnan(m.test[1]) else m.test[1]
+        ax.errorbar([x], [m.test[0]], yerr=[yerr], fmt="o", capsize=3, color=colors[m.name], label=m.name)
+        ax.annotate(m.name, (x, m.test[0]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        drawn += 1
+    if not drawn:
+        ax.text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test top-1 (%), mean ± std over seeds")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path, "plot", dpi=110)
+    plt.close(fig)
 
+
+def _plot_curves(plt, path, methods, colors, matrix_name) -> None:
+    """Each method's validation top-1 per epoch, mean over its seeds."""
+    import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     drawn = 0
     for m in methods:
         if m.curve:
-            ax.plot(range(1, len(m.curve) + 1), m.curve, marker=".", color=colors[m.name],
-                    label=f"{m.name} (n={m.n})")
+            ax.plot(range(1, len(m.curve) + 1), m.curve, marker=".", color=colors[m.name], label=f"{m.name} (n={m.n})")
             drawn += 1
     if drawn:
         ax.legend(fontsize=8, ncol=2)
@@ -65,14 +69,11 @@ def write_plots(summary: MatrixSummary, out_dir) -> list[Path]:
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("val top-1 (%), mean over seeds")
-    ax.set_title(f"{summary.matrix}: validation accuracy per epoch")
+    ax.set_title(f"{matrix_name}: validation accuracy per epoch")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    save_figure(fig, out_dir / PLOTS[2], "plot", dpi=110)
+    save_figure(fig, path, "plot", dpi=110)
     plt.close(fig)
-    paths.append(out_dir / PLOTS[2])
-    paths.append(_plot_deltas(summary, out_dir / PLOTS[3], plt))
-    return paths
 
 
 def _plot_deltas(summary, path, plt):

@@ -222,7 +222,7 @@ def read_recipe(path) -> DictConfig:
     if not isinstance(recipe, DictConfig):
         raise AttnlabError(f"config '{path}' must be a mapping of keys to values")
     if not recipe:  # an unsaved or wrong file: training every default instead would say nothing
-        raise AttnlabError(f"config '{path}' is empty; give a recipe (e.g. configs/quick.yaml)")
+        raise AttnlabError(f"config '{path}' is empty; give a recipe that sets something (configs/ holds examples)")
     return recipe
 
 

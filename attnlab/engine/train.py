@@ -604,8 +604,8 @@ class Trainer:
             self.log(self.precision_notice)
 
     def _print_epoch(self, row: dict, terms: list, left_s: float) -> None:
-        """The epoch's line; it ends with the time the remaining epochs will take at this attempt's pace (training,
-        evaluation and checkpoints), e.g. '1h05m left'."""
+        """The epoch's line. Every epoch's line but the last ends with the time the remaining epochs will take at
+        this attempt's pace (training, evaluation and checkpoints), e.g. '1h05m left'."""
         extra = "".join(f"  {k} {row[k]:.4f}" for k in terms)
         any_step = f" (any step {row['val_top1_any_step']:5.2f}%)" if "val_top1_any_step" in row else ""
         left = f"  {fmt_duration(left_s)} left" if left_s > 0 else ""
