@@ -282,27 +282,23 @@ def _plan(sec) -> dict:
 
 
 def run_search_phase(cfg, sec, root, evaluator=None) -> dict:
+    """The search over the supernet's evaluations (cached in evaluations.jsonl): plan.json fixes the rule first,
+    result.json holds the chosen blocks; a finished search with the same plan is reused."""
     from ..models.connections import bits_to_blocks
     from ..files import atomic_write_bytes
     from ..jsonl import append_jsonl
-    from .replay import write_json, write_table
+    from .replay import write_json
     from .searchers import Oracle, make_searcher, run_search
 
     out = Path(root) / sec.search.dir
     plan = _plan(sec)
-    plan_path = out / "plan.json"
-    # Checked before a finished search is reused: another searcher or rule must not silently get the old result.
-    if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
-        done = "finished" if (out / "result.json").is_file() else "started"
-        raise AttnlabError(f"{plan_path} records a different plan (searcher, budget, selection rule or reward) for "
-                           f"the search {done} there; the rule is fixed before the search: restore those settings, "
-                           "or give search.dir=<new folder> (or a new run name) for another search")
+    _check_plan(out, plan)
     if (out / "result.json").is_file():
         res = read_result(root, sec.search.dir)
         print(f"search: done ({out / 'result.json'}); chosen {res['chosen_blocks']} ({res['select']}); skipped")
         return res
     out.mkdir(parents=True, exist_ok=True)
-    write_json(plan_path, plan)
+    write_json(out / "plan.json", plan)
     searcher = make_searcher(sec.search.searcher, **plan["options"])
     reward = _reward(sec)
     if evaluator is None:
@@ -311,7 +307,6 @@ def run_search_phase(cfg, sec, root, evaluator=None) -> dict:
             raise AttnlabError(f"no supernet checkpoint at {ckpt}: run the supernet phase first")
         evaluator = build_evaluator(cfg, sec, ckpt, out / "evaluations.jsonl")
     depths = evaluator.depths
-    n_bits = sum(depths)
     t0 = time.perf_counter()
     progress = _Progress(sec.search.budget)
 
@@ -321,17 +316,10 @@ def run_search_phase(cfg, sec, root, evaluator=None) -> dict:
         return {**reward.terms(bits, res["top1"]), "loss": res["loss"]}
 
     if sec.search.table:
-        table = {}
-        table_oracle = Oracle(evaluate)
-        from .searchers import all_schemes
-        if n_bits > 12:
-            raise AttnlabError(f"search.table evaluates all 2^{n_bits} schemes; allowed up to 12 blocks")
-        for bits in all_schemes(n_bits):
-            table[tuple(bits)] = table_oracle.record(bits)
-        write_table(out / "table.csv", {b: {**r, "connected": sum(b)} for b, r in table.items()}, depths)
+        _write_every_scheme(Oracle(evaluate), depths, out / "table.csv")
     log = atomic_write_bytes(out / "search.jsonl", b"", "search log")  # the search re-runs whole from the cache
     oracle = Oracle(evaluate, budget=sec.search.budget, on_query=lambda rec: append_jsonl(log, rec, sort_keys=True))
-    outcome = run_search(searcher, oracle, n_bits, sec.search.seed, sec.search.select, sec.search.derive_samples)
+    outcome = run_search(searcher, oracle, sum(depths), sec.search.seed, sec.search.select, sec.search.derive_samples)
     progress.close()
     res = outcome.to_dict()
     res.update(chosen_blocks=bits_to_blocks(outcome.chosen, depths), depths=list(depths),
@@ -341,13 +329,39 @@ def run_search_phase(cfg, sec, root, evaluator=None) -> dict:
                reward_definition=f"top1 + {reward.alpha} x fraction not connected"
                + (f" - {reward.beta} x latency overhead %" if reward.latency else ""))
     write_json(out / "result.json", res)
-    c = outcome.candidates
-    print(f"search: {outcome.searcher} seed {outcome.seed}: {outcome.distinct_evaluations} distinct evaluations, "
-          f"{outcome.queries} queries, {outcome.derive_evaluations} for the candidates; mode {c['mode']['scheme']} "
-          f"({c['mode']['reward']:.3f}), best sampled {c['best_sampled']['scheme']} "
-          f"({c['best_sampled']['reward']:.3f}), best of {sec.search.derive_samples} {c['best_of_n']['scheme']} "
-          f"({c['best_of_n']['reward']:.3f}); rule {outcome.select} -> {res['chosen_blocks']}", flush=True)
+    print(_outcome_line(outcome, res["chosen_blocks"], sec.search.derive_samples), flush=True)
     return res
+
+
+def _check_plan(out: Path, plan: dict) -> None:
+    """Refuse a search folder whose plan.json differs from this one, before a finished search there is reused:
+    another searcher or rule must not silently get the old result."""
+    plan_path = out / "plan.json"
+    if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
+        done = "finished" if (out / "result.json").is_file() else "started"
+        raise AttnlabError(f"{plan_path} records a different plan (searcher, budget, selection rule or reward) for "
+                           f"the search {done} there; the rule is fixed before the search: restore those settings, "
+                           "or give search.dir=<new folder> (or a new run name) for another search")
+
+
+def _write_every_scheme(oracle, depths, path: Path) -> None:
+    """``search.table``: every one of the 2^blocks schemes evaluated and written to table.csv (up to 12 blocks)."""
+    from .replay import write_table
+    from .searchers import all_schemes
+    n_bits = sum(depths)
+    if n_bits > 12:
+        raise AttnlabError(f"search.table evaluates all 2^{n_bits} schemes; allowed up to 12 blocks")
+    table = {tuple(bits): oracle.record(bits) for bits in all_schemes(n_bits)}
+    write_table(path, {b: {**r, "connected": sum(b)} for b, r in table.items()}, depths)
+
+
+def _outcome_line(outcome, chosen_blocks, derive_samples: int) -> str:
+    c = outcome.candidates
+    return (f"search: {outcome.searcher} seed {outcome.seed}: {outcome.distinct_evaluations} distinct evaluations, "
+            f"{outcome.queries} queries, {outcome.derive_evaluations} for the candidates; mode {c['mode']['scheme']} "
+            f"({c['mode']['reward']:.3f}), best sampled {c['best_sampled']['scheme']} "
+            f"({c['best_sampled']['reward']:.3f}), best of {derive_samples} {c['best_of_n']['scheme']} "
+            f"({c['best_of_n']['reward']:.3f}); rule {outcome.select} -> {chosen_blocks}")
 
 
 class _Progress:
