@@ -317,6 +317,25 @@ def test_parse_duration():
             cli.main(["bench", "--matrix", "x.yaml", *bad])
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--seeds", "1,,2", "comma-separated integers with none empty, got '1,,2'"),
+    ("--seeds", "", "with none empty"),
+    ("--seeds", "1,x", "must be comma-separated integers, got '1,x'"),
+    ("--seeds", "0,1,0", "'0' is given twice in '0,1,0'"),
+    ("--only", "se,,cbam", "comma-separated names with none empty"),
+    ("--only", "se,se", "'se' is given twice"),
+])
+def test_a_list_with_an_empty_or_repeated_item_is_refused(flag, value, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--matrix", "x.yaml", flag, value])
+    assert message in capsys.readouterr().err
+
+
+def test_seed_and_method_lists_are_read_as_given():
+    from attnlab.bench.cli import _int_list, _str_list
+    assert _int_list("3, 1,2") == [3, 1, 2] and _str_list("se, cbam") == ["se", "cbam"]
+
+
 def test_a_new_worker_takes_the_least_busy_gpu():
     from attnlab.bench.pool import least_busy_gpu
     assert least_busy_gpu(["0", "1"], []) == "0"

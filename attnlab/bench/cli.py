@@ -51,14 +51,21 @@ def add_arguments(p):
 
 
 def _int_list(text):
+    items = _str_list(text, "integers")
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [int(x) for x in items]
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers, got '{text}'") from None
 
 
-def _str_list(text):
-    return [x.strip() for x in text.split(",") if x.strip()]
+def _str_list(text, what="names"):
+    """'a,b' -> ['a', 'b']; an empty item or a repeated one is a typo (e.g. '1,,2'), refused rather than guessed."""
+    items = [x.strip() for x in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"must be comma-separated {what} with none empty, got '{text}'")
+    if len(set(items)) < len(items):
+        raise argparse.ArgumentTypeError(f"'{next(x for x in items if items.count(x) > 1)}' is given twice in '{text}'")
+    return items
 
 
 def _workers(text):
