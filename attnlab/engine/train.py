@@ -174,6 +174,16 @@ def _hook_specs(hooks) -> list:
     return specs
 
 
+def _record_step(meter: Meter, loss, logits, y, terms: dict) -> None:
+    """The step's loss, top-1 hits and objective terms into the epoch's means (kept on the device: no host sync)."""
+    n = y.shape[0]
+    meter.add("loss", loss, n)
+    meter.add("top1", topk_hits(logits.detach(), hard_labels(y), ks=(1,))[0].sum(), 100.0)
+    for name, value in terms.items():
+        meter.add(name, value, n)
+    meter.count("n", n)
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, d: Dist, device: torch.device, resume=None, step_hooks=(), replace=None):
         self.cfg, self.d, self.device = cfg, d, device
@@ -393,16 +403,11 @@ class Trainer:
                     raise self._nonfinite(loss, epoch, step)
                 bad_step = torch.where(finite, bad_step, torch.clamp(bad_step, max=step))
                 self._update(loss)
-                n = y.shape[0]
-                meter.add("loss", loss, n)
-                meter.add("top1", topk_hits(logits.detach(), hard_labels(y), ks=(1,))[0].sum(), 100.0)
-                for name, value in terms.items():
-                    meter.add(name, value, n)
-                meter.count("n", n)
+                _record_step(meter, loss, logits, y, terms)
                 if show:
                     bar.update(1)
                     if i % 10 == 0:
-                        rate = (i + 1) * n * self.d.world_size / (time.perf_counter() - start)
+                        rate = (i + 1) * y.shape[0] * self.d.world_size / (time.perf_counter() - start)
                         bar.set_postfix(loss=f"{shown_loss.read(loss):.3f}", img_s=f"{rate:.0f}")
         self._raise_first_bad_step(bad_step, epoch)
         if dev.type == "cuda":
