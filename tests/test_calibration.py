@@ -104,3 +104,28 @@ def test_the_tables_replace_the_readme_block_and_nothing_else(cal, tmp_path):
     with pytest.raises(AttnlabError, match="results:cifar10_calibration:begin"):
         cal.main(["--results", str(res), "--readme", str(readme)])
     assert readme.read_text() == f"intro\n{other}\n"
+
+
+def test_an_fp32_seed_without_its_bf16_twin_is_listed_apart_not_paired(cal, tmp_path):
+    res = tmp_path / "cal"
+    res.mkdir()
+    records = [_record("e60", 0, 87.9, 87.8), _record("e60_fp32", 0, 88.2, 87.6, "fp32"),
+               {**_record("e60_fp32", 1, 88.0, 87.7, "fp32"), "threads": 2, "wall_time_s": 7200.0},
+               _record("e90", 0, 88.1, 87.7)]  # a schedule without a twin is nothing to wait for
+    (res / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:cifar10_calibration:begin -->\n<!-- results:cifar10_calibration:end -->\n")
+    cal.main(["--results", str(res), "--readme", str(readme)])
+    precision = json.loads((res / "precision.json").read_text())
+    assert [p["seeds"] for p in precision["pairs"]] == [[0]]  # seed 1 has no bf16 cell: not in the Welch pair
+    (waiting,) = precision["unpaired"]
+    assert waiting["method"] == "e60_fp32" and waiting["seed"] == 1 and waiting["waits_for"] == "e60 seed 1"
+    assert waiting["val_top1"] == 88.0 and waiting["train_hours"] == 2.0
+    assert ("Finished but not in the comparison yet (no bf16 cell of the same seed): e60_fp32 seed 1 (fp32): "
+            "val 88.00, test 87.70, 2.00 h (2 threads, ?), waiting for e60 seed 1.") in readme.read_text()
+    # Once the bf16 seed is there, the pair takes both seeds and nothing waits.
+    records.append(_record("e60", 1, 87.7, 87.9))
+    (res / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cal.main(["--results", str(res)])
+    precision = json.loads((res / "precision.json").read_text())
+    assert precision["pairs"][0]["seeds"] == [0, 1] and precision["unpaired"] == []
