@@ -154,3 +154,19 @@ def test_priors_full_image_box_and_centre_gaussian():
         assert g["max_box_acc_v2_iou"][d] >= full["iou"][d]
     assert boxes_from_scoremap(centre_gaussian((8, 8)), [0.0])[0].tolist() == [[0, 0, 7, 7]]
     assert g["tau"] is not None and g["gt_known_loc"]["at_tau"] == g["gt_known_loc"]["oracle"]  # tau chosen here
+
+
+def test_scoring_a_large_split_shows_its_progress_in_quarters(capsys):
+    """localize walks each split in batches; from a thousand images on it says how far it is (pytest's stderr is
+    not a terminal, so plain lines, one per quarter)."""
+    import torch
+    from types import SimpleNamespace
+    from attnlab.data.datasets import Split
+    from attnlab.localization.command import batches
+    split = Split(name="val", images=torch.zeros(1000, 3, 4, 4, dtype=torch.uint8),
+                  labels=torch.arange(1000) % 10)
+    bundle = SimpleNamespace(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    seen = [(start, len(y)) for start, _, y in batches(torch.nn.Linear(1, 1), split, bundle, batch_size=250)]
+    assert seen == [(0, 250), (250, 250), (500, 250), (750, 250)]
+    assert capsys.readouterr().err.splitlines() == [f"localize val: scored {n}/1000 images"
+                                                     for n in (250, 500, 750, 1000)]

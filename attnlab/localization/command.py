@@ -41,15 +41,20 @@ def open_trained(checkpoint, device="auto", use_ema: bool = True):
 
 
 def batches(model, split, bundle, batch_size: int):
-    """(start index, normalised images, labels) over ``split`` in order, on the model's device."""
+    """(start index, normalised images, labels) over ``split`` in order, on the model's device; progress on stderr
+    for a split of a thousand images or more (an ImageNet val split takes minutes)."""
+    from ..data.cache import Progress
     from ..data.loader import BatchLoader
     device = next(model.parameters()).device
     loader = BatchLoader(split, batch_size=batch_size, shuffle=False, augment=False, mean=bundle.mean,
                          std=bundle.std, device=device, seed=0, drop_last=False)
+    progress = Progress(len(split), f"localize {split.name}", verb="scored")
     start = 0
     for x, y in loader:
         yield start, x, y
         start += len(y)
+        progress.update(len(y))
+    progress.close()
 
 
 def split_curves(model, split, bundle, thresholds, batch_size: int = 250, method: str = "cam"):
