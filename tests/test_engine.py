@@ -140,20 +140,26 @@ def test_best_checkpoint_is_the_best_val_epoch(run):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in last["model"])
 
 
-def test_eval_command_matches_the_run(run, capsys):
+def test_eval_command_matches_the_run(run, capsys, monkeypatch):
     from attnlab.cli import main
+    from attnlab.data import cache
+    monkeypatch.setattr(cache, "PROGRESS_MIN_IMAGES", 50)  # progress from 1,000 images on; these splits are small
     run_dir, results, _ = run
     best = run_dir / "checkpoint_best.pt"
     for split, expected in (("test", results["test_top1"]), ("val", results["best_val_top1"])):
         with pytest.raises(SystemExit) as info:
             main(["eval", "--checkpoint", str(best), "--split", split])
         assert info.value.code == 0
-        out = capsys.readouterr().out
+        out, err = capsys.readouterr()
         assert f"{split}: top-1" in out
         saved = json.loads((run_dir / f"eval_{split}.json").read_text())
         assert saved["split"] == split and saved["images"] == (100 if split == "test" else 20)
         assert saved["top1"] == pytest.approx(expected, abs=1e-6)  # same weights, same images, same answer
         assert f"{saved['top1']:.2f}%" in out
+        # Progress in plain lines (stderr is not a terminal here): batches of 64 over the 100 test images; the 20
+        # val images are under the threshold.
+        assert err.splitlines() == (["eval test: evaluated 64/100 images", "eval test: evaluated 100/100 images"]
+                                    if split == "test" else [])
     with pytest.raises(SystemExit) as info:  # --out naming a folder: said so, not "the previous one is kept"
         main(["eval", "--checkpoint", str(best), "--out", str(run_dir)])
     err = capsys.readouterr().err

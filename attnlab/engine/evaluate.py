@@ -53,10 +53,11 @@ def step_hits(model, x, y, last_logits, mods) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, loader, device, precision: str = "fp32", channels_last: bool = False, d: Dist = Dist(),
-             tdam_any_step: bool = False) -> dict:
+             tdam_any_step: bool = False, on_batch=None) -> dict:
     """Mean cross-entropy and top-1/top-5 (%) over the split, summed on the device, reduced over ranks.
 
     ``tdam_any_step``: also ``top1_any_step``, TDAM's official "any step correct" top-1 (module docstring).
+    ``on_batch(images)``: called after each batch (``attnlab eval`` shows its progress with it).
 
     Under DDP each rank evaluates its strided shard; the loader pads the last positions by wrapping around
     (rank r holds global positions r, r + W, ...), and those duplicates are masked out so every image counts once.
@@ -89,6 +90,8 @@ def evaluate(model, loader, device, precision: str = "fp32", channels_last: bool
         meter.add("top5", hit5.sum(), 100.0)
         if mods is not None:
             meter.add("top1_any_step", any_hit.sum(), 100.0)
+        if on_batch is not None:
+            on_batch(len(y))
     model.train(was_training)
     return meter.result(d)
 
@@ -108,6 +111,7 @@ def add_arguments(p):
 
 
 def run(args):
+    from ..data.cache import Progress
     from .run_folder import open_run
 
     run = open_run(args.checkpoint, args.device, use_ema=not args.no_ema)
@@ -116,8 +120,10 @@ def run(args):
         raise AttnlabError(f"the run has no {args.split} split (data.val_size=0)")
     start = time.perf_counter()
     any_step = args.tdam_any_step or bool((run.config.get("eval") or {}).get("tdam_any_step", False))
+    progress = Progress(loader.n, f"eval {args.split}", verb="evaluated")  # from 1,000 images on
     res = evaluate(run.model, loader, run.device, run.precision, channels_last=run.channels_last,
-                   tdam_any_step=any_step)
+                   tdam_any_step=any_step, on_batch=progress.update)
+    progress.close()
     out = {"checkpoint": portable_path(run.checkpoint), "split": args.split, "epoch": run.ckpt.get("epoch"),
            "ema": bool(run.ckpt.get("ema")) and not args.no_ema, "top1": res["top1"], "top5": res["top5"],
            "loss": res["loss"], "precision": run.precision,
