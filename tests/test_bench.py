@@ -723,6 +723,12 @@ def test_a_machine_that_would_train_in_another_precision_is_refused_before_train
     (res / "tiny" / "runs.jsonl").write_text(json.dumps(done) + "\n")
     before = (res / "tiny" / "runs.jsonl").read_text()
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # as on an AVX2 machine
+    # A dry run says so in a line, without counting it as a config error (its plan may be for another machine).
+    said = []
+    counts = run_matrix(matrix, dry_run=True, results_root=res, runs_root=runs, log=said.append)
+    assert counts["config_errors"] == 0
+    assert said[-1].startswith("on this machine the bench would stop before training: ")
+    assert "se seed 0 would train in fp32" in said[-1]
     with pytest.raises(AttnlabError, match=r"none seed 0 trained in bf16, but here se seed 0 would train in fp32 "
                                            r"\(train.amp=bf16: this CPU has no native bf16"):
         run_matrix(matrix, results_root=res, runs_root=runs, latency=False)

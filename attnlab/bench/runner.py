@@ -104,7 +104,7 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
     n_total = len(pending)
     n_skip = sum(1 for _, prev in pending if prev is not None)
     if dry_run:
-        return _dry_run(matrix, pending, runs_dir, runs_path, log, device)
+        return _dry_run(matrix, pending, runs_dir, runs_path, log, device, records)
 
     from ..engine.config import load_config
     from ..engine.train import train
@@ -205,7 +205,7 @@ def _summary(matrix, counts, runs_path, log):
             f"matrix afresh, give --results-root <an empty folder> or move that file away")
 
 
-def _dry_run(matrix, pending, runs_dir, runs_path, log, device=None) -> dict:
+def _dry_run(matrix, pending, runs_dir, runs_path, log, device=None, records=()) -> dict:
     from ..attention import get
     from ..engine.config import load_config
 
@@ -231,6 +231,11 @@ def _dry_run(matrix, pending, runs_dir, runs_path, log, device=None) -> dict:
         bad += problem is not None
         log(f"[{i}/{n_total}] {c['method']} seed {c['seed']}: {state}; overrides: {' '.join(overrides)}"
             + (f"; CONFIG ERROR: {problem}" if problem else ""))
+    if not bad:  # said, not counted: the same plan may be meant for another machine (a GPU slot's dry run)
+        try:
+            refuse_another_precision(matrix, pending, list(records), runs_dir, runs_path, load_config, device)
+        except AttnlabError as err:
+            log(f"on this machine the bench would stop before training: {err}")
     return {"total": n_total, "skipped": n_skip, "ok": 0, "failed": 0, "config_errors": bad}
 
 
