@@ -322,6 +322,7 @@ def test_parse_duration():
     ("--seeds", "", "with none empty"),
     ("--seeds", "1,x", "must be comma-separated integers, got '1,x'"),
     ("--seeds", "0,1,0", "'0' is given twice in '0,1,0'"),
+    ("--seeds", "1,01", "'1' is given twice in '1,01'"),
     ("--only", "se,,cbam", "comma-separated names with none empty"),
     ("--only", "se,se", "'se' is given twice"),
 ])

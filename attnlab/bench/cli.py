@@ -53,9 +53,13 @@ def add_arguments(p):
 def _int_list(text):
     items = _str_list(text, "integers")
     try:
-        return [int(x) for x in items]
+        values = [int(x) for x in items]
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers, got '{text}'") from None
+    if len(set(values)) < len(values):  # '1,01'
+        raise argparse.ArgumentTypeError(f"'{next(v for v in values if values.count(v) > 1)}' is given twice in "
+                                         f"'{text}'")
+    return values
 
 
 def _str_list(text, what="names"):

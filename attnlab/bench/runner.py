@@ -103,8 +103,10 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
     pending = reuse_finished(matrix, pending, runs_path, write=not dry_run)
     n_total = len(pending)
     n_skip = sum(1 for _, prev in pending if prev is not None)
+    # With SLURM the submitting machine is not the one that trains: each job checks its precision for itself.
+    on_cluster = cluster is not None and cluster.executor == "slurm"
     if dry_run:
-        return _dry_run(matrix, pending, runs_dir, runs_path, log, device, records)
+        return _dry_run(matrix, pending, runs_dir, runs_path, log, device, [] if on_cluster else records)
 
     from ..engine.config import load_config
     from ..engine.train import train
@@ -112,8 +114,7 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
     if any(prev is None for _, prev in pending):  # said now, not after the first cell has trained
         writable_dir(results_dir, "results folder")
         writable_dir(runs_dir, "runs folder")
-    on_cluster = cluster is not None and cluster.executor == "slurm"
-    if not on_cluster:  # with SLURM the submitting machine is not the one that trains: each job checks for itself
+    if not on_cluster:
         refuse_another_precision(matrix, pending, records, runs_dir, runs_path, load_config, device)
     if latency and on_cluster:
         log("latency is not timed with --executor slurm (this machine is not the one that trains); time it on a "
