@@ -121,9 +121,11 @@ def run(args):
     start = time.perf_counter()
     any_step = args.tdam_any_step or bool((run.config.get("eval") or {}).get("tdam_any_step", False))
     progress = Progress(loader.n, f"eval {args.split}", verb="evaluated")  # from 1,000 images on
-    res = evaluate(run.model, loader, run.device, run.precision, channels_last=run.channels_last,
-                   tdam_any_step=any_step, on_batch=progress.update)
-    progress.close()
+    try:
+        res = evaluate(run.model, loader, run.device, run.precision, channels_last=run.channels_last,
+                       tdam_any_step=any_step, on_batch=progress.update)
+    finally:
+        progress.close()
     out = {"checkpoint": portable_path(run.checkpoint), "split": args.split, "epoch": run.ckpt.get("epoch"),
            "ema": bool(run.ckpt.get("ema")) and not args.no_ema, "top1": res["top1"], "top5": res["top5"],
            "loss": res["loss"], "precision": run.precision,

@@ -50,11 +50,13 @@ def batches(model, split, bundle, batch_size: int):
                          std=bundle.std, device=device, seed=0, drop_last=False)
     progress = Progress(len(split), f"localize {split.name}", verb="scored")
     start = 0
-    for x, y in loader:
-        yield start, x, y
-        start += len(y)
-        progress.update(len(y))
-    progress.close()
+    try:
+        for x, y in loader:
+            yield start, x, y
+            start += len(y)
+            progress.update(len(y))
+    finally:  # a terminal's bar is closed even when scoring fails
+        progress.close()
 
 
 def split_curves(model, split, bundle, thresholds, batch_size: int = 250, method: str = "cam"):
