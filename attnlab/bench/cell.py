@@ -114,19 +114,26 @@ def refuse_another_precision(matrix, pending, records, runs_dir, runs_path, load
     from ..engine.distributed import resolve_device
     from ..engine.precision import resolve_precision
 
-    def configured(overrides):
-        return load_config(matrix["recipe_path"], overrides=overrides)
+    loaded = {}  # a cell's device and train.amp come from the recipe and its device and train.* overrides only:
+    # each such set is loaded once (a matrix of 30 finished cells needs one or two loads, not 30)
+
+    def device_and_amp(overrides: list[str]) -> tuple[str, str]:
+        key = tuple(sorted(o for o in overrides if o.startswith(("train.", "device="))))
+        if key not in loaded:
+            cfg = load_config(matrix["recipe_path"], overrides=list(key))
+            loaded[key] = (cfg.device, cfg.train.amp)
+        return loaded[key]
     finished = {}  # train.amp -> {precision: a cell}
     for r in latest_by_cell(records).values():
         if r.get("status") == "ok" and isinstance(r.get("overrides"), dict):
-            amp = configured([f"{k}={format_value(v)}" for k, v in r["overrides"].items()]).train.amp
+            _, amp = device_and_amp([f"{k}={format_value(v)}" for k, v in r["overrides"].items()])
             finished.setdefault(amp, {}).setdefault(precision_of(r), f"{r['method']} seed {r['seed']}")
     for c, prev in pending:
         if prev is not None:
             continue
-        cfg = configured(cell_overrides(matrix, c, runs_dir, device))
-        here, why = resolve_precision(resolve_device(cfg.device), cfg.train.amp)
-        others = {p: cell for p, cell in finished.get(cfg.train.amp, {}).items() if p != here}
+        cell_device, amp = device_and_amp(cell_overrides(matrix, c, runs_dir, device))
+        here, why = resolve_precision(resolve_device(cell_device), amp)
+        others = {p: cell for p, cell in finished.get(amp, {}).items() if p != here}
         if others:
             precision, cell = next(iter(others.items()))
             raise AttnlabError(f"{runs_path}: {cell} trained in {precision}, but here {c['method']} seed {c['seed']} "
