@@ -56,10 +56,7 @@ def _int_list(text):
         values = [int(x) for x in items]
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers, got '{text}'") from None
-    if len(set(values)) < len(values):  # '1,01'
-        raise argparse.ArgumentTypeError(f"'{next(v for v in values if values.count(v) > 1)}' is given twice in "
-                                         f"'{text}'")
-    return values
+    return _no_repeats(values, text)  # as integers: '1,01' repeats 1
 
 
 def _str_list(text, what="names"):
@@ -67,6 +64,10 @@ def _str_list(text, what="names"):
     items = [x.strip() for x in text.split(",")]
     if not all(items):
         raise argparse.ArgumentTypeError(f"must be comma-separated {what} with none empty, got '{text}'")
+    return _no_repeats(items, text)
+
+
+def _no_repeats(items: list, text: str) -> list:
     if len(set(items)) < len(items):
         raise argparse.ArgumentTypeError(f"'{next(x for x in items if items.count(x) > 1)}' is given twice in '{text}'")
     return items
