@@ -192,43 +192,34 @@ def test_a_search_on_the_committed_table_repeats_the_live_search(tmp_path, super
     assert "needs all 512 schemes" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kill_at", [2, 7])  # in epoch 1 (no checkpoint yet) and in epoch 2
-def test_supernet_phase_resumes_exactly(tmp_path, kill_at):
-    """Killed mid-run and resumed, the supernet run ends with the weights of an uninterrupted one."""
+@pytest.fixture(scope="module")
+def whole_supernet(tmp_path_factory):
+    """An uninterrupted tiny supernet run: its final weights, and the data cache it built (shared below)."""
     from attnlab.cli import main
-    whole = tiny(tmp_path, "whole")
+    tmp = tmp_path_factory.mktemp("whole")
     with pytest.raises(SystemExit) as info:
-        main(["search", "--config", str(CONFIG), "--phases", "supernet", *whole])
+        main(["search", "--config", str(CONFIG), "--phases", "supernet", *tiny(tmp, "whole")])
     assert info.value.code == 0
-    steps = load_checkpoint(tmp_path / "whole" / "supernet" / "checkpoint_last.pt")["epoch"]
-    assert steps == 2
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    cut = tiny(tmp_path, "cut")
-    proc = subprocess.run([sys.executable, "-m", "attnlab", "search", "--config", str(CONFIG), "--phases",
-                           "supernet", *cut, f"debug.kill_at_step={kill_at}"], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    with pytest.raises(SystemExit):
-        main(["search", "--config", str(CONFIG), "--phases", "supernet", *cut])
-    a = load_checkpoint(tmp_path / "whole" / "supernet" / "checkpoint_last.pt")["model"]
-    b = load_checkpoint(tmp_path / "cut" / "supernet" / "checkpoint_last.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    last = load_checkpoint(tmp / "whole" / "supernet" / "checkpoint_last.pt")
+    assert last["epoch"] == 2
+    return last["model"], tmp / "cache"
 
 
-@pytest.mark.parametrize("kill_at_step", [7, 2])  # in epoch 2 of 2 (a checkpoint exists), in epoch 1 (none)
-def test_a_supernet_run_resumes_only_with_its_hook(tmp_path, capsys, kill_at_step):
-    """`attnlab train --resume` on a supernet run would continue without random masks: refused, nothing changed."""
+@pytest.mark.parametrize("kill_at_step", [2, 7])  # in epoch 1 (no checkpoint yet) and in epoch 2 of 2 (one exists)
+def test_a_killed_supernet_run_resumes_only_with_its_hook_and_exactly(tmp_path, capsys, whole_supernet,
+                                                                      kill_at_step):
+    """Killed mid-run: `attnlab train --resume` (it would continue without random masks) and a search with another
+    hook are refused in one line with nothing changed; the same hook resumes it to the uninterrupted run's weights."""
     import os
     import subprocess
     import sys
     from attnlab.cli import main
+    whole, cache = whole_supernet
+    cut = tiny(tmp_path, "sn", **{"data.cache_dir": str(cache)})
     proc = subprocess.run([sys.executable, "-m", "attnlab", "search", "--config", str(CONFIG), "--phases",
-                           "supernet", *tiny(tmp_path, "sn"), f"debug.kill_at_step={kill_at_step}"],
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
+                           "supernet", *cut, f"debug.kill_at_step={kill_at_step}"],
+                          env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())), capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == -9, proc.stderr[-2000:]
     run_dir = tmp_path / "sn" / "supernet"
     assert (run_dir / "checkpoint_last.pt").is_file() == (kill_at_step == 7)
@@ -240,13 +231,15 @@ def test_a_supernet_run_resumes_only_with_its_hook(tmp_path, capsys, kill_at_ste
     assert "step hooks" in err and "'hook': 'supernet'" in err and "--phases supernet" in err
     assert len(err.splitlines()) == 1
     with pytest.raises(SystemExit) as info:  # another p is another hook: refused as well
-        main(["search", "--config", str(CONFIG), "--phases", "supernet", *tiny(tmp_path, "sn"), "supernet.p=0.3"])
+        main(["search", "--config", str(CONFIG), "--phases", "supernet", *cut, "supernet.p=0.3"])
     assert info.value.code == 2 and "'p': 0.5" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
     with pytest.raises(SystemExit) as info:  # the same hook continues it
-        main(["search", "--config", str(CONFIG), "--phases", "supernet", *tiny(tmp_path, "sn")])
+        main(["search", "--config", str(CONFIG), "--phases", "supernet", *cut])
     assert info.value.code == 0
-    assert load_checkpoint(run_dir / "checkpoint_last.pt")["epoch"] == 2
+    resumed = load_checkpoint(run_dir / "checkpoint_last.pt")
+    assert resumed["epoch"] == 2
+    assert resumed["model"].keys() == whole.keys() and all(torch.equal(whole[k], resumed["model"][k]) for k in whole)
 
 
 def test_a_hook_whose_spec_is_not_json_is_refused_before_training(tmp_path):
