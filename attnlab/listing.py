@@ -77,6 +77,8 @@ def list_datasets() -> list[str]:
         rows.append(f"{name:<14} {where}")
     rows.append(f"{'imagefolder':<14} any folder of train/<class>/ and test/<class>/ (or val/<class>/) images, "
                 f"given as data.data_dir=...")
+    rows.append(f"{'wsol':<14} images with boxes or masks in wsolevaluation's metadata layout (CUB, ImageNet, "
+                f"OpenImages), given as data.data_dir=<image root> data.metadata=<metadata folder> (docs/wsol.md)")
     return rows
 
 

@@ -221,7 +221,8 @@ def test_greyscale_and_jpeg_become_rgb(tmp_path):
 
 def test_missing_dataset_says_where_it_looked(tmp_path, monkeypatch):
     nowhere = tmp_path / "nowhere"
-    with pytest.raises(AttnlabError, match=r"not found; looked in: .*nowhere.*data\.data_dir.*download: true"):
+    fetch = r"load_dataset\('cifar10', download=True\)"
+    with pytest.raises(AttnlabError, match=rf"not found; looked in: .*nowhere.*data\.data_dir.*{fetch}"):
         load_dataset("cifar10", data_dir=nowhere)
     monkeypatch.setenv("ATTNLAB_DATA", str(tmp_path / "empty"))
     with pytest.raises(AttnlabError, match=r"looked in: .*empty/cifar10-jpeg.*ATTNLAB_DATA"):
@@ -557,7 +558,7 @@ def test_download_only_when_asked(tmp_path, monkeypatch):
             _write_pickle(d / name, {"data": np.zeros((10, 3072), dtype=np.uint8), "labels": list(range(10))})
 
     monkeypatch.setattr(utils, "download_and_extract_archive", fake_download)
-    with pytest.raises(AttnlabError, match="download: true"):
+    with pytest.raises(AttnlabError, match=r"load_dataset\('cifar10', download=True\)"):
         load_dataset("cifar10", data_dir=tmp_path / "dl")
     assert calls == []  # never downloads unless asked
     bundle = load_dataset("cifar10", data_dir=tmp_path / "dl", download=True, cache_dir=None)

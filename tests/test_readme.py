@@ -160,3 +160,38 @@ def test_single_node_torchrun_command_as_written(tmp_path):
     assert "x 2 ranks" in proc.stdout and "of 32 " in proc.stdout   # the 32 is the global batch
     for pattern in run_files_listed():                          # every file the usage page says a run writes
         assert list(run_dir.glob(pattern)), f"{pattern} missing from {sorted(p.name for p in run_dir.iterdir())}"
+
+
+def test_the_usage_pages_table_of_training_keys_names_each_key_with_its_default():
+    """Every `train.` key of the config schema is in the table, every key the table names exists, and each row's
+    defaults (its second column, in the order of its keys) are the schema's."""
+    from attnlab.engine.config import schema, to_dict
+    from attnlab.engine.train import _flatten
+    section = USAGE.split("### The training recipe's keys", 1)[1].split("\n### ", 1)[0]
+    named = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            keys, given, _ = line.split(" | ")
+            names, values = re.findall(r"`([\w.]+)`", keys), [v.strip() for v in given.split(",")]
+            assert len(names) == len(values), line
+            named.update(zip(names, values))
+    defaults = _flatten(to_dict(schema())["train"])
+    assert set(named) == set(defaults)
+    for key, value in named.items():
+        want = defaults[key]
+        if isinstance(want, (bool, str, list)):
+            assert str(want).lower() == value, key
+        else:
+            assert float(want) == float(value), key
+
+
+def test_the_usage_pages_matrix_example_loads_with_the_default_latency(tmp_path):
+    import yaml
+    from attnlab.bench import load_matrix
+    from attnlab.bench.matrix import LATENCY_DEFAULTS
+    (example,) = [b for b in blocks("yaml", USAGE) if b.startswith("name: my_matrix")]
+    path = tmp_path / "my_matrix.yaml"
+    path.write_text(example.replace("configs/quick.yaml", str(ROOT / "configs" / "quick.yaml")))
+    matrix = load_matrix(path)
+    assert [m["name"] for m in matrix["methods"]] == ["none", "se", "se_r4"] and len(matrix["claims"]) == 2
+    assert yaml.safe_load(example)["latency"] == LATENCY_DEFAULTS

@@ -61,6 +61,14 @@ def test_localize_and_show_on_a_tdam_checkpoint(tmp_path, capsys):
     assert "is a file; show writes its PNGs into a folder" in capsys.readouterr().err
 
 
+def test_localize_names_its_json_with_out_like_eval_and_show():
+    import importlib
+    from attnlab.cli import COMMANDS, build_parser
+    parser = build_parser({n: importlib.import_module(m) for n, (m, _) in COMMANDS.items()})
+    for flag in ("--out", "--output"):
+        assert parser.parse_args(["localize", "--checkpoint", "c.pt", flag, "x.json"]).output == "x.json"
+
+
 @pytest.mark.needs_data("cifar10")
 def test_show_works_on_cifar10_and_localize_says_there_are_no_boxes(tmp_path, capsys):
     run = _run(tmp_path, "se", "se", ["data.name=cifar10", "data.image_size=null", "data.val_size=20",

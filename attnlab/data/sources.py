@@ -70,7 +70,8 @@ def _hint(name: str) -> str:
     folders = " or ".join(DEFAULT_FOLDERS.get(name, ("<dataset folder>",)))
     msg = f"pass data.data_dir=<folder> or set ATTNLAB_DATA=<folder holding {folders}>"
     if name in PICKLE_FOLDERS:
-        msg += " or use download: true (fetches the official archive, needs internet)"
+        msg += (f" or fetch it once from Python: attnlab.data.load_dataset('{name}', download=True) (the official "
+                "archive, needs internet)")
     return msg
 
 

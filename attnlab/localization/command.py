@@ -203,7 +203,8 @@ def add_arguments(p):
     p.add_argument("--data-dir", default=None, help="dataset folder, or WSOL image root (default: the run's)")
     p.add_argument("--metadata", default=None, help="WSOL metadata folder (default: the run's data.metadata)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run kept an EMA")
-    p.add_argument("--output", default=None, help="JSON path (default: localize.json next to the checkpoint)")
+    p.add_argument("--out", "--output", dest="output", default=None, metavar="PATH",
+                   help="JSON path (default: localize.json next to the checkpoint); --out as in eval, profile, show")
 
 
 def run(args):
