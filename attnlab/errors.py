@@ -16,6 +16,19 @@ def unknown(kind: str, name, choices) -> AttnlabError:
     return AttnlabError(f"unknown {kind} '{name}'{hint}; valid choices: {', '.join(choices)}")
 
 
+def yaml_problem(err: Exception) -> str:
+    """A YAML parse error in one line, with where it is: "did not find expected ',' or ']' at line 4, column 5
+    (while parsing a flow sequence begun at line 3, column 15)". PyYAML's own text takes four lines."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if not problem or mark is None:
+        return " ".join(str(err).split())
+    where = f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    context, started = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and started is not None:
+        return f"{where} ({context} begun at line {started.line + 1}, column {started.column + 1})"
+    return f"{where} ({context})" if context else where
+
+
 def check_int(name: str, value, minimum: int = 1, odd: bool = False) -> int:
     """Validate an integer option of a module (``reduction``, ``kernel_size``); raise ValueError naming it.
 

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from .errors import AttnlabError
+from .errors import AttnlabError, yaml_problem
 from .host import set_threads
 from .measure import profile_model
 
@@ -57,7 +57,7 @@ def parse_blocks(text):
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise AttnlabError(f"--blocks '{text}' is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise AttnlabError(f"--blocks '{text}' is not valid YAML: {yaml_problem(err)}") from None
 
 
 def check_device(device: str) -> torch.device:

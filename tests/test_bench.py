@@ -123,6 +123,9 @@ def test_a_method_may_run_its_own_seeds_in_seed_major_order(tmp_path):
                                                                           ("none", 3), ("se", 3)]
     with pytest.raises(AttnlabError, match="method 'se': 'seeds' must be a non-empty list of integers"):
         load_matrix(_write(tmp_path, "methods: [{name: se, seeds: []}]\n", "bad.yaml"))
+    with pytest.raises(AttnlabError, match=r"is not valid YAML: .* at line 3, column 1 \(while parsing a flow "
+                                           r"sequence begun at line 2, column 10\)$"):
+        load_matrix(_write(tmp_path, "seeds: [0]\nmethods: [{name: se}\n", "broken.yaml"))
 
 
 def test_dry_run_flags_bad_config(tmp_path, capsys):
@@ -255,9 +258,18 @@ def test_tiny_matrix_runs_records_failures_and_resumes(tmp_path, capsys):
     counts = run_matrix(matrix, results_root=res, runs_root=runs, retry_failed=True, latency=False)
     assert counts == _counts(total=3, skipped=2, failed=1)
     assert len(read_jsonl(res / "tiny" / "runs.jsonl")) == 4
-    changed = load_matrix(_write(tmp_path, path.read_text().replace("train.epochs: 1", "train.epochs: 2")))
+    text = path.read_text()
+    changed = load_matrix(_write(tmp_path, text.replace("train.epochs: 1", "train.epochs: 2")))
     with pytest.raises(AttnlabError, match="other settings"):
         run_matrix(changed, results_root=res, runs_root=runs)
+
+    # The failed method mended (other settings now): its failures hold no result, so it trains without a flag.
+    mended = load_matrix(_write(tmp_path, text.replace("model.attention: nope", "model.attention: eca")))
+    counts = run_matrix(mended, results_root=res, runs_root=runs)
+    assert counts == _counts(total=3, skipped=2, ok=1)
+    assert set(json.loads((res / "tiny" / "latency.json").read_text())["methods"]["bogus"]) == {"cpu"}  # no error
+    assert [(r["method"], r["status"]) for r in read_jsonl(res / "tiny" / "runs.jsonl")][-1] == ("bogus", "ok")
+    assert run_matrix(mended, results_root=res, runs_root=runs, latency=False) == _counts(total=3, skipped=3)
 
 
 # ----------------------------------------------------------------------------------------------- issue 10

@@ -168,6 +168,8 @@ class _NotPlain:  # pickled by torch.save below: a class, which weights_only loa
 
 @pytest.mark.parametrize("make, message", [
     (lambda p: p.write_bytes(b""), r"is empty \(0 bytes\): cut short or never written"),
+    (lambda p: p.write_text("name: quick\n"), r"is not a PyTorch file: a text file \(it begins 'name: quick'\)$"),
+    (lambda p: p.write_bytes(bytes(range(1, 64))), r"is not a PyTorch file: neither a zip archive nor a pickle$"),
     (lambda p: p.write_bytes(_torch_file(p, {"w": [1.0] * 1000}).read_bytes()[:300]),
      r"corrupt or truncated \(RuntimeError: PytorchStreamReader failed reading zip archive"),
     (lambda p: _torch_file(p, {"x": _NotPlain()}),

@@ -101,7 +101,8 @@ def test_missing_or_malformed_recipe(tmp_path, load):
         load(tmp_path / "nope.yaml")
     with pytest.raises(AttnlabError, match=f"config file '{tmp_path}' is a folder, not a YAML file"):
         load(tmp_path)
-    with pytest.raises(AttnlabError, match="cannot read config"):
+    with pytest.raises(AttnlabError, match=r"cannot read config .*: did not find expected ',' or '\]' at line 2, "
+                                           r"column 1 \(while parsing a flow sequence begun at line 1, column 8\)$"):
         load(write(tmp_path, "train: [unclosed\n"))
     with pytest.raises(AttnlabError, match="mapping"):
         load(write(tmp_path, "- 1\n- 2\n"))
@@ -112,6 +113,8 @@ def test_missing_or_malformed_recipe(tmp_path, load):
 @pytest.mark.parametrize("overrides, message", [
     (["train.nesterov=true", "train.momentum=0"], "train.nesterov=true needs train.momentum > 0, got 0"),
     (["seed=-1"], "seed must be >= 0, got -1"),
+    (["data.image_size=0"], "data.image_size must be >= 1 (or null: the dataset's own size), got 0"),
+    (["ssia.design=foo"], "unknown ssia design 'foo'"),  # checked while ssia.enabled=false, too
 ])
 def test_settings_that_would_be_ignored_are_refused(overrides, message):
     with pytest.raises(AttnlabError, match=re.escape(message)):

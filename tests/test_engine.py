@@ -164,6 +164,10 @@ def test_eval_command_matches_the_run(run, capsys, monkeypatch):
         main(["eval", "--checkpoint", str(best), "--out", str(run_dir)])
     err = capsys.readouterr().err
     assert info.value.code == 2 and f"{run_dir}: it is a folder; give a file path" in err and "kept" not in err
+    with pytest.raises(SystemExit) as info:  # asked of a run without TDAM: what to drop is the flag itself
+        main(["eval", "--checkpoint", str(best), "--tdam-any-step"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--tdam-any-step needs TDAM blocks" in err and "(drop --tdam-any-step)" in err
 
 
 def test_each_epoch_line_says_the_time_left_but_the_last(tmp_path, capsys):

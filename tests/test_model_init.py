@@ -78,10 +78,15 @@ def test_files_that_do_not_fit_are_refused_in_one_line(tmp_path, tv50):
         init_from_state_dict(model, extra)
     code = tmp_path / "code.pt"
     torch.save({"weights": torch.nn.Linear(2, 2)}, code)  # a pickled module: weights_only refuses it
-    with pytest.raises(AttnlabError, match="weights-only") as info:
+    with pytest.raises(AttnlabError, match="holds more than tensors and plain values") as info:
         init_from_state_dict(model, code)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
     with pytest.raises(AttnlabError, match="does not exist"):
         init_from_state_dict(model, tmp_path / "missing.pt")
+    with pytest.raises(AttnlabError, match=f"model.init '{tmp_path}' is a folder, not a file$"):
+        init_from_state_dict(model, tmp_path)
+    (tmp_path / "config.yaml").write_text("model:\n  name: resnet50\n")
+    with pytest.raises(AttnlabError, match=r"is not a PyTorch file: a text file \(it begins 'model:'\)$"):
+        init_from_state_dict(model, tmp_path / "config.yaml")
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing changed by a refused file

@@ -14,7 +14,7 @@ from attnlab.cli import main
 from attnlab.engine.checkpoint import load_checkpoint
 from attnlab.engine.config import load_config
 from attnlab.engine.optim import lr_factor
-from attnlab.engine.train import resume_config, train
+from attnlab.engine.train import RESUMABLE_CHANGES, resume_config, train
 from attnlab.errors import AttnlabError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +157,14 @@ def test_resume_refuses_keys_that_define_the_run_and_changes_nothing(tmp_path, c
     assert code == 2 and err.count("\n") == 1
     assert "cannot change on resume: model.attention (none -> se), seed (0 -> 3)" in err
     assert "train.epochs" not in err.split(";")[0]
+    offered = err.split("resume may change ", 1)[1].split(")", 1)[0].split(", ")
+    assert offered == [k for k in RESUMABLE_CHANGES if k not in ("name", "out_dir")]  # all it accepts
+    assert snapshot(run_dir) == before
+    # Without checkpoint_last.pt but with a best epoch: not "killed in epoch 1", so it is not retrained over.
+    (run_dir / "checkpoint_last.pt").unlink()
+    before = snapshot(run_dir)
+    code, _, err = cli(["train", "--resume", str(run_dir)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "has checkpoint_best.pt but no checkpoint_last.pt" in err
     assert snapshot(run_dir) == before
 
 

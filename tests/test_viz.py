@@ -112,3 +112,37 @@ def test_show_draws_the_gates_of_the_newer_modules(cifar_bundle, tmp_path, atten
         with Image.open(path) as im:
             assert im.size[0] > 200 and im.size[1] > 150
             assert np.asarray(im.convert("L")).std() > 10  # not blank
+
+
+def test_show_and_localize_on_a_run_without_val_images_say_so_in_one_line(cifar_bundle, tmp_path):
+    import dataclasses
+
+    import torch
+
+    from attnlab.errors import AttnlabError
+    from attnlab.localization.command import localize
+    from attnlab.models import create_model
+    from attnlab.viz.command import show
+    val = cifar_bundle.val
+    bundle = dataclasses.replace(cifar_bundle, val=dataclasses.replace(val, images=val.images[:0],
+                                                                       labels=val.labels[:0]))
+    model = create_model("resnet20", num_classes=10, attention="none").eval()
+    torch.manual_seed(0)
+    held_out = r"cifar10 has no val images \(the run held none out of train: data.val_size=0\); give --split"
+    with pytest.raises(AttnlabError, match=held_out + " test$"):
+        show(model, bundle, "val", tmp_path / "pics", count=3)
+    assert not (tmp_path / "pics").exists()
+    with pytest.raises(AttnlabError, match=held_out + "s test$"):
+        localize(model, bundle, ("val", "test"))
+    assert [p.name for p in show(model, bundle, "test", tmp_path / "pics", count=1)] == ["cams.png"]
+
+
+def test_show_takes_localizes_tau_only_for_the_kind_of_map_it_was_chosen_for(tmp_path):
+    from attnlab.viz.command import DEFAULT_TAU, _tau
+    best = tmp_path / "checkpoint_best.pt"
+    assert _tau(best, None, "cam") == (DEFAULT_TAU, "default")  # no localize.json yet
+    (tmp_path / "localize.json").write_text(json.dumps({"method": "cam", "tau": 0.4}))
+    assert _tau(best, None, "cam") == (0.4, str(tmp_path / "localize.json"))
+    tau, source = _tau(best, None, "gradcam")
+    assert tau == DEFAULT_TAU and source.startswith("default:") and "--cam cam maps" in source
+    assert _tau(best, 0.3, "gradcam") == (0.3, "--tau")

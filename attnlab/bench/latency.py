@@ -126,6 +126,7 @@ def _save(latency_path: Path, entries: dict, settings) -> dict:
             entry = data["methods"].setdefault(name, {})
             if key != "error":
                 entry[key] = value
+                entry.pop("error", None)  # timed now: an earlier failure to build it (since fixed) is history
             else:
                 entry.setdefault("error", value)
         data["host"] = host_info()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import AttnlabError, unknown
+from ..errors import AttnlabError, unknown, yaml_problem
 
 MATRIX_KEYS = {"name", "description", "recipe", "overrides", "methods", "seeds", "latency", "claims", "reuse"}
 METHOD_KEYS = {"name", "overrides", "seeds"}
@@ -44,7 +44,7 @@ def load_matrix(path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise AttnlabError(f"matrix {path} is not valid YAML: {' '.join(str(err).split())}") from None
+        raise AttnlabError(f"matrix {path} is not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise AttnlabError(f"matrix {path} must be a mapping with 'methods' and 'seeds'")
     _no_extra_keys(raw, MATRIX_KEYS, f"matrix {path}")
@@ -73,7 +73,7 @@ def recipe_digest(recipe_path) -> str | None:
     try:
         content = yaml.safe_load(Path(recipe_path).read_text())
     except (OSError, yaml.YAMLError) as err:
-        raise AttnlabError(f"cannot read recipe {recipe_path}: {' '.join(str(err).split())}") from None
+        raise AttnlabError(f"cannot read recipe {recipe_path}: {yaml_problem(err)}") from None
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -47,7 +47,7 @@ from .cell import refuse_another_precision, run_cell, stamp
 from .plan import Planner, Started
 from .pool import HARNESS_DIR, WorkerPool
 from .matrix import cell_overrides, cells, fingerprint, same_recipe, same_settings, settings_of
-from .runs import cell_lock, latest_by_cell, one_line
+from .runs import cell_lock, is_done, latest_by_cell, one_line
 
 
 
@@ -151,17 +151,19 @@ def _pending(matrix, todo, done, runs_path, retry_failed):
     out = []
     for c in todo:
         prev = done.get((c["method"], c["seed"]))
-        if prev is not None and not same_settings(prev.get("fingerprint"), fingerprint(matrix, c)):
+        if not is_done(prev, fingerprint(matrix, c), retry_failed):
+            out.append((c, None))
+            continue
+        if not same_settings(prev.get("fingerprint"), fingerprint(matrix, c)):
             raise AttnlabError(
                 f"{runs_path} holds method '{c['method']}' seed {c['seed']} run with other settings than "
                 f"{matrix['path']} now gives; move that file away (or rename the matrix) before re-running")
-        if prev is not None and not same_recipe(prev, matrix):
+        if not same_recipe(prev, matrix):
             raise AttnlabError(
                 f"{runs_path} holds method '{c['method']}' seed {c['seed']} trained with recipe {matrix['recipe']} "
                 f"as it was before an edit (digest {prev['recipe_digest']}, now {matrix['recipe_digest']}); undo "
                 "the edit, or give the changed recipe a new file and matrix")
-        finished = prev is not None and (prev.get("status") == "ok" or not retry_failed)
-        out.append((c, prev if finished else None))
+        out.append((c, prev))
     return out
 
 
@@ -302,7 +304,7 @@ class _Runner:
             self.log(f"[{i}/{self.n_total}] {name}: being trained by another attnlab bench, skipped")
             return
         prev = latest_by_cell(read_jsonl(self.runs_path)).get((c["method"], c["seed"]))
-        if prev is not None and (prev.get("status") == "ok" or not self.retry_failed):  # another bench ran it
+        if is_done(prev, fingerprint(self.matrix, c), self.retry_failed):  # another bench ran it
             stack.close()
             self.counts["skipped"] += 1
             self.log(f"[{i}/{self.n_total}] {name}: finished by another attnlab bench ({prev.get('status')}), "

@@ -17,6 +17,18 @@ def latest_by_cell(records) -> dict:
     return out
 
 
+def is_done(prev: dict | None, current_fingerprint: str, retry_failed: bool) -> bool:
+    """Whether a cell whose last record is ``prev`` is finished: it has a result, or it failed with the settings
+    the matrix gives now and failures are not being retried. A failure under other settings (a typo since fixed)
+    holds no result to keep: the cell trains with its new settings."""
+    from .matrix import same_settings
+    if prev is None:
+        return False
+    if prev.get("status") == "ok":
+        return True
+    return not retry_failed and same_settings(prev.get("fingerprint"), current_fingerprint)
+
+
 def merge_runs(source, dest) -> dict:
     """Append to runs.jsonl ``dest`` the cells that runs.jsonl ``source`` finished and ``dest`` has not, e.g. a GPU
     slot's file (seeded from the committed one) into a checkout whose CPU benches went on meanwhile, which copying

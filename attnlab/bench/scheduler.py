@@ -76,7 +76,8 @@ class CellJob:
         """('ran', record) after training and recording the cell; ('busy', None) when another job or bench holds
         its lock; ('finished', record) when runs.jsonl already has it (another bench finished it)."""
         from ..jsonl import append_jsonl, read_jsonl
-        from .runs import cell_lock, latest_by_cell
+        from .matrix import fingerprint
+        from .runs import cell_lock, is_done, latest_by_cell
         os.chdir(self.cwd)  # the paths are the bench's, as it gave them (records keep them relative)
         matrix, cell = self._cell()
         lock_path = Path(self.runs_dir) / HARNESS_DIR / "locks" / f"{cell['run_name']}.lock"
@@ -84,7 +85,7 @@ class CellJob:
             if not lock:
                 return ("busy", None)
             prev = latest_by_cell(read_jsonl(self.runs_path)).get((self.method, self.seed))
-            if prev is not None and (prev.get("status") == "ok" or not self.retry_failed):
+            if is_done(prev, fingerprint(matrix, cell), self.retry_failed):
                 return ("finished", prev)
             record = self._train(matrix, cell)
             append_jsonl(self.runs_path, record)  # in runs.jsonl before the lock is released

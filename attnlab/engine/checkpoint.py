@@ -27,22 +27,42 @@ def atomic_save(obj, path) -> None:
 
 def load_checkpoint(path, map_location="cpu") -> dict:
     """A checkpoint file, read with weights_only=True; a missing or unreadable file is a one-line error."""
+    # Our checkpoints hold only tensors, numbers, strings and containers (the config is a plain dict).
+    return read_weights_only(path, "checkpoint", map_location)
+
+
+def _what_it_is(head: bytes) -> str:
+    """A text file (with its first line) or something else, from a file's first bytes."""
+    text = head.decode("utf-8", errors="replace")
+    body = text[:-2]  # a character cut off by the end of ``head`` decodes as a replacement character
+    if body.strip() and all(c.isprintable() or c in "\t\r\n" for c in body) and "\ufffd" not in body:
+        return f"a text file (it begins {text.splitlines()[0][:40]!r})"
+    return "neither a zip archive nor a pickle"
+
+
+def read_weights_only(path, what: str, map_location="cpu"):
+    """A torch.save file read with weights_only=True (a file from elsewhere never runs code), or a one-line error
+    that starts with ``what`` (checkpoint, model.init) and says why: missing, a folder, empty, not a PyTorch file at
+    all, more than tensors and plain values inside, or corrupt."""
     path = Path(path)
     if not path.is_file():
-        raise AttnlabError(f"checkpoint '{path}' is a folder, not a checkpoint file" if path.is_dir() else
-                           f"checkpoint '{path}' does not exist")
-    if path.stat().st_size == 0:
-        raise AttnlabError(f"checkpoint '{path}' is empty (0 bytes): cut short or never written")
+        raise AttnlabError(f"{what} '{path}' is a folder, not a file" if path.is_dir() else
+                           f"{what} '{path}' does not exist")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        raise AttnlabError(f"{what} '{path}' is empty (0 bytes): cut short or never written")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip archive (older torch: a pickle)
+        raise AttnlabError(f"{what} '{path}' is not a PyTorch file: {_what_it_is(head)}")
     try:
-        # Our checkpoints hold only tensors, numbers, strings and containers (the config is a plain dict).
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         first = (str(err).splitlines() or [""])[0]
         if first.startswith("Weights only load failed"):  # torch's advice to unpickle anyway is not ours to give
-            raise AttnlabError(f"cannot read checkpoint '{path}': it holds more than tensors and plain values, as "
-                               "no attnlab checkpoint does (corrupt, or another program's pickle, which is never "
-                               "unpickled: that could run code)") from None
-        raise AttnlabError(f"cannot read checkpoint '{path}': corrupt or truncated ({type(err).__name__}: "
+            raise AttnlabError(f"cannot read {what} '{path}': it holds more than tensors and plain values, as "
+                               "no attnlab checkpoint or state_dict does (corrupt, or another program's pickle, "
+                               "which is never unpickled: that could run code)") from None
+        raise AttnlabError(f"cannot read {what} '{path}': corrupt or truncated ({type(err).__name__}: "
                            f"{first.split('. ')[0][:160]})") from None
 
 
@@ -165,14 +185,7 @@ def init_from_state_dict(model: torch.nn.Module, path) -> InitReport:
     not fit is refused whole, in one line, before any weight changes.
     """
     path = Path(path)
-    if not path.is_file():
-        raise AttnlabError(f"model.init '{path}' does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise AttnlabError(f"model.init '{path}' cannot be read as a weights-only state_dict: {type(err).__name__}: "
-                           f"{str(err).splitlines()[0] if str(err) else ''}") from None
-    state, own = _plain_state_dict(obj, path), model.state_dict()
+    state, own = _plain_state_dict(read_weights_only(path, "model.init"), path), model.state_dict()
     linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     head = {f"{linears[-1]}.weight", f"{linears[-1]}.bias"} if linears else set()
     unknown = sorted(k for k in state if k not in own)

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from ..errors import AttnlabError, unknown
+from ..errors import AttnlabError, unknown, yaml_problem
 
 
 @dataclass
@@ -218,7 +218,7 @@ def read_recipe(path) -> DictConfig:
     try:
         recipe = OmegaConf.load(path)
     except Exception as err:  # YAML syntax errors come in several types
-        raise AttnlabError(f"cannot read config '{path}': {str(err).splitlines()[0]}") from None
+        raise AttnlabError(f"cannot read config '{path}': {yaml_problem(err)}") from None
     if not isinstance(recipe, DictConfig):
         raise AttnlabError(f"config '{path}' must be a mapping of keys to values")
     if not recipe:  # an unsaved or wrong file: training every default instead would say nothing
@@ -278,6 +278,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.seed < 0:
         raise AttnlabError(f"seed must be >= 0, got {cfg.seed}")
     _validate_data(cfg.data)
+    from ..objectives import check_sections
+    check_sections(cfg)
 
 
 def refuse_ignored_settings(cfg: DictConfig) -> None:
@@ -298,6 +300,8 @@ def _validate_data(data) -> None:
                            f"(got {data.val_size})")
     if data.metadata is not None and not is_wsol:
         raise AttnlabError(f"data.metadata is read by data.name=wsol only, not by '{data.name}'")
+    if data.image_size is not None and data.image_size < 1:
+        raise AttnlabError(f"data.image_size must be >= 1 (or null: the dataset's own size), got {data.image_size}")
     if data.pipeline not in ("cache", "stream"):
         raise unknown("value for data.pipeline", data.pipeline, ("cache", "stream"))
     if data.workers < 0:

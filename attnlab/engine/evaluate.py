@@ -27,16 +27,17 @@ from .metrics import Meter, topk_hits
 from .precision import autocast
 
 
-def any_step_modules(model) -> list:
-    """The last stage's TDAM modules that ``tdam_any_step`` varies; a clear error when there are none."""
+def any_step_modules(model, option="eval.tdam_any_step", fix="set eval.tdam_any_step=false") -> list:
+    """The last stage's TDAM modules that ``tdam_any_step`` varies; a clear error naming the ``option`` that asked
+    for them and the ``fix`` when there are none."""
     from ..attention.tdam import stage_tdams
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the steps run eagerly
     if not hasattr(model, "fc") or not hasattr(model, "stages"):
-        raise AttnlabError(f"eval.tdam_any_step needs an attnlab ResNet, got {type(model).__name__}")
+        raise AttnlabError(f"{option} needs an attnlab ResNet, got {type(model).__name__}")
     mods = stage_tdams(model.stages()[-1])
     if not mods:
-        raise AttnlabError(f"eval.tdam_any_step needs TDAM blocks in the last stage; attention "
-                           f"'{getattr(model, 'attention', '?')}' has none (set eval.tdam_any_step=false)")
+        raise AttnlabError(f"{option} needs TDAM blocks in the last stage; attention "
+                           f"'{getattr(model, 'attention', '?')}' has none ({fix})")
     return mods
 
 
@@ -118,6 +119,8 @@ def run(args):
     loader = getattr(run.loaders(args.batch_size, args.data_dir), args.split)
     if loader is None:
         raise AttnlabError(f"the run has no {args.split} split (data.val_size=0)")
+    if args.tdam_any_step:
+        any_step_modules(run.model, "--tdam-any-step", "drop --tdam-any-step")
     start = time.perf_counter()
     any_step = args.tdam_any_step or bool((run.config.get("eval") or {}).get("tdam_any_step", False))
     progress = Progress(loader.n, f"eval {args.split}", verb="evaluated")  # from 1,000 images on

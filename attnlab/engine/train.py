@@ -55,6 +55,7 @@ NO_BAD_STEP = 2 ** 62  # "no non-finite loss yet" (min-reduced across ranks)
 # resumed epoch: train.epochs re-spreads the cosine (or multistep) schedule over the new length, train.lr scales it.
 # Every other key defines the run (model, data, seed, optimiser, ...): changing it is a new run, not a resume.
 # data.data_dir and data.metadata say where the same files are (a moved folder), not which files.
+# name and out_dir last: they come from the run folder itself, so the refusal below does not offer them.
 RESUMABLE_CHANGES = ("train.epochs", "train.lr", "train.eval_batch_size", "data.data_dir", "data.metadata",
                      "data.cache_dir", "data.workers", "device", "debug.kill_at_step", "name", "out_dir")
 
@@ -197,6 +198,12 @@ class Trainer:
             raise AttnlabError(f"train.batch_size={cfg.train.batch_size} (the global batch) must divide by the "
                                f"{d.world_size} DDP processes")
         resumed = resume is not None and RunFolder(resume).has_checkpoint()
+        if resume is not None and not resumed and RunFolder(resume).best.is_file():
+            # checkpoint_best.pt is written after checkpoint_last.pt: this run got past epoch 1, and starting it
+            # from the beginning would overwrite what it trained.
+            raise AttnlabError(f"{resume} has checkpoint_best.pt but no checkpoint_last.pt (removed or lost since "
+                               "it was written): it cannot continue where it stopped; train it again with "
+                               "--overwrite, or under a new name=")
         # The order below is the order the seeded generators are drawn from (data, then model, then objectives'
         # modules): changing it changes every run's numbers.
         seed_everything(cfg.seed)
@@ -733,7 +740,7 @@ def _config_changes(saved: dict, now: dict) -> dict:
     if fixed:
         raise AttnlabError("cannot change on resume: " + ", ".join(f"{k} ({changed[k][0]} -> {changed[k][1]})"
                                                                    for k in fixed)
-                           + f"; they define the run (resume may change {', '.join(RESUMABLE_CHANGES[:4])}); train "
+                           + f"; they define the run (resume may change {', '.join(RESUMABLE_CHANGES[:-2])}); train "
                            "a new run under a new name=... instead")
     return {k: v for k, v in changed.items() if k not in ("name", "out_dir", "debug.kill_at_step")}
 

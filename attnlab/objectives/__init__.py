@@ -7,6 +7,8 @@ An objective never edits model code and adds nothing to the model's state_dict. 
         features = "stages"          # what it reads from model(x, features=...): None, "stages" or "blocks"
         @classmethod
         def from_config(cls, section, model): ... return an instance, or None when it is off
+        @classmethod
+        def check(cls, section): ...  # optional: refuse a bad option even while the objective is off
         def __call__(self, *, model, logits, targets, features, epoch, step) -> dict[str, Tensor]
 
 Each registered objective owns one config section (its name) whose defaults are merged into the engine's
@@ -31,6 +33,10 @@ class Objective:
     @classmethod
     def from_config(cls, section, model):
         return cls(**{k: v for k, v in dict(section).items() if k != "enabled"}) if section.get("enabled") else None
+
+    @classmethod
+    def check(cls, section) -> None:
+        """Refuse a bad option of ``section`` whether or not the objective is on (by default: nothing to check)."""
 
     def __call__(self, *, model, logits, targets, features, epoch, step):
         raise NotImplementedError
@@ -67,6 +73,15 @@ def build_objectives(cfg, model) -> list:
         if obj is not None:
             out.append(obj)
     return out
+
+
+def check_sections(cfg) -> None:
+    """Every objective's options checked, also those of objectives that are off (``Objective.check``)."""
+    _import_all()
+    for name in sorted(_OBJECTIVES):
+        section = cfg.get(name)
+        if section is not None:
+            _OBJECTIVES[name][0].check(section)
 
 
 def features_needed(objectives) -> str | None:

@@ -211,14 +211,20 @@ class SSIA(Objective):
         self.needs_inputs = design == "teacher"  # it runs the model a second time on the batch
 
     @classmethod
-    def from_config(cls, section, model=None):
-        opts = dict(section)
-        if not opts.pop("enabled", False):
-            return None
+    def check(cls, section) -> "SSIA":
+        """The objective ``section`` describes, built as if it were on: its options are checked also while
+        ssia.enabled=false, so a typo is not first heard of when the objective is turned on."""
+        opts = {k: v for k, v in dict(section).items() if k != "enabled"}
         for key in opts:
             if key not in DEFAULTS:
                 raise unknown("ssia option", key, DEFAULTS)
-        obj = cls(**opts)
+        return cls(**opts)
+
+    @classmethod
+    def from_config(cls, section, model=None):
+        if not section.get("enabled", False):
+            return None
+        obj = cls.check(section)
         if model is not None:
             obj.build(model)
         return obj

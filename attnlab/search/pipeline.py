@@ -125,6 +125,11 @@ def _check_search(sec):
     from .searchers import SELECT_RULES, make_searcher
     from ..errors import unknown
     s = sec.search
+    if s.budget is not None and s.budget < 1:
+        raise AttnlabError(f"search.budget must be >= 1 distinct evaluations (or null: the searcher's own end), "
+                           f"got {s.budget}")
+    if s.derive_samples < 1:
+        raise AttnlabError(f"search.derive_samples must be >= 1, got {s.derive_samples}")
     try:
         make_searcher(s.searcher, **OmegaConf.to_container(s.options))
     except TypeError as err:  # an option the searcher does not take

@@ -295,14 +295,19 @@ def steps_figure(images, step_maps, step_preds, labels, class_names):
     return fig
 
 
-def _tau(path: Path, given):
+def _tau(path: Path, given, method: str):
+    """The box threshold: --tau, else the one `attnlab localize` chose for the same kind of map (cam or gradcam),
+    else the default; and where it came from."""
     if given is not None:
         return float(given), "--tau"
     loc = path.parent / "localize.json"
     if loc.is_file():
         try:
-            return float(json.loads(loc.read_text())["tau"]), str(loc)
-        except (OSError, ValueError, KeyError, TypeError):
+            saved = json.loads(loc.read_text())
+            if saved.get("method", "cam") == method:
+                return float(saved["tau"]), str(loc)
+            return DEFAULT_TAU, f"default: {loc} chose its tau for --cam {saved.get('method')} maps"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
     return DEFAULT_TAU, "default"
 
@@ -316,7 +321,7 @@ def show(model, bundle, split_name: str, out_dir: Path, count: int = 8, tau: flo
     from ..localization.metrics import normalize_scoremaps, require_cv2
     from .gates import capture_gates
     require_cv2()
-    split = getattr(bundle, split_name)
+    split = bundle.nonempty(split_name, "give --split test")
     idx = pick_images(len(split), count, split.labels)
     images = split.images[idx]
     labels = split.labels[idx]
@@ -361,7 +366,7 @@ def add_arguments(p):
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint file, or a run directory (its checkpoint_best.pt, else checkpoint_last.pt)")
     p.add_argument("--split", choices=("val", "test"), default="test")
-    p.add_argument("--images", type=positive_int, default=8, help="images per grid (default 8)")
+    p.add_argument("--images", type=positive_int, default=8, help="images per grid, 1 to 64 (default 8)")
     p.add_argument("--tau", type=float, default=None,
                    help="box (or mask) threshold (default: localize.json's, else 0.25)")
     p.add_argument("--cam", choices=("cam", "gradcam"), default="cam")
@@ -380,7 +385,7 @@ def run(args):
         raise AttnlabError(f"--tau must be in [0, 1), got {args.tau}")
     require_cv2()
     run = open_trained(args.checkpoint, args.device, not args.no_ema)
-    tau, source = _tau(run.checkpoint, args.tau)
+    tau, source = _tau(run.checkpoint, args.tau, args.cam)
     out = Path(args.out) if args.out else run.folder.path / "show"
     for f in show(run.model, run.dataset(args.data_dir), args.split, out, args.images, tau, args.cam):
         print(f"wrote {f}")
