@@ -111,6 +111,23 @@ def test_dry_run_lists_cells_and_runs_nothing(tmp_path, capsys):
     assert not (tmp_path / "res").exists() and not (tmp_path / "runs").exists()
 
 
+def test_a_failure_counts_as_done_only_under_the_settings_and_recipe_it_failed_with(tmp_path):
+    from attnlab.bench.runs import is_done
+    matrix = load_matrix(_write(tmp_path, tiny_matrix_text({"se": "se"})))
+    (cell,) = cells(matrix)
+    ok = {"status": "ok", "fingerprint": fingerprint(matrix, cell), "recipe_digest": "aaa"}
+    failed = dict(ok, status="failed")
+    matrix["recipe_digest"] = "aaa"
+    assert not is_done(None, matrix, cell, retry_failed=False)
+    assert is_done(ok, matrix, cell, retry_failed=True) and is_done(failed, matrix, cell, retry_failed=False)
+    assert not is_done(failed, matrix, cell, retry_failed=True)
+    other = load_matrix(_write(tmp_path, tiny_matrix_text({"se": "eca"}), "other.yaml"))
+    assert not is_done(failed, other, cells(other)[0], retry_failed=False)  # the method was mended
+    matrix["recipe_digest"] = "bbb"
+    assert not is_done(failed, matrix, cell, retry_failed=False)  # the recipe was mended
+    assert is_done(ok, matrix, cell, retry_failed=False)  # a result stays (_pending refuses to mix it)
+
+
 def test_a_method_may_run_its_own_seeds_in_seed_major_order(tmp_path):
     from attnlab.bench.matrix import cells
     path = _write(tmp_path, "seeds: [0, 1]\nmethods:\n  - {name: none, seeds: [0, 1, 2, 3]}\n  - se\n"

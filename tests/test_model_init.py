@@ -62,7 +62,7 @@ def test_timm_resnet50_state_dict_loads_too(tmp_path):
     assert len(report.loaded) == 320 and all(".attn." in k for k in report.new)
 
 
-def test_files_that_do_not_fit_are_refused_in_one_line(tmp_path, tv50):
+def test_files_that_do_not_fit_are_refused_in_one_line(tmp_path, tv50, monkeypatch):
     model = create_model("resnet50", num_classes=1000, attention="se")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     r18 = tmp_path / "r18.pt"
@@ -88,5 +88,13 @@ def test_files_that_do_not_fit_are_refused_in_one_line(tmp_path, tv50):
     (tmp_path / "config.yaml").write_text("model:\n  name: resnet50\n")
     with pytest.raises(AttnlabError, match=r"is not a PyTorch file: a text file \(it begins 'model:'\)$"):
         init_from_state_dict(model, tmp_path / "config.yaml")
+    from attnlab.engine import checkpoint
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(checkpoint, "open", denied, raising=False)  # what a file root may not read would raise
+    with pytest.raises(AttnlabError, match=r"cannot read model.init '.*r18.pt': Permission denied$"):
+        init_from_state_dict(model, r18)
+    monkeypatch.undo()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing changed by a refused file

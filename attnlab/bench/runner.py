@@ -151,7 +151,7 @@ def _pending(matrix, todo, done, runs_path, retry_failed):
     out = []
     for c in todo:
         prev = done.get((c["method"], c["seed"]))
-        if not is_done(prev, fingerprint(matrix, c), retry_failed):
+        if not is_done(prev, matrix, c, retry_failed):
             out.append((c, None))
             continue
         if not same_settings(prev.get("fingerprint"), fingerprint(matrix, c)):
@@ -304,7 +304,7 @@ class _Runner:
             self.log(f"[{i}/{self.n_total}] {name}: being trained by another attnlab bench, skipped")
             return
         prev = latest_by_cell(read_jsonl(self.runs_path)).get((c["method"], c["seed"]))
-        if is_done(prev, fingerprint(self.matrix, c), self.retry_failed):  # another bench ran it
+        if is_done(prev, self.matrix, c, self.retry_failed):  # another bench ran it
             stack.close()
             self.counts["skipped"] += 1
             self.log(f"[{i}/{self.n_total}] {name}: finished by another attnlab bench ({prev.get('status')}), "

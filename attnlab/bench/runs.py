@@ -17,16 +17,17 @@ def latest_by_cell(records) -> dict:
     return out
 
 
-def is_done(prev: dict | None, current_fingerprint: str, retry_failed: bool) -> bool:
-    """Whether a cell whose last record is ``prev`` is finished: it has a result, or it failed with the settings
-    the matrix gives now and failures are not being retried. A failure under other settings (a typo since fixed)
-    holds no result to keep: the cell trains with its new settings."""
-    from .matrix import same_settings
+def is_done(prev: dict | None, matrix: dict, cell: dict, retry_failed: bool) -> bool:
+    """Whether ``cell`` of ``matrix``, whose last record is ``prev``, is finished: it has a result, or it failed
+    with the settings and recipe the matrix gives now and failures are not being retried. A failure under other
+    settings or another version of the recipe (a typo since fixed) holds no result to keep: the cell trains anew."""
+    from .matrix import fingerprint, same_recipe, same_settings
     if prev is None:
         return False
     if prev.get("status") == "ok":
         return True
-    return not retry_failed and same_settings(prev.get("fingerprint"), current_fingerprint)
+    return not retry_failed and same_settings(prev.get("fingerprint"), fingerprint(matrix, cell)) \
+        and same_recipe(prev, matrix)
 
 
 def merge_runs(source, dest) -> dict:

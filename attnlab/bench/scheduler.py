@@ -76,7 +76,6 @@ class CellJob:
         """('ran', record) after training and recording the cell; ('busy', None) when another job or bench holds
         its lock; ('finished', record) when runs.jsonl already has it (another bench finished it)."""
         from ..jsonl import append_jsonl, read_jsonl
-        from .matrix import fingerprint
         from .runs import cell_lock, is_done, latest_by_cell
         os.chdir(self.cwd)  # the paths are the bench's, as it gave them (records keep them relative)
         matrix, cell = self._cell()
@@ -85,7 +84,7 @@ class CellJob:
             if not lock:
                 return ("busy", None)
             prev = latest_by_cell(read_jsonl(self.runs_path)).get((self.method, self.seed))
-            if is_done(prev, fingerprint(matrix, cell), self.retry_failed):
+            if is_done(prev, matrix, cell, self.retry_failed):
                 return ("finished", prev)
             record = self._train(matrix, cell)
             append_jsonl(self.runs_path, record)  # in runs.jsonl before the lock is released

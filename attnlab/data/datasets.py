@@ -69,13 +69,15 @@ class DatasetBundle:
         return (f"{self.name}{self.kind}: {self.num_classes} classes, {self.image_size} px, train {len(self.train)}, "
                 f"val {len(self.val)}, test {len(self.test)}")
 
-    def nonempty(self, name: str, instead: str) -> Split:
-        """Split ``name``, or a one-line error when it holds no image (val of a run with data.val_size=0);
-        ``instead`` says what to do then, e.g. "give --split test"."""
+    def nonempty(self, name: str, option: str) -> Split:
+        """Split ``name``, or a one-line error when it holds no image (e.g. val of a run with data.val_size=0)
+        that names the command's ``option`` for the other split."""
         split = getattr(self, name)
         if len(split) == 0:
-            why = " (the run held none out of train: data.val_size=0)" if name == "val" else ""
-            raise AttnlabError(f"{self.name} has no {name} images{why}; {instead}")
+            why = " (the run held none out of train: data.val_size=0)" if name == "val" and self.name != "wsol" \
+                else ""
+            raise AttnlabError(f"{self.name} has no {name} images{why}; give {option} "
+                               f"{'test' if name == 'val' else 'val'}")
         return split
 
 

@@ -48,8 +48,11 @@ def read_weights_only(path, what: str, map_location="cpu"):
     if not path.is_file():
         raise AttnlabError(f"{what} '{path}' is a folder, not a file" if path.is_dir() else
                            f"{what} '{path}' does not exist")
-    with open(path, "rb") as f:
-        head = f.read(64)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as err:
+        raise AttnlabError(f"cannot read {what} '{path}': {err.strerror or err}") from None
     if not head:
         raise AttnlabError(f"{what} '{path}' is empty (0 bytes): cut short or never written")
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip archive (older torch: a pickle)

@@ -116,11 +116,11 @@ def run(args):
     from .run_folder import open_run
 
     run = open_run(args.checkpoint, args.device, use_ema=not args.no_ema)
+    if args.tdam_any_step:  # before the data loads
+        any_step_modules(run.model, "--tdam-any-step", "drop --tdam-any-step")
     loader = getattr(run.loaders(args.batch_size, args.data_dir), args.split)
     if loader is None:
         raise AttnlabError(f"the run has no {args.split} split (data.val_size=0)")
-    if args.tdam_any_step:
-        any_step_modules(run.model, "--tdam-any-step", "drop --tdam-any-step")
     start = time.perf_counter()
     any_step = args.tdam_any_step or bool((run.config.get("eval") or {}).get("tdam_any_step", False))
     progress = Progress(loader.n, f"eval {args.split}", verb="evaluated")  # from 1,000 images on

@@ -202,8 +202,8 @@ class Trainer:
             # checkpoint_best.pt is written after checkpoint_last.pt: this run got past epoch 1, and starting it
             # from the beginning would overwrite what it trained.
             raise AttnlabError(f"{resume} has checkpoint_best.pt but no checkpoint_last.pt (removed or lost since "
-                               "it was written): it cannot continue where it stopped; train it again with "
-                               "--overwrite, or under a new name=")
+                               "it was written): it cannot continue where it stopped; start it again (`attnlab "
+                               f"train --config {Path(resume) / 'config.yaml'} --overwrite`) or remove the folder")
         # The order below is the order the seeded generators are drawn from (data, then model, then objectives'
         # modules): changing it changes every run's numbers.
         seed_everything(cfg.seed)

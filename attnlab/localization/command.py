@@ -107,7 +107,7 @@ def localize(model, bundle, splits=("val", "test"), interval: float = 0.001, bat
     """Metrics of the model and of the priors on ``splits`` (the first one chooses tau for the others)."""
     require_cv2()
     for name in splits:
-        bundle.nonempty(name, "give --splits test")
+        bundle.nonempty(name, "--splits")
     thresholds = thresholds_grid(interval)
     family = metric_family(bundle, splits)
     out = {"dataset": bundle.name, "metric_family": family, "method": method, "interval": float(interval),

@@ -321,7 +321,7 @@ def show(model, bundle, split_name: str, out_dir: Path, count: int = 8, tau: flo
     from ..localization.metrics import normalize_scoremaps, require_cv2
     from .gates import capture_gates
     require_cv2()
-    split = bundle.nonempty(split_name, "give --split test")
+    split = bundle.nonempty(split_name, "--split")
     idx = pick_images(len(split), count, split.labels)
     images = split.images[idx]
     labels = split.labels[idx]
