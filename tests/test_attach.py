@@ -130,6 +130,23 @@ def test_refusals_are_one_line():
         assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["tv-resnet18", "timm-resnet18"])
+def test_a_refused_attach_leaves_the_model_as_it_was(name):
+    model, x = built(name), images(2)
+    with torch.no_grad():
+        before, logits = copy.deepcopy(model.state_dict()), model(x)
+    classes = [type(b) for s in ("layer1", "layer2", "layer3", "layer4") for b in getattr(model, s)]
+    for kwargs, pattern in (({"reduction": 0}, r"reduction must be an integer >= 1"),  # fails at the first block
+                            ([1], r"attention_kwargs must be a dict, got list \[1\]"),
+                            ("reduction=4", r"attention_kwargs must be a dict, got str")):
+        with pytest.raises(AttnlabError, match=pattern):
+            attnlab.attach(model, "se", attention_kwargs=kwargs)
+        assert [type(b) for s in ("layer1", "layer2", "layer3", "layer4") for b in getattr(model, s)] == classes
+        assert model.state_dict().keys() == before.keys()
+        with torch.no_grad():
+            assert torch.equal(model(x), logits)
+
+
 def test_timm_kind_attaches_too():
     model = attnlab.attach(built("tv-resnet18"), attention="timm:eca")
     with torch.no_grad():

@@ -1,5 +1,7 @@
 """Backbones: torchvision and timm equality, the papers' parameter counts and FLOPs, every model x attention,
 hierarchical features, attention placement and sharing."""
+import re
+
 import pytest
 import torch
 
@@ -337,6 +339,19 @@ def test_option_a_shortcut_is_parameter_free_zero_padding():
 def test_bad_num_classes(bad):
     with pytest.raises(AttnlabError, match="num_classes must be an integer >= 1"):
         create_model("resnet20", num_classes=bad)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"foo": 1}, "model 'resnet20' has no option 'foo'; valid options: planes, stem, stem_width, zero_init_residual"),
+    ({"depths": (1, 1, 1)}, "model 'resnet20' has no option 'depths'"),  # its registration fixes the depths
+    ({"planes": (8, 16)}, "planes needs one width per stage (3), got (8, 16)"),
+    ({"stem_width": 0}, "stem_width must be an integer >= 1, got 0"),
+    ({"attention_kwargs": "reduction=4"}, "attention_kwargs must be a dict, got str 'reduction=4'"),
+])
+def test_model_options_are_checked_in_one_line(kwargs, message):
+    with pytest.raises(AttnlabError, match=re.escape(message)):
+        create_model("resnet20", **kwargs)
+    assert create_model("resnet20", planes=(8, 16, 32)).fc.in_features == 32  # a width per stage is an option
 
 
 def test_unknown_model_lists_choices():

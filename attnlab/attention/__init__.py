@@ -4,10 +4,10 @@
     attnlab.attention.get("cbam")       # the class, usable as timm's attn_layer
     attnlab.attention.names()
 """
-from .registry import check_kwargs, create, get, names, register
+from .registry import check_kwargs, create, get, names, options_dict, register
 
 # Importing a module registers it: one file per mechanism.
 from . import none, se, cbam, eca, spe, tdam, dia  # noqa: F401
 from . import simam, gc, coord, gct, triplet, bam, fca  # noqa: F401
 
-__all__ = ["create", "get", "names", "register", "check_kwargs"]
+__all__ = ["create", "get", "names", "register", "check_kwargs", "options_dict"]

@@ -24,6 +24,7 @@ Protocol every registered module follows:
 """
 import functools
 import inspect
+from collections.abc import Mapping
 
 import torch.nn as nn
 
@@ -70,6 +71,14 @@ def get(name: str) -> type:
     if key not in _REGISTRY:
         raise unknown("attention", name, _REGISTRY)
     return _REGISTRY[key]
+
+
+def options_dict(attention_kwargs) -> dict:
+    """``attention_kwargs`` (None: none) as a new dict; anything but a mapping is a one-line error."""
+    if attention_kwargs is not None and not isinstance(attention_kwargs, Mapping):
+        raise AttnlabError(f"attention_kwargs must be a dict, got {type(attention_kwargs).__name__} "
+                           f"{attention_kwargs!r}")
+    return dict(attention_kwargs or {})
 
 
 def check_kwargs(name: str, kwargs: dict) -> None:

@@ -40,8 +40,23 @@ def create_model(name: str, num_classes: int | None = None, attention: str = "no
         if not valid:
             raise AttnlabError(f"num_classes must be an integer >= 1, got {num_classes!r}")
         num_classes = operator.index(num_classes)
+    _check_options(name, builder, kwargs)
     return builder(num_classes=default_classes if num_classes is None else num_classes, attention=attention,
                    attention_kwargs=attention_kwargs, blocks=blocks, share=share, **kwargs)
+
+
+def _check_options(name: str, builder, kwargs: dict) -> None:
+    """A keyword the model's builder does not take (a typo, or one its registration already fixes, like a CIFAR
+    ResNet's depths) is a one-line error instead of a TypeError from deep inside."""
+    import inspect
+    params = inspect.signature(builder).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    taken = {"num_classes", "attention", "attention_kwargs", "blocks", "share"}
+    valid = [p for p, v in params.items() if p not in taken and v.kind is not v.POSITIONAL_ONLY]
+    for key in kwargs:
+        if key not in valid:
+            raise AttnlabError(f"model '{name}' has no option '{key}'; valid options: {', '.join(valid) or '(none)'}")
 
 
 # He et al. 2016, CIFAR: depth 6n+2 (basic) or 9n+2 (bottleneck), 16-32-64 planes. The basic ones use the

@@ -104,7 +104,7 @@ def attach(model: nn.Module, attention: str, blocks=None, attention_kwargs: dict
            share: bool | None = None) -> nn.Module:
     """Put ``attention`` into ``model``'s residual blocks in place; returns ``model``. See the module docstring."""
     family, stages, block_types = _identify(model)
-    attention_kwargs = dict(attention_kwargs or {})
+    attention_kwargs = registry.options_dict(attention_kwargs)
     cls = registry.get(attention)
     registry.check_kwargs(attention, attention_kwargs)
     if getattr(cls, "wraps_block", False):
@@ -118,22 +118,25 @@ def attach(model: nn.Module, attention: str, blocks=None, attention_kwargs: dict
                     (family == "timm" and getattr(block, "se", None) is not None):
                 raise AttnlabError(f"attach: {STAGES[i]}[{j}] already holds an attention module")
     masks = resolve_blocks(blocks, [len(s) for s in stages], getattr(cls, "default_stages", None))
+    # Every module is built before any block changes: one that cannot be built leaves the model as it was.
+    plan = []  # (block, its forward, module or None, whether the block owns it)
     for stage, mask in zip(stages, masks):
         shared = None
         for block, use in zip(stage, mask):
-            base = next(c for c in block_types if isinstance(block, c))
-            last_bn, forward = block_types[base]
-            channels = getattr(block, last_bn).num_features
-            if family == "torchvision" and not isinstance(block, tuple(_TV_CLASSES.values())):
-                block.__class__ = _tv_class(type(block), forward)
+            last_bn, forward = block_types[next(c for c in block_types if isinstance(block, c))]
             if not use:
-                if family == "torchvision":
-                    block.attn = nn.Identity()  # no parameters, no state_dict keys
-                continue
-            if share and shared is not None:
-                _set_slot(block, "attn" if family == "torchvision" else "se", shared, register=False)
-                continue
-            module = _init(registry.create(attention, channels, **attention_kwargs))
-            _set_slot(block, "attn" if family == "torchvision" else "se", module, register=True)
-            shared = module
+                plan.append((block, forward, None, True))
+            elif share and shared is not None:
+                plan.append((block, forward, shared, False))
+            else:
+                channels = getattr(block, last_bn).num_features
+                shared = _init(registry.create(attention, channels, **attention_kwargs))
+                plan.append((block, forward, shared, True))
+    for block, forward, module, owned in plan:
+        if family == "torchvision" and not isinstance(block, tuple(_TV_CLASSES.values())):
+            block.__class__ = _tv_class(type(block), forward)
+        if module is not None:
+            _set_slot(block, "attn" if family == "torchvision" else "se", module, register=owned)
+        elif family == "torchvision":
+            block.attn = nn.Identity()  # no parameters, no state_dict keys
     return model

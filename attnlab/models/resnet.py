@@ -11,7 +11,6 @@ Three families share one definition:
 objective read them without any change to the model.
 """
 import operator
-from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -105,15 +104,18 @@ class ResNet(nn.Module):
         super().__init__()
         if int(num_classes) < 1:
             raise AttnlabError(f"num_classes must be >= 1, got {num_classes}")
-        if attention_kwargs is not None and not isinstance(attention_kwargs, Mapping):
-            raise AttnlabError(f"attention_kwargs must be a dict, got {type(attention_kwargs).__name__} "
-                               f"{attention_kwargs!r}")
-        attention_kwargs = dict(attention_kwargs or {})
+        attention_kwargs = registry.options_dict(attention_kwargs)
         attn_cls = registry.get(attention)
         registry.check_kwargs(attention, attention_kwargs)
         masks = resolve_blocks(blocks, depths, getattr(attn_cls, "default_stages", None))
         share = getattr(attn_cls, "shared_by_default", False) if share is None else check_flag("share", share)
         zero_init_residual = check_flag("zero_init_residual", zero_init_residual)
+        if len(planes) != len(depths):
+            raise AttnlabError(f"planes needs one width per stage ({len(depths)}), got {tuple(planes)}")
+        for key, value in (("stem_width", stem_width), *(("planes", p) for p in planes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise AttnlabError(f"{key} must be {'integers' if key == 'planes' else 'an integer'} >= 1, got "
+                                   f"{value!r}")
         if share and getattr(attn_cls, "wraps_block", False):
             raise AttnlabError(f"attention '{attention}' re-runs its block and cannot be shared across blocks")
         self.attention = attention
