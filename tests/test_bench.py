@@ -138,8 +138,10 @@ def test_a_method_may_run_its_own_seeds_in_seed_major_order(tmp_path):
     # --seeds 1,3: those seeds for a method without its own list; a method's own list still limits it.
     assert [(c["method"], c["seed"]) for c in cells(m, seeds=[1, 3])] == [("none", 1), ("se", 1), ("cbam", 1),
                                                                           ("none", 3), ("se", 3)]
-    with pytest.raises(AttnlabError, match="method 'se': 'seeds' must be a non-empty list of integers"):
+    with pytest.raises(AttnlabError, match="method 'se': 'seeds' must be a non-empty list of integers >= 0"):
         load_matrix(_write(tmp_path, "methods: [{name: se, seeds: []}]\n", "bad.yaml"))
+    with pytest.raises(AttnlabError, match="'seeds' must be a non-empty list of integers >= 0"):
+        load_matrix(_write(tmp_path, "seeds: [0, -1]\nmethods: [se]\n", "negative.yaml"))
     with pytest.raises(AttnlabError, match=r"is not valid YAML: .* at line 3, column 1 \(while parsing a flow "
                                            r"sequence begun at line 2, column 10\)$"):
         load_matrix(_write(tmp_path, "seeds: [0]\nmethods: [{name: se}\n", "broken.yaml"))
@@ -352,6 +354,7 @@ def test_parse_duration():
     ("--seeds", "1,x", "must be comma-separated integers, got '1,x'"),
     ("--seeds", "0,1,0", "'0' is given twice in '0,1,0'"),
     ("--seeds", "1,01", "'1' is given twice in '1,01'"),
+    ("--seeds", "2,-1", "seeds are integers >= 0, got '2,-1'"),
     ("--only", "se,,cbam", "comma-separated names with none empty"),
     ("--only", "se,se", "'se' is given twice"),
 ])

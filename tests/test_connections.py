@@ -127,3 +127,6 @@ def test_flat_bits_convert_to_blocks_strings():
     assert bits_to_blocks("101110011", [3, 3, 3]) == "101-110-011"
     with pytest.raises(AttnlabError, match="9 bits"):
         bits_to_blocks("1011", [3, 3, 3])
+    assert bits_to_blocks("101-110-011", [3, 3, 3]) == "101-110-011"
+    with pytest.raises(AttnlabError, match=r"for stages \[3, 3, 3\] \(grouped by stage with -\), got '1011-10-011'"):
+        bits_to_blocks("1011-10-011", [3, 3, 3])  # 9 bits, but not these stages: never regrouped

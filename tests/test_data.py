@@ -99,6 +99,10 @@ def test_bad_val_size_and_subset_raise(tmp_path, bad):
         load_dataset("imagefolder", data_dir=root, val_size=bad, cache_dir=tmp_path / "c")
     with pytest.raises(AttnlabError, match="subset"):
         load_dataset("imagefolder", data_dir=root, subset=bad if bad != 1.5 else 0, cache_dir=tmp_path / "c")
+    with pytest.raises(AttnlabError, match="^test_subset must be a positive number of images per class"):
+        load_dataset("imagefolder", data_dir=root, test_subset=bad if bad != 1.5 else 0, cache_dir=tmp_path / "c")
+    with pytest.raises(AttnlabError, match="seed must be an integer >= 0"):
+        load_dataset("imagefolder", data_dir=root, seed=bad if bad != "x" else -2, cache_dir=tmp_path / "c")
 
 
 @pytest.mark.parametrize("bad", ["32", 0, (32,), (32, -1), True])

@@ -215,6 +215,12 @@ def test_readme_block_is_replaced(results, tmp_path):
     bare.write_text("# no markers\n")
     with pytest.raises(AttnlabError, match="results:begin"):
         update_readme(bare, "x")
+    with pytest.raises(AttnlabError, match="no block to replace: '<!-- results:tiny:begin -->' ... "
+                                           "'<!-- results:tiny:end -->' or '<!-- results:begin -->'"):
+        update_readme(bare, "x", "tiny")  # both blocks it would have taken are named
+    with pytest.raises(AttnlabError, match="is a folder, not a file"):
+        update_readme(tmp_path, "x")
+    assert bare.read_text() == "# no markers\n"
 
 
 def test_cli_report_and_errors(results, tmp_path, capsys):
@@ -332,7 +338,9 @@ def test_bad_claims_are_refused(tmp_path):
     from attnlab.bench.matrix import load_matrix
     bad = {"method: se, baseline: nonee": "baseline 'nonee' is not a method of this matrix",
            "method: se, baseline: none, kind: equal": "kind must be one of better, match",
-           "method: se, baseline: none, margin: -1": "margin must be a non-negative",
+           "method: se, baseline: none, kind: match, margin: -1": "margin must be a non-negative",
+           "method: se, baseline: none, margin: 0.5": "margin is read by kind: match only",
+           "method: se, baseline: se": "method and baseline are both 'se'",
            "method: se, baseline: none, papers: x": "unknown key.*papers"}
     for body, message in bad.items():
         path = tmp_path / "m.yaml"

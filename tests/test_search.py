@@ -143,14 +143,20 @@ def test_table_round_trip_and_ranks(tmp_path, table):
 
 @pytest.mark.parametrize("content, message", [
     (bytes(range(128, 256)), "is not a CSV text file (UnicodeDecodeError)"),
-    (b"scheme,top1\n101,0.5\n1x1,0.4\n", "line 3: a scheme of 0/1 digits and numbers expected"),
-    (b"scheme,top1\n101,high\n", "line 2: a scheme of 0/1 digits and numbers expected"),
+    (b"scheme,top1\n101,0.5\n1x1,0.4\n", "line 3: a scheme of 0/1 digits and a finite top1 expected"),
+    (b"scheme,top1\n101,high\n", "line 2: a scheme of 0/1 digits and a finite top1 expected"),
+    (b"scheme,top1\n102,0.5\n", "line 2: a scheme of 0/1 digits"),
+    (b"scheme,top1,loss\n101,,0.3\n", "line 2: a scheme of 0/1 digits and a finite top1 expected"),
+    (b"scheme,top1\n101,nan\n", "line 2: a scheme of 0/1 digits and a finite top1 expected"),
+    (b"scheme,top1\n101,0.5\n1-0-1,0.6\n", "line 3: scheme 1-0-1 is listed twice"),
 ])
 def test_a_table_that_is_not_one_is_a_one_line_error(tmp_path, content, message):
     path = tmp_path / "table.csv"
     path.write_bytes(content)
     with pytest.raises(AttnlabError, match=re.escape(message)):
         read_table(path)
+    with pytest.raises(AttnlabError, match="is a folder, not a CSV file"):
+        read_table(tmp_path)
 
 
 def test_replay_study_ranks_each_searchers_pick(table):

@@ -315,6 +315,7 @@ def test_whole_pipeline_runs_and_skips_done_phases(tmp_path, capsys, monkeypatch
     (["--config", str(CONFIG), "search.options.stepz=3"], "reinforce has no option stepz"),
     (["--config", str(CONFIG), "search.budget=0"], "search.budget must be >= 1 distinct evaluations"),
     (["--config", str(CONFIG), "search.derive_samples=-1"], "search.derive_samples must be >= 1, got -1"),
+    (["--config", str(CONFIG), "retrain.seeds=[]"], "retrain.seeds must be a non-empty list of different seeds"),
     (["--config", str(CONFIG), "--phases", ","], "--phases names no phase"),
     (["--config", str(CONFIG), "--phases", "search,retrain", "--scheme", "111-111-111"], "give --phases retrain"),
 ])

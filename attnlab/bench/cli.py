@@ -56,6 +56,8 @@ def _int_list(text):
         values = [int(x) for x in items]
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers, got '{text}'") from None
+    if min(values) < 0:  # a run's seed is >= 0: said now, not as a failed cell per seed
+        raise argparse.ArgumentTypeError(f"seeds are integers >= 0, got '{text}'")
     return _no_repeats(values, text)  # as integers: '1,01' repeats 1
 
 

@@ -53,8 +53,8 @@ def load_matrix(path) -> dict:
         raise AttnlabError(f"matrix name '{name}' may hold only letters, digits, '.', '_' and '-'")
     methods = _methods(raw.get("methods"), path)
     seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise AttnlabError(f"matrix {path}: 'seeds' must be a non-empty list of integers")
+    if not _seed_list(seeds):
+        raise AttnlabError(f"matrix {path}: 'seeds' must be a non-empty list of integers >= 0")
     latency = _latency(raw.get("latency") or {}, path)
     return {"name": name, "path": str(path), "description": raw.get("description", ""), "recipe": raw.get("recipe"),
             "recipe_path": (recipe_path := _recipe_path(raw.get("recipe"), path)),
@@ -63,6 +63,12 @@ def load_matrix(path) -> dict:
             "methods": methods, "seeds": list(seeds), "latency": latency,
             "claims": _claims(raw.get("claims") or [], [m["name"] for m in methods], path),
             "reuse": _reuse_sources(raw.get("reuse") or [], path)}
+
+
+def _seed_list(seeds) -> bool:
+    """Whether ``seeds`` is a non-empty list of integers >= 0 (a run's seed is; bool is not an integer here)."""
+    return isinstance(seeds, list) and bool(seeds) and all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
 
 
 def recipe_digest(recipe_path) -> str | None:
@@ -136,8 +142,8 @@ def _methods(methods, path) -> list[dict]:
         seen.add(name)
         folders[slug(name)] = name
         own = m.get("seeds")
-        if own is not None and (not isinstance(own, list) or not own or not all(isinstance(x, int) for x in own)):
-            raise AttnlabError(f"matrix {path}: method '{name}': 'seeds' must be a non-empty list of integers")
+        if own is not None and not _seed_list(own):
+            raise AttnlabError(f"matrix {path}: method '{name}': 'seeds' must be a non-empty list of integers >= 0")
         out.append({"name": name, "overrides": _mapping(m.get("overrides") or {}, f"method '{name}' overrides"),
                     **({"seeds": list(own)} if own is not None else {})})
     return out
@@ -166,9 +172,13 @@ def _claims(claims, method_names, path) -> list[dict]:
             if str(c[key]) not in method_names:
                 raise AttnlabError(f"{where}: {key} '{c[key]}' is not a method of this matrix; methods: "
                                    f"{', '.join(method_names)}")
+        if str(c["method"]) == str(c["baseline"]):
+            raise AttnlabError(f"{where}: method and baseline are both '{c['method']}'; a claim compares two methods")
         kind = str(c.get("kind", "better"))
         if kind not in CLAIM_KINDS:
             raise AttnlabError(f"{where}: kind must be one of {', '.join(CLAIM_KINDS)}, got '{kind}'")
+        if "margin" in c and kind != "match":
+            raise AttnlabError(f"{where}: margin is read by kind: match only (an equivalence margin), not by '{kind}'")
         margin = c.get("margin", 0.5 if kind == "match" else 0.0)
         if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin < 0:
             raise AttnlabError(f"{where}: margin must be a non-negative number of points, got {margin!r}")

@@ -20,7 +20,7 @@ def update_readme(readme_path, block: str, matrix_name: str | None = None, fallb
     ``fallback``) the default block."""
     path = Path(readme_path)
     if not path.is_file():
-        raise AttnlabError(f"README not found: {path}")
+        raise AttnlabError(f"README {path} is a folder, not a file" if path.is_dir() else f"README not found: {path}")
     text = path.read_text()
     candidates = ([markers(matrix_name)] if matrix_name else []) + ([markers()] if fallback or not matrix_name else [])
     for begin, end in candidates:
@@ -28,7 +28,7 @@ def update_readme(readme_path, block: str, matrix_name: str | None = None, fallb
         if pattern.search(text):
             break
     else:
-        begin, end = candidates[0]
-        raise AttnlabError(f"{path} has no '{begin}' ... '{end}' block to replace")
+        raise AttnlabError(f"{path} has no block to replace: "
+                           + " or ".join(f"'{begin}' ... '{end}'" for begin, end in candidates))
     text = pattern.sub(lambda _: f"{begin}\n{block}\n{end}", text, count=1)
     atomic_write_text(path, text, "README")

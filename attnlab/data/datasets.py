@@ -201,8 +201,8 @@ def select_pools(name: str, data_dir=None, val_size=None, subset=None, seed: int
     key = _ALIASES.get(str(name).lower(), str(name).lower())
     if key not in DATASETS:
         raise unknown("dataset", name, DATASETS)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise AttnlabError(f"seed must be an int, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise AttnlabError(f"seed must be an integer >= 0, got {seed!r}")
     if metadata is not None and key != "wsol":
         raise AttnlabError(f"data.metadata is read by dataset 'wsol' only, not by '{key}'")
     source = open_source(key, data_dir, download=download, metadata=metadata)
@@ -210,7 +210,8 @@ def select_pools(name: str, data_dir=None, val_size=None, subset=None, seed: int
     if subset is not None:
         train_pool = train_pool.select(per_class_subset(train_pool.labels, subset, seed))
     if test_subset is not None:
-        test_pool = test_pool.select(per_class_subset(test_pool.labels, test_subset, 0, stream=_TEST_SUBSET))
+        test_pool = test_pool.select(per_class_subset(test_pool.labels, test_subset, 0, stream=_TEST_SUBSET,
+                                                      option="test_subset"))
     if source.val is not None:
         if val_size is not None:
             raise AttnlabError(f"dataset '{key}' has its own val split (its metadata's val/); leave data.val_size "

@@ -11,13 +11,15 @@ from ..errors import AttnlabError
 _SUBSET, _VAL, _TEST_SUBSET = 0, 1, 2
 
 
-def per_class_subset(labels: np.ndarray, per_class: int, seed: int, stream: int = _SUBSET) -> np.ndarray:
-    """Sorted indices keeping ``per_class`` images of each class (all of a class that has fewer).
+def per_class_subset(labels: np.ndarray, per_class: int, seed: int, stream: int = _SUBSET,
+                     option: str = "subset") -> np.ndarray:
+    """Sorted indices keeping ``per_class`` images of each class (all of a class that has fewer); ``option``
+    names the setting in an error.
 
     The choice is a prefix of one seeded permutation per class, so a smaller subset is contained in a larger one.
     """
     if isinstance(per_class, bool) or not isinstance(per_class, numbers.Integral) or per_class <= 0:
-        raise AttnlabError(f"subset must be a positive number of images per class, got {per_class!r}")
+        raise AttnlabError(f"{option} must be a positive number of images per class, got {per_class!r}")
     rng = np.random.default_rng([seed, stream])
     keep = []
     for c in np.unique(labels):

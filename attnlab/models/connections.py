@@ -87,8 +87,11 @@ def scheme_bits(masks) -> tuple[int, ...]:
 def bits_to_blocks(bits, depths) -> str:
     """A flat 0/1 sequence (or string "101110011") -> the per-stage string ``blocks=`` takes, e.g. "101-110-011"."""
     text = "".join(str(int(b)) for b in bits) if not isinstance(bits, str) else bits.replace("-", "")
-    if len(text) != sum(depths) or set(text) - set("01"):
-        raise AttnlabError(f"a scheme needs {sum(depths)} bits of 0/1 for stages {list(depths)}, got {bits!r}")
+    grouped = isinstance(bits, str) and "-" in bits  # "101-110-011": its groups must be the stages
+    if len(text) != sum(depths) or set(text) - set("01") or \
+            (grouped and [len(g) for g in bits.split("-")] != list(depths)):
+        raise AttnlabError(f"a scheme needs {sum(depths)} bits of 0/1 for stages {list(depths)}"
+                           f"{' (grouped by stage with -)' if grouped else ''}, got {bits!r}")
     out, i = [], 0
     for d in depths:
         out.append(text[i:i + d])

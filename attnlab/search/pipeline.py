@@ -130,6 +130,9 @@ def _check_search(sec):
                            f"got {s.budget}")
     if s.derive_samples < 1:
         raise AttnlabError(f"search.derive_samples must be >= 1, got {s.derive_samples}")
+    seeds = list(sec.retrain.seeds)
+    if not seeds or min(seeds) < 0 or len(set(seeds)) < len(seeds):
+        raise AttnlabError(f"retrain.seeds must be a non-empty list of different seeds >= 0, got {seeds}")
     try:
         make_searcher(s.searcher, **OmegaConf.to_container(s.options))
     except TypeError as err:  # an option the searcher does not take

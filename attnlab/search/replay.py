@@ -31,7 +31,8 @@ REPLAY_SEARCHERS = ("random", "greedy", "reinforce", "reinforce-plain")
 def read_table(path) -> dict[tuple, dict]:
     path = Path(path)
     if not path.is_file():
-        raise AttnlabError(f"reward table '{path}' does not exist")
+        raise AttnlabError(f"reward table '{path}' is a folder, not a CSV file" if path.is_dir() else
+                           f"reward table '{path}' does not exist")
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -43,10 +44,15 @@ def read_table(path) -> dict[tuple, dict]:
     for line, row in enumerate(rows, 2):
         try:
             bits = tuple(int(c) for c in row["scheme"].replace("-", ""))
-            table[bits] = {k: float(v) for k, v in row.items() if k not in ("scheme", "blocks") and v != ""}
+            rec = {k: float(v) for k, v in row.items() if k not in ("scheme", "blocks") and v != ""}
         except (ValueError, TypeError, AttributeError):
-            raise AttnlabError(f"reward table '{path}' line {line}: a scheme of 0/1 digits and numbers expected, "
-                               f"got {dict(row)}") from None
+            rec, bits = None, ()
+        if rec is None or not bits or set(bits) - {0, 1} or not math.isfinite(rec.get("top1", math.nan)):
+            raise AttnlabError(f"reward table '{path}' line {line}: a scheme of 0/1 digits and a finite top1 "
+                               f"expected, got {dict(row)}")
+        if bits in table:
+            raise AttnlabError(f"reward table '{path}' line {line}: scheme {row['scheme']} is listed twice")
+        table[bits] = rec
     n = {len(b) for b in table}
     if len(n) != 1:
         raise AttnlabError(f"reward table '{path}' mixes schemes of lengths {sorted(n)}")
