@@ -148,13 +148,17 @@ def test_a_method_may_run_its_own_seeds_in_seed_major_order(tmp_path):
 
 
 def test_dry_run_flags_bad_config(tmp_path, capsys):
-    path = _write(tmp_path, "methods: [{name: typo, overrides: {train.epoch: 1}}, "
-                            "{name: bad, overrides: {model.attention: nope}}]\n")
+    path = _write(tmp_path, "seeds: [0, 1]\nmethods: [{name: typo, overrides: {train.epoch: 1}}, "
+                            "{name: bad, overrides: {model.attention: nope}}, "
+                            "{name: r0, overrides: {model.attention: se, model.attention_kwargs: {reduction: 0}}}, "
+                            "{name: fine, overrides: {model.attention: se}}]\n")
     counts = run_matrix(load_matrix(path), dry_run=True, results_root=tmp_path / "res", runs_root=tmp_path / "runs")
     out = capsys.readouterr().out
-    assert counts["config_errors"] == 2
+    assert counts["config_errors"] == 6  # every seed of the three bad methods
     assert "typo seed 0: to run" in out and "CONFIG ERROR" in out and "train.epoch" in out
     assert "unknown attention 'nope'" in out
+    assert out.count("reduction must be an integer >= 1") == 2  # the model is built: module options are checked
+    assert "fine seed 1: to run; overrides:" in out and "CONFIG ERROR" not in out.split("fine seed 1")[1]
 
 
 @pytest.mark.parametrize("flags, message", [

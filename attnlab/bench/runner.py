@@ -28,6 +28,7 @@ Who does what: plan.py decides (estimates, pace, what fits, ETA; no processes, n
 processes (scheduler.py the scheduler's jobs), cell.py checks, trains one cell and makes its record, and this
 module is the loop between them.
 """
+import json
 import os
 import signal
 import subprocess
@@ -209,14 +210,16 @@ def _summary(matrix, counts, runs_path, log):
 
 
 def _dry_run(matrix, pending, runs_dir, runs_path, log, device=None, records=()) -> dict:
-    from ..attention import get
-    from ..engine.config import load_config
+    import torch
+
+    from ..engine.checkpoint import model_from_config
+    from ..engine.config import load_config, to_dict
 
     n_total = len(pending)
     n_skip = sum(1 for _, prev in pending if prev is not None)
     log(f"matrix {matrix['name']}: {n_total} cells ({n_skip} finished), recipe {matrix['recipe']}, "
         f"results -> {runs_path}")
-    bad = 0
+    bad, built = 0, set()
     for i, (c, prev) in enumerate(pending, 1):
         if prev is None:
             state = "to run"
@@ -228,7 +231,12 @@ def _dry_run(matrix, pending, runs_dir, runs_path, log, device=None, records=())
         problem = None
         if prev is None:
             try:
-                get(load_config(matrix["recipe_path"], overrides=overrides).model.attention)
+                model = json.dumps(to_dict(load_config(matrix["recipe_path"], overrides=overrides).model),
+                                   sort_keys=True)
+                if model not in built:  # built once per method (module options, placement), on the meta device:
+                    with torch.device("meta"):  # shapes only, no memory and no initialisation to wait for
+                        model_from_config(json.loads(model))
+                    built.add(model)
             except Exception as err:  # reported per cell: a dry run lists every problem at once
                 problem = one_line(err)
         bad += problem is not None
