@@ -29,8 +29,10 @@ def resolve_blocks(spec, depths, default_stages=None):
             raise AttnlabError(f"blocks={spec!r} selects no block; {_FORMS} (or attention='none' for none)")
         if text == "all":
             return [[True] * d for d in depths]
-        # A lone "0"/"1" is a stage index; any longer 0/1 string (or one with '-') is per-stage bits.
-        if text and set(text) <= set("01-") and ("-" in text or len(text) > 1 or n == 1):
+        # A lone "0"/"1" is a stage index; any longer 0/1 string, or 0/1 groups joined by '-', is per-stage bits
+        # ("-1" is the last stage: its '-' joins no groups).
+        grouped = "-" in text and all(text.split("-"))
+        if text and set(text) <= set("01-") and (grouped or ("-" not in text and (len(text) > 1 or n == 1))):
             spec = text.split("-")
         else:
             try:
