@@ -179,6 +179,17 @@ def test_a_search_on_the_committed_table_repeats_the_live_search(tmp_path, super
     assert {k: res[k] for k in keep} == json.loads(json.dumps({k: ref[k] for k in keep}))
     assert res["real_evaluations"] == 0 and res["context"].startswith("table=committed.csv|sha256=")
     assert (live / "from-table" / "table.csv").read_bytes() == table.read_bytes()
+    edited = tmp_path / "edited.csv"  # another table into the same search.dir: refused, not answered from before
+    lines = table.read_text().splitlines(keepends=True)
+    edited.write_text(lines[0] + lines[1].replace(",", ",9", 1) + "".join(lines[2:]))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["search", "--config", str(CONFIG), "--phases", "search", "--table", str(edited), *replayed])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "holds a search on table=committed.csv" in err and "search.dir=" in err
+    with pytest.raises(SystemExit) as info:  # the same table again: its result, skipped
+        main(["search", "--config", str(CONFIG), "--phases", "search", "--table", str(table), *replayed])
+    assert info.value.code == 0 and "skipped" in capsys.readouterr().out
     for phases, bad, message in (("supernet,search", table, "--table replaces"),
                                  ("search", tmp_path / "missing.csv", "does not exist")):
         capsys.readouterr()

@@ -289,6 +289,18 @@ def _plan(sec) -> dict:
             "recal_batches": s.recal_batches, "reward": OmegaConf.to_container(s.reward)}
 
 
+def _check_source(out: Path, res: dict, table: str | None) -> None:
+    """A finished search is reused only on what it searched: the same --table (name and SHA-256), or the
+    supernet when no table is given."""
+    held = str(res.get("context", ""))
+    if table is not None and held != table:
+        raise AttnlabError(f"{out} holds a search on {held or 'the supernet'}, not on {table}: give "
+                           "search.dir=<new folder> to search this table")
+    if table is None and held.startswith("table="):
+        raise AttnlabError(f"{out} holds a search on {held}, not on the supernet: give search.dir=<new folder>, "
+                           "or the same --table")
+
+
 def run_search_phase(cfg, sec, root, evaluator=None) -> dict:
     """The search over the supernet's evaluations (cached in evaluations.jsonl): plan.json fixes the rule first,
     result.json holds the chosen blocks; a finished search with the same plan is reused."""
@@ -303,6 +315,7 @@ def run_search_phase(cfg, sec, root, evaluator=None) -> dict:
     _check_plan(out, plan)
     if (out / "result.json").is_file():
         res = read_result(root, sec.search.dir)
+        _check_source(out, res, getattr(evaluator, "context", None))
         print(f"search: done ({out / 'result.json'}); chosen {res['chosen_blocks']} ({res['select']}); skipped")
         return res
     out.mkdir(parents=True, exist_ok=True)
