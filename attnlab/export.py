@@ -90,7 +90,9 @@ def export_onnx(model, path, input_size: int, opset: int | None = None, exporter
 def _opsets(exporter: str) -> tuple[int, int]:
     """The opsets this torch's ``exporter`` writes (torch keeps them in a private module: read with fallbacks)."""
     known = getattr(torch.onnx, "_constants", None)
-    low = getattr(known, "ONNX_MIN_OPSET", 7)
+    # The dynamo exporter writes opset 18 and converts down from it, which fails for our graphs (a page of
+    # onnxscript traceback, then the opset-18 file anyway): below 18 is refused like any unwritten opset.
+    low = 18 if exporter == "dynamo" else getattr(known, "ONNX_MIN_OPSET", 7)
     high = getattr(known, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", None) if exporter == "legacy" else None
     return low, high or getattr(known, "ONNX_MAX_OPSET", 20)
 
