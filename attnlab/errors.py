@@ -43,6 +43,14 @@ def check_int(name: str, value, minimum: int = 1, odd: bool = False) -> int:
     return operator.index(value)
 
 
+def check_positive(name: str, value) -> float:
+    """Validate a module's positive real option (``eps``, ``e_lambda``): a finite number > 0 (NaN or infinity
+    would turn every output into NaN); plain ValueError as ``check_int``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")

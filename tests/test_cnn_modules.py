@@ -69,7 +69,8 @@ def test_shared_per_stage_and_trained(name):
 
 
 def test_bad_options_are_one_line_errors():
-    cases = [("simam", {"e_lambda": 0}, "e_lambda"), ("gc", {"fusion": "mul"}, "fusion"),
+    cases = [("simam", {"e_lambda": 0}, "e_lambda"), ("simam", {"e_lambda": float("nan")}, "finite number > 0"),
+             ("gct", {"eps": float("inf")}, "eps must be a finite number > 0"), ("gc", {"fusion": "mul"}, "fusion"),
              ("gc", {"pooling": "max"}, "pooling"), ("coord", {"reduction": 0}, "reduction"),
              ("gct", {"mode": "l3"}, "mode"), ("triplet", {"kernel_size": 4}, "kernel_size"),
              ("bam", {"combine": "cat"}, "combine"), ("fca", {"freq": "top32"}, "freq"),

@@ -19,6 +19,7 @@ Shown to ``attnlab show`` (attention/gates.py): the channel gate 1 + tanh(n + be
 import torch
 import torch.nn as nn
 
+from ..errors import check_positive
 from .gates import show_gate
 from .registry import register
 
@@ -29,9 +30,7 @@ class GCT(nn.Module):
         super().__init__()
         if mode not in ("l2", "l1"):
             raise ValueError(f"mode must be 'l2' or 'l1', got {mode!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
-            raise ValueError(f"eps must be a number > 0, got {eps!r}")
-        self.mode, self.eps = mode, float(eps)
+        self.mode, self.eps = mode, check_positive("eps", eps)
         self.alpha = nn.Parameter(torch.ones(1, channels, 1, 1))
         self.gamma = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))

@@ -16,6 +16,7 @@ Shown to ``attnlab show`` (attention/gates.py): sigmoid(e_inv), a "full" gate (o
 """
 import torch.nn as nn
 
+from ..errors import check_positive
 from .gates import show_gate
 from .registry import register
 
@@ -24,9 +25,7 @@ from .registry import register
 class SimAM(nn.Module):
     def __init__(self, channels: int = 0, e_lambda: float = 1e-4):
         super().__init__()
-        if isinstance(e_lambda, bool) or not isinstance(e_lambda, (int, float)) or e_lambda <= 0:
-            raise ValueError(f"e_lambda must be a number > 0, got {e_lambda!r}")
-        self.e_lambda = float(e_lambda)
+        self.e_lambda = check_positive("e_lambda", e_lambda)
 
     def forward(self, x):
         n = max(x.shape[2] * x.shape[3] - 1, 1)
