@@ -127,6 +127,14 @@ def test_report_markdown_and_plots(results):
     assert "Fake CPU" in md and "2 logical CPUs" in md
     assert "not measured yet" in md  # no GPU anywhere
     assert "attnlab bench --matrix benchmarks/matrices/fake.yaml --workers 1 --threads 1 && attnlab report" in md
+    from attnlab.bench.render import reproduce_command
+    from attnlab.bench.summary import _setup
+    cells = [{"method": "se", "seed": 0, "status": "ok", "overrides": {}, "run_dir": "qa/runs/fake/se-s0"}]
+    assert _setup(cells, ["se"]).runs_roots == ["qa/runs"]  # a --runs-root the bench was given
+    assert _setup([dict(cells[0], run_dir="/elsewhere/runs/fake/se-s0")], ["se"]).runs_roots == []
+    s = summarize(results)
+    s.setup.runs_roots = ["qa/runs"]
+    assert "--threads 1 --runs-root qa/runs && attnlab report" in reproduce_command(s)
     # Setup comes from the runs: shared overrides once, each method's own beside it.
     assert "`train.epochs=5`" in md and "`ssia` (ssia.enabled=true, model.attention=ssia)" in md
     assert "unknown attention 'tdamx'" in md

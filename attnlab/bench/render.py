@@ -91,6 +91,8 @@ def reproduce_command(summary) -> str:
     opt += f" --threads {threads[0]}" if len(threads) == 1 else ""
     root = Path(summary.results_dir).parent
     opt += f" --results-root {root}" if root.name != "results" else ""  # e.g. results/ean/<matrix>
+    runs_roots = setup.runs_roots if setup else []
+    opt += f" --runs-root {runs_roots[0]}" if len(runs_roots) == 1 and runs_roots[0] != "runs" else ""
     given = f" --matrix {mf}" if summary.matrix_given else ""
     return f"attnlab bench --matrix {mf}{opt} && attnlab report {summary.results_dir}{given}"
 

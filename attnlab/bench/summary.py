@@ -56,6 +56,7 @@ class Setup:
     seeds: list
     threads: list
     workers: list
+    runs_roots: list = field(default_factory=list)  # relative --runs-root folders the cells trained under
 
 
 @dataclass
@@ -247,7 +248,11 @@ def _setup(records, order) -> Setup | None:
                  methods=methods, seeds=sorted({r["seed"] for r in records}),
                  threads=sorted({r.get("threads") or (r.get("host") or {}).get("torch_threads") for r in records}
                                 - {None}),
-                 workers=sorted({r.get("workers", 1) for r in records if r.get("status") == "ok"}))
+                 workers=sorted({r.get("workers", 1) for r in records if r.get("status") == "ok"}),
+                 # runs/<matrix>/<cell> -> runs; an absolute one (another machine's, e.g. a GPU slot's) says nothing
+                 runs_roots=sorted({str(Path(r["run_dir"]).parents[1]) for r in records if r.get("status") == "ok"
+                                    and len(Path(r.get("run_dir") or "/").parts) >= 3
+                                    and not Path(r["run_dir"]).is_absolute()}))
 
 
 def _first(runs, key):
