@@ -141,7 +141,8 @@ def test_eval_transform_resizes_by_the_crop_fraction_and_centre_crops():
     ("data.pipeline=lmdb", "data.pipeline"), ("data.workers=-1", "data.workers"),
     ("data.stream.scale=[0.5,0.1]", "data.stream.scale"), ("data.stream.erasing_mode=noise", "erasing_mode"),
     ("data.stream.auto_augment=trivial", "auto_augment"), ("data.stream.hflip=1.5", "hflip"),
-    ("data.stream.crop_fraction=0", "crop_fraction"), ("data.stream.mean=[0.5]", "data.stream.mean"),
+    ("data.stream.crop_fraction=0", "crop_fraction"), ("data.stream.crop_fraction=0.001", "must be in [0.25, 1]"),
+    ("data.stream.mean=[0.5]", "data.stream.mean"),
     ("data.stream.mixup_alpha=-1", "mixup_alpha")])
 def test_bad_stream_values_are_one_line_errors(override, words):
     with pytest.raises(AttnlabError) as info:

@@ -120,6 +120,17 @@ def _tiny_layout(root):
     (root / "val" / "val_annotations.txt").write_text("\n".join(ann) + "\n")
 
 
+def test_a_box_that_is_not_four_numbers_names_its_file_and_line(tmp_path):
+    root = tmp_path / "tin"
+    _tiny_layout(root)
+    ann = root / "val" / "val_annotations.txt"
+    lines = ann.read_text().splitlines()
+    lines[1] = "\t".join(lines[1].split("\t")[:3] + ["x", "20", "30"])
+    ann.write_text("\n".join(lines) + "\n")
+    with pytest.raises(AttnlabError, match=rf"{ann} line 2: a box is four numbers \(x0 y0 x1 y1\), got '.* x 20 30'$"):
+        load_dataset("tiny-imagenet", data_dir=root, cache_dir=None)
+
+
 def _model():
     return cam_test_model(num_classes=3)
 

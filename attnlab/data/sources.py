@@ -167,13 +167,20 @@ def cifar_pickle(name: str, root: Path) -> Source:
     return Source(name, root, classes, pool(train_files), pool(test_files), kind="pickle")
 
 
-def _read_boxes(path: Path, n_fields: int) -> dict[str, list[str]]:
+def _read_boxes(path: Path, n_fields: int) -> dict[str, list]:
+    """{image file: its other fields} of a Tiny-ImageNet box file, the last four (the box) as numbers; a box that is
+    not four numbers is a one-line error naming the file and line."""
     out = {}
     with open(path) as f:
-        for line in f:
+        for i, line in enumerate(f, 1):
             parts = line.split()
             if len(parts) == n_fields:
-                out[parts[0]] = parts[1:]
+                try:
+                    box = [float(v) for v in parts[-4:]]
+                except ValueError:
+                    raise AttnlabError(f"{path} line {i}: a box is four numbers (x0 y0 x1 y1), got "
+                                       f"{' '.join(parts[-4:])!r}") from None
+                out[parts[0]] = parts[1:-4] + box
     return out
 
 
@@ -203,7 +210,7 @@ def tiny_imagenet(name: str, root: Path) -> Source:
         for f in names:
             files.append(f"train/{w}/images/{f}")
             labels.append(index[w])
-            boxes.append(table.get(f, ["nan"] * 4))  # nan marks an image with no annotation
+            boxes.append(table.get(f, [float("nan")] * 4))  # nan marks an image with no annotation
     train = Pool(root, files, np.asarray(labels, dtype=np.int64), np.asarray(boxes, dtype=np.float32))
     ann_file = root / "val" / "val_annotations.txt"
     if not ann_file.is_file():

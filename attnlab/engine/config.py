@@ -327,8 +327,9 @@ def _validate_data(data) -> None:
     for key in ("color_jitter", "mixup_alpha", "cutmix_alpha"):
         if s[key] < 0:
             raise AttnlabError(f"data.stream.{key} must be >= 0, got {s[key]}")
-    if not 0 < s.crop_fraction <= 1:
-        raise AttnlabError(f"data.stream.crop_fraction must be in (0, 1], got {s.crop_fraction}")
+    if not 0.25 <= s.crop_fraction <= 1:  # 0.001 resized a 224 crop's short side to 224,000 px (a stall)
+        raise AttnlabError(f"data.stream.crop_fraction must be in [0.25, 1] (evaluation resizes the short side to "
+                           f"image_size / crop_fraction), got {s.crop_fraction}")
     if s.randaugment_ops < 1 or not 0 <= s.randaugment_magnitude <= 30:
         raise AttnlabError(f"data.stream.randaugment_ops must be >= 1 and randaugment_magnitude in [0, 30], got "
                            f"{s.randaugment_ops} and {s.randaugment_magnitude}")

@@ -226,7 +226,7 @@ def run(args):
                attention=model_cfg["attention"], model=model_cfg["name"],
                ema=bool(run.ckpt.get("ema")) and not args.no_ema, seconds=round(time.perf_counter() - start, 2))
     dest = Path(args.output) if args.output else run.folder.path / "localize.json"
-    atomic_write_json(dest, res, "localization results")
+    atomic_write_json(dest, res, "localization JSON")
     print(format_table(res))
     print(f"-> {dest}")
     return 0
