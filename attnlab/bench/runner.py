@@ -231,12 +231,12 @@ def _dry_run(matrix, pending, runs_dir, runs_path, log, device=None, records=())
         problem = None
         if prev is None:
             try:
-                model = json.dumps(to_dict(load_config(matrix["recipe_path"], overrides=overrides).model),
-                                   sort_keys=True)
-                if model not in built:  # built once per method (module options, placement), on the meta device:
+                model = to_dict(load_config(matrix["recipe_path"], overrides=overrides).model)
+                key = json.dumps(model, sort_keys=True)
+                if key not in built:  # built once per method (module options, placement), on the meta device:
                     with torch.device("meta"):  # shapes only, no memory and no initialisation to wait for
-                        model_from_config(json.loads(model))
-                    built.add(model)
+                        model_from_config(model)
+                    built.add(key)
             except Exception as err:  # reported per cell: a dry run lists every problem at once
                 problem = one_line(err)
         bad += problem is not None
