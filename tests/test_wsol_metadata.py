@@ -131,6 +131,19 @@ def test_a_box_that_is_not_four_numbers_names_its_file_and_line(tmp_path):
         load_dataset("tiny-imagenet", data_dir=root, cache_dir=None)
 
 
+def test_a_box_with_swapped_corners_names_its_file_and_line(tmp_path):
+    root = tmp_path / "tin"
+    _tiny_layout(root)
+    boxes = next((root / "train").glob("*/*_boxes.txt"))
+    lines = boxes.read_text().splitlines()
+    name, x0, y0, x1, y1 = lines[2].split("\t")
+    lines[2] = "\t".join([name, x1, y0, x0, y1])  # x0 and x1 swapped
+    boxes.write_text("\n".join(lines) + "\n")
+    with pytest.raises(AttnlabError, match=rf"{boxes} line 3: a box's corners come in the order x0 y0 x1 y1 with "
+                                           rf"x0 <= x1 and y0 <= y1, got '{x1} {y0} {x0} {y1}'$"):
+        load_dataset("tiny-imagenet", data_dir=root, cache_dir=None)
+
+
 def _model():
     return cam_test_model(num_classes=3)
 

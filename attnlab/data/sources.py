@@ -169,7 +169,7 @@ def cifar_pickle(name: str, root: Path) -> Source:
 
 def _read_boxes(path: Path, n_fields: int) -> dict[str, list]:
     """{image file: its other fields} of a Tiny-ImageNet box file, the last four (the box) as numbers; a box that is
-    not four numbers is a one-line error naming the file and line."""
+    not four numbers, or whose corners are swapped, is a one-line error naming the file and line."""
     out = {}
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -180,6 +180,9 @@ def _read_boxes(path: Path, n_fields: int) -> dict[str, list]:
                 except ValueError:
                     raise AttnlabError(f"{path} line {i}: a box is four numbers (x0 y0 x1 y1), got "
                                        f"{' '.join(parts[-4:])!r}") from None
+                if box[0] > box[2] or box[1] > box[3]:
+                    raise AttnlabError(f"{path} line {i}: a box's corners come in the order x0 y0 x1 y1 with "
+                                       f"x0 <= x1 and y0 <= y1, got {' '.join(parts[-4:])!r}")
                 out[parts[0]] = parts[1:-4] + box
     return out
 
