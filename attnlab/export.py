@@ -13,12 +13,15 @@ exporter (``--exporter dynamo``, needs onnxscript), which we also support. ``--e
 while torch still ships it.
 """
 import inspect
+import os
+import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .engine.run_folder import open_run
+from .engine.run_folder import open_run, refuse_overwriting_run, trained_checkpoint
 from .errors import AttnlabError, positive_int
 from .files import atomic_path, writable_dir
 
@@ -38,6 +41,7 @@ def add_arguments(p):
 
 
 def run(args):
+    refuse_overwriting_run(args.onnx, trained_checkpoint(args.checkpoint), "--onnx")
     model, cfg = load_checkpoint_model(args.checkpoint, use_ema=not args.no_ema)
     size = args.input_size or input_size_for(cfg)
     out = export_onnx(model, args.onnx, size, opset=args.opset, exporter=args.exporter)
@@ -63,7 +67,8 @@ def input_size_for(cfg: dict) -> int:
 
 
 def export_onnx(model, path, input_size: int, opset: int | None = None, exporter: str = "auto", batch_size: int = 1):
-    """Export ``model(x)`` (eval mode) to ``path``, written atomically. Batch, height and width are dynamic."""
+    """Export ``model(x)`` (eval mode) to ``path``, written atomically, weights inside the one file. The batch axis
+    is dynamic; height and width too with the legacy exporter (the dynamo exporter fixes them at ``input_size``)."""
     if exporter not in ("auto", "legacy", "dynamo"):
         raise AttnlabError(f"unknown exporter '{exporter}'; valid choices: auto, dynamo, legacy")
     has_flag = "dynamo" in inspect.signature(torch.onnx.export).parameters  # torch 2.4 has no flag: legacy only
@@ -92,7 +97,8 @@ def _opsets(exporter: str) -> tuple[int, int]:
     known = getattr(torch.onnx, "_constants", None)
     # The dynamo exporter writes opset 18 and converts down from it, which fails for our graphs (a page of
     # onnxscript traceback, then the opset-18 file anyway): below 18 is refused like any unwritten opset.
-    low = 18 if exporter == "dynamo" else getattr(known, "ONNX_MIN_OPSET", 7)
+    # The legacy exporter lists opsets from 7, but our ResNets' strided slices (the option-A shortcut) need 10.
+    low = 18 if exporter == "dynamo" else max(10, getattr(known, "ONNX_MIN_OPSET", 7))
     high = getattr(known, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", None) if exporter == "legacy" else None
     return low, high or getattr(known, "ONNX_MAX_OPSET", 20)
 
@@ -107,7 +113,9 @@ def _export(model, x, tmp, exporter: str, opset: int, has_flag: bool) -> None:
         else:
             batch = torch.export.Dim("batch", min=1)
             kwargs.update(dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
-        with warnings.catch_warnings(), torch.no_grad():
+            if "external_data" in inspect.signature(torch.onnx.export).parameters:
+                kwargs["external_data"] = False  # else the weights go to a side file named after the temp file
+        with warnings.catch_warnings(), torch.no_grad(), _stdout_silenced():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
             torch.onnx.export(model, (x,), str(tmp), **kwargs)
     except AttnlabError:
@@ -115,8 +123,32 @@ def _export(model, x, tmp, exporter: str, opset: int, has_flag: bool) -> None:
     except OSError:
         raise  # a disk error: atomic_path names the destination
     except Exception as err:
-        raise AttnlabError(f"ONNX export with the {exporter} exporter failed: "
-                           f"{str(err).splitlines()[0] if str(err) else err!r}") from None
+        other = "dynamo" if exporter == "legacy" else "legacy"
+        raise AttnlabError(f"ONNX export with the {exporter} exporter failed: {_first_words(err)}; try --exporter "
+                           f"{other}") from None
+
+
+def _first_words(err: Exception, limit: int = 300) -> str:
+    """The gist of an exporter's error: its first line, without the traced graph it quotes, at most ``limit``
+    characters."""
+    text = (str(err).splitlines() or [repr(err)])[0].split("  [Caused by")[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@contextmanager
+def _stdout_silenced():
+    """File descriptor 1 sent to /dev/null: a failing legacy export prints the whole traced graph (hundreds of lines)
+    to stdout from C++, where Python's redirects do not reach."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def check_onnx(model, path, input_size: int, batch_size: int = 2, seed: int = 0):

@@ -61,7 +61,7 @@ def atomic_write_json(path, obj, what: str = "file") -> Path:
 def atomic_path(path, what: str = "file"):
     """Yield a fresh temp file name beside ``path``; on success it replaces ``path``, on any failure it is removed
     and the error is an AttnlabError (disk full / read-only / other OSError) naming ``path``."""
-    path = Path(path)
+    path = _destination(Path(path), what)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0666 & ~umask
@@ -73,6 +73,17 @@ def atomic_path(path, what: str = "file"):
         if isinstance(err, AttnlabError) or not isinstance(err, Exception):
             raise
         raise write_error(err, path, what) from err
+
+
+def _destination(path: Path, what: str) -> Path:
+    """The file an atomic write replaces: a symlink's target (the link then points at the new file; replacing the
+    link itself would cut it off). A device, FIFO or socket is refused: the rename would put a regular file in its
+    place (``--out /dev/null`` run as root turned /dev/null into a JSON file)."""
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise AttnlabError(f"cannot write the {what} to {path}: it is a device, FIFO or socket, not a regular file")
+    return path
 
 
 @contextmanager

@@ -147,3 +147,26 @@ def test_export_takes_a_run_directory_and_prefers_the_ema_weights(trained, tmp_p
         assert torch.equal(ema_model(x), ssia_model(x))
         assert torch.equal(raw_model(x), plain_model(x))
 
+
+
+def test_gc_exports_and_fca_names_the_exporter_that_can_in_one_line(tmp_path, capfd):
+    from attnlab.errors import AttnlabError
+    from attnlab.export import check_onnx
+    gc = attnlab.create_model("resnet20", attention="gc").eval()  # its channel LayerNorm once traced a shape op
+    assert check_onnx(gc, export_onnx(gc, tmp_path / "gc.onnx", 32), 32) < 1e-4
+    fca = attnlab.create_model("resnet20", attention="fca").eval()  # adaptive pooling of a dynamic size
+    with pytest.raises(AttnlabError, match=r"legacy exporter failed: .*adaptive_avg_pool2d.*; try --exporter dynamo$"):
+        export_onnx(fca, tmp_path / "fca.onnx", 32)
+    out, _ = capfd.readouterr()
+    assert out == "" and not (tmp_path / "fca.onnx").exists()  # torch's C++ dump of the traced graph is silenced
+
+
+def test_the_dynamo_exporter_writes_one_file_that_works_where_it_is_moved(tmp_path):
+    from attnlab.export import check_onnx
+    model = attnlab.create_model("resnet20", attention="fca").eval()
+    folder = tmp_path / "out"
+    folder.mkdir()
+    path = export_onnx(model, folder / "m.onnx", 32, exporter="dynamo")
+    assert [p.name for p in folder.iterdir()] == ["m.onnx"]  # no side file of weights named after the temp file
+    moved = path.rename(tmp_path / "moved.onnx")
+    assert check_onnx(model, moved, 32) < 1e-4

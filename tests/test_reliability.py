@@ -252,6 +252,26 @@ def test_read_only_destinations_are_one_line_errors(tmp_path, capsys, monkeypatc
     assert snapshot(tmp_path) == before
 
 
+def test_outputs_never_replace_the_runs_files_a_device_or_a_link(tmp_path, capsys):
+    train(load_config(None, args(tmp_path, "src", epochs=1)))
+    run = tmp_path / "src"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    before = snapshot(tmp_path)
+    for argv in (["eval", "--checkpoint", str(run), "--out", str(run / "checkpoint_best.pt")],
+                 ["eval", "--checkpoint", str(run / "checkpoint_best.pt"), "--out", str(run / "results.json")],
+                 ["export", "--checkpoint", str(run), "--onnx", str(run / "checkpoint_best.pt")]):
+        code, _, err = cli(argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and "writing there would replace it; give another path" in err
+    code, _, err = cli(["eval", "--checkpoint", str(run), "--out", str(fifo)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "it is a device, FIFO or socket, not a regular file" in err
+    assert fifo.is_fifo() and snapshot(tmp_path) == before
+    target, link = tmp_path / "real.json", tmp_path / "link.json"  # a link is written through, and stays a link
+    link.symlink_to(target)
+    code, _, _ = cli(["eval", "--checkpoint", str(run), "--out", str(link)], capsys)
+    assert code == 0 and link.is_symlink() and "top1" in json.loads(target.read_text())
+
+
 def _hold_then_mark(path, mark):
     from attnlab.files import held_lock
     with held_lock(path):

@@ -46,7 +46,9 @@ class ChannelNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x):
-        return F.layer_norm(x.flatten(1), x.shape[1:2], self.weight, self.bias, self.eps).view_as(x)
+        # The normalised shape from the weight, not from x: a traced x.shape is a graph op the legacy ONNX exporter
+        # cannot export (a Gather on the shape), a parameter's shape is a constant.
+        return F.layer_norm(x.flatten(1), self.weight.shape, self.weight, self.bias, self.eps).view_as(x)
 
 
 class Transform(nn.Sequential):

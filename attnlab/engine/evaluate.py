@@ -113,9 +113,11 @@ def add_arguments(p):
 
 def run(args):
     from ..data.cache import Progress
-    from .run_folder import open_run
+    from .run_folder import open_run, refuse_overwriting_run
 
     run = open_run(args.checkpoint, args.device, use_ema=not args.no_ema)
+    if args.out:
+        refuse_overwriting_run(args.out, run.checkpoint, "--out")
     if args.tdam_any_step:  # before the data loads
         any_step_modules(run.model, "--tdam-any-step", "drop --tdam-any-step")
     loader = getattr(run.loaders(args.batch_size, args.data_dir), args.split)

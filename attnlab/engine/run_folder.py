@@ -174,6 +174,19 @@ class TrainedRun:
         return build_loaders(self.config, self.device, 1, batch, data_dir=data_dir, with_train=False)
 
 
+def refuse_overwriting_run(out, checkpoint, option: str) -> None:
+    """One-line refusal when a command's output ``out`` is the checkpoint it reads or a file ``attnlab train`` wrote
+    beside it (``eval --out`` onto checkpoint_best.pt replaced the weights with a JSON file)."""
+    out = Path(out)
+    if not out.is_file():
+        return
+    folder = RunFolder(Path(checkpoint).parent)
+    for kept in (Path(checkpoint), folder.last, folder.best, folder.config, folder.metrics, folder.results):
+        if kept.is_file() and out.samefile(kept):
+            raise AttnlabError(f"{option} {out} is the run's {kept.name}: writing there would replace it; give "
+                               "another path")
+
+
 def open_run(path, device="auto", use_ema: bool = True, channels_last: bool | None = None) -> TrainedRun:
     """The trained run at ``path`` (a checkpoint file or a run folder; see ``trained_checkpoint``) on ``device``:
     its EMA weights when it kept an EMA and ``use_ema``. ``channels_last``: None follows the run's own setting;

@@ -210,6 +210,7 @@ def add_arguments(p):
 
 
 def run(args):
+    from ..engine.run_folder import refuse_overwriting_run
     from ..files import atomic_write_json
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     if not splits or any(s not in ("val", "test") for s in splits) or len(set(splits)) != len(splits):
@@ -218,6 +219,8 @@ def run(args):
         raise AttnlabError(f"--batch-size must be >= 1, got {args.batch_size}")
     require_cv2()
     run = open_trained(args.checkpoint, args.device, not args.no_ema)
+    if args.output:
+        refuse_overwriting_run(args.output, run.checkpoint, "--out")
     bundle = run.dataset(args.data_dir, args.metadata)
     start = time.perf_counter()
     res = localize(run.model, bundle, splits, args.interval, args.batch_size, args.cam)
