@@ -121,6 +121,21 @@ def test_settings_that_would_be_ignored_are_refused(overrides, message):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=nan", "train.lr must be a finite number > 0, got nan"),
+    ("train.lr=inf", "train.lr must be a finite number > 0, got inf"),
+    ("train.weight_decay=-1", "train.weight_decay must be a finite number >= 0, got -1.0"),
+    ("train.momentum=nan", "train.momentum must be a finite number in [0, 1), got nan"),
+    ("train.gamma=-1", "train.gamma must be a finite number > 0, got -1.0"),
+    ("train.warmup_epochs=nan", "train.warmup_epochs must be a finite number in [0, train.epochs], got nan"),
+    ("train.ema.decay=1", "train.ema.decay must be a finite number in [0, 1), got 1.0"),
+])
+def test_hyperparameters_that_are_not_finite_or_out_of_range_are_refused(override, message):
+    """NaN compares false with every bound, so each bound is checked as a condition that must hold."""
+    with pytest.raises(AttnlabError, match=re.escape(message) + "$"):
+        load_config(None, ["train.nesterov=false", override])
+
+
 def test_options_of_an_objective_that_is_off_are_checked_when_a_run_starts_not_when_it_loads():
     from attnlab.engine.config import refuse_ignored_settings
     saved = load_config(None, ["ssia.design=cam", "ssia.map=channel"])  # loads: a saved run may hold it, and resumes

@@ -7,6 +7,7 @@ AttnlabError naming the key and the closest valid keys; a value of the wrong typ
 """
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -263,14 +264,15 @@ def validate(cfg: DictConfig) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if t[key] < 1:
             raise AttnlabError(f"train.{key} must be >= 1, got {t[key]}")
-    if t.lr <= 0:
-        raise AttnlabError(f"train.lr must be > 0, got {t.lr}")
-    if not 0 <= t.label_smoothing < 1:
-        raise AttnlabError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
-    if not 0 <= t.ema.decay < 1:
-        raise AttnlabError(f"train.ema.decay must be in [0, 1), got {t.ema.decay}")
-    if t.warmup_epochs < 0 or t.warmup_epochs > t.epochs:
-        raise AttnlabError(f"train.warmup_epochs must be in [0, train.epochs], got {t.warmup_epochs}")
+    # Each comparison is False for NaN, and isfinite catches infinity: neither may reach the optimizer.
+    for key, ok, rule in (("lr", t.lr > 0, "> 0"), ("momentum", 0 <= t.momentum < 1, "in [0, 1)"),
+                          ("weight_decay", t.weight_decay >= 0, ">= 0"), ("gamma", t.gamma > 0, "> 0"),
+                          ("label_smoothing", 0 <= t.label_smoothing < 1, "in [0, 1)"),
+                          ("ema.decay", 0 <= t.ema.decay < 1, "in [0, 1)"),
+                          ("warmup_epochs", 0 <= t.warmup_epochs <= t.epochs, "in [0, train.epochs]")):
+        value = OmegaConf.select(t, key)
+        if not (ok and math.isfinite(value)):
+            raise AttnlabError(f"train.{key} must be a finite number {rule}, got {value}")
     if list(t.milestones) != sorted(t.milestones):
         raise AttnlabError(f"train.milestones must be increasing, got {list(t.milestones)}")
     if t.nesterov and t.momentum <= 0:
