@@ -272,6 +272,18 @@ def test_outputs_never_replace_the_runs_files_a_device_or_a_link(tmp_path, capsy
     assert code == 0 and link.is_symlink() and "top1" in json.loads(target.read_text())
 
 
+def test_a_trained_runs_missing_data_is_advised_in_the_commands_own_option(tmp_path, capsys):
+    train(load_config(None, args(tmp_path, "src", epochs=1)))
+    ckpt = tmp_path / "src" / "checkpoint_best.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["data"]["data_dir"] = str(tmp_path / "gone")  # the folder it trained on was moved away
+    moved = tmp_path / "moved.pt"
+    torch.save(state, moved)
+    code, _, err = cli(["eval", "--checkpoint", str(moved)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "dataset 'cifar10' not found" in err
+    assert "pass --data-dir <folder>" in err and "data.data_dir=" not in err
+
+
 def _hold_then_mark(path, mark):
     from attnlab.files import held_lock
     with held_lock(path):

@@ -29,7 +29,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise AttnlabError("device=cuda was asked for but no CUDA device is available (use device=auto or cpu)")
+            raise AttnlabError("the device cuda was asked for but no CUDA device is available; use auto or cpu")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if name != "cpu":  # a typo must not train or evaluate on the CPU unnoticed
         raise unknown("device", name, ("auto", "cpu", "cuda"))

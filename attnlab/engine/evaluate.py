@@ -113,14 +113,15 @@ def add_arguments(p):
 
 def run(args):
     from ..data.cache import Progress
-    from .run_folder import open_run, refuse_overwriting_run
+    from .run_folder import data_dir_hint_as_option, open_run, refuse_overwriting_run
 
     run = open_run(args.checkpoint, args.device, use_ema=not args.no_ema)
     if args.out:
         refuse_overwriting_run(args.out, run.checkpoint, "--out")
     if args.tdam_any_step:  # before the data loads
         any_step_modules(run.model, "--tdam-any-step", "drop --tdam-any-step")
-    loader = getattr(run.loaders(args.batch_size, args.data_dir), args.split)
+    with data_dir_hint_as_option():
+        loader = getattr(run.loaders(args.batch_size, args.data_dir), args.split)
     if loader is None:
         raise AttnlabError(f"the run has no {args.split} split (data.val_size=0)")
     start = time.perf_counter()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +173,19 @@ class TrainedRun:
         from ..data.pipeline import build_loaders
         batch = batch_size or self.config["train"]["eval_batch_size"]
         return build_loaders(self.config, self.device, 1, batch, data_dir=data_dir, with_train=False)
+
+
+@contextmanager
+def data_dir_hint_as_option():
+    """A missing dataset's advice in the words of the commands that open a trained run (eval, localize, show): they
+    take the folder as ``--data-dir``, not as a ``data.data_dir=`` override."""
+    from ..data.sources import DATA_DIR_HINT
+    try:
+        yield
+    except AttnlabError as err:
+        if DATA_DIR_HINT not in str(err):
+            raise
+        raise AttnlabError(str(err).replace(DATA_DIR_HINT, "pass --data-dir <folder>")) from None
 
 
 def refuse_overwriting_run(out, checkpoint, option: str) -> None:

@@ -210,7 +210,7 @@ def add_arguments(p):
 
 
 def run(args):
-    from ..engine.run_folder import refuse_overwriting_run
+    from ..engine.run_folder import data_dir_hint_as_option, refuse_overwriting_run
     from ..files import atomic_write_json
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     if not splits or any(s not in ("val", "test") for s in splits) or len(set(splits)) != len(splits):
@@ -221,7 +221,8 @@ def run(args):
     run = open_trained(args.checkpoint, args.device, not args.no_ema)
     if args.output:
         refuse_overwriting_run(args.output, run.checkpoint, "--out")
-    bundle = run.dataset(args.data_dir, args.metadata)
+    with data_dir_hint_as_option():
+        bundle = run.dataset(args.data_dir, args.metadata)
     start = time.perf_counter()
     res = localize(run.model, bundle, splits, args.interval, args.batch_size, args.cam)
     model_cfg = run.config["model"]

@@ -377,6 +377,7 @@ def add_arguments(p):
 
 
 def run(args):
+    from ..engine.run_folder import data_dir_hint_as_option
     from ..localization.command import open_trained
     from ..localization.metrics import require_cv2
     if not 1 <= args.images <= 64:
@@ -387,7 +388,9 @@ def run(args):
     run = open_trained(args.checkpoint, args.device, not args.no_ema)
     tau, source = _tau(run.checkpoint, args.tau, args.cam)
     out = Path(args.out) if args.out else run.folder.path / "show"
-    for f in show(run.model, run.dataset(args.data_dir), args.split, out, args.images, tau, args.cam):
+    with data_dir_hint_as_option():
+        bundle = run.dataset(args.data_dir)
+    for f in show(run.model, bundle, args.split, out, args.images, tau, args.cam):
         print(f"wrote {f}")
     print(f"tau {tau:.3f} ({source})")
     return 0
