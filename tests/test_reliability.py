@@ -168,6 +168,23 @@ def test_resume_refuses_keys_that_define_the_run_and_changes_nothing(tmp_path, c
     assert snapshot(run_dir) == before
 
 
+def test_resume_says_it_takes_a_run_folder_that_stays_put_and_reads_its_config_as_a_recipe(tmp_path, capsys):
+    train(load_config(None, args(tmp_path, "r", epochs=1)))
+    run = tmp_path / "r"
+    before = snapshot(tmp_path)
+    for target, extra, message in (
+            (run / "checkpoint_last.pt", [], "is a file; --resume takes the run folder attnlab train wrote"),
+            (tmp_path / "nope", [], "does not exist; --resume takes the run folder attnlab train wrote"),
+            (run, ["name=other"], "name and out_dir come from the run folder on resume"),
+            (run, [f"out_dir={tmp_path / 'elsewhere'}"], "name and out_dir come from the run folder on resume")):
+        code, _, err = cli(["train", "--resume", str(target), *extra], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err
+    assert snapshot(tmp_path) == before
+    (run / "config.yaml").write_text(f"!!python/object/apply:os.system ['touch {tmp_path / 'ran'}']\n")
+    code, _, err = cli(["train", "--resume", str(run)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "cannot read config" in err and not (tmp_path / "ran").exists()
+
+
 def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     train(load_config(None, args(tmp_path, "done", epochs=2)))
     capsys.readouterr()

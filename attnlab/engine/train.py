@@ -41,7 +41,7 @@ from ..files import (atomic_write_bytes, atomic_write_json, atomic_write_text, g
                      writable_dir, write_error)
 from .checkpoint import (atomic_save, init_from_state_dict, load_checkpoint, model_from_checkpoint, model_from_config,
                          rng_state, set_rng_state)
-from .config import load_config, refuse_ignored_settings, schema, to_dict
+from .config import load_config, parse_overrides, read_recipe, refuse_ignored_settings, schema, to_dict
 from .distributed import Dist, barrier, broadcast_object, cleanup, setup, sync_buffers
 from .ema import EMA
 from .evaluate import evaluate
@@ -63,7 +63,7 @@ RESUMABLE_CHANGES = ("train.epochs", "train.lr", "train.eval_batch_size", "data.
 def add_arguments(p):
     p.add_argument("--config", help="YAML recipe (e.g. configs/quick.yaml)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint_last.pt "
-                   f"(overrides allowed on resume: {', '.join(RESUMABLE_CHANGES)})")
+                   f"(overrides allowed on resume: {', '.join(RESUMABLE_CHANGES[:-2])})")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the files of an existing run of the same name (otherwise that is an error)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=0.05")
@@ -88,9 +88,19 @@ def resume_config(run_dir, overrides=()) -> DictConfig:
     """The saved run's config (+ overrides, e.g. more epochs), pointed at ``run_dir`` itself."""
     run_dir = Path(run_dir)
     saved = RunFolder(run_dir).config
+    if not run_dir.is_dir():
+        what = "is a file" if run_dir.exists() else "does not exist"
+        raise AttnlabError(f"cannot resume: '{run_dir}' {what}; --resume takes the run folder attnlab train wrote "
+                           "(it holds config.yaml and checkpoint_last.pt)")
     if not saved.is_file():
         raise AttnlabError(f"cannot resume: '{saved}' does not exist")
-    base = OmegaConf.load(saved)
+    base = read_recipe(saved)  # a damaged config.yaml is one line, as any recipe
+    given = parse_overrides(overrides)
+    name, out_dir = (OmegaConf.select(given, key, default=None) for key in ("name", "out_dir"))
+    if (name is not None and str(name) != run_dir.name) or (
+            out_dir is not None and Path(str(out_dir)).resolve() != run_dir.parent.resolve()):
+        raise AttnlabError(f"name and out_dir come from the run folder on resume ({run_dir}): a resumed run stays "
+                           "where it is; copy the folder to move it")
     OmegaConf.update(base, "debug.kill_at_step", None, force_add=True)  # a debugging kill: that attempt's only
     # The run is where it is: a name saved before names had to be plain folder names must not block its resume.
     OmegaConf.update(base, "out_dir", str(run_dir.parent), force_add=True)
@@ -741,7 +751,8 @@ def _config_changes(saved: dict, now: dict) -> dict:
         raise AttnlabError("cannot change on resume: " + ", ".join(f"{k} ({changed[k][0]} -> {changed[k][1]})"
                                                                    for k in fixed)
                            + f"; they define the run (resume may change {', '.join(RESUMABLE_CHANGES[:-2])}); train "
-                           "a new run under a new name=... instead")
+                           "a new run under a new name=... instead (without such overrides, checkpoint_last.pt was "
+                           "written by another run: was it copied in?)")
     return {k: v for k, v in changed.items() if k not in ("name", "out_dir", "debug.kill_at_step")}
 
 
