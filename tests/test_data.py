@@ -157,6 +157,22 @@ def test_imagefolder_cache_reused_then_rebuilt_when_a_file_changes(tmp_path):
     assert torch.equal(third.train.images, first.train.images)
 
 
+@pytest.mark.parametrize("bad", ["smaller", "float32", "two_channels"])
+def test_a_cache_entry_of_another_size_or_type_is_rebuilt_not_trained_on(tmp_path, bad):
+    root = make_folder(tmp_path / "ds")
+    cache_dir = tmp_path / "cache"
+    first = load_dataset("imagefolder", data_dir=root, cache_dir=cache_dir)
+    expected = first.test.images.clone()  # a copy: the loaded images map the entry's file, rewritten below
+    entry = next(p for p in cache_dir.glob("*.images.npy") if np.load(p).shape[0] == len(first.test))
+    n = len(first.test)
+    np.save(entry, {"smaller": np.zeros((n, 3, 4, 4), np.uint8), "float32": np.zeros((n, 3, 8, 8), np.float32),
+                    "two_channels": np.zeros((n, 2, 8, 8), np.uint8)}[bad])
+    before = data_cache.STATS["decoded"]
+    again = load_dataset("imagefolder", data_dir=root, cache_dir=cache_dir)
+    assert data_cache.STATS["decoded"] - before == n  # that split decoded anew, the other read from its entry
+    assert torch.equal(again.test.images, expected)
+
+
 def test_imagefolder_structure_and_default_val_fraction(tmp_path):
     root = make_folder(tmp_path / "ds", per_class=(10, 3))
     bundle = load_dataset("imagefolder", data_dir=root, cache_dir=None, seed=3)

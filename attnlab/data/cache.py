@@ -161,6 +161,15 @@ def decode_images(root: Path, files: list[str], image_size, out: np.ndarray | No
     return out, sizes
 
 
+def _holds_images_like(images: np.ndarray, root: Path, files: list[str], image_size) -> bool:
+    """Whether a cache entry is N x 3 x H x W uint8 with the H x W the first file decodes to: an entry of another
+    size or type (damaged, or written by hand) is rebuilt rather than trained on."""
+    if images.dtype != np.uint8 or images.shape[:2] != (len(files), 3) or images.ndim != 4:
+        return False
+    first, orig = _decode(os.path.join(str(root), files[0]), image_size)
+    return orig is not None and images.shape[2:] == first.shape[:2]
+
+
 def cached_images(root: Path, files: list[str], image_size, cache_dir, tag: str):
     """Memory-mapped uint8 images for ``files`` (decoding them first if no valid cache entry exists).
 
@@ -185,7 +194,7 @@ def cached_images(root: Path, files: list[str], image_size, cache_dir, tag: str)
             # mode "c": copy-on-write, so torch gets a writable array while the file is never modified.
             images = np.load(img_path, mmap_mode="c")
             sizes = np.load(size_path)
-            if images.shape[0] == len(files) and sizes.shape == (len(files), 2):
+            if sizes.shape == (len(files), 2) and _holds_images_like(images, root, files, image_size):
                 return images, sizes, stem
         except (OSError, ValueError):
             pass  # unreadable entry: rebuild it below
