@@ -134,6 +134,17 @@ def test_resume_applies_epochs_and_lr_and_records_them(tmp_path, capsys):
     assert json.loads((run_dir / "results.json").read_text())["epochs"] == 3
 
 
+def test_a_finished_run_trained_on_and_killed_is_not_reported_done_with_its_old_results(tmp_path, capsys):
+    train(load_config(None, args(tmp_path, "r", epochs=1)))
+    run_dir = tmp_path / "r"
+    killed = child(["train", "--resume", str(run_dir), "train.epochs=2", f"debug.kill_at_step={STEPS + 1}"], {})
+    assert killed.returncode == -9
+    assert not (run_dir / "results.json").exists()  # it described the 1-epoch run, whose best may be overtaken
+    assert load_checkpoint(run_dir / "checkpoint_last.pt")["epoch"] == 1
+    code, _, _ = cli(["train", "--resume", str(run_dir), "train.epochs=2"], capsys)
+    assert code == 0 and json.loads((run_dir / "results.json").read_text())["epochs"] == 2
+
+
 def test_a_run_resumed_with_another_thread_count_names_both_in_its_results(tmp_path):
     before = torch.get_num_threads()
     try:

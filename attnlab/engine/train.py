@@ -531,6 +531,10 @@ class Trainer:
                     self.folder.claim(True, self.replace)
                 writable_dir(self.run_dir, "run dir")
                 remove_stale_temps(self.run_dir)
+                if self.start_epoch > 0 and self.folder.results.is_file():
+                    # A finished run trained on (more epochs): its results.json describes the shorter run, so it
+                    # goes until the new one is written; a kill in between leaves a run that is not done.
+                    self.folder.results.unlink()
                 atomic_write_text(self.folder.config, self._config_text(), "config")
                 if self.hook_specs:
                     atomic_write_text(self.folder.hooks, json.dumps(self.hook_specs) + "\n", "step hooks")
