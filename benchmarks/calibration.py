@@ -26,9 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attnlab.bench.readme import update_readme  # noqa: E402
+from attnlab.bench.readme import check_readme, update_readme  # noqa: E402
 from attnlab.bench.runs import latest_by_cell  # noqa: E402
 from attnlab.bench.stats import mean_std, welch_interval  # noqa: E402
+from attnlab.errors import AttnlabError  # noqa: E402
 from attnlab.files import atomic_write_json, atomic_write_text, save_figure  # noqa: E402
 from attnlab.jsonl import read_jsonl  # noqa: E402
 
@@ -265,9 +266,18 @@ def main(argv=None) -> None:
     p.add_argument("--tolerance", type=float, default=0.5, help="points of mean val top-1 below the longest")
     p.add_argument("--readme", help="also replace this README's <!-- results:cifar10_calibration --> block")
     a = p.parse_args(argv)
+    if not (math.isfinite(a.tolerance) and a.tolerance >= 0):
+        p.error(f"--tolerance must be a finite number of points >= 0, got {a.tolerance}")
     results = Path(a.results)
-    by_method = _group(latest_by_cell(read_jsonl(results / "runs.jsonl")).values())
+    runs = results / "runs.jsonl"
+    if not runs.is_file():
+        raise AttnlabError(f"{runs} does not exist: --results names the calibration matrix's results folder")
+    by_method = _group(latest_by_cell(read_jsonl(runs)).values())
     rows = schedules(by_method)
+    if not rows:  # tables of nothing would replace the committed ones (and the README's block)
+        raise AttnlabError(f"{runs} holds no finished calibration cell; nothing was written")
+    if a.readme:
+        check_readme(a.readme, "cifar10_calibration", fallback=False)  # before any file is rewritten
     command = "python benchmarks/calibration.py"
     choice, pairs, unpaired = choose(rows, a.tolerance), precision_pairs(by_method), unpaired_twins(by_method)
     atomic_write_json(results / "calibration.json", {"command": command, "schedules": rows, "choice": choice},
@@ -290,4 +300,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except AttnlabError as err:
+        sys.exit(f"calibration.py: error: {err}")

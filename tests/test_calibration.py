@@ -129,3 +129,19 @@ def test_an_fp32_seed_without_its_bf16_twin_is_listed_apart_not_paired(cal, tmp_
     cal.main(["--results", str(res)])
     precision = json.loads((res / "precision.json").read_text())
     assert precision["pairs"][0]["seeds"] == [0, 1] and precision["unpaired"] == []
+
+
+def test_nothing_is_written_without_finished_cells_or_before_the_readme_is_found(cal, tmp_path):
+    res = tmp_path / "cal"
+    res.mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:cifar10_calibration:begin -->\nkept\n<!-- results:cifar10_calibration:end -->\n")
+    with pytest.raises(AttnlabError, match="cal/runs.jsonl does not exist"):
+        cal.main(["--results", str(res), "--readme", str(readme)])
+    (res / "runs.jsonl").write_text("")  # tables of nothing would replace the README's block
+    with pytest.raises(AttnlabError, match="holds no finished calibration cell; nothing was written"):
+        cal.main(["--results", str(res), "--readme", str(readme)])
+    (res / "runs.jsonl").write_text(json.dumps(_record("e15", 0, 88.0, 87.5)) + "\n")
+    with pytest.raises(AttnlabError, match="README not found"):
+        cal.main(["--results", str(res), "--readme", str(tmp_path / "nope.md")])
+    assert sorted(p.name for p in res.iterdir()) == ["runs.jsonl"] and "kept" in readme.read_text()

@@ -19,6 +19,18 @@ def update_readme(readme_path, block: str, matrix_name: str | None = None, fallb
     """Replace the matrix's own block (``<!-- results:NAME:begin -->``) if the README has one, else (with
     ``fallback``) the default block."""
     path = Path(readme_path)
+    text, pattern, (begin, end) = _find_block(path, matrix_name, fallback)
+    text = pattern.sub(lambda _: f"{begin}\n{block}\n{end}", text, count=1)
+    atomic_write_text(path, text, "README")
+
+
+def check_readme(readme_path, matrix_name: str | None = None, fallback: bool = True) -> None:
+    """The one-line error ``update_readme`` would give, raised before a script writes anything else."""
+    _find_block(Path(readme_path), matrix_name, fallback)
+
+
+def _find_block(path: Path, matrix_name, fallback: bool):
+    """(README text, the pattern of the block to replace, its markers), or the one-line error why there is none."""
     if not path.is_file():
         raise AttnlabError(f"README {path} is a folder, not a file" if path.is_dir() else f"README not found: {path}")
     text = path.read_text()
@@ -26,9 +38,6 @@ def update_readme(readme_path, block: str, matrix_name: str | None = None, fallb
     for begin, end in candidates:
         pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
         if pattern.search(text):
-            break
-    else:
-        raise AttnlabError(f"{path} has no block to replace: "
-                           + " or ".join(f"'{begin}' ... '{end}'" for begin, end in candidates))
-    text = pattern.sub(lambda _: f"{begin}\n{block}\n{end}", text, count=1)
-    atomic_write_text(path, text, "README")
+            return text, pattern, (begin, end)
+    raise AttnlabError(f"{path} has no block to replace: "
+                       + " or ".join(f"'{begin}' ... '{end}'" for begin, end in candidates))
