@@ -248,7 +248,15 @@ def main(argv=None) -> None:
                         "slot's file, as `attnlab report --merge` does, without a report that would show test)")
     a = p.parse_args(argv)
     matrix = load_matrix(a.matrix)
+    names = [m["name"] for m in matrix["methods"]]
+    if a.baseline not in names:  # checked first: a typo blanked every comparison of the table it rewrote
+        p.error(f"--baseline {a.baseline}: the matrix has no such method (it has {', '.join(names)})")
+    unknown = sorted(set(a.only.split(",")) - set(names)) if a.only else []
+    if unknown:
+        p.error(f"--only: the matrix has no method {', '.join(unknown)} (it has {', '.join(names)})")
     out = Path(a.out)
+    if a.job == "table" and not (out / "runs.jsonl").is_file() and not a.merge:
+        p.error(f"{out / 'runs.jsonl'} does not exist: --out names the screen's results folder")
     out.mkdir(parents=True, exist_ok=True)
     if a.job == "cost":
         if a.only:

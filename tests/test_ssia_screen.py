@@ -99,6 +99,17 @@ def test_table_merges_a_slots_cells_first(screen, setup, tmp_path):
     assert rows["cam-w2"]["val_vs_none"] == -1.0 and rows["cam-w2"]["rank"] == 2
 
 
+def test_a_baseline_or_method_the_matrix_lacks_is_refused_before_anything_is_written(screen, setup, capsys):
+    matrix_path, folder = setup
+    (folder / "runs.jsonl").write_text(json.dumps(record("maps-w0.5", 86.25, 88.77, 290.0)) + "\n")
+    for argv, message in ((["table", "--baseline", "nnoe"], "--baseline nnoe: the matrix has no such method"),
+                          (["cost", "--only", "mpas-w0.5"], "--only: the matrix has no method mpas-w0.5")):
+        with pytest.raises(SystemExit):
+            screen.main([*argv, "--matrix", str(matrix_path), "--out", str(folder)])
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["runs.jsonl"]  # no table of blank comparisons
+
+
 def test_val_sd_pools_the_first_matrix_with_repeated_seeds(screen, tmp_path):
     one_seed, repeated = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     one_seed.write_text(json.dumps(record("none", 80.0, 0, 1)) + "\n")
