@@ -184,3 +184,10 @@ def test_cli_reports_an_unknown_key_on_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("attnlab: error: unknown config key 'train.epocs'") and "train.epochs" in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_search_recipe_given_to_train_says_which_command_runs_it():
+    recipe = ROOT / "configs" / "search" / "ean_resnet20_se.yaml"
+    with pytest.raises(AttnlabError, match=r"is a search recipe \(it has supernet, search, retrain\): run it with "
+                                           r"attnlab search --config .*ean_resnet20_se\.yaml$"):
+        load_config(recipe)

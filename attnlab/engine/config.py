@@ -209,6 +209,10 @@ def parse_overrides(overrides) -> DictConfig:
         raise AttnlabError(f"cannot parse overrides {items}: {str(err).splitlines()[0]}") from None
 
 
+# The sections of an EAN search recipe (attnlab search) beside the engine's keys: search/pipeline.py's PHASES.
+SEARCH_SECTIONS = ("supernet", "search", "retrain")
+
+
 def read_recipe(path) -> DictConfig:
     """A recipe file's settings, or one line saying why there are none (missing, a folder, bad YAML, not a mapping,
     empty). The one reader for the engine's and the search pipeline's recipes, so their messages agree."""
@@ -233,7 +237,12 @@ def load_config(path=None, overrides=(), base: DictConfig | dict | None = None) 
     if base is not None:
         cfg = _merge(cfg, OmegaConf.create(OmegaConf.to_container(OmegaConf.create(base))), "the saved config")
     if path is not None:
-        cfg = _merge(cfg, read_recipe(path), f"'{path}'")
+        recipe = read_recipe(path)
+        search_sections = [k for k in SEARCH_SECTIONS if k in recipe]
+        if search_sections:  # the engine would call them unknown keys and suggest look-alikes
+            raise AttnlabError(f"'{path}' is a search recipe (it has {', '.join(search_sections)}): run it with "
+                               f"attnlab search --config {path}")
+        cfg = _merge(cfg, recipe, f"'{path}'")
     if overrides:
         cfg = _merge(cfg, parse_overrides(overrides), "the overrides")
     if cfg.name is None:

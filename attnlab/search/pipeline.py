@@ -34,10 +34,11 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..engine.config import SEARCH_SECTIONS
 from ..engine.run_folder import RunFolder
 from ..errors import AttnlabError
 
-PHASES = ("supernet", "search", "retrain")
+PHASES = SEARCH_SECTIONS  # supernet -> search -> retrain: each phase is a section of the recipe
 
 
 @dataclass
