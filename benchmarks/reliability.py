@@ -38,11 +38,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from attnlab.data.sources import dataset_folder  # noqa: E402
 from attnlab.files import atomic_write_json, git_commit  # noqa: E402
 
 EPOCHS, STEPS = 3, 3
 TIMING = {"wall_time_s", "train_images_per_s", "train_images_per_s_median_epoch", "name", "git_commit", "device"}
-CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
+CIFAR = dataset_folder("cifar10")  # found as the engine finds it ($ATTNLAB_DATA, else ../shared/data)
 
 
 def recipe(out, name):
@@ -251,6 +252,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "results" / "reliability.json"))
     args = ap.parse_args()
+    if CIFAR is None:  # said now, not after the minutes of kill cases that do not need the folder itself
+        ap.error("the offline CIFAR-10 folder was not found: set ATTNLAB_DATA=<folder holding cifar10-jpeg>")
     rng = random.Random(args.seed)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="attnlab-reliability-") as tmp:
