@@ -149,3 +149,13 @@ def test_timm_kinds_in_a_bench_matrix(tmp_path):
     lines = []
     result = run_matrix(load_matrix(path), dry_run=True, results_root=tmp_path, log=lines.append)
     assert result["config_errors"] == 1 and any("does not fit a residual block's slot" in s for s in lines)
+
+
+@pytest.mark.parametrize("name", attnlab.attention.names())
+def test_a_class_built_directly_as_timm_does_checks_its_width(name):
+    """timm calls attn_layer(channels) itself, past attention.create's checks: the class checks the width too."""
+    cls = attnlab.attention.get(name)
+    least = 0 if name in ("none", "simam", "triplet") else 1  # parameter-free: no width needed
+    for bad in (least - 1, 2.5, "64", None, True):
+        with pytest.raises(ValueError, match=rf"channels must be an integer >= {least}, got {re.escape(repr(bad))}$"):
+            cls(bad)

@@ -47,12 +47,19 @@ def register(name: str):
 
 
 def _with_factory_kwargs(init):
-    """Accept PyTorch's ``device``/``dtype`` factory keywords, which timm (>= 1.0.20) passes every attn_layer.
+    """Accept PyTorch's ``device``/``dtype`` factory keywords, which timm (>= 1.0.20) passes every attn_layer, and
+    check ``channels`` as :func:`create` does: timm builds the class directly, and a width of 0, -4, 2.5 or "64"
+    failed deep inside torch (or built an empty layer). Parameter-free modules (default ``channels=0``) take 0.
 
     They are not module options: ``inspect.signature`` (and so :func:`check_kwargs`) still sees ``init``'s.
     """
+    default = inspect.signature(init).parameters["channels"].default
+    least = 0 if default == 0 else 1
+
     @functools.wraps(init)
     def __init__(self, *args, device=None, dtype=None, **kwargs):
+        if args or "channels" in kwargs:
+            check_int("channels", args[0] if args else kwargs["channels"], minimum=least)
         init(self, *args, **kwargs)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
