@@ -115,3 +115,16 @@ def test_no_engine_module_names_a_file_of_a_room_above_it():
     # The engine learns what to keep from its caller (train's keep=...): it never spells bench's marker itself.
     engine = (ROOT / "attnlab" / "engine").glob("*.py")
     assert not [p.name for p in engine if "bench_cell" in p.read_text()]
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"model": {"attention": "none"}}, "is not an attnlab checkpoint .* a 'model' section that names the model"),
+    ({"model": {"name": "resnet20", "attention_kwargs": [1]}}, "attention_kwargs must be a dict, got list"),
+    ({"model": {"name": "resnet20"}, "train": {"eval_batch_size": 10}}, "config has no 'data' section"),
+    ({"model": {"name": "resnet20"}, "data": {"name": "cifar10"}}, "config has no 'train' section"),
+])
+def test_a_checkpoint_config_of_the_wrong_shape_is_one_line(tmp_path, config, message):
+    path = tmp_path / "checkpoint_best.pt"
+    torch.save({"model": attnlab.create_model("resnet20").state_dict(), "config": config}, path)
+    with pytest.raises(AttnlabError, match=message):
+        open_run(path, "cpu").loaders()

@@ -82,7 +82,8 @@ def model_from_config(model_cfg):
         model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
     kwargs = {k: model_cfg[k] for k in MODEL_KEYS if k in model_cfg and model_cfg[k] is not None}
     if "attention_kwargs" in kwargs:
-        kwargs["attention_kwargs"] = dict(kwargs["attention_kwargs"])
+        from ..attention import options_dict
+        kwargs["attention_kwargs"] = options_dict(kwargs["attention_kwargs"])  # not a mapping: one line
     return create_model(kwargs.pop("name"), **kwargs)
 
 
@@ -91,9 +92,10 @@ def load_training_checkpoint(path) -> dict:
     trained with (``run_folder.trained_checkpoint`` says which file a run folder means)."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("config"), dict) \
-            or not isinstance(ckpt["config"].get("model"), dict):
+            or not isinstance(ckpt["config"].get("model"), dict) \
+            or not isinstance(ckpt["config"]["model"].get("name"), str):
         raise AttnlabError(f"'{path}' is not an attnlab checkpoint (needs 'model' weights and a 'config' "
-                           "with a 'model' section)")
+                           "with a 'model' section that names the model)")
     return ckpt
 
 

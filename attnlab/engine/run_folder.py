@@ -166,13 +166,22 @@ class TrainedRun:
     def dataset(self, data_dir=None, metadata=None):
         """The run's dataset bundle (its own data settings and seed, so its val split is the one held out)."""
         from ..data import dataset_for_config
+        self._needs("data")
         return dataset_for_config(self.config, data_dir, metadata)
 
     def loaders(self, batch_size: int | None = None, data_dir=None):
         """Evaluation loaders of the run's data pipeline (no train loader), at ``batch_size`` or the run's."""
         from ..data.pipeline import build_loaders
+        self._needs("data", *(() if batch_size else ("train",)))
         batch = batch_size or self.config["train"]["eval_batch_size"]
         return build_loaders(self.config, self.device, 1, batch, data_dir=data_dir, with_train=False)
+
+    def _needs(self, *sections: str) -> None:
+        """A checkpoint whose config lacks a section this use reads is a one-line error, not a KeyError."""
+        for name in sections:
+            if not isinstance(self.config.get(name), dict):
+                raise AttnlabError(f"{self.checkpoint}'s config has no '{name}' section: it was not written by "
+                                   "attnlab train, which saves the whole config")
 
 
 @contextmanager
