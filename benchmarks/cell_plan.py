@@ -42,6 +42,7 @@ from attnlab.bench.matrix import cells, load_matrix, method_overrides, method_se
 from attnlab.bench.runs import latest_by_cell  # noqa: E402
 from attnlab.engine.config import load_config  # noqa: E402
 from attnlab.engine.precision import resolve_precision  # noqa: E402
+from attnlab.data.splits import val_count  # noqa: E402
 from attnlab.engine.step_timer import synthetic_step  # noqa: E402
 from attnlab.errors import AttnlabError  # noqa: E402
 from attnlab.files import atomic_write_json  # noqa: E402
@@ -49,8 +50,21 @@ from attnlab.host import cpu_threads, host_info  # noqa: E402
 from attnlab.jsonl import read_jsonl  # noqa: E402
 
 CPU = torch.device("cpu")
-# Images per epoch of the data sets the matrices train on: (train, val + test) at the default hold-out.
-SPLITS = {"cifar10": (45_000, 15_000), "cifar100": (45_000, 15_000)}
+# The data sets the matrices train on: (classes, training images before the val hold-out, test images).
+SIZES = {"cifar10": (10, 50_000, 10_000), "cifar100": (100, 50_000, 10_000)}
+
+
+def epoch_images(data, method: str) -> tuple[int, int]:
+    """(train, val + test) images of one epoch of a cell, as the engine draws them: ``data.subset`` and
+    ``test_subset`` per class, ``val_size`` (default a tenth) held out of train."""
+    if data.name not in SIZES:
+        raise AttnlabError(f"method {method} trains on {data.name}: cell_plan knows the sizes of "
+                           f"{', '.join(SIZES)} only")
+    classes, pool, test = SIZES[data.name]
+    pool = min(pool, data.subset * classes) if data.subset else pool
+    test = min(test, data.test_subset * classes) if data.test_subset else test
+    val = val_count(0.1 if data.val_size is None else data.val_size, pool)
+    return pool - val, val + test
 
 
 def step_rate(cfg, precision: str, threads: int, steps: int) -> float:
@@ -80,7 +94,7 @@ def plan(matrix: dict, steps: int, overhead: float, limit_h: float, compare_eage
             rate = step_rate(cfg, precision, 1, steps)
             cfg.train.compile = True
             eager = {"eager_images_per_s_1_thread": round(rate, 1), "compile_speedup_1_thread": round(one / rate, 3)}
-        train_images, eval_images = SPLITS.get(cfg.data.name, (50_000, 10_000))
+        train_images, eval_images = epoch_images(cfg.data, m["name"])
         methods[m["name"]] = {"precision": precision, "compile": bool(cfg.train.compile), "epochs": cfg.train.epochs,
                               "cells": len(method_seeds(matrix, m)),
                               "images_per_s_1_thread": round(one, 1), f"images_per_s_{cores}_threads": round(every, 1),
@@ -134,6 +148,10 @@ def main(argv=None) -> None:
                    "(default results/<matrix>)")
     p.add_argument("--out", help="JSON path (default <results>/cell_plan.json)")
     a = p.parse_args(argv)
+    for name, value, ok in (("--steps", a.steps, a.steps >= 1), ("--overhead", a.overhead, a.overhead > 0),
+                            ("--limit", a.limit, a.limit > 0)):
+        if not ok:
+            p.error(f"{name} must be {'>= 1' if name == '--steps' else '> 0'}, got {value}")
     matrix = load_matrix(a.matrix)
     results = Path(a.results) if a.results else ROOT / "results" / matrix["name"]
     records = read_jsonl(results / "runs.jsonl")
@@ -162,4 +180,7 @@ def _alone(v) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except AttnlabError as err:
+        sys.exit(f"cell_plan.py: error: {err}")

@@ -18,8 +18,9 @@ def cell_plan():
 
 def test_plan_says_precision_workers_and_which_cells_fit(cell_plan, tmp_path, monkeypatch, capsys):
     matrix = tmp_path / "tiny.yaml"
-    matrix.write_text(tiny_matrix_text({"none": "none", "se": "se"}).replace("  train.epochs: 1\n",
-                                                                            "  train.epochs: 1\n  train.amp: bf16\n"))
+    whole_cifar = tiny_matrix_text({"none": "none", "se": "se"}).replace(  # steps are faked: no image is read
+        "  data.subset: 8\n  data.val_size: 20\n  data.test_subset: 5\n", "")
+    matrix.write_text(whole_cifar.replace("  train.epochs: 1\n", "  train.epochs: 1\n  train.amp: bf16\n"))
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # as on an AVX2 machine
     rates = {1: 100.0, 2: 150.0}  # images/s at 1 and at 2 threads: two one-thread cells (200) beat one (150)
     monkeypatch.setattr(cell_plan, "step_rate", lambda cfg, prec, threads, steps: rates[threads])
@@ -41,6 +42,15 @@ def test_plan_says_precision_workers_and_which_cells_fit(cell_plan, tmp_path, mo
     cell_plan.main(["--matrix", str(matrix), "--out", str(out_path), "--limit", "0.05"])
     assert json.loads(out_path.read_text())["methods"]["none"]["setting"] == "too long"
     assert "no native bf16" in capsys.readouterr().out
+
+
+def test_an_epoch_counts_the_images_the_engine_draws(cell_plan):
+    from attnlab.engine.config import load_config
+    data = lambda *o: load_config(None, ["data.name=cifar10", *o]).data
+    assert cell_plan.epoch_images(data(), "m") == (45_000, 5_000 + 10_000)  # a tenth held out of 50,000
+    # 8 per class of 10 classes, 20 of them held out; 5 test images per class
+    assert cell_plan.epoch_images(data("data.subset=8", "data.val_size=20", "data.test_subset=5"), "m") == (60, 70)
+    assert cell_plan.epoch_images(data("data.val_size=0.2"), "m") == (40_000, 20_000)
 
 
 def test_step_rate_trains_the_configs_model(cell_plan, tmp_path):
