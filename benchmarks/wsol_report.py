@@ -1,6 +1,6 @@
 """Write results/wsol_tiny_imagenet/report.md from the runs' localize.json files (no number is typed by hand).
 
-    .venv/bin/python benchmarks/wsol_report.py [--runs runs/wsol_tiny_imagenet] [--readme README.md]
+    .venv/bin/python benchmarks/wsol_report.py [--runs runs/wsol_tiny_imagenet] [--results DIR] [--readme README.md]
 
 Copies each ``<runs>/<method>-s<seed>/localize.json`` (written by ``attnlab localize``) to ``localize/`` here and
 each method's first-seed PNG grids (``show/``, written by ``attnlab show``) to ``pictures/<method>/``, then builds
@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 
 from attnlab.bench.claims import MIN_SEEDS, Sample, compare, judge_family
-from attnlab.bench.readme import update_readme
+from attnlab.bench.readme import check_readme, update_readme
 from attnlab.bench.stats import isnan, pooled_sd
 from attnlab.files import atomic_write_text
 
@@ -49,13 +49,13 @@ COLUMNS = [("test top-1", lambda r: r["top1"]),
 # the metrics judged against none (and shown in the README)
 JUDGED = [c for c in COLUMNS if c[0] in ("test top-1", "MaxBoxAccV2", "GT-known Loc @tau", "Top-1 Loc @tau")]
 
-def collect(runs: Path) -> None:
-    """Copy each run's localize.json to ``localize/<run>.json`` here, so the report can be rebuilt from committed
+def collect(runs: Path, here: Path) -> None:
+    """Copy each run's localize.json to ``here/localize/<run>.json``, so the report can be rebuilt from committed
     files once runs/ (checkpoints, git-ignored) is gone."""
     for path in sorted(runs.glob("*-s*/localize.json")):
         if re.fullmatch(r"(.+)-s(\d+)", path.parent.name):
-            (HERE / "localize").mkdir(parents=True, exist_ok=True)
-            atomic_write_text(HERE / "localize" / f"{path.parent.name}.json", path.read_text(), "localize copy")
+            (here / "localize").mkdir(parents=True, exist_ok=True)
+            atomic_write_text(here / "localize" / f"{path.parent.name}.json", path.read_text(), "localize copy")
 
 
 def read_localizations(folder: Path) -> dict:
@@ -203,12 +203,12 @@ def tdam_verdict(results: dict, rows: list[dict]) -> list[str]:
     return lines
 
 
-def copy_pictures(runs: Path, results: dict) -> list[str]:
+def copy_pictures(runs: Path, results: dict, here: Path) -> list[str]:
     """Copy each method's first-seed PNG grids (when its run is still here) and link whatever pictures/ holds."""
     lines = []
     for method in _methods(results):
         src = runs / f"{method}-s{min(results[method])}" / "show"
-        dest = HERE / "pictures" / method
+        dest = here / "pictures" / method
         for png in sorted(src.glob("*.png")) if src.is_dir() else []:
             dest.mkdir(parents=True, exist_ok=True)
             shutil.copy2(png, dest / png.name)
@@ -216,10 +216,12 @@ def copy_pictures(runs: Path, results: dict) -> list[str]:
     return lines
 
 
-def report(runs: Path) -> tuple[str, str | None]:
-    """(report.md, the README block or None when there are no results)."""
-    collect(runs)
-    results = read_localizations(HERE / "localize")
+def report(runs: Path, here: Path | None = None) -> tuple[str, str | None]:
+    """(report.md, the README block or None when there are no results); ``here`` (default results/
+    wsol_tiny_imagenet) receives the localize copies and pictures the report links."""
+    here = here or HERE
+    collect(runs, here)
+    results = read_localizations(here / "localize")
     head = ["# Weakly-supervised localization on Tiny-ImageNet-50 (ResNet-20, 32x32, CPU)", "",
             "Recipe `configs/tiny_imagenet_resnet20_cpu.yaml`, matrix `benchmarks/matrices/wsol_tiny_imagenet.yaml`;",
             "metrics as defined in `docs/wsol.md` (wsolevaluation's definitions; tau chosen on val = held out of",
@@ -238,11 +240,11 @@ def report(runs: Path) -> tuple[str, str | None]:
             "and pooled-SD p-values, Holm-adjusted over the methods on that metric, is below 0.05; otherwise *no "
             "difference of X points or more detected*, X being the minimum detectable effect (80% power, pooled "
             "SD).", "", *comparison_table(rows), "", *differences(results), "",
-            "## Pictures (first seed of each method)", "", *copy_pictures(runs, results), ""]
-    return "\n".join(head + body), readme_block(results, rows)
+            "## Pictures (first seed of each method)", "", *copy_pictures(runs, results, here), ""]
+    return "\n".join(head + body), readme_block(results, rows, here)
 
 
-def readme_block(results: dict, rows: list[dict]) -> str:
+def readme_block(results: dict, rows: list[dict], here: Path) -> str:
     """The README's localization table (the judged metrics), the verdict's first paragraph and one picture."""
     short = table(results, JUDGED)
     short[1] = "|---|---:|" + "---:|" * len(JUDGED)
@@ -250,7 +252,7 @@ def readme_block(results: dict, rows: list[dict]) -> str:
              "[results/wsol_tiny_imagenet/report.md](results/wsol_tiny_imagenet/report.md) (commands, every "
              "metric, intervals, all pictures). % on the 2,500 test images, mean ± std over seeds.", "",
              *short, "", tdam_verdict(results, rows)[0]]
-    picture = HERE / "pictures" / "tdam" / "cams.png"
+    picture = here / "pictures" / "tdam" / "cams.png"
     if picture.is_file():
         lines += ["", "TDAM's CAMs on test images (ground-truth box green, the box from the CAM at the val-chosen "
                       "tau red; the report explains every row):", "",
@@ -261,12 +263,19 @@ def readme_block(results: dict, rows: list[dict]) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default=str(ROOT / "runs" / "wsol_tiny_imagenet"))
-    p.add_argument("--out", default=str(HERE / "report.md"))
+    p.add_argument("--results", default=str(HERE), help="folder of report.md, the localize copies and the pictures "
+                   "it links (default results/wsol_tiny_imagenet)")
     p.add_argument("--readme", help="also replace README's <!-- results:wsol_tiny_imagenet --> block")
     args = p.parse_args(argv)
-    text, block = report(Path(args.runs).resolve())
-    atomic_write_text(Path(args.out), text, "report")
-    print(f"wrote {args.out}")
+    here = Path(args.results)
+    if here.exists() and not here.is_dir():
+        p.error(f"--results {here} is a file; it names the folder report.md and its copies go to")
+    if args.readme:
+        check_readme(args.readme, "wsol_tiny_imagenet")  # before anything is written
+    text, block = report(Path(args.runs).resolve(), here)
+    here.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(here / "report.md", text, "report")
+    print(f"wrote {here / 'report.md'}")
     if args.readme and block is not None:
         update_readme(args.readme, block, "wsol_tiny_imagenet")
         print(f"updated {args.readme}")

@@ -93,7 +93,7 @@ def test_readme_block_replaces_only_its_own_markers(wr, tmp_path):
     readme.write_text("intro\n<!-- results:begin -->\nproxy table\n<!-- results:end -->\n"
                       "<!-- results:wsol_tiny_imagenet:begin -->\nstale wsol block\n"
                       "<!-- results:wsol_tiny_imagenet:end -->\n")
-    wr.main(["--runs", str(runs), "--out", str(tmp_path / "report.md"), "--readme", str(readme)])
+    wr.main(["--runs", str(runs), "--results", str(tmp_path / "out"), "--readme", str(readme)])
     text = readme.read_text()
     assert "proxy table" in text and "stale wsol block" not in text
     assert "| prior: centre Gaussian | - | - | 53.52 |" in text
@@ -102,3 +102,15 @@ def test_readme_block_replaces_only_its_own_markers(wr, tmp_path):
 def test_no_runs_writes_the_skeleton(wr, tmp_path):
     text, block = wr.report(tmp_path / "nothing")
     assert "No runs found" in text and block is None
+
+
+def test_results_folder_receives_the_report_and_every_copy(tmp_path):
+    mod = load_benchmark("wsol_report")  # HERE left as shipped: nothing may land in the repository's results/
+    runs, out = tmp_path / "runs", tmp_path / "elsewhere"
+    _write_runs(runs, {"none": [(39.0, 53.0, 22.5), (39.6, 53.2, 22.7)],
+                       "tdam": [(40.0, 54.0, 27.4), (40.5, 54.4, 27.9)]})
+    committed = sorted(p.relative_to(mod.HERE) for p in mod.HERE.rglob("*"))
+    mod.main(["--runs", str(runs), "--results", str(out)])
+    assert (out / "report.md").is_file() and (out / "localize" / "tdam-s1.json").is_file()
+    assert (out / "pictures" / "none" / "cams.png").is_file()
+    assert sorted(p.relative_to(mod.HERE) for p in mod.HERE.rglob("*")) == committed
