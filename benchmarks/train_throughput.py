@@ -142,10 +142,10 @@ def cpu_benchmark(args):
                 "engine_eager_nchw": ["train.compile=false", "train.channels_last=false"],
                 "engine_compile": ["train.compile=true", "train.channels_last=true"]}
     # A fresh inductor cache, so round 1's warm-up is what a new machine pays (round 2 reuses it).
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
     out = {"reference": {"rates": [], "per_round": [], "warmup_window": []}} | {k: {"runs": []} for k in variants}
     contenders = ["reference", *variants]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(prefix="inductor-cold-") as cold:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold  # removed with the run (4 MB a run was left in /tmp)
         for r in range(args.rounds):
             order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]  # rotate the order
             print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", flush=True)

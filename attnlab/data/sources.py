@@ -261,7 +261,8 @@ def open_source(name: str, data_dir=None, download: bool = False, metadata=None)
         return wsol_source(name, data_dir, metadata)
     if name == "imagefolder":
         if data_dir is None:
-            raise AttnlabError("dataset 'imagefolder' needs data.data_dir=<folder with train/ and test/ subfolders>")
+            raise AttnlabError("dataset 'imagefolder' needs data.data_dir=<folder with train/ and test/ (or val/) "
+                               "subfolders>")
         root = Path(data_dir).expanduser()
         if not root.is_dir():
             raise _missing(name, [root], "data.data_dir must be a folder with train/ and test/ (or val/) subfolders")
