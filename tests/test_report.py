@@ -231,6 +231,21 @@ def test_readme_block_is_replaced(results, tmp_path):
     assert bare.read_text() == "# no markers\n"
 
 
+@pytest.mark.parametrize("edit, problem", [({"test_top1": "abc"}, "test_top1 not a number"),
+                                           ({"method": None}, "no method name"),
+                                           ({"seed": "0"}, "seed '0' is not an integer >= 0")])
+def test_a_runs_record_of_the_wrong_shape_is_one_line_naming_it(results, capsys, edit, problem):
+    path = results / "runs.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = json.dumps({**json.loads(lines[1]), **edit})
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["report", str(results)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert "runs.jsonl: record 2 (method" in err and f"has {problem}; fix or delete that line" in err
+
+
 def test_cli_report_and_errors(results, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["report", str(results)])

@@ -48,7 +48,7 @@ from .cell import refuse_another_precision, run_cell, stamp
 from .plan import Planner, Started
 from .pool import HARNESS_DIR, WorkerPool
 from .matrix import cell_overrides, cells, fingerprint, same_recipe, same_settings, settings_of
-from .runs import cell_lock, is_done, latest_by_cell, one_line
+from .runs import cell_lock, check_records, is_done, latest_by_cell, one_line
 
 
 
@@ -99,7 +99,7 @@ def run_matrix(matrix, *, seeds=None, only=None, dry_run=False, results_root="re
     results_dir = Path(results_root) / matrix["name"]
     runs_dir = Path(runs_root) / matrix["name"]
     runs_path = results_dir / "runs.jsonl"
-    records = read_jsonl(runs_path)
+    records = check_records(read_jsonl(runs_path), runs_path)
     pending = _pending(matrix, cells(matrix, seeds, only), latest_by_cell(records), runs_path, retry_failed)
     pending = reuse_finished(matrix, pending, runs_path, write=not dry_run)
     n_total = len(pending)

@@ -8,6 +8,30 @@ import fcntl
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import AttnlabError
+
+
+def check_records(records, path) -> list:
+    """``records`` of ``path`` (a runs.jsonl), each checked to be a cell's record: a ``method`` name, an integer
+    ``seed`` >= 0, a ``status``, and numbers for the accuracies of a finished cell. A line edited by hand or
+    merged from elsewhere is a one-line error naming it, not a TypeError deep in a report."""
+    for i, r in enumerate(records, 1):
+        seed, problem = r.get("seed"), None
+        if not isinstance(r.get("method"), str) or not r["method"]:
+            problem = "no method name"
+        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            problem = f"seed {seed!r} is not an integer >= 0"
+        elif not isinstance(r.get("status"), str):
+            problem = "no status"
+        elif r["status"] == "ok":
+            bad = [k for k in ("val_top1", "test_top1") if r.get(k) is not None
+                   and (isinstance(r[k], bool) or not isinstance(r[k], (int, float)))]
+            problem = f"{', '.join(bad)} not a number" if bad else None
+        if problem:
+            raise AttnlabError(f"{path}: record {i} (method {r.get('method')!r}, seed {seed!r}) has {problem}; "
+                               "fix or delete that line")
+    return records
+
 
 def latest_by_cell(records) -> dict:
     """{(method, seed): the last line recorded for that cell}."""
@@ -37,7 +61,6 @@ def merge_runs(source, dest) -> dict:
     ``dest`` finished (ok), is kept as it is. A record of another matrix, or of a method run with other settings
     than ``dest``'s runs of it, stops the merge before anything is written. Returns {'added', 'same', 'kept'}
     (kept: both ran it; ``dest``'s record stays)."""
-    from ..errors import AttnlabError
     from ..jsonl import read_jsonl, update_jsonl
     from .matrix import same_digest, settings_of
 

@@ -89,7 +89,7 @@ def load_results(results_dir):
     """(records: last line per (method, seed), all lines, latency dict) of a results/<matrix>/ folder."""
     from ..jsonl import read_jsonl
     from .latency import read_latency
-    from .runs import latest_by_cell
+    from .runs import check_records, latest_by_cell
 
     results_dir = Path(results_dir)
     runs_path = results_dir / "runs.jsonl"
@@ -99,7 +99,7 @@ def load_results(results_dir):
         if not results_dir.is_dir():
             raise AttnlabError(f"results folder '{results_dir}' does not exist")
         raise AttnlabError(f"no runs.jsonl in {results_dir}: run `attnlab bench --matrix ...` first")
-    lines = read_jsonl(runs_path)
+    lines = check_records(read_jsonl(runs_path), runs_path)
     if not lines:
         raise AttnlabError(f"{runs_path} holds no runs yet")
     return list(latest_by_cell(lines).values()), lines, read_latency(results_dir / "latency.json")
