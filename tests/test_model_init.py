@@ -1,5 +1,8 @@
 """model.init: start from a torchvision (or timm) ResNet state_dict; attention modules start fresh, the report
 lists them, and a file that does not fit is refused in one line before any weight changes."""
+import pickle
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -81,6 +84,12 @@ def test_files_that_do_not_fit_are_refused_in_one_line(tmp_path, tv50, monkeypat
     with pytest.raises(AttnlabError, match="holds more than tensors and plain values") as info:
         init_from_state_dict(model, code)
     assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+    plain = tmp_path / "plain.pkl"  # another program's plain pickle: refused without torch's protocol warning
+    plain.write_bytes(pickle.dumps({"weights": [1.0]}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AttnlabError, match="holds more than tensors and plain values"):
+            init_from_state_dict(model, plain)
     with pytest.raises(AttnlabError, match="does not exist"):
         init_from_state_dict(model, tmp_path / "missing.pt")
     with pytest.raises(AttnlabError, match=f"model.init '{tmp_path}' is a folder, not a file$"):

@@ -10,6 +10,7 @@ A checkpoint is written by ``attnlab.files.atomic_write``: a temp file in the de
 previous checkpoint intact.
 """
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def read_weights_only(path, what: str, map_location="cpu"):
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip archive (older torch: a pickle)
         raise AttnlabError(f"{what} '{path}' is not a PyTorch file: {_what_it_is(head)}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a plain pickle's protocol before failing on it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         first = (str(err).splitlines() or [""])[0]
         if first.startswith("Weights only load failed"):  # torch's advice to unpickle anyway is not ours to give
