@@ -98,6 +98,8 @@ def measure_latency(model: nn.Module, input_size, batch_size: int, device="cpu",
     machine still finishes. Without ``repeats`` the default count applies with ``max_seconds`` = 10; an explicit
     ``repeats`` without ``max_seconds`` is exact.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise AttnlabError(f"batch size must be an integer >= 1, got {batch_size!r}")  # 0 timed empty batches
     device = torch.device(device)
     default_warmup, default_reps = default_repeats(device, batch_size)
     warmup = default_warmup if warmup is None else warmup

@@ -65,6 +65,8 @@ def test_latency_dict_is_the_median_of_its_runs():
     assert len(measure_latency(model, 16, batch_size=1, warmup=0, repeats=4)["times_ms"]) == 4
     with pytest.raises(AttnlabError, match="repeats must be >= 1"):
         measure_latency(model, 16, batch_size=1, repeats=0)
+    with pytest.raises(AttnlabError, match="batch size must be an integer >= 1, got 0$"):  # timed empty batches
+        measure_latency(model, 16, batch_size=0, repeats=2)
 
 
 def test_cpu_peak_memory_is_the_peak_of_live_activations():
