@@ -80,8 +80,8 @@ def export_onnx(model, path, input_size: int, opset: int | None = None, exporter
         opset = 17 if exporter == "legacy" else 18  # 18: the dynamo exporter's lowest native opset
     low, high = _opsets(exporter)
     if not low <= opset <= high:  # refused here: torch prints the whole traced graph before its own error
-        raise AttnlabError(f"--opset {opset}: the {exporter} exporter of torch {torch.__version__} writes opsets "
-                           f"{low} to {high}")
+        raise AttnlabError(f"--opset {opset}: attnlab exports with the {exporter} exporter of torch "
+                           f"{torch.__version__} at opsets {low} to {high}")
     path = Path(path)
     writable_dir(path.parent, "export folder")
     model = model.eval()
@@ -124,8 +124,8 @@ def _export(model, x, tmp, exporter: str, opset: int, has_flag: bool) -> None:
         raise  # a disk error: atomic_path names the destination
     except Exception as err:
         other = "dynamo" if exporter == "legacy" else "legacy"
-        raise AttnlabError(f"ONNX export with the {exporter} exporter failed: {_first_words(err)}; try --exporter "
-                           f"{other}") from None
+        hint = f"; try --exporter {other}" if has_flag else ""  # torch 2.4 has the legacy exporter only
+        raise AttnlabError(f"ONNX export with the {exporter} exporter failed: {_first_words(err)}{hint}") from None
 
 
 def _first_words(err: Exception, limit: int = 300) -> str:
@@ -140,15 +140,21 @@ def _stdout_silenced():
     """File descriptor 1 sent to /dev/null: a failing legacy export prints the whole traced graph (hundreds of lines)
     to stdout from C++, where Python's redirects do not reach."""
     sys.stdout.flush()
-    saved = os.dup(1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, 1)
+        saved = os.dup(1)
+    except OSError:  # no stdout to silence (fd 1 closed): nothing can be printed there anyway
         yield
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 1)
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(devnull)
     finally:
-        os.dup2(saved, 1)
         os.close(saved)
-        os.close(devnull)
 
 
 def check_onnx(model, path, input_size: int, batch_size: int = 2, seed: int = 0):

@@ -270,6 +270,8 @@ def main(argv=None):
     here = Path(args.results)
     if here.exists() and not here.is_dir():
         p.error(f"--results {here} is a file; it names the folder report.md and its copies go to")
+    if args.readme and here.resolve() != HERE.resolve():  # its links name the committed folder
+        p.error("--readme links results/wsol_tiny_imagenet: give it only with the default --results")
     if args.readme:
         check_readme(args.readme, "wsol_tiny_imagenet")  # before anything is written
     text, block = report(Path(args.runs).resolve(), here)

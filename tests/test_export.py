@@ -126,7 +126,7 @@ def test_export_errors_are_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit) as code:
             main(["export", "--checkpoint", str(plain), "--onnx", str(tmp_path / "m.onnx"), "--opset", opset])
         out, err = capsys.readouterr()
-        assert code.value.code == 2 and f"--opset {opset}: the legacy exporter of torch" in err
+        assert code.value.code == 2 and f"--opset {opset}: attnlab exports with the legacy exporter of torch" in err
         assert err.count("\n") == 1 and not out and not (tmp_path / "m.onnx").exists()
     from attnlab.export import _opsets
     assert _opsets("dynamo")[0] == 18  # it converts lower opsets down from 18, which fails: refused instead

@@ -231,9 +231,9 @@ def test_readme_block_is_replaced(results, tmp_path):
     assert bare.read_text() == "# no markers\n"
 
 
-@pytest.mark.parametrize("edit, problem", [({"test_top1": "abc"}, "test_top1 not a number"),
+@pytest.mark.parametrize("edit, problem", [({"test_top1": "abc"}, "a test_top1 that is not a number"),
                                            ({"method": None}, "no method name"),
-                                           ({"seed": "0"}, "seed '0' is not an integer >= 0")])
+                                           ({"seed": "0"}, "a seed ('0') that is not an integer >= 0")])
 def test_a_runs_record_of_the_wrong_shape_is_one_line_naming_it(results, capsys, edit, problem):
     path = results / "runs.jsonl"
     lines = path.read_text().splitlines()
@@ -243,7 +243,7 @@ def test_a_runs_record_of_the_wrong_shape_is_one_line_naming_it(results, capsys,
         cli.main(["report", str(results)])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1
-    assert "runs.jsonl: record 2 (method" in err and f"has {problem}; fix or delete that line" in err
+    assert "runs.jsonl: the record of method" in err and f"has {problem}; fix or delete that line" in err
 
 
 def test_cli_report_and_errors(results, tmp_path, capsys):

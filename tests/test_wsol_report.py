@@ -93,7 +93,7 @@ def test_readme_block_replaces_only_its_own_markers(wr, tmp_path):
     readme.write_text("intro\n<!-- results:begin -->\nproxy table\n<!-- results:end -->\n"
                       "<!-- results:wsol_tiny_imagenet:begin -->\nstale wsol block\n"
                       "<!-- results:wsol_tiny_imagenet:end -->\n")
-    wr.main(["--runs", str(runs), "--results", str(tmp_path / "out"), "--readme", str(readme)])
+    wr.main(["--runs", str(runs), "--results", str(tmp_path / "results"), "--readme", str(readme)])
     text = readme.read_text()
     assert "proxy table" in text and "stale wsol block" not in text
     assert "| prior: centre Gaussian | - | - | 53.52 |" in text
@@ -114,3 +114,5 @@ def test_results_folder_receives_the_report_and_every_copy(tmp_path):
     assert (out / "report.md").is_file() and (out / "localize" / "tdam-s1.json").is_file()
     assert (out / "pictures" / "none" / "cams.png").is_file()
     assert sorted(p.relative_to(mod.HERE) for p in mod.HERE.rglob("*")) == committed
+    with pytest.raises(SystemExit):  # the README's links name the committed folder, not this one
+        mod.main(["--runs", str(runs), "--results", str(out), "--readme", str(tmp_path / "README.md")])

@@ -177,7 +177,7 @@ def reuse_finished(matrix, pending, runs_path, write=True):
     found = {}
     for folder in matrix["reuse"]:
         source = Path(folder) / "runs.jsonl"
-        for r in read_jsonl(source):
+        for r in check_records(read_jsonl(source), source):  # a bad line there must not be copied here
             key = settings_of(r.get("fingerprint"))
             if r.get("status") == "ok" and key is not None and same_recipe(r, matrix):
                 found[(key, r.get("seed"))] = (source, r)

@@ -15,21 +15,21 @@ def check_records(records, path) -> list:
     """``records`` of ``path`` (a runs.jsonl), each checked to be a cell's record: a ``method`` name, an integer
     ``seed`` >= 0, a ``status``, and numbers for the accuracies of a finished cell. A line edited by hand or
     merged from elsewhere is a one-line error naming it, not a TypeError deep in a report."""
-    for i, r in enumerate(records, 1):
+    for r in records:
         seed, problem = r.get("seed"), None
         if not isinstance(r.get("method"), str) or not r["method"]:
             problem = "no method name"
         elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            problem = f"seed {seed!r} is not an integer >= 0"
+            problem = f"a seed ({seed!r}) that is not an integer >= 0"
         elif not isinstance(r.get("status"), str):
             problem = "no status"
         elif r["status"] == "ok":
             bad = [k for k in ("val_top1", "test_top1") if r.get(k) is not None
                    and (isinstance(r[k], bool) or not isinstance(r[k], (int, float)))]
-            problem = f"{', '.join(bad)} not a number" if bad else None
+            problem = f"a {' and '.join(bad)} that is not a number" if bad else None
         if problem:
-            raise AttnlabError(f"{path}: record {i} (method {r.get('method')!r}, seed {seed!r}) has {problem}; "
-                               "fix or delete that line")
+            raise AttnlabError(f"{path}: the record of method {r.get('method')!r}, seed {seed!r} has {problem}; fix or "
+                               "delete that line")
     return records
 
 
@@ -66,7 +66,7 @@ def merge_runs(source, dest) -> dict:
 
     if not Path(source).is_file():
         raise AttnlabError(f"{source}: no such runs.jsonl to merge")
-    incoming = latest_by_cell(read_jsonl(source))
+    incoming = latest_by_cell(check_records(read_jsonl(source), source))  # checked before any line is appended
     counts = {"added": 0, "same": 0, "kept": 0}
 
     def choose(records):  # runs under dest's lock: a bench appending to dest waits until the merge is written

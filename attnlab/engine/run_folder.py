@@ -204,7 +204,8 @@ def refuse_overwriting_run(out, checkpoint, option: str) -> None:
     if not out.is_file():
         return
     folder = RunFolder(Path(checkpoint).parent)
-    for kept in (Path(checkpoint), folder.last, folder.best, folder.config, folder.metrics, folder.results):
+    for kept in (Path(checkpoint), folder.last, folder.best, folder.config, folder.metrics, folder.results,
+                 folder.hooks):
         if kept.is_file() and out.samefile(kept):
             raise AttnlabError(f"{option} {out} is the run's {kept.name}: writing there would replace it; give "
                                "another path")

@@ -755,8 +755,9 @@ def _config_changes(saved: dict, now: dict) -> dict:
         raise AttnlabError("cannot change on resume: " + ", ".join(f"{k} ({changed[k][0]} -> {changed[k][1]})"
                                                                    for k in fixed)
                            + f"; they define the run (resume may change {', '.join(RESUMABLE_CHANGES[:-2])}); train "
-                           "a new run under a new name=... instead (without such overrides, checkpoint_last.pt was "
-                           "written by another run: was it copied in?)")
+                           "a new run under a new name=... instead (if no override changed them, the checkpoint and "
+                           "the config disagree: checkpoint_last.pt was copied from another run, or the recipe or "
+                           "config.yaml was edited)")
     return {k: v for k, v in changed.items() if k not in ("name", "out_dir", "debug.kill_at_step")}
 
 
