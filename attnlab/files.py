@@ -78,7 +78,7 @@ def atomic_path(path, what: str = "file"):
 def _destination(path: Path, what: str) -> Path:
     """The file an atomic write replaces: a symlink's target (the link then points at the new file; replacing the
     link itself would cut it off). A device, FIFO or socket is refused: the rename would put a regular file in its
-    place (``--out /dev/null`` run as root turned /dev/null into a JSON file)."""
+    place (``profile --out /dev/full`` run as root turned /dev/full into a JSON file)."""
     if path.is_symlink():
         path = Path(os.path.realpath(path))
     if path.exists() and not path.is_file() and not path.is_dir():
