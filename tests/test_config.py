@@ -191,3 +191,9 @@ def test_a_search_recipe_given_to_train_says_which_command_runs_it():
     with pytest.raises(AttnlabError, match=r"is a search recipe \(it has supernet, search, retrain\): run it with "
                                            r"attnlab search --config .*ean_resnet20_se\.yaml$"):
         load_config(recipe)
+
+
+def test_an_unknown_attention_is_refused_when_the_config_loads():
+    """Said before any image is decoded (the run failed only once the test split had been read)."""
+    with pytest.raises(AttnlabError, match="unknown attention 'nosuch'; valid choices: bam, cbam"):
+        load_config(None, ["model.attention=nosuch"])

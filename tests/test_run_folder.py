@@ -128,3 +128,13 @@ def test_a_checkpoint_config_of_the_wrong_shape_is_one_line(tmp_path, config, me
     torch.save({"model": attnlab.create_model("resnet20").state_dict(), "config": config}, path)
     with pytest.raises(AttnlabError, match=message):
         open_run(path, "cpu").loaders()
+
+
+def test_data_folder_advice_names_the_option_of_the_commands_that_open_a_run(tmp_path):
+    from attnlab.data.sources import open_source
+    from attnlab.engine.run_folder import data_dir_hint_as_option
+    for kwargs in ({"name": "imagefolder"}, {"name": "imagefolder", "data_dir": tmp_path / "gone"},
+                   {"name": "cifar10", "data_dir": tmp_path / "gone"}):
+        with pytest.raises(AttnlabError) as info, data_dir_hint_as_option():
+            open_source(**kwargs)
+        assert "--data-dir" in str(info.value) and "data.data_dir" not in str(info.value)

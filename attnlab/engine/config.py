@@ -288,6 +288,8 @@ def validate(cfg: DictConfig) -> None:
         raise AttnlabError(f"train.nesterov=true needs train.momentum > 0, got {t.momentum}")
     if cfg.seed < 0:
         raise AttnlabError(f"seed must be >= 0, got {cfg.seed}")
+    from ..attention import get as attention_class
+    attention_class(cfg.model.attention)  # an unknown name is said now, not after the data has decoded
     _validate_data(cfg.data)
 
 

@@ -192,9 +192,11 @@ def data_dir_hint_as_option():
     try:
         yield
     except AttnlabError as err:
-        if DATA_DIR_HINT not in str(err):
+        if "data.data_dir" not in str(err):
             raise
-        raise AttnlabError(str(err).replace(DATA_DIR_HINT, "pass --data-dir <folder>")) from None
+        text = str(err).replace(DATA_DIR_HINT, "pass --data-dir <folder>")
+        raise AttnlabError(text.replace("data.data_dir=", "--data-dir ").replace("data.data_dir", "--data-dir")) \
+            from None
 
 
 def refuse_overwriting_run(out, checkpoint, option: str) -> None:
