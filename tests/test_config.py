@@ -197,3 +197,10 @@ def test_an_unknown_attention_is_refused_when_the_config_loads():
     """Said before any image is decoded (the run failed only once the test split had been read)."""
     with pytest.raises(AttnlabError, match="unknown attention 'nosuch'; valid choices: bam, cbam"):
         load_config(None, ["model.attention=nosuch"])
+
+
+def test_an_interpolation_that_cannot_resolve_is_one_line(tmp_path):
+    recipe = tmp_path / "loop.yaml"
+    recipe.write_text("name: ${name}\n")
+    with pytest.raises(AttnlabError, match="^cannot resolve config: Recursive interpolation detected$"):
+        load_config(recipe)

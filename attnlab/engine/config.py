@@ -245,12 +245,12 @@ def load_config(path=None, overrides=(), base: DictConfig | dict | None = None) 
         cfg = _merge(cfg, recipe, f"'{path}'")
     if overrides:
         cfg = _merge(cfg, parse_overrides(overrides), "the overrides")
-    if cfg.name is None:
-        cfg.name = Path(path).stem if path is not None else "run"
-    try:
+    try:  # interpolations (${...}) resolve here: reading cfg.name first would raise OmegaConf's own error
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise AttnlabError(f"cannot resolve config: {str(err).splitlines()[0]}") from None
+    if cfg.name is None:
+        cfg.name = Path(path).stem if path is not None else "run"
     # `amp: true/false` in a recipe reads naturally; map it onto the dtype choices.
     cfg.train.amp = {"true": "bf16", "false": "off", "none": "off"}.get(str(cfg.train.amp).lower(), cfg.train.amp)
     validate(cfg)
