@@ -42,6 +42,7 @@ from attnlab.bench.matrix import cells, load_matrix, method_overrides, method_se
 from attnlab.bench.runs import latest_by_cell  # noqa: E402
 from attnlab.engine.config import load_config  # noqa: E402
 from attnlab.engine.precision import resolve_precision  # noqa: E402
+from attnlab.data.datasets import DEFAULT_VAL_FRACTION  # noqa: E402
 from attnlab.data.splits import val_count  # noqa: E402
 from attnlab.engine.step_timer import synthetic_step  # noqa: E402
 from attnlab.errors import AttnlabError  # noqa: E402
@@ -63,7 +64,7 @@ def epoch_images(data, method: str) -> tuple[int, int]:
     classes, pool, test = SIZES[data.name]
     pool = min(pool, data.subset * classes) if data.subset else pool
     test = min(test, data.test_subset * classes) if data.test_subset else test
-    val = val_count(0.1 if data.val_size is None else data.val_size, pool)
+    val = val_count(DEFAULT_VAL_FRACTION if data.val_size is None else data.val_size, pool)
     return pool - val, val + test
 
 

@@ -191,6 +191,9 @@ def dataset_for_config(cfg, data_dir=None, metadata=None) -> DatasetBundle:
                         metadata=metadata or data.get("metadata"))
 
 
+DEFAULT_VAL_FRACTION = 0.1  # held out of train when data.val_size is unset; CIFAR-10: the customary 45k/5k split
+
+
 def select_pools(name: str, data_dir=None, val_size=None, subset=None, seed: int = 0, test_subset=None,
                  download: bool = False, metadata=None):
     """The files a dataset's splits hold, before any decoding: (key, source, train pool, test pool, train indices,
@@ -220,7 +223,7 @@ def select_pools(name: str, data_dir=None, val_size=None, subset=None, seed: int
         return (key, source, Pool.concat(train_pool, source.val), test_pool, np.arange(n, dtype=np.int64),
                 np.arange(n, n + len(source.val), dtype=np.int64))
     if val_size is None:
-        val_size = 0.1  # CIFAR-10: 5,000 of 50,000, the customary 45k/5k split
+        val_size = DEFAULT_VAL_FRACTION
     train_idx, val_idx = stratified_split(train_pool.labels, val_count(val_size, len(train_pool)), seed)
     return key, source, train_pool, test_pool, train_idx, val_idx
 

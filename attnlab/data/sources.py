@@ -66,12 +66,9 @@ def _missing(name: str, looked: list[Path], hint: str) -> AttnlabError:
     return AttnlabError(f"dataset '{name}' not found; looked in: {where}; {hint}")
 
 
-DATA_DIR_HINT = "pass data.data_dir=<folder>"  # the commands that open a trained run say --data-dir instead
-
-
 def _hint(name: str) -> str:
     folders = " or ".join(DEFAULT_FOLDERS.get(name, ("<dataset folder>",)))
-    msg = f"{DATA_DIR_HINT} or set ATTNLAB_DATA=<folder holding {folders}>"
+    msg = f"pass data.data_dir=<folder> or set ATTNLAB_DATA=<folder holding {folders}>"
     if name in PICKLE_FOLDERS:
         msg += (f" or fetch it once from Python: attnlab.data.load_dataset('{name}', download=True) (the official "
                 "archive, needs internet)")

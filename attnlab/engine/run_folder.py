@@ -188,15 +188,13 @@ class TrainedRun:
 def data_dir_hint_as_option():
     """A missing dataset's advice in the words of the commands that open a trained run (eval, localize, show): they
     take the folder as ``--data-dir``, not as a ``data.data_dir=`` override."""
-    from ..data.sources import DATA_DIR_HINT
     try:
         yield
     except AttnlabError as err:
         if "data.data_dir" not in str(err):
             raise
-        text = str(err).replace(DATA_DIR_HINT, "pass --data-dir <folder>")
-        raise AttnlabError(text.replace("data.data_dir=", "--data-dir ").replace("data.data_dir", "--data-dir")) \
-            from None
+        text = str(err).replace("data.data_dir=", "--data-dir ")  # "pass data.data_dir=<folder>" and the like
+        raise AttnlabError(text.replace("data.data_dir", "--data-dir")) from None
 
 
 def refuse_overwriting_run(out, checkpoint, option: str) -> None:

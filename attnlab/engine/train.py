@@ -58,12 +58,13 @@ NO_BAD_STEP = 2 ** 62  # "no non-finite loss yet" (min-reduced across ranks)
 # name and out_dir last: they come from the run folder itself, so the refusal below does not offer them.
 RESUMABLE_CHANGES = ("train.epochs", "train.lr", "train.eval_batch_size", "data.data_dir", "data.metadata",
                      "data.cache_dir", "data.workers", "device", "debug.kill_at_step", "name", "out_dir")
+RESUME_OVERRIDES = RESUMABLE_CHANGES[:-2]  # the ones a user may give: name and out_dir come from the folder
 
 
 def add_arguments(p):
     p.add_argument("--config", help="YAML recipe (e.g. configs/quick.yaml)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint_last.pt "
-                   f"(overrides allowed on resume: {', '.join(RESUMABLE_CHANGES[:-2])})")
+                   f"(overrides allowed on resume: {', '.join(RESUME_OVERRIDES)})")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the files of an existing run of the same name (otherwise that is an error)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=0.05")
@@ -754,7 +755,7 @@ def _config_changes(saved: dict, now: dict) -> dict:
     if fixed:
         raise AttnlabError("cannot change on resume: " + ", ".join(f"{k} ({changed[k][0]} -> {changed[k][1]})"
                                                                    for k in fixed)
-                           + f"; they define the run (resume may change {', '.join(RESUMABLE_CHANGES[:-2])}); train "
+                           + f"; they define the run (resume may change {', '.join(RESUME_OVERRIDES)}); train "
                            "a new run under a new name=... instead (if no override changed them, the checkpoint and "
                            "the config disagree: checkpoint_last.pt was copied from another run, or the recipe or "
                            "config.yaml was edited)")
